@@ -1,0 +1,270 @@
+"""Command line: ``bids-group BIDS_DIR OUT_DIR group [options]``.
+
+Thin on purpose: parse, normalise into a :class:`~bids_group.config.RunConfig`, call
+:func:`bids_group.pipeline.run`, print results on stdout, map errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bids_group import __version__
+from bids_group.config import (
+    ANALYSIS_LEVELS,
+    CONNECTIVITIES,
+    DEFAULT_ALPHA,
+    DEFAULT_CLUSTER_THRESHOLD,
+    DEFAULT_CONNECTIVITY,
+    DEFAULT_HEIGHT_CONTROL,
+    HEIGHT_CONTROLS,
+    RunConfig,
+)
+from bids_group.errors import (
+    EXIT_CODES,
+    BidsGroupError,
+    MissingInputError,
+    UnknownLevelError,
+    UsageError,
+)
+
+log = logging.getLogger("bids_group")
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+EXIT_INTERRUPTED = 130
+
+
+def _exit_code_epilog() -> str:
+    rows = "\n".join(f"  {code:>3}  {name}: {meaning}" for code, (name, meaning) in EXIT_CODES.items())
+    return "\b\nExit codes:\n" + rows
+
+
+class ParticipantLabel(click.ParamType):
+    """A participant label given with or without ``sub-``; normalised to the bare label."""
+
+    name = "LABEL"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        label = str(value).strip()
+        label = label[4:] if label.startswith("sub-") else label
+        if not label or not label.isalnum():
+            self.fail(f"{value!r} is not a BIDS participant label (letters and digits only)", param, ctx)
+        return label
+
+
+class FilterFile(click.ParamType):
+    """``--bids-filter-file``: a JSON object mapping entities to a value or a list of values."""
+
+    name = "FILE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, Any]:
+        path = Path(value)
+        if not path.is_file():
+            raise _MissingPath(f"--bids-filter-file {path}: no such file")
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError) as err:
+            self.fail(f"cannot read {path}: {err}", param, ctx)
+        except json.JSONDecodeError as err:
+            self.fail(
+                f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
+                param,
+                ctx,
+            )
+        if not isinstance(content, dict):
+            self.fail(f"{path} must hold a JSON object such as {{\"task\": \"faces\"}}", param, ctx)
+        return content
+
+
+class _MissingPath(click.ClickException):
+    """Raised during parsing for a path that does not exist (exit 66, not a usage error)."""
+
+    exit_code = MissingInputError.exit_code
+
+
+def _option(*names: str, **kwargs: Any):
+    """A click option that also accepts the ``_`` spelling of each ``--long-name`` (BIDS-Apps)."""
+    spellings = list(names)
+    for name in names:
+        if name.startswith("--") and "-" in name[2:]:
+            spellings.append("--" + name[2:].replace("-", "_"))
+    return click.option(*spellings, **kwargs)
+
+
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=_exit_code_epilog())
+@click.argument("bids_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("analysis_level", metavar="{group,dataset}")
+@_option("--model", "-m", type=click.Path(path_type=Path), help="Model file (BIDS Stats Models, YAML or JSON). Default: one-sample t-test of every input contrast.")
+@_option("--participant-label", "participant_labels", multiple=True, type=ParticipantLabel(), help="Participant(s) to include, with or without 'sub-'. Repeat or space-separate.")
+@_option("--derivatives", "-d", multiple=True, type=click.Path(path_type=Path), help="Derivatives folder holding the first-level maps (when BIDS_DIR is a raw dataset). Repeatable.")
+@_option("--bids-filter-file", type=FilterFile(), help="JSON file of extra entity filters, e.g. {\"task\": \"faces\", \"space\": \"MNI152NLin2009cAsym\"}.")
+@_option("--mask", type=click.Path(path_type=Path), help="Mask image (non-zero = in). Default: voxels finite and non-zero in every map.")
+@_option("--resample/--no-resample", default=False, show_default=True, help="Resample maps on other grids to the mask's (or the first map's) grid instead of stopping.")
+@_option("--smoothing-fwhm", type=click.FloatRange(min=0), help="Smooth each map with a Gaussian of this FWHM in mm.")
+@_option("--height-control", type=click.Choice(HEIGHT_CONTROLS), help=f"Voxel-level correction. [default: {DEFAULT_HEIGHT_CONTROL}]")
+@_option("--alpha", type=float, help=f"Significance level for the height control. [default: {DEFAULT_ALPHA}]")
+@_option("--threshold", type=float, help="z threshold, only with --height-control none.")
+@_option("--cluster-threshold", type=click.IntRange(min=0), help=f"Minimum cluster size in voxels. [default: {DEFAULT_CLUSTER_THRESHOLD}]")
+@_option("--two-sided/--one-sided", "two_sided", default=None, help="Test both signs (default) or only positive effects.")
+@_option("--connectivity", type=click.Choice([str(c) for c in CONNECTIVITIES]), help=f"Cluster connectivity: 6 faces, 18 edges, 26 corners. [default: {DEFAULT_CONNECTIVITY}]")
+@_option("--n-jobs", "--nprocs", "n_jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Threads for reading and writing images.")
+@_option("--work-dir", "-w", type=click.Path(path_type=Path), help="Scratch folder (caches, matplotlib config). Default: a temporary folder.")
+@_option("--overwrite", is_flag=True, help="Replace existing results of the same names in OUT_DIR.")
+@_option("--json", "json_summary", is_flag=True, help="Print a JSON summary on stdout instead of the list of written files.")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v: tracebacks, -vv: debug).")
+@click.option("-q", "--quiet", count=True, help="Less log output on stderr (-q: warnings only, -qq: errors only).")
+@click.version_option(__version__, "--version", "-V", prog_name="bids-group")
+@click.pass_obj
+def cli(state: dict[str, int], **options: Any) -> None:
+    """Group-level (second-level) statistics on first-level maps of a BIDS dataset.
+
+    \b
+    BIDS_DIR        the dataset (raw with --derivatives, or a derivatives dataset of maps)
+    OUT_DIR         where results go (created; must not lie inside BIDS_DIR)
+    ANALYSIS_LEVEL  group (alias: dataset)
+    """
+    state["verbosity"] = options["verbose"] - options["quiet"]
+    _setup_logging(state["verbosity"])
+    config = _make_config(options)
+    from bids_group import pipeline  # heavy imports only once arguments are valid
+
+    result = pipeline.run(config)
+    if config.json_summary:
+        click.echo(json.dumps(result.summary, indent=2))
+    else:
+        for path in result.written:
+            click.echo(str(path))
+
+
+def _make_config(options: dict[str, Any]) -> RunConfig:
+    level = options["analysis_level"]
+    if level not in ANALYSIS_LEVELS:
+        raise UnknownLevelError(
+            f"analysis level {level!r} is not supported: bids-group runs the group level "
+            "(use 'group' or its alias 'dataset')"
+        )
+    bids_dir = options["bids_dir"].expanduser().resolve()
+    out_dir = options["out_dir"].expanduser().resolve()
+    if not bids_dir.exists():
+        raise MissingInputError(f"BIDS_DIR {bids_dir} does not exist")
+    if not bids_dir.is_dir():
+        raise MissingInputError(f"BIDS_DIR {bids_dir} is not a folder")
+    if out_dir == bids_dir or bids_dir in out_dir.parents or out_dir in bids_dir.parents:
+        raise UsageError(
+            f"OUT_DIR {out_dir} overlaps BIDS_DIR {bids_dir}: bids-group never writes into its "
+            f"input; choose e.g. {bids_dir.parent / (bids_dir.name + '-bids-group')}"
+        )
+    for name in ("model", "mask"):
+        path = options[name]
+        if path is not None and not path.is_file():
+            raise MissingInputError(f"--{name} {path}: no such file")
+    derivatives = tuple(p.expanduser().resolve() for p in options["derivatives"])
+    for path in derivatives:
+        if not path.is_dir():
+            raise MissingInputError(f"--derivatives {path}: no such folder")
+    overrides = {
+        "height_control": options["height_control"],
+        "alpha": options["alpha"],
+        "threshold": options["threshold"],
+        "cluster_threshold": options["cluster_threshold"],
+        "two_sided": options["two_sided"],
+        "connectivity": int(options["connectivity"]) if options["connectivity"] else None,
+        "smoothing_fwhm": options["smoothing_fwhm"],
+    }
+    return RunConfig(
+        bids_dir=bids_dir,
+        out_dir=out_dir,
+        model=options["model"].resolve() if options["model"] else None,
+        participant_labels=tuple(options["participant_labels"]) or None,
+        derivatives=derivatives,
+        bids_filters=options["bids_filter_file"],
+        mask=options["mask"].resolve() if options["mask"] else None,
+        resample=options["resample"],
+        inference_overrides={k: v for k, v in overrides.items() if v is not None},
+        n_jobs=options["n_jobs"],
+        work_dir=options["work_dir"].resolve() if options["work_dir"] else None,
+        overwrite=options["overwrite"],
+        json_summary=options["json_summary"],
+        command=shlex.join(["bids-group", *sys.argv[1:]]),
+    )
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        max(verbosity, -2), logging.DEBUG
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("bids-group %(levelname)s: %(message)s"))
+    root = logging.getLogger("bids_group")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.handlers[:] = [handler]
+    warnings_logger.setLevel(logging.ERROR if verbosity < 1 else logging.WARNING)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bids-group`` console script; returns the exit code."""
+    if argv is None:
+        argv = sys.argv[1:]
+    state = {"verbosity": 0}
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        cli.main(args=argv, prog_name="bids-group", standalone_mode=False, obj=state)
+        return 0
+    except click.exceptions.Exit as stop:  # --help, --version
+        return stop.exit_code
+    except _MissingPath as err:
+        click.echo(f"bids-group: error: {err.format_message()}", err=True)
+        return err.exit_code
+    except click.UsageError as err:
+        click.echo(err.ctx.get_usage() if err.ctx else "", err=True)
+        click.echo(f"bids-group: error: {err.format_message()}", err=True)
+        return UsageError.exit_code
+    except click.Abort:
+        click.echo("bids-group: interrupted; nothing was written", err=True)
+        return EXIT_INTERRUPTED
+    except BidsGroupError as err:
+        if state["verbosity"] > 0:
+            log.exception("details (shown because of -v)")
+        click.echo(f"bids-group: error: {err}", err=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        click.echo("bids-group: interrupted; nothing was written to OUT_DIR", err=True)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout closed by a pipeline consumer (e.g. `| head`): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as err:  # a bug: say so, traceback with -vv
+        if state["verbosity"] > 0:
+            log.exception("unexpected error")
+        else:
+            click.echo(
+                f"bids-group: unexpected error ({type(err).__name__}: {err}). This is a bug; "
+                "rerun with -v for the traceback and report it.",
+                err=True,
+            )
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def console_main() -> None:
+    sys.exit(main())
