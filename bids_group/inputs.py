@@ -1,16 +1,49 @@
 """Find the first-level maps with pybids and read participants.tsv.
 
 This is the only module that talks to pybids.
+
+The maps are looked for in the derivatives folders given with ``--derivatives`` when there are
+any, else in ``bids_dir`` itself (which is then usually a derivatives dataset). Only those
+folders are indexed (the raw dataset is never indexed: we need nothing from it but
+``participants.tsv``), with an in-memory pybids database, no validation and no metadata
+indexing, so nothing is written into the (possibly read-only) input folders.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+
+from bids_group.errors import (
+    BidsDatasetError,
+    DataError,
+    EmptySelectionError,
+    MissingInputError,
+    UsageError,
+)
+
+log = logging.getLogger(__name__)
+
+#: pybids config shipped with the package: adds the statistical-derivatives entities
+#: ``contrast`` and ``stat`` to pybids' bundled ``bids`` and ``derivatives`` configs.
+CONFIG_NAME = "bids-group.json"
+#: Extensions read by default (single-file NIfTI, compressed or not).
+NIFTI_EXTENSIONS: tuple[str, ...] = (".nii", ".nii.gz")
+#: Default suffix and stat when the filters name no suffix (BIDS statistical derivatives).
+DEFAULT_SUFFIX = "statmap"
+DEFAULT_STAT = "effect"
+#: Entities that always tell maps apart (one subject can have one map per session).
+KEY_ENTITIES: tuple[str, ...] = ("subject", "session")
+#: How many values / files an error message lists before "...".
+_MAX_LISTED = 10
 
 
 @dataclass(frozen=True)
@@ -30,13 +63,18 @@ class InputSet:
     maps : tuple of InputMap
         Sorted by (subject, session, other entities).
     participants : DataFrame
-        participants.tsv, indexed by subject label without ``sub-``; empty (but indexed by the
-        subjects of ``maps``) when the file is absent.
+        participants.tsv, indexed by subject label without ``sub-`` (index name
+        ``participant_id``; the ``participant_id`` column itself is dropped); ``n/a`` and empty
+        cells are NaN and columns whose values all parse as numbers are numeric. Empty (but
+        indexed by the subjects of ``maps``) when the file is absent. Subjects of ``maps`` absent
+        from the table are allowed here; the design stage decides whether that is an error.
     dataset_root : Path
-        Folder holding the maps (the derivatives folder when ``--derivatives`` is used).
+        Folder holding the maps (the first derivatives folder holding a selected map when
+        ``--derivatives`` is used).
     participants_path : Path or None
     source_datasets : tuple of str
-        For dataset_description.json ``SourceDatasets``.
+        For dataset_description.json ``SourceDatasets`` (``file://`` URIs of the dataset
+        folders read, bids_dir first).
     """
 
     maps: tuple[InputMap, ...]
@@ -53,9 +91,441 @@ def collect_inputs(
     input_filters: Mapping[str, Any] | None = None,
     participant_labels: Sequence[str] | None = None,
     bids_filters: Mapping[str, Any] | None = None,
+    group_by: Sequence[str] = ("contrast",),
 ) -> InputSet:
     """Index the dataset and select maps.
 
-    Raises BidsDatasetError (16), EmptySelectionError (18), MissingInputError (66), DataError (65).
+    Selection rule: a map is kept when it matches every filter of ``input_filters`` (the
+    model's ``Input``), every filter of ``bids_filters`` (``--bids-filter-file``; when both
+    name the same entity the allowed values are intersected) and the participant labels.
+    Only ``.nii`` / ``.nii.gz`` files are considered unless a filter names ``extension``.
+    When **neither** filter mapping names ``suffix``, ``suffix=statmap`` is added, and then
+    also ``stat=effect`` unless a filter names ``stat`` (so by default: ``*_stat-effect_statmap``
+    maps). When a filter names ``suffix`` (e.g. ``{"suffix": "probseg", "label": "GM"}`` for
+    VBM), no default is added.
+
+    Filter values are a string, a number, a list of those, or ``None`` (JSON ``null``),
+    meaning "the entity is absent". ``subject`` values may carry the ``sub-`` prefix.
+
+    Parameters
+    ----------
+    bids_dir : Path
+        BIDS dataset root (raw or derivative); must hold dataset_description.json.
+    derivatives : sequence of Path
+        Derivatives datasets holding the maps; when given, the maps are looked for only there.
+    input_filters, bids_filters : mapping of str to value or list, optional
+        Flat mappings of pybids entity name to allowed value(s).
+    participant_labels : sequence of str, optional
+        Subjects to keep, with or without ``sub-``. Every label must have a selected map.
+    group_by : sequence of str
+        Entities that may differ between maps of one subject (the model's ``GroupBy``, besides
+        ``subject`` and ``session``). Two selected maps that agree on subject, session and these
+        entities are duplicates.
+
+    Returns
+    -------
+    InputSet
+
+    Raises
+    ------
+    MissingInputError (66)
+        ``bids_dir`` or a derivatives folder does not exist.
+    BidsDatasetError (16)
+        dataset_description.json missing or not valid JSON.
+    UsageError (64)
+        A filter names an unknown entity or is not a flat mapping.
+    EmptySelectionError (18)
+        Nothing selected, or a participant label has no selected map; the message lists the
+        values present for the entity whose filter emptied the selection.
+    DataError (65)
+        Duplicate maps for one subject and group; participants.tsv without ``participant_id``
+        or with duplicate ids.
     """
-    raise NotImplementedError
+    bids_dir = _check_dataset_dir(Path(bids_dir), what="bids_dir")
+    deriv_dirs = tuple(_check_dataset_dir(Path(d), what="--derivatives") for d in derivatives)
+    map_roots = deriv_dirs or (bids_dir,)
+
+    filters = _merge_filters(_normalise_filters(input_filters), _normalise_filters(bids_filters))
+    filters = _add_defaults(filters)
+    labels = _normalise_labels(participant_labels)
+
+    selected: list[InputMap] = []
+    dataset_root: Path | None = None
+    diagnostics: list[str] = []
+    _check_entities(filters)
+    for root in map_roots:
+        layout = _index(root)
+        query = dict(filters)
+        if labels is not None:
+            query["subject"] = _intersect(query.get("subject"), labels)
+        found = _select(layout, query)
+        if not found:
+            diagnostics.append(_explain_empty(layout, query, root))
+            continue
+        dataset_root = dataset_root or root
+        selected.extend(found)
+    if not selected:
+        raise EmptySelectionError(
+            "No input map selected. "
+            + " ".join(diagnostics)
+            + _hint_derivatives(bids_dir, deriv_dirs)
+        )
+    assert dataset_root is not None
+    maps = tuple(sorted(selected, key=_sort_key))
+    _check_labels_have_maps(labels, maps)
+    _check_duplicates(maps, group_by)
+
+    participants_path = _find_participants(bids_dir, map_roots)
+    if participants_path is None:
+        subjects = sorted({m.entities["subject"] for m in maps})
+        participants = pd.DataFrame(index=pd.Index(subjects, name="participant_id"))
+        log.info("No participants.tsv in %s: no participant variables", bids_dir)
+    else:
+        participants = read_participants(participants_path)
+    sources = tuple(dict.fromkeys(p.as_uri() for p in (bids_dir, *deriv_dirs)))
+    log.info(
+        "Selected %d maps of %d subjects from %s",
+        len(maps),
+        len({m.entities["subject"] for m in maps}),
+        dataset_root,
+    )
+    return InputSet(
+        maps=maps,
+        participants=participants,
+        dataset_root=dataset_root,
+        participants_path=participants_path,
+        source_datasets=sources,
+    )
+
+
+# --- Input validation ---------------------------------------------------------------------------
+
+
+def _check_dataset_dir(path: Path, *, what: str) -> Path:
+    """Resolve ``path`` and check it is a folder with a readable dataset_description.json."""
+    if not path.exists():
+        raise MissingInputError(f"{what} {path} does not exist: give the path of a BIDS dataset")
+    if not path.is_dir():
+        raise MissingInputError(f"{what} {path} is not a folder: give the path of a BIDS dataset")
+    path = path.resolve()
+    description = path / "dataset_description.json"
+    if not description.is_file():
+        raise BidsDatasetError(
+            f"{what} {path} has no dataset_description.json: it is not a BIDS dataset. Add one "
+            '(e.g. {"Name": "my study", "BIDSVersion": "1.9.0", "DatasetType": "derivative"})'
+        )
+    try:
+        content = json.loads(description.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as err:
+        raise BidsDatasetError(f"{description} is not valid JSON ({err}): fix the file") from err
+    if not isinstance(content, dict):
+        raise BidsDatasetError(
+            f"{description} must hold a JSON object, not {type(content).__name__}"
+        )
+    return path
+
+
+def _normalise_filters(filters: Mapping[str, Any] | None) -> dict[str, tuple[Any, ...]]:
+    """Flat mapping entity -> tuple of allowed values (``None`` for "absent")."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for key, value in (filters or {}).items():
+        values = tuple(value) if isinstance(value, list | tuple) else (value,)
+        for v in values:
+            if v is not None and not isinstance(v, str | int | float):
+                raise UsageError(
+                    f"Filter {key!r}: value {v!r} is not a string, number or null; filters are a "
+                    'flat mapping of entity to value(s), e.g. {"task": "faces", "space": '
+                    '"MNI152NLin2009cAsym"}'
+                )
+        if key == "subject":
+            values = tuple(_strip_sub(v) for v in values)
+        if key == "extension":
+            values = tuple(v if v is None or str(v).startswith(".") else f".{v}" for v in values)
+        out[str(key)] = tuple(dict.fromkeys(values))
+    return out
+
+
+def _merge_filters(
+    first: dict[str, tuple[Any, ...]], second: dict[str, tuple[Any, ...]]
+) -> dict[str, tuple[Any, ...]]:
+    """Both filter sets must hold: intersect the values of entities named in both."""
+    merged = dict(first)
+    for key, values in second.items():
+        merged[key] = _intersect(merged.get(key), values) if key in merged else values
+        if not merged[key]:
+            raise EmptySelectionError(
+                f"The model Input selects {key} in {list(first[key])} but --bids-filter-file "
+                f"selects {key} in {list(values)}: no value satisfies both; change one of them"
+            )
+    return merged
+
+
+def _add_defaults(filters: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    """Add the default extension, suffix and stat (see :func:`collect_inputs`)."""
+    out = dict(filters)
+    out.setdefault("extension", NIFTI_EXTENSIONS)
+    if "suffix" not in filters:
+        out["suffix"] = (DEFAULT_SUFFIX,)
+        out.setdefault("stat", (DEFAULT_STAT,))
+    return out
+
+
+def _normalise_labels(labels: Sequence[str] | None) -> tuple[str, ...] | None:
+    if labels is None:
+        return None
+    return tuple(dict.fromkeys(_strip_sub(str(label)) for label in labels))
+
+
+def _strip_sub(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("sub-"):
+        return value[4:]
+    return value
+
+
+def _intersect(allowed: Iterable[Any] | None, values: Iterable[Any]) -> tuple[Any, ...]:
+    values = tuple(values)
+    if allowed is None:
+        return values
+    allowed_keys = {_value_key(v) for v in allowed}
+    return tuple(v for v in values if _value_key(v) in allowed_keys)
+
+
+def _value_key(value: Any) -> Any:
+    """Compare ``1``, ``"1"`` and ``"01"`` equal (pybids stores run/echo as padded ints)."""
+    if value is None:
+        return None
+    text = str(value)
+    return int(text) if text.isdigit() else text
+
+
+def valid_entities() -> tuple[str, ...]:
+    """Entity names pybids knows with our config (bids + derivatives + bids-group), sorted."""
+    from bids.layout.models import Config
+
+    with resources.as_file(resources.files("bids_group") / "resources" / CONFIG_NAME) as path:
+        configs = [Config.load(name) for name in ("bids", "derivatives", str(path))]
+    return tuple(sorted({name for config in configs for name in config.entities}))
+
+
+def _check_entities(filters: Mapping[str, Any]) -> None:
+    valid = valid_entities()
+    unknown = sorted(set(filters) - set(valid))
+    if unknown:
+        raise UsageError(
+            f"Unknown BIDS entit{'y' if len(unknown) == 1 else 'ies'} {unknown} in the filters "
+            f"(model Input or --bids-filter-file); valid entities: {', '.join(sorted(valid))}"
+        )
+
+
+# --- pybids -------------------------------------------------------------------------------------
+
+
+def _index(root: Path) -> Any:
+    """Index ``root`` with pybids: in memory, no validation, no metadata (fast, writes nothing)."""
+    from bids.layout import BIDSLayout, BIDSLayoutIndexer
+
+    config = resources.files("bids_group") / "resources" / CONFIG_NAME
+    with resources.as_file(config) as config_path:
+        layout = BIDSLayout(
+            root,
+            validate=False,
+            config=["bids", "derivatives", str(config_path)],
+            database_path=None,
+            indexer=BIDSLayoutIndexer(validate=False, index_metadata=False),
+        )
+    log.debug("Indexed %s", root)
+    return layout
+
+
+def _query_args(query: Mapping[str, tuple[Any, ...]]) -> dict[str, Any]:
+    from bids.layout import Query
+
+    args: dict[str, Any] = {}
+    for key, values in query.items():
+        args[key] = Query.NONE if values == (None,) else list(values)
+    return args
+
+
+def _select(layout: Any, query: Mapping[str, tuple[Any, ...]]) -> list[InputMap]:
+    """Run the query; entities come back with ``subject`` without ``sub-``."""
+    files = _get(layout, query)
+    return [InputMap(path=Path(f.path), entities=dict(f.get_entities())) for f in files]
+
+
+def _get(layout: Any, query: Mapping[str, tuple[Any, ...]]) -> list[Any]:
+    # pybids cannot say "absent or one of these": such filters are applied here in Python.
+    plain = {k: v for k, v in query.items() if None not in v or v == (None,)}
+    files = layout.get(return_type="object", **_query_args(plain))
+    mixed = {k: v for k, v in query.items() if k not in plain}
+    for key, values in mixed.items():
+        keys = {_value_key(v) for v in values}
+        files = [f for f in files if _value_key(f.get_entities().get(key)) in keys]
+    return [f for f in files if not Path(f.path).is_dir()]
+
+
+def _explain_empty(layout: Any, query: Mapping[str, tuple[Any, ...]], root: Path) -> str:
+    """Name the first filter that empties the selection and the values present before it."""
+    applied: dict[str, tuple[Any, ...]] = {}
+    order = ["extension", "suffix"] + [k for k in query if k not in ("extension", "suffix")]
+    for key in order:
+        if key not in query:
+            continue
+        before = _get(layout, applied)
+        applied[key] = query[key]
+        if _get(layout, applied):
+            continue
+        present = sorted({str(f.get_entities()[key]) for f in before if key in f.get_entities()})
+        context = ", ".join(f"{k}={_show(v)}" for k, v in applied.items() if k != key)
+        wanted = _show(query[key])
+        if not before:
+            return f"{root} holds no file at all."
+        if not present:
+            return (
+                f"In {root}, no file among those with {context} has the entity {key!r} "
+                f"(wanted {key}={wanted})."
+            )
+        return (
+            f"In {root}, no file with {context} has {key}={wanted}; {_plural(key)} present: "
+            f"{_listing(present)}. Change the model Input / --bids-filter-file / "
+            "--participant-label accordingly."
+        )
+    return f"In {root}, the filters together select nothing."
+
+
+def _hint_derivatives(bids_dir: Path, deriv_dirs: Sequence[Path]) -> str:
+    if deriv_dirs or not (bids_dir / "derivatives").is_dir():
+        return ""
+    found = sorted(p.name for p in (bids_dir / "derivatives").iterdir() if p.is_dir())
+    return (
+        f" The maps may be in a derivatives folder: pass --derivatives "
+        f"{bids_dir / 'derivatives'}/<name> (found: {_listing(found)})."
+    )
+
+
+def _show(values: tuple[Any, ...]) -> str:
+    shown = ["<absent>" if v is None else str(v) for v in values]
+    return shown[0] if len(shown) == 1 else "[" + ", ".join(shown) + "]"
+
+
+def _plural(entity: str) -> str:
+    return {"subject": "subjects", "suffix": "suffixes", "extension": "extensions"}.get(
+        entity, f"{entity} values"
+    )
+
+
+def _listing(values: Sequence[str]) -> str:
+    values = list(values)
+    head = ", ".join(values[:_MAX_LISTED])
+    return head + (f", ... ({len(values)} in all)" if len(values) > _MAX_LISTED else "")
+
+
+# --- Consistency checks -------------------------------------------------------------------------
+
+
+def _sort_key(m: InputMap) -> tuple[Any, ...]:
+    e = m.entities
+    rest = tuple(sorted((k, str(v)) for k, v in e.items() if k not in KEY_ENTITIES))
+    return (str(e.get("subject")), str(e.get("session", "")), rest, str(m.path))
+
+
+def _check_labels_have_maps(labels: tuple[str, ...] | None, maps: Sequence[InputMap]) -> None:
+    if labels is None:
+        return
+    have = {m.entities["subject"] for m in maps}
+    missing = [label for label in labels if label not in have]
+    if missing:
+        raise EmptySelectionError(
+            f"--participant-label {', '.join(missing)}: no selected map for "
+            f"{'this subject' if len(missing) == 1 else 'these subjects'} (subjects with maps: "
+            f"{_listing(sorted(have))}); remove the label(s) or check the filters"
+        )
+
+
+def _check_duplicates(maps: Sequence[InputMap], group_by: Sequence[str]) -> None:
+    """Two maps agreeing on subject, session and ``group_by`` entities are ambiguous."""
+    key_entities = tuple(dict.fromkeys((*KEY_ENTITIES, *group_by)))
+    groups: dict[tuple[Any, ...], list[InputMap]] = {}
+    for m in maps:
+        groups.setdefault(tuple(m.entities.get(k) for k in key_entities), []).append(m)
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        differing = _differing_entities(members)
+        where = ", ".join(
+            f"{k} {v}" for k, v in zip(key_entities, key, strict=True) if v is not None
+        )
+        files = "; ".join(str(m.path) for m in members[:_MAX_LISTED])
+        hint = (
+            f"they differ by {', '.join(differing)}: add a filter on "
+            f"{' or '.join(differing)} (model Input or --bids-filter-file) to keep one"
+            if differing
+            else "they differ only by path: remove one"
+        )
+        raise DataError(f"{len(members)} maps for {where}: {files}; {hint}")
+
+
+def _differing_entities(members: Sequence[InputMap]) -> list[str]:
+    names = sorted(set().union(*(m.entities for m in members)))
+    return [n for n in names if len({str(m.entities.get(n)) for m in members}) > 1]
+
+
+# --- participants.tsv ---------------------------------------------------------------------------
+
+
+def _find_participants(bids_dir: Path, map_roots: Sequence[Path]) -> Path | None:
+    for root in (bids_dir, *map_roots):
+        candidate = root / "participants.tsv"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_participants(path: Path) -> pd.DataFrame:
+    """Read participants.tsv.
+
+    Parameters
+    ----------
+    path : Path
+
+    Returns
+    -------
+    DataFrame
+        Indexed by subject label without ``sub-`` (index name ``participant_id``); ``n/a`` and
+        empty cells are NaN; a column is float64 when all its other values parse as numbers,
+        else object (str). Integer columns without NaN stay int64.
+
+    Raises
+    ------
+    DataError (65)
+        No ``participant_id`` column, duplicate ids, or unreadable file.
+    """
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a", ""])
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"Cannot read {path}: {err}; it must be a tab-separated table") from err
+    table.columns = [str(c).strip() for c in table.columns]
+    if "participant_id" not in table.columns:
+        raise DataError(
+            f"{path} has no participant_id column (columns: {', '.join(table.columns)}); "
+            "the first column must be participant_id with values like sub-01"
+        )
+    ids = table.pop("participant_id")
+    if ids.isna().any():
+        rows = [int(i) + 2 for i in np.flatnonzero(ids.isna().to_numpy())]
+        raise DataError(f"{path}: empty participant_id on line(s) {rows}; fill them in")
+    labels = ids.str.strip().map(_strip_sub)
+    duplicated = sorted(set(labels[labels.duplicated()]))
+    if duplicated:
+        raise DataError(
+            f"{path}: participant_id {', '.join('sub-' + d for d in duplicated)} appear(s) more "
+            "than once; keep one row per subject"
+        )
+    table.index = pd.Index(labels, name="participant_id")
+    return table.apply(_to_numeric_if_possible)
+
+
+def _to_numeric_if_possible(column: pd.Series) -> pd.Series:
+    converted = pd.to_numeric(column, errors="coerce")
+    if converted.isna().equals(column.isna()):
+        return converted
+    return column
