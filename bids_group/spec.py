@@ -1,18 +1,89 @@
-"""Model specification: read a BIDS Stats Models file (YAML or JSON) into a validated :class:`ModelSpec`.
+"""Model specification: read a BIDS Stats Models file (YAML or JSON) into a :class:`ModelSpec`.
 
-Only the dataset-level node is used. Validation happens here, once; later stages trust the result.
+Only the dataset-level node is used; other nodes are skipped with a log message. Validation
+happens here, once, and every message names the file and the field path
+(``model.yaml: Nodes[0].Contrasts[1].Weights: ...``); later stages trust the result.
+
+Inference defaults (bids-group extension)
+-----------------------------------------
+BIDS Stats Models reserves ``Model.Software`` for software-specific options: an object whose keys
+are software names. bids-group reads ``Model.Software.bids-group.Inference``::
+
+    Model:
+      Type: glm
+      X: [1]
+      Software:
+        bids-group:
+          Inference:
+            HeightControl: fdr      # fpr | fdr | bonferroni | none
+            Alpha: 0.05             # 0 < Alpha < 1 (with fpr, fdr, bonferroni)
+            Threshold: 3.1          # z threshold (with HeightControl none)
+            ClusterThreshold: 10    # minimum cluster size in voxels, integer >= 0
+            TwoSided: false
+            Connectivity: 6         # 6 | 18 | 26
+            SmoothingFWHM: 8        # mm, >= 0
+
+The accepted keys live in one table, :data:`INFERENCE_KEYS`; add a row there to accept a new one.
+Values from the file are defaults: command-line options override them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import fnmatch
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import yaml
+
+from bids_group.errors import MissingInputError, SpecError
+from bids_group.expression import ExpressionError, parse_linear
+from bids_group.labels import INTERCEPT, to_label
+from bids_group.transformations import nearest, normalise_instruction
+
+log = logging.getLogger(__name__)
 
 StatType = Literal["t", "F"]
+
+#: The key under ``Model.Software`` that holds bids-group's own options.
+SOFTWARE_KEY = "bids-group"
+#: Written into ``BIDSModelVersion`` of models bids-group creates.
+BIDS_MODEL_VERSION = "1.0.0"
+
+#: BIDS entities (pybids names) accepted as ``Input`` filters and suggested for typos in GroupBy.
+KNOWN_ENTITIES: tuple[str, ...] = (
+    "subject", "session", "task", "acquisition", "ceagent", "tracer", "reconstruction",
+    "direction", "run", "modality", "echo", "flip", "inv", "mt", "part", "proc", "hemi", "space",
+    "split", "recording", "chunk", "atlas", "roi", "label", "segmentation", "resolution",
+    "density", "model", "subset", "desc", "contrast", "stat", "suffix", "extension", "datatype",
+    "sample", "staining", "tracksys", "node",
+)  # fmt: skip
+#: Entities whose values are labels: YAML turns ``01`` into 1, which loses the zero.
+_LABEL_ENTITIES = frozenset(KNOWN_ENTITIES) - {"run", "echo", "flip", "inv", "mt", "split", "chunk"}
+
+_TOP_KEYS = ("Name", "BIDSModelVersion", "Description", "Input", "Nodes", "Edges")
+_NODE_KEYS = (
+    "Level",
+    "Name",
+    "GroupBy",
+    "Model",
+    "Transformations",
+    "Contrasts",
+    "DummyContrasts",
+    "Description",
+)
+_MODEL_KEYS = ("Type", "X", "Formula", "HRF", "Options", "Software", "Description")
+_CONTRAST_KEYS = ("Name", "ConditionList", "Weights", "Test", "Description")
+_DUMMY_KEYS = ("Test", "Contrasts", "Conditions", "Description")
+_EDGE_KEYS = ("Source", "Destination", "Filter", "Description")
+_LEVELS = ("Run", "Session", "Subject", "Dataset")
+_SOFTWARE_KEYS = ("Inference", "ContrastLabels")
+_HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", "none")
 
 
 @dataclass(frozen=True)
@@ -24,12 +95,17 @@ class ContrastSpec:
     name : str
         The contrast name as written (``Name``).
     condition_list : tuple of str
-        Column names the weights refer to. Empty when ``expression`` is used.
-    weights : ndarray of shape (n_rows, len(condition_list))
+        Column names the weights refer to (``1`` normalised to ``intercept``). For an expression
+        contrast, the names in the expression in order of first appearance (or the
+        ``ConditionList`` when one was given).
+    weights : ndarray of shape (n_rows, len(condition_list)), float64
         Always 2-D: a t contrast has one row, an F contrast one or more.
     test : {"t", "F"}
     expression : str or None
-        Weights written as an expression over column names (``group.patient - group.control``).
+        Weights as written when they were an expression over column names
+        (``group.patient - group.control``); ``weights`` then holds the parsed coefficients.
+    description : str or None
+        ``Description`` as written.
     """
 
     name: str
@@ -37,11 +113,16 @@ class ContrastSpec:
     weights: np.ndarray
     test: StatType
     expression: str | None = None
+    description: str | None = None
 
 
 @dataclass(frozen=True)
 class InferenceDefaults:
-    """Inference settings from the model file's extension block. ``None`` = not set there."""
+    """Inference settings from ``Model.Software.bids-group.Inference``. ``None`` = not set there.
+
+    ``extra`` holds accepted keys (rows of :data:`INFERENCE_KEYS`) that have no attribute of
+    their own yet, by snake_case name.
+    """
 
     height_control: str | None = None
     alpha: float | None = None
@@ -50,6 +131,10 @@ class InferenceDefaults:
     two_sided: bool | None = None
     connectivity: int | None = None
     smoothing_fwhm: float | None = None
+    n_permutations: int | None = None
+    seed: int | None = None
+    tfce: bool | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -63,21 +148,27 @@ class ModelSpec:
     node_name : str
         Name of the dataset-level node (used for the output folder ``node-<node_name>``).
     input_filters : mapping
-        ``Input`` entity filters (pybids entity name -> value or list of values).
+        ``Input`` entity filters (pybids entity name -> str or list of str/int).
     group_by : tuple of str
         ``GroupBy`` of the node, e.g. ``("contrast",)`` or ``()``.
     x : tuple of str
-        Design columns (``1`` is normalised to ``"intercept"``).
+        Design columns as written (``1`` is normalised to ``"intercept"``); entries may be
+        fnmatch wildcards (``subject.*``) expanded against the variables by the design step.
     transformations : tuple of mapping
-        ``Transformations.Instructions`` in order, normalised (``Name`` + args).
+        ``Transformations.Instructions`` in order, normalised (``Name``, ``Input``/``Output``
+        as lists, options as written).
     contrasts : tuple of ContrastSpec
     dummy_contrasts : tuple of str or None
-        Columns that get an automatic one-column t contrast; None when DummyContrasts is absent/false.
+        X entries (possibly wildcards) that get an automatic one-column t contrast each; None
+        when DummyContrasts is absent or false.
     inference : InferenceDefaults
     raw : mapping
         The whole file as parsed, for provenance.
     source : Path or None
         The file it came from (None for the built-in default).
+    description : str or None
+        Model ``Description``.
+    bids_model_version : str
     """
 
     name: str
@@ -91,13 +182,783 @@ class ModelSpec:
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
     raw: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    description: str | None = None
+    bids_model_version: str = BIDS_MODEL_VERSION
+
+
+# ----------------------------------------------------------------------------------------------
+# Small validation helpers. `where` is always "<file>: <field path>".
+
+
+def _fail(where: str, message: str) -> SpecError:
+    return SpecError(f"{where}: {message}")
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _check_keys(
+    obj: Mapping[str, Any], allowed: Sequence[str], required: Sequence[str], where: str
+) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise _fail(
+                where,
+                f"unknown key {key!r}{nearest(str(key), allowed)}; "
+                f"allowed keys: {', '.join(allowed)}",
+            )
+    for key in required:
+        if key not in obj:
+            raise _fail(where, f"missing required key {key!r}")
+
+
+def _mapping(value: Any, where: str, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _fail(where, f"{what} must be a mapping, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _string(value: Any, where: str, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(where, f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _column_name(value: Any, where: str) -> str:
+    """A design column reference: a string or the intercept ``1``."""
+    if isinstance(value, bool):
+        raise _fail(where, f"expected a column name or 1, got {value!r}")
+    if value == 1 or value == "1":
+        return INTERCEPT
+    if isinstance(value, int | float) and value == 0:
+        raise _fail(where, "0 is not supported: leave out 1 to fit a model without intercept")
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(where, f"expected a column name or 1, got {value!r}")
+    return value
+
+
+def _column_list(value: Any, where: str, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _fail(where, f"{what} must be a list of column names, got {value!r}")
+    names = tuple(_column_name(v, f"{where}[{i}]") for i, v in enumerate(value))
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise _fail(where, f"{what} lists {', '.join(map(repr, duplicates))} more than once")
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference block
+
+
+def _number(lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
+            open_hi: bool = False, integer: bool = False) -> Callable[[Any, str], Any]:  # fmt: skip
+    def check(value: Any, where: str) -> Any:
+        ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+            kind = "an integer" if integer else "a number"
+            raise _fail(where, f"must be {kind}, got {value!r}")
+        if lo is not None and (value <= lo if open_lo else value < lo):
+            raise _fail(where, f"must be {'>' if open_lo else '>='} {lo}, got {value!r}")
+        if hi is not None and (value >= hi if open_hi else value > hi):
+            raise _fail(where, f"must be {'<' if open_hi else '<='} {hi}, got {value!r}")
+        return int(value) if integer else float(value)
+
+    return check
+
+
+def _boolean(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(where, f"must be true or false, got {value!r}")
+    return value
+
+
+def _height_control(value: Any, where: str) -> str:
+    if value is None:
+        return "none"  # YAML `none`/`null` both mean "no correction"
+    text = str(value).lower()
+    if text not in _HEIGHT_CONTROLS:
+        raise _fail(
+            where,
+            f"must be one of {', '.join(_HEIGHT_CONTROLS)}, got {value!r}"
+            f"{nearest(text, _HEIGHT_CONTROLS)}",
+        )
+    return text
+
+
+def _connectivity(value: Any, where: str) -> int:
+    if isinstance(value, bool) or value not in (6, 18, 26):
+        raise _fail(where, f"must be 6 (faces), 18 (edges) or 26 (corners), got {value!r}")
+    return int(value)
+
+
+#: Accepted keys of ``Software.bids-group.Inference``: CamelCase key -> (snake_case name,
+#: validator). Names that are not InferenceDefaults attributes go to ``InferenceDefaults.extra``.
+INFERENCE_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
+    "HeightControl": ("height_control", _height_control),
+    "Alpha": ("alpha", _number(0, 1, open_lo=True, open_hi=True)),
+    "Threshold": ("threshold", _number(0)),
+    "ClusterThreshold": ("cluster_threshold", _number(0, integer=True)),
+    "TwoSided": ("two_sided", _boolean),
+    "Connectivity": ("connectivity", _connectivity),
+    "SmoothingFWHM": ("smoothing_fwhm", _number(0)),
+    "NPermutations": ("n_permutations", _number(1, integer=True)),
+    "Seed": ("seed", _number(0, integer=True)),
+    "TFCE": ("tfce", _boolean),
+}
+
+
+def _parse_inference(block: Any, where: str) -> InferenceDefaults:
+    block = _mapping(block, where, "Inference")
+    _check_keys(block, tuple(INFERENCE_KEYS), (), where)
+    attributes = {f.name for f in fields(InferenceDefaults)}
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in block.items():
+        name, check = INFERENCE_KEYS[key]
+        (values if name in attributes else extra)[name] = check(value, f"{where}.{key}")
+    # Contradictions are errors, not warnings: the user would get another analysis.
+    control = values.get("height_control")
+    if values.get("threshold") is not None and control not in (None, "none"):
+        raise _fail(
+            where,
+            f"Threshold is a z threshold for HeightControl none; with "
+            f"HeightControl {control} set Alpha instead (or set HeightControl: none)",
+        )
+    if values.get("alpha") is not None and control == "none":
+        raise _fail(
+            where,
+            "Alpha has no effect with HeightControl none: set Threshold "
+            "(a z value) or choose fpr, fdr or bonferroni",
+        )
+    return InferenceDefaults(**values, extra=extra)
+
+
+def _parse_software(software: Any, where: str) -> InferenceDefaults:
+    software = _mapping(software, where, "Software")
+    inference = InferenceDefaults()
+    for key, block in software.items():
+        squashed = str(key).lower().replace("_", "").replace("-", "").replace(" ", "")
+        if key != SOFTWARE_KEY and squashed == SOFTWARE_KEY.replace("-", ""):
+            raise _fail(where, f"unknown software key {key!r} (did you mean {SOFTWARE_KEY!r}?)")
+        if key != SOFTWARE_KEY:
+            log.info("%s: ignoring options for other software %r", where, key)
+            continue
+        sub = f"{where}.{key}"
+        block = _mapping(block, sub, SOFTWARE_KEY)
+        _check_keys(block, _SOFTWARE_KEYS, (), sub)
+        if "Inference" in block:
+            inference = _parse_inference(block["Inference"], f"{sub}.Inference")
+        labels = block.get("ContrastLabels", {})
+        if not isinstance(labels, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise _fail(f"{sub}.ContrastLabels", "must map contrast names to labels (strings)")
+    return inference
+
+
+# ----------------------------------------------------------------------------------------------
+# Contrasts
+
+
+def _test(value: Any, where: str) -> StatType:
+    if value == "pass":
+        raise _fail(where, "Test 'pass' is not supported at the dataset level: use 't' or 'F'")
+    if value not in ("t", "F"):
+        hint = {"T": " (did you mean 't'?)", "f": " (did you mean 'F'?)"}.get(str(value), "")
+        raise _fail(where, f"Test must be 't' or 'F', got {value!r}{hint}")
+    return value
+
+
+def _weight_value(value: Any, where: str) -> float:
+    """One numeric weight: a number or a fraction string such as ``"-1/3"``."""
+    if isinstance(value, bool):
+        raise _fail(where, f"weights must be numbers, got {value!r}")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise _fail(where, f"weights must be finite, got {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            form = parse_linear(value)
+        except ExpressionError as err:
+            raise _fail(where, f"cannot read weight {value!r}: {err}") from err
+        if not form.coefs:
+            return form.constant
+    raise _fail(where, f"weights must be numbers (or fractions such as '1/3'), got {value!r}")
+
+
+def _expression_rows(
+    texts: Sequence[str], condition_list: tuple[str, ...] | None, where: str
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """Parse expression rows into (names, weights of shape (n_rows, n_names))."""
+    forms = []
+    for i, text in enumerate(texts):
+        sub = where if len(texts) == 1 else f"{where}[{i}]"
+        try:
+            form = parse_linear(text)
+        except ExpressionError as err:
+            raise _fail(sub, f"cannot read the contrast expression: {err}") from err
+        if form.constant != 0:
+            raise _fail(
+                sub,
+                f"{text!r} has a constant term ({form.constant:g}); a contrast is a "
+                "weighted sum of columns only (write 1*intercept for the intercept)",
+            )
+        coefs = {(INTERCEPT if k.lower() == INTERCEPT else k): v for k, v in form.coefs.items()}
+        if not any(coefs.values()):
+            raise _fail(sub, f"{text!r} has all weights zero")
+        forms.append(coefs)
+    names: list[str] = list(condition_list or ())
+    for coefs in forms:
+        for name in coefs:
+            if name not in names:
+                if condition_list:
+                    raise _fail(
+                        where,
+                        f"the expression uses {name!r}, which is not in "
+                        f"ConditionList {list(condition_list)}",
+                    )
+                names.append(name)
+    weights = np.array([[coefs.get(n, 0.0) for n in names] for coefs in forms], dtype=float)
+    return tuple(names), weights
+
+
+def _parse_contrast(raw: Any, where: str) -> ContrastSpec:
+    raw = _mapping(raw, where, "each contrast")
+    _check_keys(raw, _CONTRAST_KEYS, ("Name", "Weights", "Test"), where)
+    name = _string(raw["Name"], f"{where}.Name", "Name")
+    test = _test(raw["Test"], f"{where}.Test")
+    description = raw.get("Description")
+    weights_raw = raw["Weights"]
+    conditions = (
+        _column_list(raw["ConditionList"], f"{where}.ConditionList", "ConditionList")
+        if "ConditionList" in raw
+        else None
+    )
+    expression: str | None = None
+    if isinstance(weights_raw, str) or (
+        isinstance(weights_raw, list)
+        and weights_raw
+        and all(isinstance(w, str) for w in weights_raw)
+        and any(_is_expression(w) for w in weights_raw)
+    ):
+        texts = [weights_raw] if isinstance(weights_raw, str) else list(weights_raw)
+        names, weights = _expression_rows(texts, conditions, f"{where}.Weights")
+        expression = "; ".join(texts)
+    else:
+        if conditions is None:
+            raise _fail(
+                where,
+                "missing 'ConditionList' (needed unless Weights is an "
+                "expression such as 'group.patient - group.control')",
+            )
+        names = conditions
+        weights = _numeric_weights(weights_raw, len(names), f"{where}.Weights")
+    if test == "t" and weights.shape[0] > 1:
+        raise _fail(
+            f"{where}.Weights",
+            f"a t contrast takes one row of weights, got "
+            f"{weights.shape[0]} rows; use Test: F for a multi-row contrast",
+        )
+    for r, row in enumerate(weights):
+        if not row.any():
+            sub = f"{where}.Weights" + (f"[{r}]" if weights.shape[0] > 1 else "")
+            raise _fail(sub, "all weights are zero")
+    return ContrastSpec(name, names, weights, test, expression, description)
+
+
+def _is_expression(text: str) -> bool:
+    try:
+        return bool(parse_linear(text).coefs)
+    except ExpressionError:
+        return True  # let the expression parser report the syntax error
+
+
+def _numeric_weights(value: Any, n_conditions: int, where: str) -> np.ndarray:
+    if not isinstance(value, list) or not value:
+        raise _fail(where, f"must be a list of numbers (or a list of lists for F), got {value!r}")
+    rows = value if all(isinstance(v, list) for v in value) else [value]
+    if any(isinstance(v, list) for v in value) and rows is not value:
+        raise _fail(
+            where,
+            "mixes numbers and lists: use a list of numbers (t) or a list of "
+            "equal-length lists (F)",
+        )
+    matrix = []
+    for r, row in enumerate(rows):
+        sub = where if len(rows) == 1 else f"{where}[{r}]"
+        if len(row) != n_conditions:
+            raise _fail(
+                sub,
+                f"has {len(row)} weight(s) but ConditionList has {n_conditions} "
+                "column(s); give one weight per column",
+            )
+        matrix.append([_weight_value(v, f"{sub}[{c}]") for c, v in enumerate(row)])
+    return np.array(matrix, dtype=float).reshape(len(rows), n_conditions)
+
+
+def _parse_dummy(raw: Any, x: tuple[str, ...], where: str) -> tuple[str, ...] | None:
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return x
+    raw = _mapping(raw, where, "DummyContrasts (true, false or a mapping)")
+    _check_keys(raw, _DUMMY_KEYS, (), where)
+    if "Contrasts" in raw and "Conditions" in raw:
+        raise _fail(where, "give either 'Contrasts' or 'Conditions', not both")
+    if raw.get("Test", "t") != "t":
+        _test(raw["Test"], f"{where}.Test")
+        raise _fail(
+            f"{where}.Test",
+            "DummyContrasts supports only 't'; write an F contrast under Contrasts instead",
+        )
+    key = "Contrasts" if "Contrasts" in raw else "Conditions"
+    if key not in raw:
+        return x
+    names = _column_list(raw[key], f"{where}.{key}", key)
+    plain_x = not any(set("*?[") & set(c) for c in x)
+    for i, name in enumerate(names):
+        if plain_x and name not in x and not set("*?[") & set(name):
+            raise _fail(
+                f"{where}.{key}[{i}]", f"{name!r} is not in Model.X {list(x)}{nearest(name, x)}"
+            )
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Nodes and the whole file
+
+
+def _parse_input(raw: Any, where: str) -> dict[str, Any]:
+    raw = _mapping(raw, where, "Input")
+    filters: dict[str, Any] = {}
+    for key, value in raw.items():
+        sub = f"{where}.{key}"
+        if key not in KNOWN_ENTITIES:
+            raise _fail(
+                where,
+                f"unknown entity {key!r}{nearest(str(key), KNOWN_ENTITIES)}; "
+                f"use pybids entity names ({', '.join(KNOWN_ENTITIES[:8])}, ...)",
+            )
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise _fail(sub, "an empty list would select nothing")
+        for item in values:
+            if isinstance(item, bool) or not isinstance(item, str | int):
+                raise _fail(sub, f"values must be strings (or lists of strings), got {item!r}")
+            if isinstance(item, int) and key in _LABEL_ENTITIES:
+                raise _fail(
+                    sub,
+                    f"{item!r} was read as a number; quote it (e.g. '0{item}' or "
+                    f"'{item}') so the label keeps its leading zeros",
+                )
+        filters[key] = list(values) if isinstance(value, list) else value
+    return filters
+
+
+def _parse_transformations(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
+    if isinstance(raw, Mapping):
+        _check_keys(raw, ("Transformer", "Instructions", "Description"), ("Instructions",), where)
+        transformer = raw.get("Transformer", "pybids-transforms-v1")
+        if transformer != "pybids-transforms-v1":
+            raise _fail(
+                f"{where}.Transformer",
+                f"only 'pybids-transforms-v1' is supported, got {transformer!r}",
+            )
+        instructions = raw["Instructions"]
+        where = f"{where}.Instructions"
+    else:
+        instructions = raw
+    if not isinstance(instructions, list):
+        raise _fail(where, f"must be a list of instructions, got {_type_name(instructions)}")
+    return tuple(
+        normalise_instruction(inst, f"{where}[{i}]") for i, inst in enumerate(instructions)
+    )
+
+
+def _parse_group_by(raw: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(v, str) and v for v in raw):
+        raise _fail(
+            where, f"GroupBy must be a list of entity names, got {raw!r} (e.g. [contrast] or [])"
+        )
+    for i, name in enumerate(raw):
+        if name not in KNOWN_ENTITIES:
+            hint = nearest(name, KNOWN_ENTITIES)
+            if hint:  # a typo of an entity, not a metadata column
+                raise _fail(f"{where}[{i}]", f"unknown entity {name!r}{hint}")
+    if len(set(raw)) != len(raw):
+        raise _fail(where, f"lists an entity twice: {raw!r}")
+    return tuple(raw)
+
+
+def _parse_model(raw: Any, where: str) -> tuple[tuple[str, ...], InferenceDefaults]:
+    raw = _mapping(raw, where, "Model")
+    _check_keys(raw, _MODEL_KEYS, ("Type", "X"), where)
+    if str(raw["Type"]).lower() != "glm":
+        raise _fail(f"{where}.Type", f"only 'glm' is supported, got {raw['Type']!r}")
+    if "Formula" in raw:
+        raise _fail(
+            f"{where}.Formula",
+            "formulas are not supported: list the columns in X and "
+            "build them with Transformations (Factor, Product, ...)",
+        )
+    if raw.get("Options"):
+        options = _mapping(raw["Options"], f"{where}.Options", "Options")
+        keys = [k for k in options if k != "Description"]
+        if keys:
+            raise _fail(
+                f"{where}.Options",
+                f"{', '.join(keys)} not supported at the dataset level by bids-group; remove them",
+            )
+    if "HRF" in raw:
+        log.info("%s.HRF: ignored at the dataset level (no time series)", where)
+    x = _column_list(raw["X"], f"{where}.X", "X")
+    if not x:
+        raise _fail(f"{where}.X", "X is empty: list at least one column (1 for the intercept)")
+    inference = _parse_software(raw.get("Software", {}), f"{where}.Software")
+    return x, inference
+
+
+def _dataset_node(nodes: Any, where: str) -> tuple[int, Mapping[str, Any]]:
+    if not isinstance(nodes, list) or not nodes:
+        raise _fail(where, "Nodes must be a non-empty list of nodes")
+    found: list[int] = []
+    for i, node in enumerate(nodes):
+        node = _mapping(node, f"{where}[{i}]", "each node")
+        level = node.get("Level")
+        if not isinstance(level, str) or level.capitalize() not in _LEVELS:
+            raise _fail(
+                f"{where}[{i}].Level",
+                f"must be one of {', '.join(_LEVELS)}, got {level!r}{nearest(str(level), _LEVELS)}",
+            )
+        if level.lower() == "dataset":
+            found.append(i)
+        else:
+            log.info(
+                "%s[%d]: skipping %s-level node %r (bids-group runs the Dataset node only)",
+                where,
+                i,
+                level,
+                node.get("Name"),
+            )
+    if not found:
+        raise _fail(where, "no node has Level: Dataset; bids-group fits the dataset-level node")
+    if len(found) > 1:
+        raise _fail(where, f"nodes {found} all have Level: Dataset; keep exactly one")
+    return found[0], nodes[found[0]]
+
+
+def _check_edges(edges: Any, nodes: list[Mapping[str, Any]], where: str) -> None:
+    if not isinstance(edges, list):
+        raise _fail(where, f"Edges must be a list, got {_type_name(edges)}")
+    names = [str(n.get("Name")) for n in nodes]
+    for i, edge in enumerate(edges):
+        edge = _mapping(edge, f"{where}[{i}]", "each edge")
+        _check_keys(edge, _EDGE_KEYS, ("Source", "Destination"), f"{where}[{i}]")
+        for key in ("Source", "Destination"):
+            if edge[key] not in names:
+                raise _fail(
+                    f"{where}[{i}].{key}",
+                    f"no node named {edge[key]!r}"
+                    f"{nearest(str(edge[key]), names)}; nodes: {', '.join(names)}",
+                )
+
+
+def parse_spec(data: Any, *, source: Path | str | None = None) -> ModelSpec:
+    """Validate an already-parsed model (a dict from YAML/JSON) into a :class:`ModelSpec`.
+
+    Parameters
+    ----------
+    data : mapping
+        The model file's content.
+    source : Path or str, optional
+        Where it came from; its name prefixes every message.
+
+    Raises
+    ------
+    SpecError
+        Anything wrong with the model, with the field path.
+    """
+    fname = Path(source).name if source is not None else "model"
+    if not isinstance(data, Mapping):
+        raise SpecError(
+            f"{fname}: the top level must be a mapping (Name, BIDSModelVersion, "
+            f"Nodes, ...), got {_type_name(data)}"
+        )
+    _check_keys(data, _TOP_KEYS, ("Name", "BIDSModelVersion", "Nodes"), fname)
+    name = _string(data["Name"], f"{fname}: Name", "Name")
+    version = data["BIDSModelVersion"]
+    if not isinstance(version, str | int | float) or isinstance(version, bool):
+        raise _fail(f"{fname}: BIDSModelVersion", f"must be a version string, got {version!r}")
+    filters = _parse_input(data.get("Input", {}), f"{fname}: Input")
+    index, node = _dataset_node(data["Nodes"], f"{fname}: Nodes")
+    where = f"{fname}: Nodes[{index}]"
+    _check_keys(node, _NODE_KEYS, ("Level", "Name", "GroupBy", "Model"), where)
+    node_name = _string(node["Name"], f"{where}.Name", "Name")
+    if any(c in node_name for c in "/\\") or node_name in (".", ".."):
+        raise _fail(f"{where}.Name", f"{node_name!r} cannot name an output folder")
+    if "Edges" in data:
+        _check_edges(data["Edges"], data["Nodes"], f"{fname}: Edges")
+    group_by = _parse_group_by(node["GroupBy"], f"{where}.GroupBy")
+    x, inference = _parse_model(node["Model"], f"{where}.Model")
+    transformations: tuple[dict[str, Any], ...] = ()
+    if node.get("Transformations") is not None:
+        transformations = _parse_transformations(
+            node["Transformations"], f"{where}.Transformations"
+        )
+    raw_contrasts = node.get("Contrasts") or []
+    if not isinstance(raw_contrasts, list):
+        raise _fail(
+            f"{where}.Contrasts", f"must be a list of contrasts, got {_type_name(raw_contrasts)}"
+        )
+    contrasts = tuple(
+        _parse_contrast(c, f"{where}.Contrasts[{i}]") for i, c in enumerate(raw_contrasts)
+    )
+    dummy = _parse_dummy(node.get("DummyContrasts"), x, f"{where}.DummyContrasts")
+    _check_contrast_names(contrasts, dummy, x, where)
+    return ModelSpec(
+        name=name,
+        node_name=node_name,
+        input_filters=filters,
+        group_by=group_by,
+        x=x,
+        transformations=transformations,
+        contrasts=contrasts,
+        dummy_contrasts=dummy,
+        inference=inference,
+        raw=data,
+        source=Path(source) if source is not None else None,
+        description=data.get("Description"),
+        bids_model_version=str(version),
+    )
+
+
+def _check_contrast_names(
+    contrasts: tuple[ContrastSpec, ...], dummy: tuple[str, ...] | None, x: tuple[str, ...],
+    where: str,
+) -> None:  # fmt: skip
+    if not contrasts and not dummy:
+        raise _fail(where, "the node defines no contrast: add Contrasts or DummyContrasts: true")
+    seen: dict[str, str] = {}
+    plain_dummy = [d for d in (dummy or ()) if not set("*?[") & set(d)]
+    for i, contrast in enumerate(contrasts):
+        if contrast.name in seen or contrast.name in plain_dummy:
+            raise _fail(
+                f"{where}.Contrasts[{i}].Name",
+                f"contrast name {contrast.name!r} is "
+                "used twice (DummyContrasts are named after their column)",
+            )
+        seen[contrast.name] = f"Contrasts[{i}]"
+    labels: dict[str, str] = {}
+    for name in [c.name for c in contrasts] + plain_dummy:
+        label = to_label(name)
+        if label in labels:
+            raise _fail(
+                where,
+                f"contrasts {labels[label]!r} and {name!r} both get the file "
+                f"label {label!r}; rename one",
+            )
+        labels[label] = name
+
+
+def _load_text(path: Path) -> Any:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise SpecError(f"{path.name}: the file is empty")
+    if text.lstrip().startswith(("{", "[")):
+        # JSON first: JSON indented with tabs is valid JSON but not valid YAML.
+        try:
+            return json.loads(text, object_pairs_hook=_no_duplicates_json(path))
+        except json.JSONDecodeError as err:
+            raise SpecError(f"{path.name}: JSON syntax error at line {err.lineno}, column "
+                            f"{err.colno}: {err.msg}") from err  # fmt: skip
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path.name}: YAML syntax error{at}: {err.problem or err}") from err
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path.name}: YAML syntax error: {err}") from err
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: D401
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping
+)
+
+
+def _no_duplicates_json(path: Path) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise SpecError(f"{path.name}: duplicate key(s) {', '.join(map(repr, dupes))}")
+        return dict(pairs)
+
+    return hook
 
 
 def load_spec(path: Path) -> ModelSpec:
-    """Read and validate a model file. Raises SpecError / MissingInputError."""
-    raise NotImplementedError
+    """Read and validate a model file (YAML, or JSON, which YAML also reads).
+
+    Parameters
+    ----------
+    path : Path
+        The model file.
+
+    Returns
+    -------
+    ModelSpec
+
+    Raises
+    ------
+    MissingInputError
+        The file does not exist (exit 66).
+    SpecError
+        Syntax error (with line and column), or any invalid field (with its path) (exit 64).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"model file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise MissingInputError(f"model file {str(path)!r} is not a file")
+    data = _load_text(path)
+    spec = parse_spec(data, source=path)
+    log.info(
+        "model %r: node %r, GroupBy %s, X %s, %d contrast(s)%s",
+        spec.name,
+        spec.node_name,
+        list(spec.group_by),
+        list(spec.x),
+        len(spec.contrasts),
+        " + dummy contrasts" if spec.dummy_contrasts else "",
+    )
+    return spec
+
+
+DEFAULT_MODEL: dict[str, Any] = {
+    "Name": "default",
+    "BIDSModelVersion": BIDS_MODEL_VERSION,
+    "Description": "One-sample t-test of every input contrast (bids-group default).",
+    "Nodes": [
+        {
+            "Level": "Dataset",
+            "Name": "dataset",
+            "GroupBy": ["contrast"],
+            "Model": {"Type": "glm", "X": [1]},
+            "DummyContrasts": {"Test": "t"},
+        }
+    ],
+}
 
 
 def default_spec() -> ModelSpec:
-    """One-sample t-test of every input contrast (GroupBy contrast, X = [1], DummyContrasts)."""
-    raise NotImplementedError
+    """One-sample t-test of every input contrast (GroupBy contrast, X = [1], DummyContrasts t).
+
+    Examples
+    --------
+    >>> spec = default_spec()
+    >>> spec.group_by, spec.x, spec.dummy_contrasts
+    (('contrast',), ('intercept',), ('intercept',))
+    """
+    return parse_spec(json.loads(json.dumps(DEFAULT_MODEL)), source=None)
+
+
+def _x_out(name: str) -> Any:
+    return 1 if name == INTERCEPT else name
+
+
+def _weights_out(weights: np.ndarray) -> list[Any]:
+    rows = [[float(w) for w in row] for row in weights]
+    return rows[0] if len(rows) == 1 else rows
+
+
+def resolved_model_dict(spec: ModelSpec, *, x_columns: Sequence[str] | None = None) -> dict:
+    """The model as run, as a BIDS Stats Models dict (JSON-serialisable).
+
+    Contrasts are written with explicit ``ConditionList`` and numeric ``Weights`` (an expression
+    is kept in ``Description``), and ``Software.bids-group.ContrastLabels`` records the file label
+    of every contrast. :func:`parse_spec` reads the result back to an equivalent spec.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+    x_columns : sequence of str, optional
+        The design columns after wildcard expansion; written as ``X`` when given.
+    """
+    contrasts = []
+    for c in spec.contrasts:
+        entry: dict[str, Any] = {
+            "Name": c.name,
+            "ConditionList": [_x_out(n) for n in c.condition_list],
+            "Weights": _weights_out(c.weights),
+            "Test": c.test,
+        }
+        description = c.description or (
+            f"Weights from the expression: {c.expression}" if c.expression else None
+        )
+        if description:
+            entry["Description"] = description
+        contrasts.append(entry)
+    software: dict[str, Any] = {}
+    inference = {
+        key: getattr(spec.inference, name, spec.inference.extra.get(name))
+        for key, (name, _) in INFERENCE_KEYS.items()
+    }
+    inference = {k: v for k, v in inference.items() if v is not None}
+    if inference:
+        software["Inference"] = inference
+    dummies = list(spec.dummy_contrasts or ())
+    if x_columns is not None:  # expand wildcards the way the design step does
+        dummies = [c for c in x_columns if any(fnmatch.fnmatchcase(c, d) for d in dummies)]
+    labels = {c.name: to_label(c.name) for c in spec.contrasts}
+    labels.update({d: to_label(d) for d in dummies if not set("*?[") & set(d)})
+    if labels:
+        software["ContrastLabels"] = labels
+    model: dict[str, Any] = {
+        "Type": "glm",
+        "X": [_x_out(n) for n in (x_columns if x_columns is not None else spec.x)],
+    }
+    if software:
+        model["Software"] = {SOFTWARE_KEY: software}
+    node: dict[str, Any] = {
+        "Level": "Dataset",
+        "Name": spec.node_name,
+        "GroupBy": list(spec.group_by),
+    }
+    if spec.transformations:
+        node["Transformations"] = {
+            "Transformer": "pybids-transforms-v1",
+            "Instructions": [dict(t) for t in spec.transformations],
+        }
+    node["Model"] = model
+    if contrasts:
+        node["Contrasts"] = contrasts
+    if dummies:
+        node["DummyContrasts"] = {"Test": "t", "Contrasts": [_x_out(d) for d in dummies]}
+    out: dict[str, Any] = {"Name": spec.name, "BIDSModelVersion": spec.bids_model_version}
+    if spec.description:
+        out["Description"] = spec.description
+    if spec.input_filters:
+        out["Input"] = {k: (list(v) if isinstance(v, list | tuple) else v)
+                        for k, v in spec.input_filters.items()}  # fmt: skip
+    out["Nodes"] = [node]
+    return json.loads(json.dumps(out))  # proves it is JSON-serialisable, and deep-copies
