@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+from bids_group.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Voxels per block: keeps the float64 working copies (n_maps x block) in cache.
+_BLOCK_VOXELS = 8192
 
 
 @dataclass(frozen=True)
@@ -18,16 +26,108 @@ class GlmFit:
         RSS / dof (the unbiased sigma^2).
     dof : int
         n_maps - rank(X).
-    xtx_inv : ndarray of shape (n_params, n_params)
-        (X'X)^-1 (pseudo-inverse for safety; the design is full rank by construction).
+    xtx_inv : ndarray of shape (n_params, n_params), float64
+        (X'X)^-1, computed as a pseudo-inverse; equal to the inverse when X has full column rank.
+    design : ndarray of shape (n_maps, n_params), float64
+        The design matrix that was fitted (used to check that contrasts are estimable).
+    rank : int
+        Numerical rank of the design (``n_params`` when it has full column rank).
     """
 
     beta: np.ndarray
     residual_variance: np.ndarray
     dof: int
     xtx_inv: np.ndarray
+    design: np.ndarray | None = None
+    rank: int | None = None
+
+
+def _check_inputs(data: np.ndarray, design: np.ndarray) -> None:
+    """Shape and finiteness checks; the messages name the offending map or column."""
+    if data.ndim != 2 or design.ndim != 2:
+        raise DataError(
+            f"fit_ols needs 2-D data (n_maps, n_voxels) and design (n_maps, n_params); got "
+            f"data {data.shape} and design {design.shape}."
+        )
+    if data.shape[0] != design.shape[0]:
+        raise DataError(
+            f"The design has {design.shape[0]} rows but {data.shape[0]} maps were loaded: "
+            "every input map needs exactly one design row."
+        )
+    bad_cols = np.flatnonzero(~np.isfinite(design).all(axis=0))
+    if bad_cols.size:
+        raise DataError(
+            f"Design column(s) {bad_cols.tolist()} contain NaN or inf: fill or drop the missing "
+            "covariate values."
+        )
+    # One pass over the data per map; cheap compared with the fit itself.
+    bad_maps = [i for i in range(data.shape[0]) if not np.isfinite(data[i]).all()]
+    if bad_maps:
+        raise DataError(
+            f"Input map(s) at row(s) {bad_maps} contain NaN or inf inside the mask: "
+            "restrict the mask or fix those maps."
+        )
 
 
 def fit_ols(data: np.ndarray, design: np.ndarray) -> GlmFit:
-    """Fit Y = X beta + e for ``data`` (n_maps, n_voxels) and ``design`` (n_maps, n_params)."""
-    raise NotImplementedError
+    """Fit ``Y = X beta + e`` by ordinary least squares, independently at every voxel.
+
+    Parameters
+    ----------
+    data : ndarray of shape (n_maps, n_voxels), float32 (or float64)
+        One row per input map (masked voxels).
+    design : ndarray of shape (n_maps, n_params), float64
+        Design matrix X.
+
+    Returns
+    -------
+    GlmFit
+        ``beta = pinv(X) Y``, ``sigma^2 = ||Y - X beta||^2 / (n_maps - rank(X))``, computed in
+        float64 from explicit residuals (no ``Y'Y - beta'X'Y`` cancellation).
+
+    Raises
+    ------
+    DataError
+        Shapes disagree, NaN/inf in the design or the data, or no residual degrees of freedom.
+
+    Notes
+    -----
+    A rank-deficient X is accepted (pseudo-inverse, ``dof = n_maps - rank``); whether a
+    contrast is estimable is checked in :func:`bids_group.contrasts.compute_contrast`.
+    """
+    data = np.asarray(data)
+    design = np.asarray(design, dtype=np.float64)
+    _check_inputs(data, design)
+    n_maps, n_voxels = data.shape
+    rank = int(np.linalg.matrix_rank(design))
+    dof = n_maps - rank
+    if dof <= 0:
+        raise DataError(
+            f"The design has rank {rank} with {n_maps} maps: no residual degrees of freedom "
+            "are left to estimate the variance. Add maps or remove regressors."
+        )
+    if rank < design.shape[1]:
+        log.warning(
+            "design has %d columns but rank %d: only estimable contrasts can be tested",
+            design.shape[1],
+            rank,
+        )
+    pinv_x = np.linalg.pinv(design)  # (n_params, n_maps)
+    beta = np.empty((design.shape[1], n_voxels), dtype=np.float64)
+    rss = np.empty(n_voxels, dtype=np.float64)
+    # Blocked so that the float64 copy of Y and the residuals stay small (and in cache).
+    for start in range(0, n_voxels, _BLOCK_VOXELS):
+        block = slice(start, min(start + _BLOCK_VOXELS, n_voxels))
+        y = data[:, block].astype(np.float64)
+        b = pinv_x @ y
+        beta[:, block] = b
+        y -= design @ b  # residuals, in place
+        rss[block] = np.einsum("ij,ij->j", y, y)
+    return GlmFit(
+        beta=beta,
+        residual_variance=rss / dof,
+        dof=dof,
+        xtx_inv=np.linalg.pinv(design.T @ design),
+        design=design,
+        rank=rank,
+    )
