@@ -1,0 +1,499 @@
+"""Compiled hot loops of the permutation engine (numba, ``nopython``).
+
+Why numba: a permutation test on a 2 mm brain evaluates ~2.4e9 voxel statistics and, for TFCE,
+10,000 whole-brain union-find passes. In numpy these become Python loops over permutations with
+temporaries of size (n_perm, n_voxels), or scipy.ndimage.label called 100 times per map (which is
+why nilearn needs hours). Each kernel below is a single pass over memory with no temporaries.
+
+Everything here is private: arrays in, arrays out, no validation (the callers in
+:mod:`bids_group.inference.permutation` and :mod:`bids_group.inference.tfce` validate). Every
+kernel is deterministic: results do not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# Statistic from the projected data, fused with the per-permutation maximum and voxel counts
+# ---------------------------------------------------------------------------------------------
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def stats_from_projection(w, ss, n_rank, n_interest, dof, is_t, out):
+    """t or F for every (permutation, voxel) from ``w = U' P E``.
+
+    Parameters
+    ----------
+    w : (n_batch * n_rank, n_tile) float32
+        Rows ``b * n_rank + k`` hold the k-th coordinate, in the orthonormal design basis, of the
+        relabelled residuals of permutation ``b``; the first ``n_interest`` coordinates span the
+        effect of interest.
+    ss : (n_tile,) float64
+        Sum of squares of the residuals of the reduced model (invariant under relabelling).
+    out : (n_batch, n_tile) float32
+        Receives the statistic.
+    """
+    n_batch = out.shape[0]
+    n_tile = out.shape[1]
+    for v in numba.prange(n_tile):
+        ssv = ss[v]
+        for b in range(n_batch):
+            base = b * n_rank
+            num = 0.0
+            tot = 0.0
+            for k in range(n_rank):
+                x = np.float64(w[base + k, v])
+                if k < n_interest:
+                    num += x * x
+                tot += x * x
+            rss = ssv - tot
+            if ssv <= 0.0:
+                out[b, v] = 0.0
+                continue
+            # Rounding can make rss slightly negative for a (near) perfect fit; clamp to a
+            # relative floor so the statistic stays finite and ordered.
+            if rss < ssv * 1e-12:
+                rss = ssv * 1e-12
+            sigma2 = rss / dof
+            if is_t:
+                out[b, v] = np.float64(w[base, v]) / np.sqrt(sigma2)
+            else:
+                out[b, v] = num / n_interest / sigma2
+
+
+@numba.njit(parallel=True, cache=True)
+def max_and_counts(stat, observed, tol, two_sided, col0, maxima, counts):
+    """Per-permutation max of ``stat`` (or of ``|stat|``) and per-voxel exceedance counts.
+
+    ``maxima[b]`` is updated in place (running max over voxel tiles); ``counts[col0 + v]`` gains
+    the number of permutations whose statistic is >= ``observed[col0 + v] - tol[col0 + v]``.
+    """
+    n_batch, n_tile = stat.shape
+    for b in numba.prange(n_batch):
+        m = maxima[b]
+        for v in range(n_tile):
+            x = stat[b, v]
+            if two_sided:
+                x = abs(x)
+            if x > m:
+                m = x
+        maxima[b] = m
+    for v in numba.prange(n_tile):
+        o = observed[col0 + v] - tol[col0 + v]
+        c = 0
+        for b in range(n_batch):
+            x = stat[b, v]
+            if two_sided:
+                x = abs(x)
+            if x >= o:
+                c += 1
+        counts[col0 + v] += c
+
+
+# ---------------------------------------------------------------------------------------------
+# Union-find with path compression
+# ---------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, inline="always")
+def _find(parent, x):
+    root = x
+    while parent[root] != root:
+        root = parent[root]
+    while parent[x] != root:
+        nxt = parent[x]
+        parent[x] = root
+        x = nxt
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Clusters above one height
+# ---------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def cluster_labels(values, height, fwd_ptr, fwd_idx, parent):
+    """Label the connected sets of voxels with ``values > height``.
+
+    Returns labels (n_voxels,) int32, 0 outside clusters, 1..n inside, numbered in order of first
+    voxel. ``parent`` is scratch (n_voxels,) int32.
+    """
+    n = values.shape[0]
+    for i in range(n):
+        parent[i] = i
+    for i in range(n):
+        if values[i] > height:
+            for j in range(fwd_ptr[i], fwd_ptr[i + 1]):
+                u = fwd_idx[j]
+                if values[u] > height:
+                    ri = _find(parent, i)
+                    ru = _find(parent, u)
+                    if ri != ru:
+                        if ri < ru:
+                            parent[ru] = ri
+                        else:
+                            parent[ri] = ru
+    labels = np.zeros(n, np.int32)
+    root_label = np.zeros(n, np.int32)
+    n_lab = 0
+    for i in range(n):
+        if values[i] > height:
+            r = _find(parent, i)
+            if root_label[r] == 0:
+                n_lab += 1
+                root_label[r] = n_lab
+            labels[i] = root_label[r]
+    return labels
+
+
+@numba.njit(cache=True)
+def cluster_max_size_mass(values, sign, height, fwd_ptr, fwd_idx, parent, size, mass):
+    """Largest cluster size and mass among voxels with ``sign * values > height``.
+
+    Mass of a cluster is the sum of ``sign * value - height`` over its voxels. Only voxels above
+    the height are touched, so the cost scales with the suprathreshold volume. ``parent``,
+    ``size`` (int32) and ``mass`` (float64) are scratch arrays of length n_voxels.
+    """
+    n = values.shape[0]
+    n_active = 0
+    active = np.empty(n, np.int32)
+    for i in range(n):
+        x = sign * values[i]
+        if x > height:
+            parent[i] = i
+            size[i] = 1
+            mass[i] = x - height
+            active[n_active] = i
+            n_active += 1
+        else:
+            parent[i] = -1
+    best_size = 0
+    best_mass = 0.0
+    for a in range(n_active):
+        i = active[a]
+        for j in range(fwd_ptr[i], fwd_ptr[i + 1]):
+            u = fwd_idx[j]
+            if parent[u] >= 0:
+                ri = _find(parent, i)
+                ru = _find(parent, u)
+                if ri != ru:
+                    if size[ri] < size[ru]:
+                        ri, ru = ru, ri
+                    parent[ru] = ri
+                    size[ri] += size[ru]
+                    mass[ri] += mass[ru]
+    for a in range(n_active):
+        i = active[a]
+        if parent[i] == i:
+            if size[i] > best_size:
+                best_size = size[i]
+            if mass[i] > best_mass:
+                best_mass = mass[i]
+    return best_size, best_mass
+
+
+@numba.njit(parallel=True, cache=True)
+def batch_cluster_max(stat, height, two_sided, fwd_ptr, fwd_idx, max_size, max_mass):
+    """:func:`cluster_max_size_mass` for every row of ``stat`` (n_batch, n_voxels), in parallel."""
+    n_batch, n = stat.shape
+    for b in numba.prange(n_batch):
+        parent = np.empty(n, np.int32)
+        size = np.empty(n, np.int32)
+        mass = np.empty(n, np.float64)
+        s, m = cluster_max_size_mass(stat[b], 1.0, height, fwd_ptr, fwd_idx, parent, size, mass)
+        if two_sided:
+            s2, m2 = cluster_max_size_mass(
+                stat[b], -1.0, height, fwd_ptr, fwd_idx, parent, size, mass
+            )
+            s = max(s, s2)
+            m = max(m, m2)
+        max_size[b] = s
+        max_mass[b] = m
+
+
+# ---------------------------------------------------------------------------------------------
+# TFCE: every threshold's clusters in one pass over voxels sorted by value
+# ---------------------------------------------------------------------------------------------
+#
+# Voxels enter in decreasing order of value and are merged with already-entered neighbours by
+# union-find, so after the voxels >= h have entered the components are the clusters at height h.
+# TFCE(v) = sum over heights of e(h)^E * dG(h), with G(h) = h^(H+1)/(H+1) for the exact integral
+# and G(h) = sum_{steps h_k counted at h} h_k^H for the step presets. A component's extent is
+# constant between two events that touch it, so its contribution is added lazily to an offset on
+# its root when it is next touched ("potential" union-find): the TFCE of a voxel is the sum of the
+# offsets on its path to the root. Cost: O(n_voxels * alpha) per map once sorted.
+
+
+@numba.njit(cache=True, inline="always")
+def _find_offset(parent, offset, x):
+    """Root of ``x``; compresses the path so that every node on it points to the root with
+    ``offset[node]`` = sum of the old offsets from that node up to (excluding) the root."""
+    root = x
+    total = 0.0
+    while parent[root] != root:
+        total += offset[root]
+        root = parent[root]
+    y = x
+    rem = total
+    while parent[y] != root and y != root:
+        nxt = parent[y]
+        old = offset[y]
+        offset[y] = rem
+        rem -= old
+        parent[y] = root
+        y = nxt
+    return root
+
+
+@numba.njit(cache=True)
+def _tfce_union_find(order, gval, nb_ptr, nb_idx, extent_pow, parent, size, last, entered, out):
+    """TFCE of the voxels in ``order`` (decreasing value); returns the maximum.
+
+    ``gval[v]`` = G(value of v); ``out`` (float64, n_voxels) receives TFCE on ``order`` and is
+    used as the offset array. ``parent``, ``size``, ``last``, ``entered`` are scratch of length
+    n_voxels; ``entered`` must be all False on entry and is left all False on exit.
+    """
+    offset = out
+    for a in range(order.shape[0]):
+        v = order[a]
+        g = gval[v]
+        parent[v] = v
+        size[v] = 1
+        last[v] = g
+        offset[v] = 0.0
+        entered[v] = True
+        rv = v
+        for j in range(nb_ptr[v], nb_ptr[v + 1]):
+            u = nb_idx[j]
+            if not entered[u]:
+                continue
+            ru = _find_offset(parent, offset, u)
+            if ru == rv:
+                continue
+            # The two components had constant extents since they were last touched: add their
+            # contribution down to the current height, then merge (smaller under larger).
+            offset[ru] += extent_pow[size[ru]] * (last[ru] - g)
+            last[ru] = g
+            offset[rv] += extent_pow[size[rv]] * (last[rv] - g)
+            last[rv] = g
+            if size[ru] < size[rv]:
+                small = ru
+                big = rv
+            else:
+                small = rv
+                big = ru
+            parent[small] = big
+            offset[small] -= offset[big]
+            size[big] += size[small]
+            rv = big
+    # Final flush down to G(0) = 0, then every voxel's TFCE is its path sum of offsets.
+    for a in range(order.shape[0]):
+        v = order[a]
+        if parent[v] == v:
+            offset[v] += extent_pow[size[v]] * last[v]
+    for a in range(order.shape[0]):
+        _find_offset(parent, offset, order[a])
+    best = 0.0
+    for a in range(order.shape[0]):
+        v = order[a]
+        r = parent[v]
+        if r != v:
+            out[v] = offset[v] + offset[r]
+    for a in range(order.shape[0]):
+        v = order[a]
+        entered[v] = False
+        if out[v] > best:
+            best = out[v]
+    return best
+
+
+@numba.njit(cache=True)
+def _order_exact(x, n_active_hint):
+    """Voxels with x > 0 by decreasing x: bucket sort on value, insertion sort inside buckets
+    (expected O(n) for continuous maps; numba's argsort is ~5x slower here)."""
+    n = x.shape[0]
+    xmax = 0.0
+    n_act = 0
+    for i in range(n):
+        if x[i] > 0.0:
+            n_act += 1
+            if x[i] > xmax:
+                xmax = x[i]
+    order = np.empty(n_act, np.int64)
+    if n_act == 0:
+        return order
+    n_bucket = max(1, n_act // 2)
+    scale = (n_bucket - 1) / xmax if xmax > 0 else 0.0
+    counts = np.zeros(n_bucket + 1, np.int64)
+    for i in range(n):
+        if x[i] > 0.0:
+            k = n_bucket - 1 - int(x[i] * scale)  # descending
+            if k < 0:
+                k = 0
+            counts[k + 1] += 1
+    for k in range(n_bucket):
+        counts[k + 1] += counts[k]
+    pos = counts[:-1].copy()
+    for i in range(n):
+        if x[i] > 0.0:
+            k = n_bucket - 1 - int(x[i] * scale)
+            if k < 0:
+                k = 0
+            order[pos[k]] = i
+            pos[k] += 1
+    for k in range(n_bucket):
+        lo = counts[k]
+        hi = counts[k + 1]
+        for a in range(lo + 1, hi):
+            key = order[a]
+            kv = x[key]
+            b = a - 1
+            while b >= lo and x[order[b]] < kv:
+                order[b + 1] = order[b]
+                b -= 1
+            order[b + 1] = key
+    return order
+
+
+@numba.njit(cache=True)
+def _order_levels(level, n_level):
+    """Voxels with level > 0 by decreasing level (counting sort; order inside a level is free)."""
+    n = level.shape[0]
+    counts = np.zeros(n_level + 2, np.int64)
+    n_act = 0
+    for i in range(n):
+        if level[i] > 0:
+            counts[n_level - level[i] + 1] += 1
+            n_act += 1
+    for k in range(n_level + 1):
+        counts[k + 1] += counts[k]
+    order = np.empty(n_act, np.int64)
+    for i in range(n):
+        if level[i] > 0:
+            k = n_level - level[i]
+            order[counts[k]] = i
+            counts[k] += 1
+    return order
+
+
+# TFCE modes (see bids_group.inference.tfce): how heights are discretised.
+MODE_EXACT = 0  # the integral, exactly (piecewise between voxel values)
+MODE_STEPS_PER_MAP = 1  # n_steps per map: h_k = k * max/n_steps, voxel counted if x >= h_k
+MODE_FIXED_DH = 2  # fixed dh: h_k = k * dh, voxel counted if x > h_k
+
+
+@numba.njit(cache=True)
+def tfce_one_tail(x, sign, mode, e_exp, h_exp, dh, n_steps, nb_ptr, nb_idx, extent_pow, out):
+    """TFCE of the positive part of ``sign * x`` into ``out`` (float64, n_voxels; overwritten).
+
+    ``mode`` is one of MODE_*. For MODE_FIXED_DH the steps are ``k * dh`` (k >= 1) and a voxel
+    counts at a step when strictly above it (FSL). For MODE_STEPS_PER_MAP they are
+    ``numpy.linspace(0, dh, n_steps + 1)[1:]`` (the caller passes the map's maximum as ``dh``)
+    and a voxel counts when >= the step (nilearn). ``extent_pow[s] = s ** e_exp``.
+    Returns the maximum TFCE (>= 0); ``out`` holds TFCE >= 0 (the caller applies the sign).
+    """
+    n = x.shape[0]
+    y = np.empty(n, np.float64)
+    for i in range(n):
+        y[i] = sign * np.float64(x[i])
+        out[i] = 0.0
+    gval = np.empty(n, np.float64)
+    if mode == MODE_EXACT:
+        order = _order_exact(y, 0)
+        inv = 1.0 / (h_exp + 1.0)
+        for a in range(order.shape[0]):
+            v = order[a]
+            if h_exp == 2.0:
+                gval[v] = y[v] * y[v] * y[v] * inv
+            else:
+                gval[v] = y[v] ** (h_exp + 1.0) * inv
+    else:
+        if mode == MODE_STEPS_PER_MAP:
+            step = dh / n_steps
+            k_max = n_steps
+        else:
+            step = dh
+            ymax = 0.0
+            for i in range(n):
+                if y[i] > ymax:
+                    ymax = y[i]
+            k_max = int(ymax / step) + 2
+        steps = np.empty(k_max + 1, np.float64)
+        for k in range(k_max + 1):
+            steps[k] = k * step
+        if mode == MODE_STEPS_PER_MAP:
+            steps[k_max] = dh  # numpy.linspace sets the end point exactly
+        cum = np.zeros(k_max + 1, np.float64)
+        for k in range(1, k_max + 1):
+            if h_exp == 2.0:
+                cum[k] = cum[k - 1] + steps[k] * steps[k]
+            else:
+                cum[k] = cum[k - 1] + steps[k] ** h_exp
+        level = np.zeros(n, np.int64)
+        for i in range(n):
+            yi = y[i]
+            if yi <= 0.0:
+                continue
+            k = min(int(yi / step), k_max)
+            if mode == MODE_STEPS_PER_MAP:  # number of steps <= y
+                while k < k_max and steps[k + 1] <= yi:
+                    k += 1
+                while k > 0 and steps[k] > yi:
+                    k -= 1
+            else:  # number of steps < y
+                while k < k_max and steps[k + 1] < yi:
+                    k += 1
+                while k > 0 and steps[k] >= yi:
+                    k -= 1
+            level[i] = k
+            gval[i] = cum[k]
+        order = _order_levels(level, k_max)
+    parent = np.empty(n, np.int32)
+    size = np.empty(n, np.int32)
+    last = np.empty(n, np.float64)
+    entered = np.zeros(n, np.bool_)
+    return _tfce_union_find(
+        order, gval, nb_ptr, nb_idx, extent_pow, parent, size, last, entered, out
+    )
+
+
+@numba.njit(parallel=True, cache=True)
+def batch_tfce(
+    stat, two_sided, mode, e_exp, h_exp, dh, n_steps, nb_ptr, nb_idx, extent_pow, tfce_out, maxima
+):
+    """TFCE of every row of ``stat`` (n_batch, n_voxels), in parallel over rows.
+
+    ``tfce_out`` (n_batch, n_voxels) float32 receives signed TFCE (negative on the negative tail
+    when ``two_sided``); ``maxima[b]`` the max of |TFCE|. For MODE_STEPS_PER_MAP, ``dh`` is
+    ignored and each map's own max (of |stat| when two-sided) sets the steps.
+    """
+    n_batch, n = stat.shape
+    for b in numba.prange(n_batch):
+        row = stat[b]
+        buf = np.empty(n, np.float64)
+        top = dh
+        if mode == MODE_STEPS_PER_MAP:
+            top = 0.0
+            for i in range(n):
+                a = abs(row[i]) if two_sided else row[i]
+                if a > top:
+                    top = a
+        best = 0.0
+        if top > 0.0 or mode == MODE_EXACT:
+            best = tfce_one_tail(
+                row, 1.0, mode, e_exp, h_exp, top, n_steps, nb_ptr, nb_idx, extent_pow, buf
+            )
+        for i in range(n):
+            tfce_out[b, i] = buf[i]
+        if two_sided and (top > 0.0 or mode == MODE_EXACT):
+            best2 = tfce_one_tail(
+                row, -1.0, mode, e_exp, h_exp, top, n_steps, nb_ptr, nb_idx, extent_pow, buf
+            )
+            for i in range(n):
+                if buf[i] > 0.0:
+                    tfce_out[b, i] = -buf[i]
+            best = max(best, best2)
+        maxima[b] = best

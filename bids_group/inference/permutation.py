@@ -1,0 +1,763 @@
+"""Permutation inference for the voxelwise GLM: max-statistic FWER at voxel, cluster and TFCE level.
+
+The method follows FSL randomise and PALM (Winkler et al. 2014, "Permutation inference for the
+general linear model", NeuroImage 92:381-397; "W14" below):
+
+1. The design is partitioned into effect of interest and nuisance by the contrast (W14 appendix
+   A, after Beckmann et al. 2001): ``X_interest = X D C (C'DC)^-1``, ``Z = X D C_v (C_v'DC_v)^-1``
+   with ``D = (X'X)^-1``, ``C_v = C_u - C (C'DC)^-1 C'D C_u`` and ``C_u`` a basis of null(C').
+   ``[X_interest, Z]`` spans the columns of X, ``X_interest' Z = 0``, and the coefficient of
+   ``X_interest`` is exactly ``C'beta``, so the unpermuted statistic is the parametric t or F for
+   any columns (no "tested column times contrast" split, no special case for intercepts).
+2. Freedman-Lane (W14 table 2): the data are replaced by the residuals of the nuisance-only
+   model, ``E = R_Z Y``; each relabelling P (row permutation and/or sign flips) gives
+   ``P E + H_Z Y``, refitted with the full model.
+3. Computation: with ``U = [Q_interest, Q_Z]`` an orthonormal basis of the design, the full-model
+   t (or F) of ``P E + H_Z Y`` depends only on ``W = U' P E`` and on ``||E||^2`` (P is
+   orthogonal): ``t = W_1 / sigma``, ``F = ||W_1..q||^2 / q / sigma^2``, with
+   ``sigma^2 = (||E||^2 - ||W||^2) / dof``. So each batch of relabellings is one matrix product
+   ``(n_batch * rank, n) @ (n, n_voxels_tile)`` followed by a fused statistic/max kernel; nothing
+   of size n_perm x n_voxels is ever held, and memory does not grow with n_perm.
+
+p-values: ``p = #{null >= observed} / N`` where the null has N = 1 + n_perm entries, the first
+being the unpermuted data (W14 eq. 5 with the identity counted: ``(1 + #{random >= obs}) /
+(1 + n_perm)``). When ``1 + n_perm`` reaches the number of distinct relabellings, all of them are
+enumerated instead (exact test) and N is that number. Permuted statistics are computed in
+float32 and the observed ones in float64; null values within ``TIE_RTOL`` (relative) of the
+observed count as >=, so rounding can only make p larger, and exact ties (e.g. flipping every
+sign in a two-sided test) stay ties.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numba
+import numpy as np
+from scipy import linalg, stats
+
+from bids_group.errors import DataError, UsageError
+from bids_group.inference import _kernels
+from bids_group.inference import exchangeability as exch
+from bids_group.inference import tfce as tfce_mod
+
+log = logging.getLogger(__name__)
+
+StatType = Literal["t", "F"]
+ProgressCallback = Callable[[int, int], None]
+
+#: Relative tolerance under which a permuted value counts as a tie with the observed one.
+TIE_RTOL = 1e-5
+#: Relabellings per batch: voxel-level only, and with spatial statistics (full maps held).
+BATCH_VOXEL = 256
+BATCH_SPATIAL = 32
+#: Target number of float32 elements of one (batch x voxel-tile) product (~4 MB, cache-sized).
+TILE_ELEMENTS = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterInference:
+    """Cluster-extent and cluster-mass FWER inference at one cluster-forming height.
+
+    Attributes
+    ----------
+    forming_p : float
+        Cluster-forming threshold as given (upper-tail p of the statistic; two-sided tests split
+        it between the tails).
+    height : float
+        The same threshold on the statistic's scale (t or F); clusters are sets of connected
+        voxels with ``stat > height`` (or ``stat < -height`` for the negative tail).
+    labels : ndarray of shape (n_voxels,), int32
+        0 outside clusters, k for the voxels of cluster k (1-based index into the arrays below).
+    sizes : ndarray of shape (n_clusters,), int64
+        Voxels per cluster.
+    masses : ndarray of shape (n_clusters,), float64
+        Sum over the cluster of ``|stat| - height`` (nilearn's definition).
+    signs : ndarray of shape (n_clusters,), int8
+        +1 for clusters of the positive tail, -1 for the negative tail.
+    peaks : ndarray of shape (n_clusters,), int64
+        Voxel index of each cluster's peak |stat|.
+    p_fwe_size, p_fwe_mass : ndarray of shape (n_clusters,), float64
+    null_max_size : ndarray of shape (n_relabellings,), int64
+    null_max_mass : ndarray of shape (n_relabellings,), float64
+        Maxima over the map for each relabelling (first = unpermuted).
+    """
+
+    forming_p: float
+    height: float
+    labels: np.ndarray
+    sizes: np.ndarray
+    masses: np.ndarray
+    signs: np.ndarray
+    peaks: np.ndarray
+    p_fwe_size: np.ndarray
+    p_fwe_mass: np.ndarray
+    null_max_size: np.ndarray
+    null_max_mass: np.ndarray
+
+    def p_fwe_size_map(self) -> np.ndarray:
+        """Per voxel: the size FWER p of its cluster, 1 outside clusters. (n_voxels,) float64."""
+        return _cluster_map(self.labels, self.p_fwe_size)
+
+    def p_fwe_mass_map(self) -> np.ndarray:
+        """Per voxel: the mass FWER p of its cluster, 1 outside clusters. (n_voxels,) float64."""
+        return _cluster_map(self.labels, self.p_fwe_mass)
+
+
+def _cluster_map(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    return np.concatenate([[1.0], values])[labels]
+
+
+@dataclass(frozen=True)
+class TfceInference:
+    """TFCE map and its permutation p-values.
+
+    Attributes
+    ----------
+    params : TfceParams
+        As run (``dh`` resolved for the "fsl" preset).
+    connectivity : int
+    tfce : ndarray of shape (n_voxels,), float64
+        TFCE of the observed statistic (negative tail negative when two-sided).
+    p_uncorrected, p_fwe : ndarray of shape (n_voxels,), float64
+    null_max : ndarray of shape (n_relabellings,), float64
+        Max (of |TFCE| when two-sided) for each relabelling, first = unpermuted.
+    """
+
+    params: tfce_mod.TfceParams
+    connectivity: int
+    tfce: np.ndarray
+    p_uncorrected: np.ndarray
+    p_fwe: np.ndarray
+    null_max: np.ndarray
+
+
+@dataclass(frozen=True)
+class PermutationResult:
+    """Everything a permutation test of one contrast produced.
+
+    Attributes
+    ----------
+    stat_type : {"t", "F"}
+    stat : ndarray of shape (n_voxels,), float64
+        The observed statistic: equals the parametric t or F of the full model.
+    dof : tuple of float
+        (dof,) for t, (q, dof) for F.
+    two_sided : bool
+        Whether p-values refer to |t| (t only).
+    scheme : {"flip", "permute"}
+    whole_blocks : bool
+    n_relabellings : int
+        N, the size of every null distribution (unpermuted data included).
+    exhaustive : bool
+        True when every distinct relabelling was used once (exact p-values).
+    seed : int
+        Seed of the random relabellings (the one drawn when none was given).
+    p_uncorrected : ndarray of shape (n_voxels,), float64
+        Voxelwise permutation p.
+    p_fwe : ndarray of shape (n_voxels,), float64
+        Voxel-level FWER p from the max statistic.
+    null_max_stat : ndarray of shape (n_relabellings,), float64
+        Max statistic (of |t| when two-sided) for each relabelling, first = unpermuted.
+    clusters : ClusterInference or None
+    tfce : TfceInference or None
+    """
+
+    stat_type: StatType
+    stat: np.ndarray
+    dof: tuple[float, ...]
+    two_sided: bool
+    scheme: exch.Scheme
+    whole_blocks: bool
+    n_relabellings: int
+    exhaustive: bool
+    seed: int
+    p_uncorrected: np.ndarray
+    p_fwe: np.ndarray
+    null_max_stat: np.ndarray
+    clusters: ClusterInference | None = None
+    tfce: TfceInference | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Design partition (W14 appendix A)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DesignPartition:
+    """The design split into effect of interest and nuisance for one contrast.
+
+    Attributes
+    ----------
+    interest : ndarray of shape (n_rows, q)
+        ``X D C (C'DC)^-1``: its coefficient in ``[interest, nuisance]`` is ``C'beta``.
+    nuisance : ndarray of shape (n_rows, rank - q)
+        ``X D C_v (C_v'DC_v)^-1``, orthogonal to ``interest``.
+    basis : ndarray of shape (n_rows, rank)
+        Orthonormal; columns ``:q`` span ``interest`` (for t, column 0 is ``interest`` scaled to
+        unit norm, same sign), columns ``q:`` span ``nuisance``.
+    n_interest : int
+        q.
+    dof : int
+        n_rows - rank.
+    """
+
+    interest: np.ndarray
+    nuisance: np.ndarray
+    basis: np.ndarray
+    n_interest: int
+    dof: int
+
+    @property
+    def nuisance_basis(self) -> np.ndarray:
+        return self.basis[:, self.n_interest :]
+
+
+def partition_design(design: np.ndarray, contrast: np.ndarray) -> DesignPartition:
+    """Partition ``design`` by ``contrast`` (Beckmann et al. 2001; W14 appendix A).
+
+    Parameters
+    ----------
+    design : ndarray of shape (n_rows, n_params)
+        Full column rank.
+    contrast : ndarray of shape (q, n_params)
+        Linearly independent rows.
+
+    Raises
+    ------
+    DataError
+        Design not of full column rank, or no residual degrees of freedom.
+    UsageError
+        Contrast of the wrong width, or with dependent rows.
+    """
+    x = np.asarray(design, dtype=np.float64)
+    c = np.atleast_2d(np.asarray(contrast, dtype=np.float64))
+    n_rows, n_params = x.shape
+    if c.shape[1] != n_params:
+        raise UsageError(
+            f"Contrast has {c.shape[1]} weights but the design has {n_params} columns."
+        )
+    if np.linalg.matrix_rank(c) < c.shape[0]:
+        raise UsageError(f"Contrast rows are linearly dependent (shape {c.shape}); drop a row.")
+    rank = np.linalg.matrix_rank(x)
+    if rank < n_params:
+        raise DataError(
+            f"The design matrix has rank {rank} < {n_params} columns: some columns are linear "
+            "combinations of others. Remove the redundant columns."
+        )
+    dof = n_rows - rank
+    if dof < 1:
+        raise DataError(f"No residual degrees of freedom: {n_rows} maps for {rank} parameters.")
+    cc = c.T  # (p, q), W14 notation
+    d = np.linalg.inv(x.T @ x)
+    interest = x @ d @ cc @ np.linalg.inv(cc.T @ d @ cc)
+    c_u = linalg.null_space(cc.T)  # (p, p - q)
+    if c_u.shape[1]:
+        c_v = c_u - cc @ np.linalg.inv(cc.T @ d @ cc) @ cc.T @ d @ c_u
+        nuisance = x @ d @ c_v @ np.linalg.inv(c_v.T @ d @ c_v)
+    else:
+        nuisance = np.zeros((n_rows, 0))
+    q_int, r_int = np.linalg.qr(interest)
+    # orient so that column k of the basis has a positive coefficient on interest column k
+    q_int = q_int * np.sign(np.diag(r_int))
+    if nuisance.shape[1]:
+        q_nui = np.linalg.qr(nuisance - q_int @ (q_int.T @ nuisance))[0]
+    else:
+        q_nui = np.zeros((n_rows, 0))
+    basis = np.hstack([q_int, q_nui])
+    return DesignPartition(interest, nuisance, basis, c.shape[0], dof)
+
+
+def parametric_stat(data: np.ndarray, part: DesignPartition, stat_type: StatType) -> np.ndarray:
+    """The parametric t or F of the contrast, in float64, from the partition.
+
+    Parameters
+    ----------
+    data : ndarray of shape (n_rows, n_voxels)
+
+    Returns
+    -------
+    ndarray of shape (n_voxels,), float64
+    """
+    y = np.asarray(data, dtype=np.float64)
+    coords = part.basis.T @ y
+    rss = np.sum((y - part.basis @ coords) ** 2, axis=0)
+    sigma2 = rss / part.dof
+    q = part.n_interest
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if stat_type == "t":
+            stat = coords[0] / np.sqrt(sigma2)
+        else:
+            stat = np.sum(coords[:q] ** 2, axis=0) / q / sigma2
+    # voxels with zero residual variance: 0 if there is no effect either, else +-inf
+    return np.where(np.isnan(stat), 0.0, stat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def permutation_test(
+    data: np.ndarray,
+    design: np.ndarray,
+    contrast: np.ndarray,
+    *,
+    stat_type: StatType = "t",
+    n_perm: int = 10_000,
+    two_sided: bool = False,
+    mask: np.ndarray | None = None,
+    cluster_forming_p: float | None = None,
+    tfce: bool = False,
+    tfce_params: tfce_mod.TfceParams | None = None,
+    connectivity: int = tfce_mod.DEFAULT_CONNECTIVITY,
+    scheme: exch.SchemeChoice = "auto",
+    blocks: np.ndarray | None = None,
+    whole_blocks: bool = False,
+    seed: int | None = None,
+    n_jobs: int = 1,
+    progress: ProgressCallback | None = None,
+) -> PermutationResult:
+    """Permutation test of one contrast, with voxel, cluster and TFCE FWER correction.
+
+    Parameters
+    ----------
+    data : ndarray of shape (n_rows, n_voxels), float
+        One row per input map, columns in mask order (``numpy.flatnonzero(mask)``, C order).
+    design : ndarray of shape (n_rows, n_params)
+    contrast : ndarray of shape (q, n_params) or (n_params,)
+    stat_type : {"t", "F"}
+        A t contrast has one row.
+    n_perm : int
+        Random relabellings (>= 1) beside the unpermuted data. If ``1 + n_perm`` reaches the
+        number of distinct relabellings, all are enumerated instead.
+    two_sided : bool
+        Test |t| (t only). One-sided tests are upper-tailed (negate the contrast for lower).
+    mask : ndarray of shape (nx, ny, nz), bool, optional
+        Needed for clusters and TFCE.
+    cluster_forming_p : float, optional
+        Cluster-forming threshold as an uncorrected upper-tail p-value, 0 < p < 0.5 (halved per
+        tail when two-sided). Enables cluster size and mass inference.
+    tfce : bool
+        Enable TFCE inference.
+    tfce_params : TfceParams, optional
+        E, H and integration (default: exact integral, E=0.5, H=2).
+    connectivity : {6, 18, 26}
+        Voxel adjacency for clusters and TFCE.
+    scheme : {"auto", "flip", "permute"}
+        See :mod:`bids_group.inference.exchangeability`.
+    blocks : ndarray of shape (n_rows,), optional
+        Exchangeability block labels (e.g. subject for repeated measures).
+    whole_blocks : bool
+        Permute (or flip) blocks as units instead of rows within blocks.
+    seed : int, optional
+        Seed of the relabellings; the same seed gives bit-identical results for any ``n_jobs``.
+        None draws one (recorded in the result).
+    n_jobs : int
+        Threads for the compiled kernels (-1: all cores).
+    progress : callable(done, total), optional
+        Called after each batch with the number of relabellings done and the total.
+
+    Returns
+    -------
+    PermutationResult
+
+    Raises
+    ------
+    UsageError
+        Invalid option (n_perm < 1, threshold out of range, two-sided F, clusters/TFCE without
+        mask, an exchangeability structure that cannot support the test, ...).
+    DataError
+        Non-finite data, shapes that disagree, rank-deficient design, bad blocks.
+    """
+    cfg = _validate(
+        data,
+        design,
+        contrast,
+        stat_type,
+        n_perm,
+        two_sided,
+        mask,
+        cluster_forming_p,
+        tfce,
+        tfce_params,
+        connectivity,
+        seed,
+        n_jobs,
+    )
+    part = partition_design(cfg.design, cfg.contrast)
+    ex = exch.make_exchangeability(
+        cfg.design,
+        part.basis[:, : part.n_interest],
+        scheme=scheme,
+        blocks=blocks,
+        whole_blocks=whole_blocks,
+    )
+    residual_maker = np.eye(cfg.design.shape[0]) - part.nuisance_basis @ part.nuisance_basis.T
+    exch.check_supports_test(ex, part.basis, residual_maker)
+    n_distinct = ex.n_distinct()
+    exhaustive = 1 + n_perm >= n_distinct
+    n_total = n_distinct if exhaustive else 1 + n_perm
+    log.info(
+        "Permutation test: %s, %d relabellings%s, %d voxels",
+        ex.scheme,
+        n_total,
+        " (all distinct, exact)" if exhaustive else "",
+        cfg.data.shape[1],
+    )
+    observed = _observed(cfg, part)
+    engine = _Engine(cfg, part, observed)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(cfg.n_jobs)
+    try:
+        for done, batch in _batches(ex, exhaustive, n_total, cfg.seed, engine.batch_size):
+            engine.run_batch(batch)
+            if progress is not None:
+                progress(done, n_total)
+    finally:
+        numba.set_num_threads(threads)
+    return engine.result(ex, n_total, exhaustive)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Config:
+    data: np.ndarray
+    design: np.ndarray
+    contrast: np.ndarray
+    stat_type: StatType
+    two_sided: bool
+    graph: tfce_mod.VoxelGraph | None
+    cluster_forming_p: float | None
+    tfce_params: tfce_mod.TfceParams | None
+    seed: int
+    n_jobs: int
+
+
+def _validate(
+    data,
+    design,
+    contrast,
+    stat_type,
+    n_perm,
+    two_sided,
+    mask,
+    cluster_forming_p,
+    tfce,
+    tfce_params,
+    connectivity,
+    seed,
+    n_jobs,
+) -> _Config:
+    if isinstance(n_perm, bool) or not isinstance(n_perm, (int, np.integer)) or n_perm < 1:
+        raise UsageError(f"n_perm must be an integer >= 1, got {n_perm!r}.")
+    if stat_type not in ("t", "F"):
+        raise UsageError(f"stat_type must be 't' or 'F', got {stat_type!r}.")
+    if two_sided and stat_type == "F":
+        raise UsageError("two_sided applies to t contrasts only; an F test is one-sided.")
+    y = np.asarray(data)
+    if y.ndim != 2:
+        raise DataError(f"data must be 2-D (n_maps, n_voxels), got shape {y.shape}.")
+    if not np.all(np.isfinite(y)):
+        raise DataError("data contain NaN or infinite values; mask them out first.")
+    x = np.asarray(design, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise DataError(f"design has shape {x.shape} but data have {y.shape[0]} maps (rows).")
+    if not np.all(np.isfinite(x)):
+        raise DataError("design contains NaN or infinite values.")
+    c = np.atleast_2d(np.asarray(contrast, dtype=np.float64))
+    if stat_type == "t" and c.shape[0] != 1:
+        raise UsageError(f"A t contrast has one row; got {c.shape[0]}. Use stat_type='F'.")
+    spatial = tfce or cluster_forming_p is not None
+    graph = None
+    if spatial:
+        if mask is None:
+            raise UsageError("Cluster and TFCE inference need the 3-D mask (mask=...).")
+        m = np.asarray(mask, dtype=bool)
+        if m.ndim != 3 or int(m.sum()) != y.shape[1]:
+            raise DataError(
+                f"mask (shape {m.shape}, {int(m.sum())} voxels) does not match the "
+                f"{y.shape[1]} data columns."
+            )
+        graph = tfce_mod.voxel_graph(m, connectivity)
+    if cluster_forming_p is not None:
+        p = float(cluster_forming_p)
+        if not (0.0 < p < 0.5):
+            raise UsageError(
+                f"cluster_forming_p={cluster_forming_p!r} is not a p-value in (0, 0.5). It is "
+                "the uncorrected upper-tail p of the cluster-forming threshold (e.g. 0.001); a "
+                "height such as z = 3.1 must be converted (z = 3.1 is p = 0.00097)."
+            )
+        cluster_forming_p = p
+    params = (tfce_params or tfce_mod.TfceParams()) if tfce else None
+    if n_jobs == -1:
+        n_jobs = numba.config.NUMBA_NUM_THREADS
+    if not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1:
+        raise UsageError(f"n_jobs must be >= 1 or -1, got {n_jobs!r}.")
+    n_jobs = min(int(n_jobs), numba.config.NUMBA_NUM_THREADS)
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**63))
+    elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}.")
+    return _Config(
+        y, x, c, stat_type, bool(two_sided), graph, cluster_forming_p, params, int(seed), n_jobs
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Observed statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Observed:
+    stat: np.ndarray
+    height: float | None
+    clusters: tuple | None  # (labels, sizes, masses, signs, peaks)
+    tfce: np.ndarray | None
+    tfce_params: tfce_mod.TfceParams | None
+
+
+def _observed(cfg: _Config, part: DesignPartition) -> _Observed:
+    stat = parametric_stat(cfg.data, part, cfg.stat_type)
+    height = clusters = tfce_map = params = None
+    if cfg.cluster_forming_p is not None:
+        height = _cluster_height(cfg, part)
+        clusters = _observed_clusters(stat, height, cfg.two_sided, cfg.graph)
+    if cfg.tfce_params is not None:
+        params = cfg.tfce_params
+        if params.integration == "fsl" and params.dh is None:
+            params = replace(params, dh=tfce_mod.fsl_dh(stat, two_sided=cfg.two_sided))
+        tfce_map = np.zeros((1, stat.shape[0]), dtype=np.float64)
+        tfce_mod.batch_tfce(stat[None, :], params, cfg.two_sided, cfg.graph, tfce_map, np.zeros(1))
+        tfce_map = tfce_map[0]
+    return _Observed(stat, height, clusters, tfce_map, params)
+
+
+def _cluster_height(cfg: _Config, part: DesignPartition) -> float:
+    p = cfg.cluster_forming_p / (2.0 if cfg.two_sided else 1.0)
+    if cfg.stat_type == "t":
+        return float(stats.t.isf(p, part.dof))
+    return float(stats.f.isf(p, part.n_interest, part.dof))
+
+
+def _observed_clusters(stat, height, two_sided, graph):
+    labels = np.zeros(stat.shape[0], dtype=np.int32)
+    sizes, masses, signs, peaks = [], [], [], []
+    parent = np.empty(stat.shape[0], dtype=np.int32)
+    for sign in (1, -1) if two_sided else (1,):
+        lab = _kernels.cluster_labels(sign * stat, height, graph.fwd_ptr, graph.fwd_idx, parent)
+        n_lab = int(lab.max())
+        if n_lab == 0:
+            continue
+        inside = lab > 0
+        labels[inside] = lab[inside] + len(sizes)
+        excess = sign * stat[inside] - height
+        sizes.extend(np.bincount(lab[inside], minlength=n_lab + 1)[1:].tolist())
+        masses.extend(np.bincount(lab[inside], weights=excess, minlength=n_lab + 1)[1:].tolist())
+        signs.extend([sign] * n_lab)
+        idx = np.flatnonzero(inside)
+        order = np.lexsort((-excess, lab[inside]))  # by label, then decreasing value
+        first = np.unique(lab[inside][order], return_index=True)[1]
+        peaks.extend(idx[order][first].tolist())
+    return (
+        labels,
+        np.asarray(sizes, dtype=np.int64),
+        np.asarray(masses, dtype=np.float64),
+        np.asarray(signs, dtype=np.int8),
+        np.asarray(peaks, dtype=np.int64),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Relabelling stream
+# ---------------------------------------------------------------------------------------------
+
+
+def _batches(ex, exhaustive, n_total, seed, batch_size):
+    """Yield (n done including identity, Relabellings) for every non-identity relabelling.
+
+    The stream depends only on the seed (never on n_jobs); the identity is handled apart.
+    """
+    if exhaustive:
+        allr = exch.enumerate_relabellings(ex)
+        for start in range(1, n_total, batch_size):
+            stop = min(start + batch_size, n_total)
+            yield stop, exch.Relabellings(allr.perm[start:stop], allr.signs[start:stop])
+        return
+    rng = np.random.default_rng(seed)
+    for start in range(1, n_total, batch_size):
+        stop = min(start + batch_size, n_total)
+        yield stop, exch.random_relabellings(ex, rng, stop - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch engine
+# ---------------------------------------------------------------------------------------------
+
+
+class _Engine:
+    """Accumulates null maxima and exceedance counts over batches (internal, not a value)."""
+
+    def __init__(self, cfg: _Config, part: DesignPartition, obs: _Observed):
+        self.cfg, self.part, self.obs = cfg, part, obs
+        self.spatial = cfg.graph is not None
+        self.batch_size = BATCH_SPATIAL if self.spatial else BATCH_VOXEL
+        y = cfg.data.astype(np.float64)
+        q_z = part.nuisance_basis
+        resid = y - q_z @ (q_z.T @ y)  # Freedman-Lane: residuals of the nuisance-only model
+        self.ss = np.sum(resid**2, axis=0)
+        self.resid = np.ascontiguousarray(resid, dtype=np.float32)
+        self.basis = part.basis
+        rank = part.basis.shape[1]
+        n_vox = y.shape[1]
+        self.tile = max(256, min(n_vox, TILE_ELEMENTS // (self.batch_size * rank)))
+        cmp_obs = np.abs(obs.stat) if cfg.two_sided else obs.stat
+        self.cmp_obs = cmp_obs
+        self.tol = TIE_RTOL * np.maximum(np.abs(cmp_obs), 1.0)
+        self.counts = np.ones(n_vox, dtype=np.int64)  # the identity always counts
+        self.maxima = [float(np.max(cmp_obs))]
+        if obs.clusters is not None:
+            self.max_size = [int(obs.clusters[1].max(initial=0))]
+            self.max_mass = [float(obs.clusters[2].max(initial=0.0))]
+        if obs.tfce is not None:
+            t_cmp = np.abs(obs.tfce) if cfg.two_sided else obs.tfce
+            self.tfce_cmp = t_cmp
+            self.tfce_tol = TIE_RTOL * np.maximum(np.abs(t_cmp), 1.0)
+            self.tfce_counts = np.ones(n_vox, dtype=np.int64)
+            self.tfce_max = [float(np.max(t_cmp))]
+            self.extent_pow = tfce_mod.extent_powers(n_vox, obs.tfce_params.e)
+
+    def _projection(self, batch: exch.Relabellings) -> np.ndarray:
+        """(n_batch * rank, n_rows) float32 matrix M with M @ E = U' P E for each relabelling."""
+        n_b, n = batch.perm.shape
+        rank = self.basis.shape[1]
+        m = np.zeros((n_b, rank, n))
+        rows = np.arange(n_b)[:, None]
+        m[rows, :, batch.perm] = batch.signs[:, :, None] * self.basis[None, :, :]
+        return np.ascontiguousarray(m.reshape(n_b * rank, n), dtype=np.float32)
+
+    def run_batch(self, batch: exch.Relabellings) -> None:
+        cfg, part = self.cfg, self.part
+        n_b = len(batch)
+        n_vox = self.resid.shape[1]
+        proj = self._projection(batch)
+        rank = self.basis.shape[1]
+        maxima = np.full(n_b, -np.inf)
+        full = np.empty((n_b, n_vox), dtype=np.float32) if self.spatial else None
+        for start in range(0, n_vox, self.tile):
+            stop = min(start + self.tile, n_vox)
+            w = proj @ self.resid[:, start:stop]
+            out = (
+                full[:, start:stop]
+                if full is not None
+                else np.empty((n_b, stop - start), dtype=np.float32)
+            )
+            _kernels.stats_from_projection(
+                w,
+                self.ss[start:stop],
+                rank,
+                part.n_interest,
+                float(part.dof),
+                cfg.stat_type == "t",
+                out,
+            )
+            _kernels.max_and_counts(
+                out, self.cmp_obs, self.tol, cfg.two_sided, start, maxima, self.counts
+            )
+        self.maxima.extend(maxima.tolist())
+        if full is None:
+            return
+        g = cfg.graph
+        if self.obs.height is not None:
+            msize = np.zeros(n_b, dtype=np.int64)
+            mmass = np.zeros(n_b, dtype=np.float64)
+            _kernels.batch_cluster_max(
+                full, self.obs.height, cfg.two_sided, g.fwd_ptr, g.fwd_idx, msize, mmass
+            )
+            self.max_size.extend(msize.tolist())
+            self.max_mass.extend(mmass.tolist())
+        if self.obs.tfce is not None:
+            params = self.obs.tfce_params
+            tf = np.empty((n_b, n_vox), dtype=np.float32)
+            tmax = np.zeros(n_b)
+            tfce_mod.batch_tfce(full, params, cfg.two_sided, g, tf, tmax, self.extent_pow)
+            dummy = np.full(n_b, -np.inf)
+            _kernels.max_and_counts(
+                tf, self.tfce_cmp, self.tfce_tol, cfg.two_sided, 0, dummy, self.tfce_counts
+            )
+            self.tfce_max.extend(tmax.tolist())
+
+    def result(self, ex: exch.Exchangeability, n_total: int, exhaustive: bool):
+        cfg, part, obs = self.cfg, self.part, self.obs
+        null_max = np.asarray(self.maxima)
+        dof = (
+            (float(part.dof),)
+            if cfg.stat_type == "t"
+            else (float(part.n_interest), float(part.dof))
+        )
+        clusters = tfce_res = None
+        if obs.clusters is not None:
+            labels, sizes, masses, signs, peaks = obs.clusters
+            null_size = np.asarray(self.max_size, dtype=np.int64)
+            null_mass = np.asarray(self.max_mass)
+            clusters = ClusterInference(
+                forming_p=cfg.cluster_forming_p,
+                height=obs.height,
+                labels=labels,
+                sizes=sizes,
+                masses=masses,
+                signs=signs,
+                peaks=peaks,
+                p_fwe_size=_fwe_p(sizes.astype(np.float64), null_size.astype(np.float64), 0.0),
+                p_fwe_mass=_fwe_p(masses, null_mass, TIE_RTOL),
+                null_max_size=null_size,
+                null_max_mass=null_mass,
+            )
+        if obs.tfce is not None:
+            null_tfce = np.asarray(self.tfce_max)
+            tfce_res = TfceInference(
+                params=obs.tfce_params,
+                connectivity=cfg.graph.connectivity,
+                tfce=obs.tfce,
+                p_uncorrected=self.tfce_counts / n_total,
+                p_fwe=_fwe_p(self.tfce_cmp, null_tfce, TIE_RTOL),
+                null_max=null_tfce,
+            )
+        return PermutationResult(
+            stat_type=cfg.stat_type,
+            stat=obs.stat,
+            dof=dof,
+            two_sided=cfg.two_sided,
+            scheme=ex.scheme,
+            whole_blocks=ex.whole_blocks,
+            n_relabellings=n_total,
+            exhaustive=exhaustive,
+            seed=cfg.seed,
+            p_uncorrected=self.counts / n_total,
+            p_fwe=_fwe_p(self.cmp_obs, null_max, TIE_RTOL),
+            null_max_stat=null_max,
+            clusters=clusters,
+            tfce=tfce_res,
+        )
+
+
+def _fwe_p(observed: np.ndarray, null_max: np.ndarray, rtol: float) -> np.ndarray:
+    """#{null_max >= observed - tol} / N for each observed value (tol = rtol * max(|obs|, 1))."""
+    srt = np.sort(null_max)
+    thresh = observed - rtol * np.maximum(np.abs(observed), 1.0)
+    n_ge = srt.size - np.searchsorted(srt, thresh, side="left")
+    return n_ge / srt.size
