@@ -1,0 +1,231 @@
+"""Atomic output: results appear in OUT_DIR only when the whole run succeeded.
+
+Use :func:`check_writable` before the analysis starts (it fails fast, exit code 73), then write
+everything into the folder yielded by :func:`staged_output`::
+
+    check_writable(out_dir, overwrite=overwrite, entries=planned_top_level_names)
+    ...  # the analysis
+    with staged_output(out_dir, overwrite=overwrite) as stage:
+        write_json(stage / "dataset_description.json", ...)
+        (stage / "node-dataLevel").mkdir()
+        ...
+
+Semantics
+---------
+* OUT_DIR does not exist: everything is written into a hidden sibling
+  ``.<name>.bids-group-tmp-<random>`` which is renamed to OUT_DIR at the end: one atomic
+  ``rename``. The parent folder must exist (it is not created).
+* OUT_DIR exists: everything is written into a hidden folder inside OUT_DIR (same file system,
+  so moves are renames); at the end each top-level entry of the stage is moved into OUT_DIR.
+  An entry that already exists is refused (:class:`~bids_group.errors.OutputError`) unless
+  ``overwrite``, in which case it is replaced as a whole (a ``node-X`` folder from an earlier
+  run is replaced, not merged, so no stale map survives). Entries of OUT_DIR that the run does
+  not write are never touched.
+* On any exception inside the block (including ``KeyboardInterrupt`` and ``SystemExit``), or a
+  failure while moving entries into place, the stage is deleted, entries already moved are
+  put back, and OUT_DIR is exactly as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+
+from bids_group.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+TMP_MARKER = ".bids-group-tmp-"
+_PROBE_MARKER = ".bids-group-probe-"
+
+
+def check_writable(out_dir: Path, *, overwrite: bool, entries: Iterable[str] | None = None) -> None:
+    """Fail before any work if the results could not be written to ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : Path
+    overwrite : bool
+        Whether existing entries of the same names may be replaced.
+    entries : iterable of str or None
+        Top-level names the run will write (``dataset_description.json``,
+        ``model-<label>_smdl.json``, ``node-<Node>``). None means "any": an existing non-empty
+        ``out_dir`` is then refused without ``overwrite``.
+
+    Raises
+    ------
+    OutputError
+        The parent is missing or not a folder, ``out_dir`` is not a folder, the folder that
+        would hold the stage cannot be written, or entries exist and ``overwrite`` is False.
+    """
+    out_dir = Path(out_dir)
+    if _lexists(out_dir):
+        if not out_dir.is_dir():
+            raise OutputError(f"output path {out_dir} exists and is not a folder; choose another")
+        _probe(out_dir, out_dir)
+        if not overwrite:
+            clashes = _existing(out_dir, entries)
+            if clashes:
+                raise OutputError(
+                    f"output folder {out_dir} already contains {', '.join(clashes)}; "
+                    "use --overwrite to replace them, or choose another output folder"
+                )
+        return
+    parent = out_dir.parent
+    if not parent.is_dir():
+        what = "does not exist" if not parent.exists() else "is not a folder"
+        raise OutputError(
+            f"cannot create output folder {out_dir}: its parent {parent} {what}; "
+            "create the parent first"
+        )
+    _probe(parent, out_dir)
+
+
+def _lexists(path: Path) -> bool:
+    """Whether ``path`` exists, counting a dangling symbolic link as existing."""
+    return os.path.lexists(path)
+
+
+def _existing(out_dir: Path, entries: Iterable[str] | None) -> list[str]:
+    """Entries of ``out_dir`` that the run would write (visible ones, if ``entries`` is None)."""
+    if entries is None:
+        return sorted(p.name for p in out_dir.iterdir() if TMP_MARKER not in p.name)
+    return sorted(name for name in entries if _lexists(out_dir / name))
+
+
+def _probe(folder: Path, out_dir: Path) -> None:
+    """Create and remove a hidden folder: the only reliable test (root ignores modes)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{out_dir.name}{_PROBE_MARKER}", dir=folder)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write to {folder} (needed for output folder {out_dir}): "
+            f"{exc.strerror or exc}; choose a writable location"
+        ) from exc
+
+
+class StagedOutput:
+    """Context manager yielding a staging folder that is committed to ``out_dir`` on success.
+
+    Parameters
+    ----------
+    out_dir : Path
+    overwrite : bool
+
+    Attributes
+    ----------
+    written : tuple of Path
+        Final paths of the top-level entries moved into ``out_dir`` (after a successful exit).
+    """
+
+    def __init__(self, out_dir: Path, *, overwrite: bool) -> None:
+        self.out_dir = Path(out_dir).absolute()
+        self.overwrite = overwrite
+        self.written: tuple[Path, ...] = ()
+        self._stage: Path | None = None
+        self._fresh = False
+
+    def __enter__(self) -> Path:
+        check_writable(self.out_dir, overwrite=True)  # entries are checked again at commit
+        self._fresh = not self.out_dir.exists()
+        if self._fresh:
+            name = f".{self.out_dir.name}{TMP_MARKER}{secrets.token_hex(4)}"
+            self._stage = self.out_dir.parent / name
+        else:
+            self._stage = self.out_dir / f"{TMP_MARKER}{secrets.token_hex(4)}"
+        try:
+            self._stage.mkdir()
+        except OSError as exc:
+            raise OutputError(f"cannot create staging folder {self._stage}: {exc}") from exc
+        log.debug("staging outputs in %s", self._stage)
+        return self._stage
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._stage is not None, "__exit__ without __enter__"
+        if exc_type is not None:
+            self._discard()
+            return  # the exception propagates
+        try:
+            self._commit()
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        if self._stage is not None and self._stage.exists():
+            shutil.rmtree(self._stage, ignore_errors=True)
+            log.debug("removed staging folder %s", self._stage)
+
+    def _commit(self) -> None:
+        assert self._stage is not None
+        names = sorted(p.name for p in self._stage.iterdir())
+        if self._fresh:
+            try:
+                os.rename(self._stage, self.out_dir)
+            except OSError as exc:
+                # Someone created out_dir meanwhile (rename onto a non-empty folder fails).
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.out_dir.is_dir():
+                    raise OutputError(f"cannot create {self.out_dir}: {exc}") from exc
+                self._fresh = False
+                self._merge_from(self._stage, names)
+            else:
+                self._stage = None
+        else:
+            self._merge_from(self._stage, names)
+        self.written = tuple(self.out_dir / name for name in names)
+
+    def _merge_from(self, stage: Path, names: list[str]) -> None:
+        """Move each staged entry into ``out_dir``; undo every move if one fails."""
+        clashes = [
+            n for n in names if (self.out_dir / n).exists() or (self.out_dir / n).is_symlink()
+        ]
+        if clashes and not self.overwrite:
+            raise OutputError(
+                f"output folder {self.out_dir} already contains {', '.join(clashes)}; "
+                "use --overwrite to replace them"
+            )
+        backup = stage / f"{TMP_MARKER}old"  # inside the stage: deleted with it on failure
+        backup.mkdir()
+        done: list[str] = []
+        try:
+            for name in names:
+                target = self.out_dir / name
+                if name in clashes:
+                    os.rename(target, backup / name)
+                done.append(name)
+                os.rename(stage / name, target)
+        except BaseException:
+            self._undo(stage, backup, done, clashes)
+            raise
+        shutil.rmtree(stage)
+        self._stage = None
+
+    def _undo(self, stage: Path, backup: Path, done: list[str], clashes: list[str]) -> None:
+        """Put back what :meth:`_merge_from` moved, newest first."""
+        for name in reversed(done):
+            target = self.out_dir / name
+            if _lexists(target) and not _lexists(stage / name):
+                os.rename(target, stage / name)
+            if name in clashes and (backup / name).exists():
+                os.rename(backup / name, target)
+
+
+def staged_output(out_dir: Path, *, overwrite: bool) -> StagedOutput:
+    """Stage outputs for ``out_dir``; ``with staged_output(...) as stage:`` yields the folder.
+
+    See the module docstring for the semantics. Raises :class:`OutputError` (73).
+    """
+    return StagedOutput(out_dir, overwrite=overwrite)
