@@ -142,7 +142,8 @@ def variables_for_maps(
             "subjects not in participants.tsv (their participant variables are n/a): %s",
             ", ".join(absent),
         )
-    part = table.reindex(ent_frame["subject"]).reset_index(drop=True)
+    # numeric conversion on the whole table, so every GroupBy subset gets the same types
+    part = table.apply(_to_numeric_if_possible).reindex(ent_frame["subject"]).reset_index(drop=True)
     clashes = [c for c in part.columns if c in ent_frame.columns]
     if clashes:
         log.warning(
@@ -151,7 +152,6 @@ def variables_for_maps(
             clashes,
         )
         part = part.drop(columns=clashes)
-    part = part.apply(_to_numeric_if_possible)
     for column in ent_frame.columns:
         if column in _STRING_ENTITIES:
             ent_frame[column] = ent_frame[column].map(lambda v: v if pd.isna(v) else str(v))
