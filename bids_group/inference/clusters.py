@@ -257,7 +257,7 @@ def cluster_table(
         raise UsageError(f"min_distance must be > 0 mm, got {min_distance}.")
     if not 0 <= max_subpeaks <= len(ascii_lowercase):
         raise UsageError(f"max_subpeaks must be in 0..26, got {max_subpeaks}.")
-    voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
+    voxel_mm3 = _voxel_volume(affine)
     rows: list[dict] = []
     n_done = 0
     for sign in _signs(two_sided):
@@ -281,6 +281,14 @@ def cluster_table(
     columns = list(COLUMNS) + (["peak_value"] if stat_vol is not None else [])
     table = pd.DataFrame(rows, columns=columns)
     return table.astype({"cluster": "int64", "size_voxels": "Int64", "size_mm3": "float64"})
+
+
+def _voxel_volume(affine: np.ndarray) -> float:
+    """|det(affine[:3, :3])| in mm^3; the product of the voxel sizes when the axes are
+    orthogonal (the usual case), which avoids LU round-off (8 mm^3, not 7.9999999)."""
+    det = abs(float(np.linalg.det(affine[:3, :3])))
+    zooms_product = float(np.prod(np.linalg.norm(affine[:3, :3], axis=0)))
+    return zooms_product if abs(zooms_product - det) <= 1e-9 * zooms_product else det
 
 
 def _cluster_rows(
