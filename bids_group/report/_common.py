@@ -1,0 +1,163 @@
+"""Shared helpers for report figures: canonical orientation, colour maps, figure -> bytes.
+
+Figures are drawn with matplotlib's object API (``Figure`` + Agg canvas), never ``pyplot``, so
+no global state is touched and the code is thread-safe and headless.
+
+Display convention: **neurological** (the subject's left is on the left of the image, "L" and
+"R" are printed on the panels). Volumes are first reoriented to the closest RAS+ voxel order
+(no resampling; obliquity, if any, is ignored for display only), so every axis runs left->right,
+posterior->anterior, inferior->superior in world millimetres.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap, LinearSegmentedColormap
+from matplotlib.figure import Figure
+from nibabel import orientations
+
+from bids_group.errors import DataError
+
+ImageFormat = Literal["png", "svg"]
+
+#: MIME type of each figure format, for data URIs.
+MIME_TYPES: dict[str, str] = {"png": "image/png", "svg": "image/svg+xml"}
+
+#: Resolution of PNG figures (dots per inch); figures are sized in inches.
+DPI = 110
+
+#: Statement printed under brain figures and in the report.
+CONVENTION = "Neurological convention: the left hemisphere is shown on the left (L, R marked)."
+
+# Signed maps: blue->cyan below -threshold, red->yellow above +threshold (the "cold-hot" look).
+COLD_HOT: Colormap = LinearSegmentedColormap.from_list(
+    "cold_hot",
+    [(0.0, "#00ffff"), (0.2, "#0040ff"), (0.5, "#101020"), (0.8, "#ff2000"), (1.0, "#ffff00")],
+)
+# Non-negative maps (TDP, F, -log10 p): dark red -> yellow.
+HOT: Colormap = LinearSegmentedColormap.from_list(
+    "warm", [(0.0, "#7a0000"), (0.5, "#ff3000"), (1.0, "#ffff40")]
+)
+
+
+@dataclass(frozen=True)
+class RasGrid:
+    """A volume reoriented to RAS+ voxel order, with the world position of each axis.
+
+    Attributes
+    ----------
+    data : ndarray of shape (nx, ny, nz)
+    origin : ndarray of shape (3,)
+        World coordinates (mm) of voxel (0, 0, 0).
+    step : ndarray of shape (3,)
+        Voxel size along x, y, z (mm, positive).
+    """
+
+    data: np.ndarray
+    origin: np.ndarray
+    step: np.ndarray
+
+    def coords(self, axis: int) -> np.ndarray:
+        """World coordinates (mm) of the voxel centres along ``axis``."""
+        return self.origin[axis] + self.step[axis] * np.arange(self.data.shape[axis])
+
+    def extent(self, axis: int) -> tuple[float, float]:
+        """Edges (mm) of the volume along ``axis``, for ``imshow(extent=...)``."""
+        c = self.coords(axis)
+        half = self.step[axis] / 2.0
+        return float(c[0] - half), float(c[-1] + half)
+
+    def index(self, axis: int, mm: float) -> int:
+        """Nearest voxel index along ``axis`` to the world coordinate ``mm`` (clipped)."""
+        i = int(round((mm - self.origin[axis]) / self.step[axis]))
+        return int(np.clip(i, 0, self.data.shape[axis] - 1))
+
+
+def to_ras(volume: np.ndarray, affine: np.ndarray) -> RasGrid:
+    """Reorient ``volume`` to the closest RAS+ voxel order (flips/transposes only).
+
+    Parameters
+    ----------
+    volume : ndarray of shape (nx, ny, nz)
+    affine : ndarray of shape (4, 4)
+
+    Returns
+    -------
+    RasGrid
+
+    Raises
+    ------
+    DataError
+        If the volume is not 3-D or the affine not 4x4.
+    """
+    volume = np.asarray(volume)
+    affine = np.asarray(affine, dtype=np.float64)
+    if volume.ndim != 3 or affine.shape != (4, 4):
+        raise DataError(
+            f"report: expected a 3-D volume and a 4x4 affine; got {volume.shape}, {affine.shape}."
+        )
+    ornt = orientations.io_orientation(affine)
+    data = orientations.apply_orientation(volume, ornt)
+    new_affine = affine @ orientations.inv_ornt_aff(ornt, volume.shape)
+    step = np.abs(np.diag(new_affine)[:3])
+    step[step == 0] = 1.0
+    return RasGrid(data=data, origin=new_affine[:3, 3].copy(), step=step)
+
+
+def check_same_grid(name: str, volume: np.ndarray | None, shape: tuple[int, ...]) -> None:
+    """Raise DataError if ``volume`` is given and its shape is not ``shape``."""
+    if volume is not None and np.shape(volume) != tuple(shape):
+        raise DataError(
+            f"report: the {name} has shape {np.shape(volume)} but the statistical map has "
+            f"shape {tuple(shape)}; they must be on the same grid."
+        )
+
+
+def new_figure(width: float, height: float, facecolor: str = "white") -> Figure:
+    """A fresh Agg-backed figure (no pyplot, no global state)."""
+    fig = Figure(figsize=(width, height), dpi=DPI, facecolor=facecolor)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_bytes(fig: Figure, fmt: ImageFormat = "png") -> bytes:
+    """Render ``fig`` to PNG or SVG bytes (SVG text as paths: no font files needed)."""
+    if fmt not in MIME_TYPES:
+        raise ValueError(f"figure format must be 'png' or 'svg'; got {fmt!r}")
+    buffer = io.BytesIO()
+    # Deterministic, minimal output: no date, software stamp or RDF block (with its URLs).
+    svg_keys = ("Creator", "Date", "Format", "Type")
+    metadata = dict.fromkeys(svg_keys) if fmt == "svg" else {"Software": None}
+    with mpl.rc_context({"svg.fonttype": "path", "svg.hashsalt": "bids-group"}):
+        fig.savefig(buffer, format=fmt, facecolor=fig.get_facecolor(), metadata=metadata)
+    return buffer.getvalue()
+
+
+def robust_range(values: np.ndarray) -> tuple[float, float]:
+    """2nd-98th percentile of the finite non-zero values (for background grey levels)."""
+    finite = values[np.isfinite(values) & (values != 0)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(finite, [2.0, 98.0])
+    return float(low), float(high if high > low else low + 1.0)
+
+
+def stat_limits(stat: np.ndarray, threshold: float, vmax: float | None) -> tuple[bool, float]:
+    """Whether the map is signed, and the colour scale maximum (>= threshold)."""
+    finite = stat[np.isfinite(stat)]
+    signed = bool(finite.size and finite.min() < 0)
+    peak = float(np.abs(finite).max()) if finite.size else 1.0
+    top = float(vmax) if vmax is not None else peak
+    return signed, max(top, threshold * 1.05, 1e-12)
+
+
+def format_threshold(threshold: float, signed: bool, label: str) -> str:
+    """``"|z| > 3.10"`` or ``"z > 3.10"``."""
+    name = label or "value"
+    return f"|{name}| > {threshold:.3g}" if signed else f"{name} > {threshold:.3g}"

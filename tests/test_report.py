@@ -1,0 +1,469 @@
+"""Report figures and HTML: pure-function checks, self-containment, and a headless-browser test.
+
+Run ``python tests/test_report.py OUT.html`` to write the synthetic demo report and look at it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+from scipy import ndimage
+
+from bids_group.errors import DataError, OutputError
+from bids_group.inference.ari import ari_clusters
+from bids_group.report import (
+    ReportContent,
+    ReportFigure,
+    ReportSection,
+    ReportTable,
+    contrast_weights_plot,
+    design_matrix_plot,
+    design_summary,
+    glass_brain,
+    mask_outline,
+    null_distribution_plot,
+    orthogonal_slices,
+    render_report,
+    signed_mip,
+    write_report,
+)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+def synthetic_brain(shape=(50, 60, 50), voxel=3.5):
+    """An ellipsoid 'brain' in MNI-like world space, a background and a z map with blobs."""
+    affine = np.diag([voxel, voxel, voxel, 1.0])
+    affine[:3, 3] = [-voxel * (shape[0] - 1) / 2, -126.0, -72.0]
+    ijk = np.indices(shape).reshape(3, -1).T
+    xyz = (ijk @ affine[:3, :3].T + affine[:3, 3]).reshape(*shape, 3)
+    x, y, z = xyz[..., 0], xyz[..., 1] + 18, xyz[..., 2] - 10
+    radius = np.sqrt((x / 68) ** 2 + (y / 88) ** 2 + (z / 62) ** 2)
+    mask = radius < 1.0
+    rng = np.random.default_rng(7)
+    anatomy = np.where(mask, 600 + 300 * np.cos(radius * 9) ** 2, 0.0)
+    anatomy[(np.abs(x) < 10) & (np.abs(y) < 25) & (np.abs(z) < 15)] *= 0.3  # "ventricles"
+    anatomy = ndimage.gaussian_filter(anatomy + 40 * rng.standard_normal(shape) * mask, 1.0)
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5)
+    stat = noise / noise.std()
+
+    def blob(cx, cy, cz, amp, width=8.0):
+        return amp * np.exp(
+            -((xyz[..., 0] - cx) ** 2 + (xyz[..., 1] - cy) ** 2 + (xyz[..., 2] - cz) ** 2)
+            / (2 * width**2)
+        )
+
+    stat += blob(-38, -70, 5, 7.0) + blob(40, -72, 2, 6.0) + blob(-2, 40, 30, -5.5, 10)
+    stat = np.where(mask, stat, 0.0)
+    return stat, mask, anatomy, affine
+
+
+def build_demo_content(tmp_dir: Path | None = None) -> ReportContent:
+    """A full report from synthetic volumes, exercising every section the pipeline fills."""
+    stat, mask, anatomy, affine = synthetic_brain()
+    rng = np.random.default_rng(1)
+    n = 24
+    design = np.column_stack([np.ones(n), rng.normal(30, 8, n), rng.integers(0, 2, n)])
+    names = ["intercept", "age", "sex"]
+    ari = ari_clusters(stat, mask, affine=affine, thresholds=[3.09, 4.0], alpha=0.05)
+    null = np.abs(rng.standard_normal((1000, 200))).max(axis=1) + 0.5
+    critical = float(np.quantile(null, 0.95))
+    summary = design_summary(design)
+    figs_parametric = (
+        ReportFigure(
+            "Orthogonal slices",
+            orthogonal_slices(
+                stat,
+                affine,
+                background_vol=anatomy,
+                threshold=3.09,
+                title="faces > houses · FDR q < 0.05",
+                colorbar_label="z",
+            ),  # fmt: skip
+            caption="z map thresholded at |z| > 3.09 (FDR q < 0.05).",
+            filename="contrast-faces_stat-z_desc-fdr_slices.png",
+        ),
+        ReportFigure(
+            "Glass brain",
+            glass_brain(
+                stat,
+                affine,
+                threshold=3.09,
+                outline_vol=mask,
+                title="faces > houses · FDR q < 0.05",
+            ),  # fmt: skip
+            caption="Maximum-intensity projection of |z| > 3.09.",
+            filename="contrast-faces_stat-z_desc-fdr_glassbrain.png",
+        ),
+    )
+    table = ReportTable.from_dataframe(
+        ari.table, title="ARI clusters", caption="TDP: lower bound at alpha = 0.05."
+    )
+    perm = ReportSection(
+        "Permutation (FWE, max statistic)",
+        facts=(("threshold", f"|z| > {critical:.3f}"), ("permutations", "1000")),
+        figures=(
+            ReportFigure(
+                "Null distribution of the maximum",
+                null_distribution_plot(
+                    null, float(np.abs(stat).max()), critical, stat_label="max |z|"
+                ),  # fmt: skip
+                caption="Observed maximum (red) and the 95% critical value (dashed).",
+            ),
+            ReportFigure(
+                "ARI TDP map",
+                orthogonal_slices(
+                    ari.tdp_map,
+                    affine,
+                    background_vol=anatomy,
+                    threshold=0.0,
+                    colorbar_label="TDP",
+                    title="ARI true discovery proportion",
+                ),
+            ),  # fmt: skip
+        ),
+        tables=(table,),
+        warnings=("Only 1000 permutations: p-values below 0.001 are not resolved.",),
+    )
+    contrasts = tuple(
+        ReportSection(
+            f"Contrast: {label}",
+            figures=(
+                ReportFigure(
+                    "Weights",
+                    contrast_weights_plot(weights, names, title=label),
+                    caption=" ".join(f"{w:+g}·{c}" for w, c in zip(weights, names, strict=True)),
+                ),
+            ),
+            subsections=(
+                ReportSection("FDR (q < 0.05)", figures=figs_parametric),
+                perm,
+            ),
+        )
+        for label, weights in (("faces > houses", [1.0, 0, 0]), ("age", [0, 1.0, 0]))
+    )
+    model = json.dumps({"Name": "demo", "Nodes": [{"Level": "Dataset", "Model": {"X": names}}]},
+                       indent=2)  # fmt: skip
+    return ReportContent(
+        title="bids-group report · node-groupLevel · model-demo <script>",
+        command="bids-group /data/bids /data/out group --model model.json --mask 'a&b'",
+        created="2024-01-01 12:00:00 UTC",
+        versions=(("bids-group", "0.1.0"), ("numpy", np.__version__), ("python", "3.x")),
+        summary=(("input maps", str(n)), ("mask voxels", f"{int(mask.sum()):,}")),
+        sections=(
+            ReportSection("Model as run", code=model),
+            ReportSection(
+                "Design",
+                facts=(("condition number", f"{summary.condition_number:.3g}"),),
+                figures=(ReportFigure("Design matrix", design_matrix_plot(design, names)),),
+            ),
+            ReportSection(
+                "Mask",
+                text=(f"{int(mask.sum()):,} voxels in the analysis mask.",),
+                figures=(
+                    ReportFigure("Mask outline", mask_outline(mask, anatomy, affine, title="mask")),
+                ),  # fmt: skip
+            ),
+            *contrasts,
+        ),
+        warnings=("3 voxels had zero variance and were excluded.", "a <b> & c"),
+    )
+
+
+# --------------------------------------------------------------------------- figure tests
+
+
+def _png(data: bytes) -> np.ndarray:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return imread(io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def brain():
+    return synthetic_brain(shape=(30, 36, 30), voxel=5.5)
+
+
+def test_signed_mip_keeps_sign_of_largest_magnitude():
+    values = np.zeros((3, 3, 3))
+    values[0, 1, 2] = -5.0
+    values[2, 1, 2] = 4.0
+    values[1, 0, 0] = np.nan
+    projection = signed_mip(values, axis=0)
+    assert projection[1, 2] == -5.0 and projection[0, 0] == 0.0
+    np.testing.assert_array_equal(signed_mip(values, 2)[:, 1], [-5.0, 0.0, 4.0])
+
+
+def test_design_summary_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = np.column_stack([np.ones(20), rng.standard_normal((20, 2))])
+    result = design_summary(x)
+    np.testing.assert_allclose(result.correlation[1:, 1:], np.corrcoef(x[:, 1:].T), atol=1e-12)
+    assert np.isnan(result.correlation[0, 0])
+    assert result.condition_number == pytest.approx(np.linalg.cond(x))
+    assert design_summary(np.column_stack([x, x[:, 1]])).condition_number > 1e12
+
+
+def _changed_column_groups(image: np.ndarray, base: np.ndarray) -> list[float]:
+    """Mean column of each horizontal group of pixels that differ from ``base``."""
+    columns = np.flatnonzero(np.abs(image - base).sum(axis=(0, 2)) > 0.05)
+    groups = np.split(columns, np.flatnonzero(np.diff(columns) > 20) + 1)
+    return [float(g.mean()) for g in groups if g.size]
+
+
+def test_brain_figures_are_pngs_and_neurological(brain):
+    stat, mask, anatomy, affine = brain
+    # One voxel on the subject's left (x < 0), one mirrored on the right: in the coronal and
+    # axial panels the left one must be drawn further left (neurological convention); in the
+    # sagittal panel both land on the same spot.
+    i_left, i_right = 4, stat.shape[0] - 1 - 4
+    assert (affine @ [i_left, 0, 0, 1])[0] < 0 < (affine @ [i_right, 0, 0, 1])[0]
+
+    def draw(i=None):
+        vol = np.zeros_like(stat)
+        if i is not None:
+            vol[i, 18, 15] = 9.0
+        return _png(glass_brain(vol, affine, threshold=3.0, outline_vol=mask, vmax=10.0))
+
+    blank = draw()
+    image = draw(i_left)
+    left = _changed_column_groups(image, blank)
+    right = _changed_column_groups(draw(i_right), blank)
+    assert len(left) == len(right) == 3, (left, right)
+    assert left[0] == pytest.approx(right[0], abs=1.0)  # sagittal
+    assert left[1] < right[1] and left[2] < right[2]  # coronal, axial
+    # The same figure mirrored (flip the x axis of the affine) must look the same: display is
+    # in world space, not voxel order.
+    flipped = affine.copy()
+    flipped[0, 0] *= -1
+    flipped[0, 3] = -affine[0, 3]
+    lateral = np.zeros_like(stat)
+    lateral[i_left, 18, 15] = 9.0
+    mirror = _png(
+        glass_brain(lateral[::-1], flipped, threshold=3.0, outline_vol=mask[::-1], vmax=10.0)
+    )
+    np.testing.assert_allclose(mirror, image, atol=1e-6)
+    for data in (
+        orthogonal_slices(stat, affine, background_vol=anatomy, threshold=3.0, title="t"),
+        orthogonal_slices(np.abs(stat), affine, threshold=2.0, cut_coords=(0, 0, 0)),
+        mask_outline(mask, anatomy, affine, title="mask"),
+        mask_outline(mask, None, affine),
+    ):
+        assert _png(data).shape[1] > 500
+
+
+def test_nothing_above_threshold_still_renders(brain):
+    stat, mask, anatomy, affine = brain
+    assert _png(orthogonal_slices(stat, affine, background_vol=anatomy, threshold=99.0)).size
+    assert _png(glass_brain(stat, affine, threshold=99.0, outline_vol=mask)).size
+
+
+def test_svg_output_has_no_external_reference(brain):
+    stat, mask, anatomy, affine = brain
+    svg = glass_brain(stat, affine, threshold=3.0, outline_vol=mask, fmt="svg").decode()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert "http://" not in svg.replace("http://www.w3.org/", "")
+
+
+def test_other_plots_render():
+    rng = np.random.default_rng(0)
+    x = np.column_stack([np.ones(10), rng.standard_normal(10)])
+    assert _png(design_matrix_plot(x, ["intercept", "age"], row_labels=list("abcdefghij"))).size
+    assert _png(contrast_weights_plot([[1, 0], [0, 1]], ["a", "b"], title="F")).size
+    assert _png(null_distribution_plot(rng.gumbel(3, 0.3, 500), 4.2, 3.9)).size
+
+
+def test_figure_errors_name_the_problem(brain):
+    stat, mask, anatomy, affine = brain
+    with pytest.raises(DataError, match="background"):
+        orthogonal_slices(stat, affine, background_vol=anatomy[:-1], threshold=3.0)
+    with pytest.raises(DataError, match="column names"):
+        design_matrix_plot(np.ones((4, 2)), ["a"])
+    with pytest.raises(DataError, match="empty"):
+        mask_outline(np.zeros_like(mask), None, affine)
+    with pytest.raises(DataError, match="null"):
+        null_distribution_plot(np.array([]), 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- HTML tests
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+        self.ids: list[str] = []
+        self.hrefs: list[str] = []
+        self.scripts = 0
+        self.stack: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "script":
+            self.scripts += 1
+        if "id" in attrs:
+            self.ids.append(attrs["id"])
+        if tag == "a":
+            self.hrefs.append(attrs["href"])
+        if tag not in {"img", "meta", "br", "hr", "input", "link"}:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1:]}>"
+        self.stack.pop()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    content = build_demo_content()
+    return content, render_report(content)
+
+
+def _all_figures(sections):
+    for section in sections:
+        yield from section.figures
+        yield from _all_figures(section.subsections)
+
+
+def test_html_is_self_contained_and_well_formed(demo):
+    content, page = demo
+    parser = _Collector()
+    parser.feed(page)
+    parser.close()
+    assert parser.stack == []
+    figures = list(_all_figures(content.sections))
+    assert len(parser.images) == len(figures) > 8
+    for src, figure in zip(parser.images, figures, strict=True):
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]) == figure.data
+    assert parser.scripts == 0
+    assert not re.search(r"(?:src|href)\s*=\s*[\"']?(?:https?:|//)", page)
+    assert "http://" not in page and "https://" not in page and "@import" not in page
+    assert "url(" not in page
+    # every navigation link points to an anchor on the page; anchors are unique
+    assert len(parser.ids) == len(set(parser.ids))
+    assert {h[1:] for h in parser.hrefs} <= set(parser.ids)
+
+
+def test_html_escapes_text_and_shows_run_information(demo):
+    content, page = demo
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "a &lt;b&gt; &amp; c" in page
+    assert "--mask &#x27;a&amp;b&#x27;" in page
+    for name, version in content.versions:
+        assert name in page and version in page
+    assert "Warnings raised during the run" in page
+    assert page.count('class="warn"') >= 2
+
+
+def test_table_from_dataframe_formats_cells():
+    frame = pd.DataFrame({"id": [1, 2], "tdp": [0.123456, np.nan], "x": [-12.0, 3.5]})
+    table = ReportTable.from_dataframe(frame, title="t")
+    page = render_report(
+        ReportContent("r", "cmd", "now", sections=(ReportSection("s", tables=(table,)),))
+    )
+    assert "<td>0.1235</td><td>-12</td>" in page and "<td>2</td><td></td><td>3.5</td>" in page
+    empty = ReportTable("empty", ("a",), ())
+    assert "none" in render_report(
+        ReportContent("r", "c", "n", sections=(ReportSection("s", tables=(empty,)),))
+    )
+
+
+def test_write_report_is_atomic_and_checked(tmp_path):
+    content = ReportContent("r", "cmd", "now", sections=(ReportSection("s", text=("hello",)),))
+    out = write_report(tmp_path / "report.html", content)
+    assert out.read_text(encoding="utf-8") == render_report(content)
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+    with pytest.raises(OutputError, match="does not exist"):
+        write_report(tmp_path / "missing" / "report.html", content)
+
+
+# --------------------------------------------------------------------------- browser test
+
+_PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push('error: ' + e.message));
+document.addEventListener('securitypolicyviolation',
+  e => window.__errors.push('csp: ' + e.blockedURI));
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;
+  const net = performance.getEntriesByType('resource').map(r => r.name);
+  const probe = document.createElement('pre');
+  probe.id = 'probe';
+  probe.textContent = 'PROBE' + JSON.stringify({images: imgs.length, broken: bad,
+    errors: window.__errors, resources: net}) + 'END';
+  document.body.appendChild(probe);
+});
+</script>"""
+
+
+def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(demo, tmp_path):
+    _, page = demo
+    report = tmp_path / "report.html"
+    report.write_text(page, encoding="utf-8")
+    # A copy with a probe script; the CSP is relaxed only to let the probe itself run.
+    probed = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
+    probed = probed.replace("</body>", _PROBE + "</body>")
+    (tmp_path / "probed.html").write_text(probed, encoding="utf-8")
+    result = _chromium(
+        ["--virtual-time-budget=10000", "--dump-dom", (tmp_path / "probed.html").as_uri()],
+        tmp_path / "profile",
+    )
+    match = re.search(r"PROBE(.*?)END", result.stdout)
+    assert match, f"no probe output; stderr:\n{result.stderr[-2000:]}"
+    probe = json.loads(match.group(1).replace("&quot;", '"'))
+    assert probe["images"] == page.count("<img ") and probe["images"] > 8
+    assert probe["broken"] == 0
+    assert probe["errors"] == []
+    assert [r for r in probe["resources"] if not r.startswith("data:")] == []
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
+    assert console == []
+    # The untouched report: a screenshot to look at (kept under tmp_path).
+    shot = tmp_path / "report.png"
+    result = _chromium(
+        ["--window-size=1400,2000", f"--screenshot={shot}", report.as_uri()], tmp_path / "profile"
+    )
+    assert shot.exists(), result.stderr[-2000:]
+    pixels = _png(shot.read_bytes())
+    assert pixels.shape[:2] == (2000, 1400) and pixels.std() > 0.05
+    assert [line for line in result.stderr.splitlines() if "CONSOLE" in line] == []
+
+
+if __name__ == "__main__":  # python tests/test_report.py demo.html
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "report_demo.html")
+    print(write_report(target, build_demo_content()))
