@@ -121,7 +121,8 @@ class InferenceDefaults:
     """Inference settings from ``Model.Software.bids-group.Inference``. ``None`` = not set there.
 
     ``extra`` holds accepted keys (rows of :data:`INFERENCE_KEYS`) that have no attribute of
-    their own yet, by snake_case name.
+    their own yet, by snake_case name; None when there are none (so ``vars()`` consumers that
+    drop None values see only the attributes).
     """
 
     height_control: str | None = None
@@ -131,10 +132,7 @@ class InferenceDefaults:
     two_sided: bool | None = None
     connectivity: int | None = None
     smoothing_fwhm: float | None = None
-    n_permutations: int | None = None
-    seed: int | None = None
-    tfce: bool | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -305,9 +303,6 @@ INFERENCE_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "TwoSided": ("two_sided", _boolean),
     "Connectivity": ("connectivity", _connectivity),
     "SmoothingFWHM": ("smoothing_fwhm", _number(0)),
-    "NPermutations": ("n_permutations", _number(1, integer=True)),
-    "Seed": ("seed", _number(0, integer=True)),
-    "TFCE": ("tfce", _boolean),
 }
 
 
@@ -334,7 +329,7 @@ def _parse_inference(block: Any, where: str) -> InferenceDefaults:
             "Alpha has no effect with HeightControl none: set Threshold "
             "(a z value) or choose fpr, fdr or bonferroni",
         )
-    return InferenceDefaults(**values, extra=extra)
+    return InferenceDefaults(**values, extra=extra or None)
 
 
 def _parse_software(software: Any, where: str) -> InferenceDefaults:
@@ -920,7 +915,7 @@ def resolved_model_dict(spec: ModelSpec, *, x_columns: Sequence[str] | None = No
         contrasts.append(entry)
     software: dict[str, Any] = {}
     inference = {
-        key: getattr(spec.inference, name, spec.inference.extra.get(name))
+        key: getattr(spec.inference, name, (spec.inference.extra or {}).get(name))
         for key, (name, _) in INFERENCE_KEYS.items()
     }
     inference = {k: v for k, v in inference.items() if v is not None}

@@ -177,12 +177,12 @@ def test_inference_block() -> None:
         "SPM": {"Whatever": 1},  # other software: ignored
         "bids-group": {"Inference": {"HeightControl": "FDR", "Alpha": 0.01, "TwoSided": True,
                                      "ClusterThreshold": 5, "Connectivity": 18,
-                                     "SmoothingFWHM": 6, "NPermutations": 1000, "Seed": 3}},
+                                     "SmoothingFWHM": 6}},
     }  # fmt: skip
     inference = parse_spec(model).inference
     assert inference == InferenceDefaults(
         height_control="fdr", alpha=0.01, two_sided=True, cluster_threshold=5, connectivity=18,
-        smoothing_fwhm=6.0, n_permutations=1000, seed=3,
+        smoothing_fwhm=6.0,
     )  # fmt: skip
 
 
