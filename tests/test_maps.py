@@ -136,6 +136,17 @@ def test_qform_matches_a_shear_free_affine(tmp_path, grid):
     np.testing.assert_allclose(header.get_sform(), affine)
 
 
+def test_outside_mask_nan_is_an_all_ones_byte_run_and_fill_can_be_zero(tmp_path, grid):
+    mask, affine, values = grid
+    write_statmap(tmp_path / "n.nii.gz", values, mask=mask, affine=affine, sidecar={})
+    raw = np.asanyarray(nib.load(tmp_path / "n.nii.gz").dataobj)
+    assert (raw[~mask].view(np.uint32) == 0xFFFFFFFF).all()
+    write_statmap(tmp_path / "z.nii.gz", values, mask=mask, affine=affine, sidecar={}, fill=0.0)
+    data = np.asanyarray(nib.load(tmp_path / "z.nii.gz").dataobj)
+    assert (data[~mask] == 0).all()
+    np.testing.assert_array_equal(data[mask], values.astype(np.float32))
+
+
 def test_input_xform_codes_kept(tmp_path, grid):
     mask, affine, values = grid
     path = tmp_path / "x.nii.gz"

@@ -194,6 +194,7 @@ def write_statmap(
     dof: Sequence[float] = (),
     description: str | None = None,
     xform_codes: tuple[int, int] = (_XFORM_ALIGNED, _XFORM_ALIGNED),
+    fill: float = OUTSIDE_MASK,
 ) -> Path:
     """Write one statistical map and its JSON sidecar (same stem, ``.json``).
 
@@ -203,7 +204,7 @@ def write_statmap(
         ``.nii.gz`` (or ``.nii``) file to write.
     values : ndarray of shape (n_voxels,) or mask.shape
         In-mask values (``volume[mask]`` order) or a whole volume (outside-mask voxels are
-        still set to :data:`OUTSIDE_MASK`).
+        still set to ``fill``).
     mask : ndarray of shape (nx, ny, nz), bool
     affine : ndarray of shape (4, 4)
     sidecar : mapping
@@ -212,6 +213,8 @@ def write_statmap(
         On-disk type, float32 by default.
     stat, dof, description, xform_codes
         See :func:`nifti_header`.
+    fill : float
+        Value outside the mask (:data:`OUTSIDE_MASK`, a NaN, unless the caller wants 0).
 
     Returns
     -------
@@ -219,7 +222,7 @@ def write_statmap(
         ``path``.
     """
     path = Path(path)
-    volume = fill_volume(values, mask, dtype=dtype)
+    volume = fill_volume(values, mask, fill=fill, dtype=dtype)
     header = nifti_header(
         volume.shape,
         affine,
