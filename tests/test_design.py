@@ -361,3 +361,16 @@ def test_dummy_wildcards_expand_over_design_columns() -> None:
     names = [(c.name, c.label) for c in contrasts]
     assert names == [("group.control", "groupControl"), ("group.patient", "groupPatient")]
     np.testing.assert_array_equal(np.vstack([c.weights for c in contrasts]), np.eye(3)[:2])
+
+
+def test_resolved_model_with_expanded_columns_reproduces_the_design() -> None:
+    from bids_group.spec import resolved_model_dict
+
+    spec = load_spec(CONFIGS / "paired.yaml")
+    ents = _entities(["01", "02"], "faces") + _entities(["01", "02"], "houses")
+    variables = variables_for_maps(ents, pd.DataFrame(index=pd.Index([])))
+    design = build_design(spec, variables)
+    resolved = resolved_model_dict(spec, x_columns=design.columns)
+    assert resolved["Nodes"][0]["Model"]["X"] == ["contrast.faces", "subject.01", "subject.02"]
+    again = parse_spec(resolved, source="model-paired_smdl.json")
+    np.testing.assert_array_equal(build_design(again, variables).matrix, design.matrix)

@@ -411,3 +411,13 @@ def test_constants(text: str, value: float) -> None:
 def test_expression_errors(text: str, message: str) -> None:
     with pytest.raises(ExpressionError, match=re.escape(message)):
         parse_linear(text)
+
+
+def test_doctests_of_spec_and_expression_modules() -> None:
+    import doctest
+
+    from bids_group import expression, spec
+
+    for module in (expression, spec):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
