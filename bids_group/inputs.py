@@ -348,8 +348,16 @@ def _query_args(query: Mapping[str, tuple[Any, ...]]) -> dict[str, Any]:
 
 def _select(layout: Any, query: Mapping[str, tuple[Any, ...]]) -> list[InputMap]:
     """Run the query; entities come back with ``subject`` without ``sub-``."""
-    files = _get(layout, query)
-    return [InputMap(path=Path(f.path), entities=dict(f.get_entities())) for f in files]
+    maps = [
+        InputMap(path=Path(f.path), entities=dict(f.get_entities())) for f in _get(layout, query)
+    ]
+    # files without a subject (e.g. group-level results at the root) are not first-level maps
+    without = [m.path for m in maps if "subject" not in m.entities]
+    if without:
+        log.info(
+            "Ignored %d selected file(s) without a sub- entity, e.g. %s", len(without), without[0]
+        )
+    return [m for m in maps if "subject" in m.entities]
 
 
 def _get(layout: Any, query: Mapping[str, tuple[Any, ...]]) -> list[Any]:

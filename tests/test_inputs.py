@@ -259,3 +259,10 @@ def test_read_participants_errors(tmp_path):
 def test_layout_keeps_path_type(bids_derivatives):
     inputs = collect_inputs(str(bids_derivatives()))  # type: ignore[arg-type]
     assert isinstance(inputs.maps[0].path, Path)
+
+
+def test_files_without_subject_are_ignored(bids_derivatives):
+    root = bids_derivatives(n_subjects=2)
+    name = "task-faces_space-MNI152NLin2009cAsym_contrast-faces_stat-effect_statmap.nii.gz"
+    write_map(root / name, np.ones((6, 7, 8)))
+    assert [m.entities["subject"] for m in collect_inputs(root).maps] == ["01", "02"]
