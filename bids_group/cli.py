@@ -21,7 +21,6 @@ from bids_group import __version__
 from bids_group.config import (
     ANALYSIS_LEVELS,
     CONNECTIVITIES,
-    DEFAULT_ALPHA,
     DEFAULT_CLUSTER_THRESHOLD,
     DEFAULT_CONNECTIVITY,
     DEFAULT_HEIGHT_CONTROL,
@@ -94,9 +93,20 @@ def _option(*names: str, **kwargs: Any):
     """A click option that also accepts the ``_`` spelling of each ``--long-name`` (BIDS-Apps)."""
     spellings = list(names)
     for name in names:
-        if name.startswith("--") and "-" in name[2:]:
-            spellings.append("--" + name[2:].replace("-", "_"))
+        parts = name.split("/")
+        changed = [_underscored(part) for part in parts]
+        if changed == parts:
+            continue
+        if len(parts) == 1:
+            spellings.append(changed[0])
+        else:  # a --flag/--no-flag pair: click's " /--x" form adds a secondary name only
+            primary = changed[0] if changed[0] != parts[0] else " "
+            spellings.append(f"{primary}/{changed[1]}" if changed[1] != parts[1] else primary)
     return click.option(*spellings, **kwargs)
+
+
+def _underscored(name: str) -> str:
+    return "--" + name[2:].replace("-", "_") if name.startswith("--") else name
 
 
 @click.command(context_settings=CONTEXT_SETTINGS, epilog=_exit_code_epilog())
@@ -111,7 +121,7 @@ def _option(*names: str, **kwargs: Any):
 @_option("--resample/--no-resample", default=False, show_default=True, help="Resample maps on other grids to the mask's (or the first map's) grid instead of stopping.")
 @_option("--smoothing-fwhm", type=click.FloatRange(min=0), help="Smooth each map with a Gaussian of this FWHM in mm.")
 @_option("--height-control", type=click.Choice(HEIGHT_CONTROLS), help=f"Voxel-level correction. [default: {DEFAULT_HEIGHT_CONTROL}]")
-@_option("--alpha", type=float, help=f"Significance level for the height control. [default: {DEFAULT_ALPHA}]")
+@_option("--alpha", type=float, help="Significance level for the height control. [default: 0.001 for fpr, 0.05 for fdr and bonferroni]")
 @_option("--threshold", type=float, help="z threshold, only with --height-control none.")
 @_option("--cluster-threshold", type=click.IntRange(min=0), help=f"Minimum cluster size in voxels. [default: {DEFAULT_CLUSTER_THRESHOLD}]")
 @_option("--two-sided/--one-sided", "two_sided", default=None, help="Test both signs (default) or only positive effects.")

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bids_group.errors import UsageError
+from bids_group.inference.height import DEFAULT_ALPHA as HEIGHT_DEFAULT_ALPHA
 from bids_group.spec import InferenceDefaults
 
 HeightControl = Literal["fpr", "fdr", "bonferroni", "none"]
 
 #: Defaults shared by the CLI help, the model-file extension block and the README.
 DEFAULT_HEIGHT_CONTROL: HeightControl = "fpr"
-DEFAULT_ALPHA = 0.001
+#: Default alpha per height control (nilearn's defaults): see :mod:`bids_group.inference.height`.
+DEFAULT_ALPHA = HEIGHT_DEFAULT_ALPHA
 DEFAULT_CLUSTER_THRESHOLD = 0
 DEFAULT_TWO_SIDED = True
 DEFAULT_CONNECTIVITY = 6
@@ -26,6 +28,7 @@ DEFAULT_MIN_DISTANCE_MM = 8.0
 HEIGHT_CONTROLS: tuple[str, ...] = ("fpr", "fdr", "bonferroni", "none")
 CONNECTIVITIES: tuple[int, ...] = (6, 18, 26)
 ANALYSIS_LEVELS: tuple[str, ...] = ("group", "dataset")
+_HEIGHT_SETTINGS = ("height_control", "alpha", "threshold")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class InferenceConfig:
     """Resolved parametric inference settings (no ``None`` left)."""
 
     height_control: HeightControl = DEFAULT_HEIGHT_CONTROL
-    alpha: float = DEFAULT_ALPHA
+    alpha: float = HEIGHT_DEFAULT_ALPHA[DEFAULT_HEIGHT_CONTROL]
     threshold: float | None = None
     cluster_threshold: int = DEFAULT_CLUSTER_THRESHOLD
     two_sided: bool = DEFAULT_TWO_SIDED
@@ -85,12 +88,23 @@ def resolve_inference(
     """
     merged: dict[str, Any] = {}
     if from_model is not None:
-        merged.update({k: v for k, v in vars(from_model).items() if v is not None})
+        merged.update(
+            {k: v for k, v in vars(from_model).items() if v is not None and k != "extra"}
+        )
+    if overrides.get("height_control") is not None:
+        # The height settings go together: a height control given on the command line replaces
+        # the model file's control, alpha and threshold as a unit (its own alpha/threshold, if
+        # given, are added back below).
+        for key in _HEIGHT_SETTINGS:
+            merged.pop(key, None)
     merged.update({k: v for k, v in overrides.items() if v is not None})
     known = set(InferenceConfig.__dataclass_fields__)
     unknown = sorted(set(merged) - known)
     if unknown:
         raise UsageError(f"unknown inference setting(s): {', '.join(unknown)}")
+    if "alpha" not in merged:
+        method = merged.get("height_control", DEFAULT_HEIGHT_CONTROL)
+        merged["alpha"] = HEIGHT_DEFAULT_ALPHA.get(method, HEIGHT_DEFAULT_ALPHA["fpr"])
     config = replace(InferenceConfig(), **merged)
     _check_inference(config)
     return config
