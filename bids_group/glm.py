@@ -11,8 +11,9 @@ from bids_group.errors import DataError
 
 log = logging.getLogger(__name__)
 
-#: Voxels per block: keeps the float64 working copies (n_maps x block) in cache.
-_BLOCK_VOXELS = 8192
+#: Voxels per block: bounds the float64 working copies (n_maps x block) while keeping the
+#: number of BLAS calls small (many tiny multi-threaded calls are slow on a busy machine).
+_BLOCK_VOXELS = 65536
 
 
 @dataclass(frozen=True)
