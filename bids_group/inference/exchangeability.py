@@ -288,20 +288,21 @@ def enumerate_relabellings(ex: Exchangeability) -> Relabellings:
 
 
 def _multiset_orders(types: np.ndarray) -> Iterator[np.ndarray]:
-    """Index orders giving each distinct arrangement of ``types`` once.
+    """Index orders giving each distinct relabelling of elements with these ``types`` once.
 
-    Yields arrays ``o`` such that position i receives element ``o[i]``; elements of one type are
-    always used in their original order, so each distinct type sequence appears exactly once.
+    Position i receives element ``o[i]``. Two relabellings are the same when every element lands
+    on a position of the same type, so the arrangements of types *over the elements* are
+    enumerated: for an arrangement ``seq`` (``seq[j]`` = type of the position element j goes
+    to), the positions of type t receive, in order, the elements j with ``seq[j] == t``.
     """
     types = np.asarray(types)
-    by_type = {t: np.flatnonzero(types == t) for t in np.unique(types)}
+    positions = {t: np.flatnonzero(types == t) for t in np.unique(types).tolist()}
     seq = sorted(types.tolist())
     while True:
-        used = {t: 0 for t in by_type}
+        arr = np.asarray(seq)
         order = np.empty(len(seq), dtype=np.int64)
-        for i, t in enumerate(seq):
-            order[i] = by_type[t][used[t]]
-            used[t] += 1
+        for t, pos in positions.items():
+            order[pos] = np.flatnonzero(arr == t)
         yield order
         if not _next_permutation(seq):
             return
