@@ -41,7 +41,12 @@ NIFTI_EXTENSIONS: tuple[str, ...] = (".nii", ".nii.gz")
 DEFAULT_SUFFIX = "statmap"
 DEFAULT_STAT = "effect"
 #: Entities that always tell maps apart (one subject can have one map per session).
-KEY_ENTITIES: tuple[str, ...] = ("subject", "session")
+#: Entities that always make two maps of one subject different measurements (repeated measures).
+KEY_ENTITIES: tuple[str, ...] = ("subject", "session", "run")
+#: With ``GroupBy: []`` the user pools maps on purpose (e.g. a paired design over two contrasts), so
+#: these also tell maps apart; with a non-empty GroupBy, maps of one group that differ in them
+#: (e.g. the same contrast from two tasks) would be pooled silently, so they are ambiguous.
+POOLED_KEY_ENTITIES: tuple[str, ...] = ("task", "contrast")
 #: How many values / files an error message lists before "...".
 _MAX_LISTED = 10
 
@@ -450,8 +455,9 @@ def _check_labels_have_maps(labels: tuple[str, ...] | None, maps: Sequence[Input
 
 
 def _check_duplicates(maps: Sequence[InputMap], group_by: Sequence[str]) -> None:
-    """Two maps agreeing on subject, session and ``group_by`` entities are ambiguous."""
-    key_entities = tuple(dict.fromkeys((*KEY_ENTITIES, *group_by)))
+    """Two maps agreeing on the key entities (see :data:`KEY_ENTITIES`) are ambiguous."""
+    pooled = () if group_by else POOLED_KEY_ENTITIES
+    key_entities = tuple(dict.fromkeys((*KEY_ENTITIES, *pooled, *group_by)))
     groups: dict[tuple[Any, ...], list[InputMap]] = {}
     for m in maps:
         groups.setdefault(tuple(m.entities.get(k) for k in key_entities), []).append(m)

@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 #: Entities that may appear in GroupBy (each becomes part of the output names).
 GROUPABLE_ENTITIES = ("contrast", "task", "space")
-#: Entities that identify one map within a group; two maps sharing all of them are ambiguous.
-MAP_IDENTITY_ENTITIES = ("subject", "session", "task", "contrast", "run", "acquisition", "space")
 
 
 @dataclass(frozen=True)
@@ -98,6 +96,7 @@ def run(config: RunConfig) -> RunResult:
         input_filters=spec.input_filters,
         participant_labels=config.participant_labels,
         bids_filters=config.bids_filters,
+        group_by=spec.group_by,
     )
     analyses = plan_analyses(spec, inputs.maps, inputs.participants)
     log.info(
@@ -156,7 +155,6 @@ def plan_analyses(
     for key in sorted(groups):
         group_maps = tuple(groups[key])
         group = dict(zip(spec.group_by, key))
-        _check_unique_maps(group_maps, group)
         variables = variables_for_maps([m.entities for m in group_maps], participants)
         try:
             design = build_design(spec, variables)
@@ -166,29 +164,6 @@ def plan_analyses(
             raise type(err)(f"{err} (model for {where})" if where else str(err)) from err
         analyses.append(Analysis(group, group_maps, design, contrasts))
     return tuple(analyses)
-
-
-def _check_unique_maps(maps: Sequence[InputMap], group: Mapping[str, Any]) -> None:
-    seen: dict[tuple, Path] = {}
-    for input_map in maps:
-        identity = tuple(input_map.entities.get(e) for e in MAP_IDENTITY_ENTITIES)
-        if identity in seen:
-            other = seen[identity]
-            differing = sorted(
-                k
-                for k in set(input_map.entities) | set(other_entities(maps, other))
-                if input_map.entities.get(k) != other_entities(maps, other).get(k)
-            )
-            raise DataError(
-                f"two maps for the same subject and contrast: {other} and {input_map.path}; "
-                f"they differ only in {', '.join(differing) or 'their extension'}: select one "
-                "with the model's Input or --bids-filter-file"
-            )
-        seen[identity] = input_map.path
-
-
-def other_entities(maps: Sequence[InputMap], path: Path) -> Mapping[str, Any]:
-    return next(m.entities for m in maps if m.path == path)
 
 
 def _run_analysis(
