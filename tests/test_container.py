@@ -1,0 +1,112 @@
+"""Run the CLI the way the Docker/Apptainer image runs it.
+
+No Docker engine exists in CI, so this reproduces the container's constraints on the host:
+an unprivileged user (uid 65534, as root drops to it with ``setpriv``), a read-only input
+folder, a HOME that does not exist / cannot be written, no network (a fresh network namespace
+from ``unshare -n``), and a clean environment. The run must succeed and leave the input as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "ds-faces"
+NOBODY = 65534
+
+
+def tree_digest(folder: Path) -> dict[str, tuple[str, int]]:
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def make_read_only(folder: Path) -> None:
+    for p in [folder, *folder.rglob("*")]:
+        mode = p.stat().st_mode
+        p.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def container_prefix() -> list[str]:
+    """Wrappers that give the child no network and, when we are root, an unprivileged user."""
+    prefix: list[str] = []
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is not available to remove the network")
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is not available to drop privileges")
+        probe = subprocess.run([unshare, "-n", "true"], capture_output=True, check=False)
+        if probe.returncode != 0:
+            pytest.skip("cannot create a network namespace here")
+        prefix = [unshare, "-n", setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        importable = subprocess.run(
+            [*prefix, sys.executable, "-c", "import bids_group.pipeline"],
+            capture_output=True, cwd="/", check=False,
+        )
+        if importable.returncode != 0:
+            pytest.skip("the unprivileged user cannot read this checkout's Python environment")
+    else:
+        probe = subprocess.run([unshare, "-rn", "true"], capture_output=True, check=False)
+        if probe.returncode != 0:
+            pytest.skip("cannot create a user+network namespace here")
+        prefix = [unshare, "-rn"]
+    return prefix
+
+
+def test_cli_runs_like_in_a_container():
+    prefix = container_prefix()
+    scratch = Path(tempfile.mkdtemp(prefix="bids-group-container-"))
+    try:
+        scratch.chmod(0o777)  # the unprivileged user must be able to create OUT_DIR here
+        data = scratch / "data"
+        shutil.copytree(EXAMPLE, data)
+        make_read_only(data)
+        before = tree_digest(data)
+        out = scratch / "out"
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": "/nonexistent",  # as with `--containall` / a user without a home
+            "LANG": "C.UTF-8",
+        }
+        command = [
+            *prefix,
+            sys.executable,
+            "-c",
+            "from bids_group.cli import console_main; console_main()",
+            str(data),
+            str(out),
+            "group",
+            "--height-control",
+            "fdr",
+            "--alpha",
+            "0.05",
+        ]
+        proc = subprocess.run(
+            command, capture_output=True, text=True, env=env, cwd="/", check=False, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr
+        written = proc.stdout.split()
+        assert written and all(Path(p).is_file() for p in written)
+        assert (out / "dataset_description.json").is_file()
+        assert any(p.endswith("_stat-z_statmap.nii.gz") for p in written)
+        assert "Traceback" not in proc.stderr
+        assert tree_digest(data) == before, "the input folder was modified"
+        assert not Path("/nonexistent").exists()
+    finally:
+        for p in [scratch, *scratch.rglob("*")]:
+            if p.is_dir():
+                p.chmod(0o777)
+        shutil.rmtree(scratch, ignore_errors=True)
