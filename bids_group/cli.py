@@ -114,7 +114,7 @@ def _underscored(name: str) -> str:
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.argument("analysis_level", metavar="{group,dataset}")
 @_option("--model", "-m", type=click.Path(path_type=Path), help="Model file (BIDS Stats Models, YAML or JSON). Default: one-sample t-test of every input contrast.")
-@_option("--participant-label", "participant_labels", multiple=True, type=ParticipantLabel(), help="Participant(s) to include, with or without 'sub-'. Repeat or space-separate.")
+@_option("--participant-label", "participant_labels", multiple=True, type=ParticipantLabel(), help="Participant(s) to include, with or without 'sub-': --participant-label 01 02 03.")
 @_option("--derivatives", "-d", multiple=True, type=click.Path(path_type=Path), help="Derivatives folder holding the first-level maps (when BIDS_DIR is a raw dataset). Repeatable.")
 @_option("--bids-filter-file", type=FilterFile(), help="JSON file of extra entity filters, e.g. {\"task\": \"faces\", \"space\": \"MNI152NLin2009cAsym\"}.")
 @_option("--mask", type=click.Path(path_type=Path), help="Mask image (non-zero = in). Default: voxels finite and non-zero in every map.")
@@ -228,10 +228,45 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+_MULTI_VALUE_OPTIONS = ("--participant-label", "--participant_label")
+
+
+def expand_multi_value_options(argv: list[str]) -> list[str]:
+    """Accept ``--participant-label 01 02 03`` (argparse ``nargs='+'``, as in fMRIPrep).
+
+    Click takes one value per occurrence, so every following token that is not an option is
+    given its own ``--participant-label``. As with argparse, put such options after the
+    positional arguments.
+
+    >>> expand_multi_value_options(["ds", "out", "group", "--participant-label", "01", "02", "-q"])
+    ['ds', 'out', 'group', '--participant-label', '01', '--participant-label', '02', '-q']
+    """
+    expanded: list[str] = []
+    option: str | None = None  # the multi-value option whose values we are reading
+    has_value = False
+    for token in argv:
+        if token in _MULTI_VALUE_OPTIONS:
+            if option is not None and not has_value:
+                expanded.append(option)  # no value: leave it to click to report
+            option, has_value = token, False
+        elif option is not None and not token.startswith("-"):
+            expanded += [option, token]
+            has_value = True
+        else:
+            if option is not None and not has_value:
+                expanded.append(option)
+            option = None
+            expanded.append(token)
+    if option is not None and not has_value:
+        expanded.append(option)
+    return expanded
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bids-group`` console script; returns the exit code."""
     if argv is None:
         argv = sys.argv[1:]
+    argv = expand_multi_value_options(list(argv))
     state = {"verbosity": 0}
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:

@@ -82,3 +82,19 @@ def test_console_script_runs_as_a_process(tmp_path):
     assert proc.returncode == 17
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
+
+
+def test_space_separated_participant_labels(tmp_path):
+    from bids_group.cli import cli, expand_multi_value_options
+
+    argv = [str(tmp_path), str(tmp_path / "o"), "group", "--participant-label", "sub-01", "02",
+            "-q"]
+    ctx = cli.make_context("bids-group", expand_multi_value_options(argv), obj={})
+    assert ctx.params["participant_labels"] == ("01", "02")
+    assert ctx.params["quiet"] == 1
+
+
+def test_participant_label_without_value_is_usage_error(capsys, tmp_path):
+    code, _, err = run_main(capsys, str(tmp_path), str(tmp_path / "o"), "group",
+                            "--participant-label")
+    assert code == 64 and "--participant-label" in err
