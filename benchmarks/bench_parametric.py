@@ -50,10 +50,18 @@ def build_dataset(n_subjects: int, root: Path) -> Path:
     rng = np.random.default_rng(0)
     ii, jj, kk = np.indices(mask.shape)
     centre = np.array(mask.shape) / 2
-    blob = np.exp(-(((ii - centre[0] - 12) ** 2 + (jj - centre[1]) ** 2 + (kk - centre[2]) ** 2) / 60.0))
+    blob = np.exp(
+        -(((ii - centre[0] - 12) ** 2 + (jj - centre[1]) ** 2 + (kk - centre[2]) ** 2) / 60.0)
+    )
     (tmp / "dataset_description.json").write_text(
-        json.dumps({"Name": "bench", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
-                    "GeneratedBy": [{"Name": "bench_parametric.py"}]})
+        json.dumps(
+            {
+                "Name": "bench",
+                "BIDSVersion": "1.10.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": [{"Name": "bench_parametric.py"}],
+            }
+        )
     )
     rows = ["participant_id\tage\tgroup"]
     for s in range(1, n_subjects + 1):
@@ -63,7 +71,9 @@ def build_dataset(n_subjects: int, root: Path) -> Path:
         sub = f"sub-{s:02d}"
         out = tmp / sub / "func"
         out.mkdir(parents=True)
-        name = f"{sub}_task-bench_space-MNI152NLin2009cAsym_contrast-task_stat-effect_statmap.nii.gz"
+        name = (
+            f"{sub}_task-bench_space-MNI152NLin2009cAsym_contrast-task_stat-effect_statmap.nii.gz"
+        )
         nib.Nifti1Image(vol, mask_img.affine).to_filename(out / name)
         rows.append(f"{sub}\t{20 + s % 30}\t{'patient' if s % 2 else 'control'}")
     (tmp / "participants.tsv").write_text("\n".join(rows) + "\n")
@@ -79,8 +89,20 @@ def child_bids_group(ds: Path, out: Path, n_jobs: int) -> dict:
     from bids_group.cli import main
 
     start = time.perf_counter()
-    code = main([str(ds), str(out), "group", "--height-control", "fdr", "--alpha", "0.05",
-                 "--n-jobs", str(n_jobs), "-q"])
+    code = main(
+        [
+            str(ds),
+            str(out),
+            "group",
+            "--height-control",
+            "fdr",
+            "--alpha",
+            "0.05",
+            "--n-jobs",
+            str(n_jobs),
+            "-q",
+        ]
+    )
     seconds = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"bids-group failed with exit code {code}")
@@ -133,9 +155,21 @@ CHILDREN = {"bids-group": child_bids_group, "nilearn": child_nilearn, "floor": c
 def run_child(kind: str, ds: Path, n_jobs: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", kind, "--dataset", str(ds), "--out",
-             str(Path(tmp) / "out"), "--n-jobs", str(n_jobs)],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                kind,
+                "--dataset",
+                str(ds),
+                "--out",
+                str(Path(tmp) / "out"),
+                "--n-jobs",
+                str(n_jobs),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
     if proc.returncode != 0:
         raise SystemExit(f"{kind} child failed:\n{proc.stderr[-3000:]}")
@@ -169,7 +203,10 @@ def main() -> None:
         print(f"{kind:>10}: {r['seconds']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB{extra}")
     bg, nl, fl = best["bids-group"], best["nilearn"], best["floor"]
     print(f"time ratio bids-group / nilearn: {bg['seconds'] / nl['seconds']:.3f} (target <= 0.5)")
-    print(f"memory ratio bids-group / nilearn: {bg['peak_rss_mb'] / nl['peak_rss_mb']:.3f} (target <= 1)")
+    print(
+        "memory ratio bids-group / nilearn: "
+        f"{bg['peak_rss_mb'] / nl['peak_rss_mb']:.3f} (target <= 1)"
+    )
     print(f"bids-group / decompression floor: {bg['seconds'] / fl['seconds']:.2f}x")
 
 

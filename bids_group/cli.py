@@ -42,7 +42,9 @@ EXIT_INTERRUPTED = 130
 
 
 def _exit_code_epilog() -> str:
-    rows = "\n".join(f"  {code:>3}  {name}: {meaning}" for code, (name, meaning) in EXIT_CODES.items())
+    rows = "\n".join(
+        f"  {code:>3}  {name}: {meaning}" for code, (name, meaning) in EXIT_CODES.items()
+    )
     return "\b\nExit codes:\n" + rows
 
 
@@ -55,7 +57,9 @@ class ParticipantLabel(click.ParamType):
         label = str(value).strip()
         label = label[4:] if label.startswith("sub-") else label
         if not label or not label.isalnum():
-            self.fail(f"{value!r} is not a BIDS participant label (letters and digits only)", param, ctx)
+            self.fail(
+                f"{value!r} is not a BIDS participant label (letters and digits only)", param, ctx
+            )
         return label
 
 
@@ -79,7 +83,7 @@ class FilterFile(click.ParamType):
                 ctx,
             )
         if not isinstance(content, dict):
-            self.fail(f"{path} must hold a JSON object such as {{\"task\": \"faces\"}}", param, ctx)
+            self.fail(f'{path} must hold a JSON object such as {{"task": "faces"}}', param, ctx)
         return content
 
 
@@ -113,25 +117,110 @@ def _underscored(name: str) -> str:
 @click.argument("bids_dir", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.argument("analysis_level", metavar="{group,dataset}")
-@_option("--model", "-m", type=click.Path(path_type=Path), help="Model file (BIDS Stats Models, YAML or JSON). Default: one-sample t-test of every input contrast.")
-@_option("--participant-label", "participant_labels", multiple=True, type=ParticipantLabel(), help="Participant(s) to include, with or without 'sub-': --participant-label 01 02 03.")
-@_option("--derivatives", "-d", multiple=True, type=click.Path(path_type=Path), help="Derivatives folder holding the first-level maps (when BIDS_DIR is a raw dataset). Repeatable.")
-@_option("--bids-filter-file", type=FilterFile(), help="JSON file of extra entity filters, e.g. {\"task\": \"faces\", \"space\": \"MNI152NLin2009cAsym\"}.")
-@_option("--mask", type=click.Path(path_type=Path), help="Mask image (non-zero = in). Default: voxels finite and non-zero in every map.")
-@_option("--resample/--no-resample", default=False, show_default=True, help="Resample maps on other grids to the mask's (or the first map's) grid instead of stopping.")
-@_option("--smoothing-fwhm", type=click.FloatRange(min=0), help="Smooth each map with a Gaussian of this FWHM in mm.")
-@_option("--height-control", type=click.Choice(HEIGHT_CONTROLS), help=f"Voxel-level correction. [default: {DEFAULT_HEIGHT_CONTROL}]")
-@_option("--alpha", type=float, help="Significance level for the height control. [default: 0.001 for fpr, 0.05 for fdr and bonferroni]")
+@_option(
+    "--model",
+    "-m",
+    type=click.Path(path_type=Path),
+    help="Model file (BIDS Stats Models, YAML or JSON). "
+    "Default: one-sample t-test of every input contrast.",
+)
+@_option(
+    "--participant-label",
+    "participant_labels",
+    multiple=True,
+    type=ParticipantLabel(),
+    help="Participant(s) to include, with or without 'sub-': --participant-label 01 02 03.",
+)
+@_option(
+    "--derivatives",
+    "-d",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Derivatives folder holding the first-level maps (when BIDS_DIR is a raw dataset). "
+    "Repeatable.",
+)
+@_option(
+    "--bids-filter-file",
+    type=FilterFile(),
+    help="JSON file of extra entity filters, "
+    'e.g. {"task": "faces", "space": "MNI152NLin2009cAsym"}.',
+)
+@_option(
+    "--mask",
+    type=click.Path(path_type=Path),
+    help="Mask image (non-zero = in). Default: voxels finite and non-zero in every map.",
+)
+@_option(
+    "--resample/--no-resample",
+    default=False,
+    show_default=True,
+    help="Resample maps on other grids to the mask's (or the first map's) grid "
+    "instead of stopping.",
+)
+@_option(
+    "--smoothing-fwhm",
+    type=click.FloatRange(min=0),
+    help="Smooth each map with a Gaussian of this FWHM in mm.",
+)
+@_option(
+    "--height-control",
+    type=click.Choice(HEIGHT_CONTROLS),
+    help=f"Voxel-level correction. [default: {DEFAULT_HEIGHT_CONTROL}]",
+)
+@_option(
+    "--alpha",
+    type=float,
+    help="Significance level for the height control. "
+    "[default: 0.001 for fpr, 0.05 for fdr and bonferroni]",
+)
 @_option("--threshold", type=float, help="z threshold, only with --height-control none.")
-@_option("--cluster-threshold", type=click.IntRange(min=0), help=f"Minimum cluster size in voxels. [default: {DEFAULT_CLUSTER_THRESHOLD}]")
-@_option("--two-sided/--one-sided", "two_sided", default=None, help="Test both signs (default) or only positive effects.")
-@_option("--connectivity", type=click.Choice([str(c) for c in CONNECTIVITIES]), help=f"Cluster connectivity: 6 faces, 18 edges, 26 corners. [default: {DEFAULT_CONNECTIVITY}]")
-@_option("--n-jobs", "--nprocs", "n_jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Threads for reading and writing images.")
-@_option("--work-dir", "-w", type=click.Path(path_type=Path), help="Scratch folder (caches, matplotlib config). Default: a temporary folder.")
+@_option(
+    "--cluster-threshold",
+    type=click.IntRange(min=0),
+    help=f"Minimum cluster size in voxels. [default: {DEFAULT_CLUSTER_THRESHOLD}]",
+)
+@_option(
+    "--two-sided/--one-sided",
+    "two_sided",
+    default=None,
+    help="Test both signs (default) or only positive effects.",
+)
+@_option(
+    "--connectivity",
+    type=click.Choice([str(c) for c in CONNECTIVITIES]),
+    help=f"Cluster connectivity: 6 faces, 18 edges, 26 corners. [default: {DEFAULT_CONNECTIVITY}]",
+)
+@_option(
+    "--n-jobs",
+    "--nprocs",
+    "n_jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Threads for reading and writing images.",
+)
+@_option(
+    "--work-dir",
+    "-w",
+    type=click.Path(path_type=Path),
+    help="Scratch folder (caches, matplotlib config). Default: a temporary folder.",
+)
 @_option("--overwrite", is_flag=True, help="Replace existing results of the same names in OUT_DIR.")
-@_option("--json", "json_summary", is_flag=True, help="Print a JSON summary on stdout instead of the list of written files.")
-@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v: tracebacks, -vv: debug).")
-@click.option("-q", "--quiet", count=True, help="Less log output on stderr (-q: warnings only, -qq: errors only).")
+@_option(
+    "--json",
+    "json_summary",
+    is_flag=True,
+    help="Print a JSON summary on stdout instead of the list of written files.",
+)
+@click.option(
+    "-v", "--verbose", count=True, help="More log output on stderr (-v: tracebacks, -vv: debug)."
+)
+@click.option(
+    "-q",
+    "--quiet",
+    count=True,
+    help="Less log output on stderr (-q: warnings only, -qq: errors only).",
+)
 @click.version_option(__version__, "--version", "-V", prog_name="bids-group")
 @click.pass_obj
 def cli(state: dict[str, int], **options: Any) -> None:

@@ -88,9 +88,7 @@ def resolve_inference(
     """
     merged: dict[str, Any] = {}
     if from_model is not None:
-        merged.update(
-            {k: v for k, v in vars(from_model).items() if v is not None and k != "extra"}
-        )
+        merged.update({k: v for k, v in vars(from_model).items() if v is not None and k != "extra"})
     if overrides.get("height_control") is not None:
         # The height settings go together: a height control given on the command line replaces
         # the model file's control, alpha and threshold as a unit (its own alpha/threshold, if

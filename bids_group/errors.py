@@ -60,11 +60,12 @@ class OutputError(BidsGroupError):
     exit_code = 73
 
 
-#: Exit code -> (name, meaning). The README's exit-code table is generated from / checked against this.
+#: Exit code -> (name, meaning). The README's exit-code table is checked against this
+#: (tests/test_readme.py), and ``--help`` prints it.
 EXIT_CODES: dict[int, tuple[str, str]] = {
     0: ("success", "the analysis ran and every output was written"),
     1: ("unexpected error", "a bug: please report it with the output of `-v`"),
-        16: ("BIDS problem", "the dataset is not valid BIDS (e.g. no dataset_description.json)"),
+    16: ("BIDS problem", "the dataset is not valid BIDS (e.g. no dataset_description.json)"),
     17: ("unknown level", "the analysis level is not `group` (or `dataset`)"),
     18: ("empty selection", "filters selected no input map"),
     64: ("usage error", "bad command-line option or invalid model file"),

@@ -25,7 +25,11 @@ from bids_group.design import Contrast, Design, build_design, resolve_contrasts,
 from bids_group.errors import DataError, UsageError
 from bids_group.glm import fit_ols
 from bids_group.images import MaskedData, load_masked_data
-from bids_group.inference.clusters import apply_cluster_extent, cluster_table, cluster_table_metadata
+from bids_group.inference.clusters import (
+    apply_cluster_extent,
+    cluster_table,
+    cluster_table_metadata,
+)
 from bids_group.inference.height import HeightThreshold, height_threshold
 from bids_group.inputs import InputMap, collect_inputs
 from bids_group.labels import group_contrast_label, to_label
@@ -154,7 +158,7 @@ def plan_analyses(
     analyses = []
     for key in sorted(groups):
         group_maps = tuple(groups[key])
-        group = dict(zip(spec.group_by, key))
+        group = dict(zip(spec.group_by, key, strict=True))
         variables = variables_for_maps([m.entities for m in group_maps], participants)
         try:
             design = build_design(spec, variables)
@@ -175,7 +179,9 @@ def _run_analysis(
     writer: MapWriter,
 ) -> tuple[list[Path], dict[str, Any]]:
     where = ", ".join(f"{k} {v}" for k, v in analysis.group.items()) or "all maps"
-    log.info("model for %s: %d maps, columns %s", where, len(analysis.maps), analysis.design.columns)
+    log.info(
+        "model for %s: %d maps, columns %s", where, len(analysis.maps), analysis.design.columns
+    )
     data = load_masked_data(
         [m.path for m in analysis.maps],
         mask_path=config.mask,
@@ -224,7 +230,11 @@ def _write_design(
         table[column] = design.matrix[:, j]
     label = _label(input_contrast)
     design_path = node_dir / naming.design_name(contrast=label, **entities)
-    write_table(design_path, table, {"Description": "Design matrix as fitted", **design_summary(design.matrix, design.columns)})
+    write_table(
+        design_path,
+        table,
+        {"Description": "Design matrix as fitted", **design_summary(design.matrix, design.columns)},
+    )
     figure_path = node_dir / naming.design_figure_name(contrast=label, **entities)
     plot_design_matrix(design.matrix, design.columns, list(table["subject"]), figure_path)
     mask_path = node_dir / naming.mask_name(contrast=label, **entities)
@@ -271,7 +281,15 @@ def _write_contrast(
         sidecar = {**common, "Statistic": stat}
         if stat == "p":
             sidecar["PValueSidedness"] = "two-sided" if two_sided else "one-sided (upper tail)"
-        writer.submit(path, values, mask=data.mask, affine=data.affine, sidecar=sidecar, stat=stat, dof=result.dof)
+        writer.submit(
+            path,
+            values,
+            mask=data.mask,
+            affine=data.affine,
+            sidecar=sidecar,
+            stat=stat,
+            dof=result.dof,
+        )
         written += [path, path.with_name(path.name.replace(".nii.gz", ".json"))]
     uncorrected = inference.height_control == "none"
     threshold = height_threshold(
@@ -297,7 +315,15 @@ def _write_contrast(
     )
     threshold_meta = _threshold_metadata(threshold, inference)
     thr_path = node_dir / naming.statmap_name(contrast=label, stat="z", desc=desc, **entities)
-    writer.submit(thr_path, thresholded[data.mask], mask=data.mask, affine=data.affine, sidecar={**common, "Statistic": "z", "Threshold": threshold_meta}, stat="z", dof=result.dof)
+    writer.submit(
+        thr_path,
+        thresholded[data.mask],
+        mask=data.mask,
+        affine=data.affine,
+        sidecar={**common, "Statistic": "z", "Threshold": threshold_meta},
+        stat="z",
+        dof=result.dof,
+    )
     written += [thr_path, thr_path.with_name(thr_path.name.replace(".nii.gz", ".json"))]
     table = cluster_table(
         z_vol,
@@ -326,13 +352,17 @@ def _write_contrast(
         threshold.z_threshold,
         inference.height_control,
         n_surviving,
-        int((~table["cluster_id"].astype(str).str.contains("[a-z]", regex=True)).sum()) if len(table) else 0,
+        int((~table["cluster_id"].astype(str).str.contains("[a-z]", regex=True)).sum())
+        if len(table)
+        else 0,
     )
     summary = {
         "contrast": contrast.name,
         "label": label,
         "stat": result.stat_type,
-        "z_threshold": None if not np.isfinite(threshold.z_threshold) else float(threshold.z_threshold),
+        "z_threshold": None
+        if not np.isfinite(threshold.z_threshold)
+        else float(threshold.z_threshold),
         "surviving_voxels": n_surviving,
         "max_z": float(np.max(result.z)) if result.z.size else None,
         "min_z": float(np.min(result.z)) if result.z.size else None,
@@ -376,7 +406,7 @@ def _write_run_metadata(
 
 
 def _isolate_caches(work_dir: Path | None) -> None:
-    """Point matplotlib's cache at a writable scratch folder (HOME may be read-only in containers)."""
+    """Point matplotlib's cache at a writable scratch folder (HOME may be read-only)."""
     if "MPLCONFIGDIR" in os.environ:
         return
     base = work_dir if work_dir is not None else Path(tempfile.gettempdir())

@@ -146,13 +146,17 @@ def test_unknown_key_suggests_nearest(capsys, ds, out, tmp_path):
 
 
 def test_x_names_missing_column(capsys, ds, out, tmp_path):
-    model = write_model(tmp_path, TWO_SAMPLE.replace("X: [group.patient,", "X: [group.patient, age2,"))
+    model = write_model(
+        tmp_path, TWO_SAMPLE.replace("X: [group.patient,", "X: [group.patient, age2,")
+    )
     check_failure(capsys, [ds, out, "group", "--model", model], out, 64, "age2")
 
 
 def test_contrast_names_missing_column(capsys, ds, out, tmp_path):
-    text = TWO_SAMPLE.replace("ConditionList: [group.patient, group.control]",
-                              "ConditionList: [group.patient, group.controls]")
+    text = TWO_SAMPLE.replace(
+        "ConditionList: [group.patient, group.control]",
+        "ConditionList: [group.patient, group.controls]",
+    )
     model = write_model(tmp_path, text)
     check_failure(capsys, [ds, out, "group", "--model", model], out, 64, "group.controls")
 
@@ -164,8 +168,12 @@ def test_t_contrast_with_matrix_weights(capsys, ds, out, tmp_path):
 
 
 def test_rank_deficient_design(capsys, ds, out, tmp_path):
-    model = write_model(tmp_path, TWO_SAMPLE.replace("X: [group.patient, group.control]",
-                                                     "X: [1, group.patient, group.control]"))
+    model = write_model(
+        tmp_path,
+        TWO_SAMPLE.replace(
+            "X: [group.patient, group.control]", "X: [1, group.patient, group.control]"
+        ),
+    )
     check_failure(capsys, [ds, out, "group", "--model", model], out, 65, "rank")
 
 
@@ -180,10 +188,13 @@ def test_too_few_maps_for_parameters(capsys, tmp_path, out):
 
 def test_covariate_missing_for_a_subject_is_named(capsys, tmp_path, out):
     ds = make_bids_derivatives(
-        tmp_path / "ds", n_subjects=6,
+        tmp_path / "ds",
+        n_subjects=6,
         participants={"age": [20, 30, None, 40, 50, 60], "group": ["a", "b"] * 3},
     )
-    model = write_model(tmp_path, """
+    model = write_model(
+        tmp_path,
+        """
 Name: ageModel
 BIDSModelVersion: 1.0.0
 Nodes:
@@ -192,7 +203,8 @@ Nodes:
     GroupBy: [contrast]
     Model: {Type: glm, X: [1, age]}
     DummyContrasts: {Test: t}
-""")
+""",
+    )
     check_failure(capsys, [ds, out, "group", "--model", model], out, 65, "age", "03")
 
 
@@ -215,7 +227,9 @@ def test_filter_selects_nothing(capsys, ds, out, tmp_path):
 def test_filter_file_not_json(capsys, ds, out, tmp_path):
     filters = tmp_path / "filters.json"
     filters.write_text("{task: rest")
-    check_failure(capsys, [ds, out, "group", "--bids-filter-file", filters], out, 64, "filters.json")
+    check_failure(
+        capsys, [ds, out, "group", "--bids-filter-file", filters], out, 64, "filters.json"
+    )
 
 
 # ---- images -------------------------------------------------------------------------------------
@@ -249,8 +263,13 @@ def test_empty_user_mask(capsys, ds, out, tmp_path):
 
 
 def test_threshold_contradicts_fdr(capsys, ds, out):
-    check_failure(capsys, [ds, out, "group", "--height-control", "fdr", "--threshold", "3"], out,
-                  64, "--threshold")
+    check_failure(
+        capsys,
+        [ds, out, "group", "--height-control", "fdr", "--threshold", "3"],
+        out,
+        64,
+        "--threshold",
+    )
 
 
 def test_none_needs_threshold(capsys, ds, out):

@@ -75,9 +75,17 @@ def test_missing_bids_dir_exits_66(capsys, tmp_path):
 
 def test_console_script_runs_as_a_process(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-c", "from bids_group.cli import console_main; console_main()",
-         str(tmp_path / "nope"), str(tmp_path / "o"), "participant"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-c",
+            "from bids_group.cli import console_main; console_main()",
+            str(tmp_path / "nope"),
+            str(tmp_path / "o"),
+            "participant",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 17
     assert proc.stdout == ""
@@ -87,14 +95,22 @@ def test_console_script_runs_as_a_process(tmp_path):
 def test_space_separated_participant_labels(tmp_path):
     from bids_group.cli import cli, expand_multi_value_options
 
-    argv = [str(tmp_path), str(tmp_path / "o"), "group", "--participant-label", "sub-01", "02",
-            "-q"]
+    argv = [
+        str(tmp_path),
+        str(tmp_path / "o"),
+        "group",
+        "--participant-label",
+        "sub-01",
+        "02",
+        "-q",
+    ]
     ctx = cli.make_context("bids-group", expand_multi_value_options(argv), obj={})
     assert ctx.params["participant_labels"] == ("01", "02")
     assert ctx.params["quiet"] == 1
 
 
 def test_participant_label_without_value_is_usage_error(capsys, tmp_path):
-    code, _, err = run_main(capsys, str(tmp_path), str(tmp_path / "o"), "group",
-                            "--participant-label")
+    code, _, err = run_main(
+        capsys, str(tmp_path), str(tmp_path / "o"), "group", "--participant-label"
+    )
     assert code == 64 and "--participant-label" in err

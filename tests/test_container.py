@@ -26,7 +26,10 @@ NOBODY = 65534
 
 def tree_digest(folder: Path) -> dict[str, tuple[str, int]]:
     return {
-        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        str(p.relative_to(folder)): (
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+            p.stat().st_mtime_ns,
+        )
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
@@ -51,10 +54,19 @@ def container_prefix() -> list[str]:
         probe = subprocess.run([unshare, "-n", "true"], capture_output=True, check=False)
         if probe.returncode != 0:
             pytest.skip("cannot create a network namespace here")
-        prefix = [unshare, "-n", setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        prefix = [
+            unshare,
+            "-n",
+            setpriv,
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+        ]
         importable = subprocess.run(
             [*prefix, sys.executable, "-c", "import bids_group.pipeline"],
-            capture_output=True, cwd="/", check=False,
+            capture_output=True,
+            cwd="/",
+            check=False,
         )
         if importable.returncode != 0:
             pytest.skip("the unprivileged user cannot read this checkout's Python environment")
