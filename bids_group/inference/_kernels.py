@@ -20,76 +20,140 @@ import numpy as np
 # ---------------------------------------------------------------------------------------------
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
-def stats_from_projection(w, ss, n_rank, n_interest, dof, is_t, out):
-    """t or F for every (permutation, voxel) from ``w = U' P E``.
+#: Voxels per work item of the fused kernel: small enough that a chunk of every row of the
+#: batch stays in cache, large enough to vectorise the inner loop.
+_CHUNK = 512
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+def fused_stat_max_counts(
+    w,
+    ss,
+    rss_floor,
+    n_rank,
+    n_interest,
+    dof,
+    is_t,
+    two_sided,
+    threshold,
+    col0,
+    out,
+    maxima,
+    counts,
+):
+    """t or F for every (relabelling, voxel) from ``w = U' P E``, fused with the per-relabelling
+    maximum and the per-voxel exceedance counts.
 
     Parameters
     ----------
     w : (n_batch * n_rank, n_tile) float32
-        Rows ``b * n_rank + k`` hold the k-th coordinate, in the orthonormal design basis, of the
-        relabelled residuals of permutation ``b``; the first ``n_interest`` coordinates span the
-        effect of interest.
+        Row ``b * n_rank + k`` is the k-th coordinate, in the orthonormal design basis, of the
+        relabelled residuals of relabelling ``b``; the first ``n_interest`` span the effect.
     ss : (n_tile,) float64
-        Sum of squares of the residuals of the reduced model (invariant under relabelling).
+        Sum of squares of the reduced-model residuals (invariant under relabelling).
+    rss_floor : (n_tile,) float64
+        Lower bound for the residual sum of squares (``ss * 1e-12``, and > 0): rounding can make
+        ``ss - ||w||^2`` negative for a near-perfect fit, and a zero voxel must give 0, not NaN.
+    threshold : (n_voxels,) float64
+        Observed value minus the tie tolerance; ``counts[col0 + v]`` gains the number of
+        relabellings whose statistic (``|t|`` if ``two_sided``) is >= ``threshold[col0 + v]``.
     out : (n_batch, n_tile) float32
         Receives the statistic.
+    maxima : (n_batch,) float64
+        Running max over voxel tiles, updated in place.
+
+    Notes
+    -----
+    The loops run along voxels (contiguous) so they vectorise (``error_model="numpy"`` drops
+    the per-division zero checks that otherwise prevent it); ``fastmath`` only allows
+    reordering within this fixed code, so results still do not depend on the thread count.
     """
     n_batch = out.shape[0]
     n_tile = out.shape[1]
-    for v in numba.prange(n_tile):
-        ssv = ss[v]
+    n_chunks = (n_tile + _CHUNK - 1) // _CHUNK
+    chunk_max = np.empty((n_chunks, n_batch), np.float64)
+    for c in numba.prange(n_chunks):
+        v0 = c * _CHUNK
+        n_c = min(v0 + _CHUNK, n_tile) - v0
+        cnt = np.zeros(n_c, np.int64)
+        tot = np.empty(n_c, np.float64)
+        num = np.empty(n_c, np.float64)
+        val = np.empty(n_c, np.float32)
+        thr = threshold[col0 + v0 : col0 + v0 + n_c].astype(np.float32)
         for b in range(n_batch):
             base = b * n_rank
-            num = 0.0
-            tot = 0.0
-            for k in range(n_rank):
-                x = np.float64(w[base + k, v])
-                if k < n_interest:
-                    num += x * x
-                tot += x * x
-            rss = ssv - tot
-            if ssv <= 0.0:
-                out[b, v] = 0.0
-                continue
-            # Rounding can make rss slightly negative for a (near) perfect fit; clamp to a
-            # relative floor so the statistic stays finite and ordered.
-            if rss < ssv * 1e-12:
-                rss = ssv * 1e-12
-            sigma2 = rss / dof
+            for i in range(n_c):
+                x = np.float64(w[base, v0 + i])
+                tot[i] = x * x
+            for k in range(1, n_rank):
+                if k == n_interest:
+                    for i in range(n_c):
+                        num[i] = tot[i]
+                for i in range(n_c):
+                    x = np.float64(w[base + k, v0 + i])
+                    tot[i] += x * x
+            if n_interest == n_rank:
+                for i in range(n_c):
+                    num[i] = tot[i]
+            # simple branch-free loops (flags hoisted out) so that each vectorises
             if is_t:
-                out[b, v] = np.float64(w[base, v]) / np.sqrt(sigma2)
+                for i in range(n_c):
+                    v = v0 + i
+                    rss = ss[v] - tot[i]
+                    rss = rss if rss > rss_floor[v] else rss_floor[v]
+                    val[i] = np.float64(w[base, v]) * np.sqrt(dof / rss)
             else:
-                out[b, v] = num / n_interest / sigma2
-
-
-@numba.njit(parallel=True, cache=True)
-def max_and_counts(stat, observed, tol, two_sided, col0, maxima, counts):
-    """Per-permutation max of ``stat`` (or of ``|stat|``) and per-voxel exceedance counts.
-
-    ``maxima[b]`` is updated in place (running max over voxel tiles); ``counts[col0 + v]`` gains
-    the number of permutations whose statistic is >= ``observed[col0 + v] - tol[col0 + v]``.
-    """
-    n_batch, n_tile = stat.shape
-    for b in numba.prange(n_batch):
-        m = maxima[b]
-        for v in range(n_tile):
-            x = stat[b, v]
+                scale = dof / n_interest
+                for i in range(n_c):
+                    v = v0 + i
+                    rss = ss[v] - tot[i]
+                    rss = rss if rss > rss_floor[v] else rss_floor[v]
+                    val[i] = num[i] * scale / rss
+            for i in range(n_c):
+                out[b, v0 + i] = val[i]
             if two_sided:
-                x = abs(x)
-            if x > m:
-                m = x
-        maxima[b] = m
-    for v in numba.prange(n_tile):
-        o = observed[col0 + v] - tol[col0 + v]
-        c = 0
+                for i in range(n_c):
+                    val[i] = abs(val[i])
+            m = -np.inf
+            for i in range(n_c):
+                a = val[i]
+                m = a if a > m else m
+                cnt[i] += np.int64(a >= thr[i])
+            chunk_max[c, b] = m
+        for i in range(n_c):
+            counts[col0 + v0 + i] += cnt[i]
+    for b in range(n_batch):
+        for c in range(n_chunks):
+            if chunk_max[c, b] > maxima[b]:
+                maxima[b] = chunk_max[c, b]
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+def max_and_counts(values, threshold, two_sided, maxima, counts):
+    """Per-row max of ``values`` (n_batch, n_voxels) (of ``|values|`` if two-sided) into
+    ``maxima``, and per-voxel counts of rows with value >= ``threshold`` added to ``counts``."""
+    n_batch, n = values.shape
+    n_chunks = (n + _CHUNK - 1) // _CHUNK
+    chunk_max = np.empty((n_chunks, n_batch), np.float64)
+    for c in numba.prange(n_chunks):
+        v0 = c * _CHUNK
+        v1 = min(v0 + _CHUNK, n)
         for b in range(n_batch):
-            x = stat[b, v]
-            if two_sided:
-                x = abs(x)
-            if x >= o:
-                c += 1
-        counts[col0 + v] += c
+            m = -np.inf
+            for v in range(v0, v1):
+                a = values[b, v]
+                if two_sided:
+                    a = abs(a)
+                if a > m:
+                    m = a
+                if a >= threshold[v]:
+                    counts[v] += 1
+            chunk_max[c, b] = m
+    for b in range(n_batch):
+        m = -np.inf
+        for c in range(n_chunks):
+            m = max(m, chunk_max[c, b])
+        maxima[b] = m
 
 
 # ---------------------------------------------------------------------------------------------

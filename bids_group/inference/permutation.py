@@ -620,6 +620,7 @@ class _Engine:
         q_z = part.nuisance_basis
         resid = y - q_z @ (q_z.T @ y)  # Freedman-Lane: residuals of the nuisance-only model
         self.ss = np.sum(resid**2, axis=0)
+        self.rss_floor = np.maximum(self.ss * 1e-12, np.finfo(np.float64).tiny)
         self.resid = np.ascontiguousarray(resid, dtype=np.float32)
         self.basis = part.basis
         rank = part.basis.shape[1]
@@ -627,7 +628,13 @@ class _Engine:
         self.tile = max(256, min(n_vox, TILE_ELEMENTS // (self.batch_size * rank)))
         cmp_obs = np.abs(obs.stat) if cfg.two_sided else obs.stat
         self.cmp_obs = cmp_obs
-        self.tol = TIE_RTOL * np.maximum(np.abs(cmp_obs), 1.0)
+        self.threshold = cmp_obs - TIE_RTOL * np.maximum(np.abs(cmp_obs), 1.0)
+        # contiguous voxel tiles of the residuals, so each product reads one dense block
+        self.tile_starts = list(range(0, n_vox, self.tile))
+        self.resid_tiles = [
+            np.ascontiguousarray(self.resid[:, s : s + self.tile]) for s in self.tile_starts
+        ]
+        del self.resid
         self.counts = np.ones(n_vox, dtype=np.int64)  # the identity always counts
         self.maxima = [float(np.max(cmp_obs))]
         if obs.clusters is not None:
@@ -636,7 +643,7 @@ class _Engine:
         if obs.tfce is not None:
             t_cmp = np.abs(obs.tfce) if cfg.two_sided else obs.tfce
             self.tfce_cmp = t_cmp
-            self.tfce_tol = TIE_RTOL * np.maximum(np.abs(t_cmp), 1.0)
+            self.tfce_threshold = t_cmp - TIE_RTOL * np.maximum(np.abs(t_cmp), 1.0)
             self.tfce_counts = np.ones(n_vox, dtype=np.int64)
             self.tfce_max = [float(np.max(t_cmp))]
             self.extent_pow = tfce_mod.extent_powers(n_vox, obs.tfce_params.e)
@@ -653,30 +660,33 @@ class _Engine:
     def run_batch(self, batch: exch.Relabellings) -> None:
         cfg, part = self.cfg, self.part
         n_b = len(batch)
-        n_vox = self.resid.shape[1]
+        n_vox = self.cfg.data.shape[1]
         proj = self._projection(batch)
         rank = self.basis.shape[1]
         maxima = np.full(n_b, -np.inf)
         full = np.empty((n_b, n_vox), dtype=np.float32) if self.spatial else None
-        for start in range(0, n_vox, self.tile):
-            stop = min(start + self.tile, n_vox)
-            w = proj @ self.resid[:, start:stop]
+        for start, tile in zip(self.tile_starts, self.resid_tiles, strict=True):
+            stop = start + tile.shape[1]
+            w = proj @ tile
             out = (
                 full[:, start:stop]
                 if full is not None
                 else np.empty((n_b, stop - start), dtype=np.float32)
             )
-            _kernels.stats_from_projection(
+            _kernels.fused_stat_max_counts(
                 w,
                 self.ss[start:stop],
+                self.rss_floor[start:stop],
                 rank,
                 part.n_interest,
                 float(part.dof),
                 cfg.stat_type == "t",
+                cfg.two_sided,
+                self.threshold,
+                start,
                 out,
-            )
-            _kernels.max_and_counts(
-                out, self.cmp_obs, self.tol, cfg.two_sided, start, maxima, self.counts
+                maxima,
+                self.counts,
             )
         self.maxima.extend(maxima.tolist())
         if full is None:
@@ -695,9 +705,8 @@ class _Engine:
             tf = np.empty((n_b, n_vox), dtype=np.float32)
             tmax = np.zeros(n_b)
             tfce_mod.batch_tfce(full, params, cfg.two_sided, g, tf, tmax, self.extent_pow)
-            dummy = np.full(n_b, -np.inf)
             _kernels.max_and_counts(
-                tf, self.tfce_cmp, self.tfce_tol, cfg.two_sided, 0, dummy, self.tfce_counts
+                tf, self.tfce_threshold, cfg.two_sided, np.empty(n_b), self.tfce_counts
             )
             self.tfce_max.extend(tmax.tolist())
 
