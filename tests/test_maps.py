@@ -208,3 +208,23 @@ def test_map_writer_block_error_wins_and_pool_stops(tmp_path, grid):
 def test_map_writer_rejects_zero_jobs():
     with pytest.raises(ValueError, match="n_jobs"):
         MapWriter(n_jobs=0)
+
+
+def test_several_rows_make_a_4d_map(tmp_path):
+    """An F contrast's effect has one row per contrast row: written as one volume per row."""
+    mask = np.zeros((3, 4, 5), bool)
+    mask[1:, 1:3, 2:] = True
+    rows = np.arange(2 * mask.sum(), dtype=np.float32).reshape(2, -1)
+    path = write_statmap(
+        tmp_path / "contrast-x_stat-effect_statmap.nii.gz",
+        rows,
+        mask=mask,
+        affine=np.eye(4),
+        sidecar={},
+        stat="effect",
+    )
+    data = np.asarray(nib.load(path).dataobj)
+    assert data.shape == (3, 4, 5, 2)
+    for k in range(2):
+        np.testing.assert_array_equal(data[..., k][mask], rows[k])
+        assert np.isnan(data[..., k][~mask]).all()

@@ -66,8 +66,9 @@ def fill_volume(
 
     Parameters
     ----------
-    values : ndarray of shape (n_voxels,) or mask.shape
+    values : ndarray of shape (n_voxels,), (n_volumes, n_voxels) or mask.shape
         In-mask values in C order of the mask (as ``volume[mask]`` gives them), or a volume.
+        Several rows (e.g. the effects of an F contrast) give a 4-D image, one volume per row.
     mask : ndarray of shape (nx, ny, nz), bool
     fill : float
         Value outside the mask.
@@ -75,7 +76,7 @@ def fill_volume(
 
     Returns
     -------
-    ndarray of shape mask.shape, ``dtype``
+    ndarray of shape mask.shape (or mask.shape + (n_volumes,)), ``dtype``
 
     Examples
     --------
@@ -87,15 +88,18 @@ def fill_volume(
     if mask.dtype != bool:
         raise ValueError(f"mask must be boolean, got {mask.dtype}")
     values = np.asarray(values)
+    n_in_mask = np.count_nonzero(mask)
+    if values.ndim == 2 and values.shape[1] == n_in_mask:
+        return np.stack([fill_volume(row, mask, fill=fill, dtype=dtype) for row in values], axis=-1)
     volume = np.full(mask.shape, fill, dtype=dtype)
     if values.shape == mask.shape:
         volume[mask] = values[mask]
-    elif values.ndim == 1 and values.shape[0] == np.count_nonzero(mask):
+    elif values.ndim == 1 and values.shape[0] == n_in_mask:
         volume[mask] = values
     else:
         raise ValueError(
             f"values of shape {values.shape} fit neither the mask grid {mask.shape} nor its "
-            f"{np.count_nonzero(mask)} in-mask voxels"
+            f"{n_in_mask} in-mask voxels"
         )
     return volume
 
@@ -202,9 +206,9 @@ def write_statmap(
     ----------
     path : Path
         ``.nii.gz`` (or ``.nii``) file to write.
-    values : ndarray of shape (n_voxels,) or mask.shape
-        In-mask values (``volume[mask]`` order) or a whole volume (outside-mask voxels are
-        still set to ``fill``).
+    values : ndarray of shape (n_voxels,), (n_volumes, n_voxels) or mask.shape
+        In-mask values (``volume[mask]`` order) or a whole volume (outside-mask voxels are still
+        set to ``fill``). Several rows (e.g. an F contrast's effects) make a 4-D image.
     mask : ndarray of shape (nx, ny, nz), bool
     affine : ndarray of shape (4, 4)
     sidecar : mapping
