@@ -816,6 +816,31 @@ def test_nan_outside_subject_masks_gives_intersection_mask(tmp_path):
     _compare_maps(summary, "faces", theirs, mask)
 
 
+def test_smoothing_matches_nilearn(tmp_path):
+    """--smoothing-fwhm vs SecondLevelModel(smoothing_fwhm): NaN become 0 before smoothing and
+    the mask comes from the unsmoothed maps (nilearn smooths whole images, then masks)."""
+    n_sub = 12
+    rng = np.random.default_rng(66)
+    maps = {}
+    for i in range(n_sub):
+        data = ((_noise(rng) + 1.0 * POS + 0.3) * SUPPORT).astype(np.float32)
+        data[~SUPPORT] = np.nan
+        data[: 1 + i % 3] = np.nan
+        maps[f"{i + 1:02d}", "faces"] = data
+    paths = _write_dataset(tmp_path / "ds", maps)
+    summary = _run(tmp_path / "ds", tmp_path / "out", "--smoothing-fwhm", "6")
+    mask_path, mask = _mask(summary, "faces")
+    expected = SUPPORT.copy()
+    expected[:3] = False
+    np.testing.assert_array_equal(mask, expected)
+    from nilearn.glm.second_level import SecondLevelModel
+
+    model = SecondLevelModel(mask_img=str(mask_path), smoothing_fwhm=6, minimize_memory=False)
+    design = pd.DataFrame({"intercept": np.ones(n_sub)})
+    model = _quiet(model.fit, [str(p) for p in paths.values()], design_matrix=design)
+    _compare_maps(summary, "faces", _nilearn_contrast(model, [1.0]), mask)
+
+
 # --------------------------------------------------------------------------- 7. real data
 
 
