@@ -1,0 +1,376 @@
+"""Assemble the report of a run: figures of each thresholded map, sections, the whole content.
+
+Pure functions from the run's arrays and settings to :class:`~bids_group.report.html.ReportSection`
+objects; the pipeline calls them as results come and hands the sections to
+:func:`report_content`. The only writers are :func:`write_figures` (the PNG files beside the
+maps) and :func:`bids_group.report.html.write_report`.
+
+Background of the brain figures: the **mean of the absolute values of the input maps** over the
+mask (:func:`background_volume`). It needs no template download and shows the analysed volume
+itself; the signed mean is useless as a background since positive and negative effects cancel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bids_group.report.html import ReportContent, ReportFigure, ReportSection, ReportTable
+from bids_group.report.raster import glass_brain_png, mask_png, slices_png
+
+log = logging.getLogger(__name__)
+
+#: Stated under the brain figures and in the README.
+BACKGROUND_NOTE = (
+    "Background: mean of |input maps| over the analysis mask (computed from the data; no "
+    "template is downloaded)."
+)
+#: Cluster tables longer than this are cut in the report (the TSV has every row).
+MAX_TABLE_ROWS = 40
+#: Packages whose versions the report lists.
+_PACKAGES = ("bids-group", "numpy", "scipy", "pandas", "nibabel", "pybids", "matplotlib", "click")
+
+
+# --------------------------------------------------------------------------- run-level helpers
+
+
+class _WarningRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.messages.append(record.getMessage())
+        except Exception:  # a malformed record must not break the run
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def collect_warnings(loggers: Sequence[str] = ("bids_group", "py.warnings")) -> Iterator[list[str]]:
+    """Collect the WARNING (and worse) messages logged during the block, in order.
+
+    Yields
+    ------
+    list of str
+        Filled while the block runs; the handler is removed on exit.
+    """
+    handler = _WarningRecords()
+    targets = [logging.getLogger(name) for name in loggers]
+    for target in targets:
+        target.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        for target in targets:
+            target.removeHandler(handler)
+
+
+def software_versions() -> tuple[tuple[str, str], ...]:
+    """(name, version) of Python and the packages bids-group uses."""
+    versions = [("python", platform.python_version())]
+    for name in _PACKAGES:
+        try:
+            versions.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            continue
+    return tuple(versions)
+
+
+def now_utc() -> str:
+    """Current UTC date and time, e.g. ``2024-05-01 12:00 UTC``."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def background_volume(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of ``|maps|`` over the maps, on the grid (0 outside the mask).
+
+    Parameters
+    ----------
+    data : ndarray of shape (n_maps, n_voxels), float
+        In-mask values (``MaskedData.data``).
+    mask : ndarray of shape (nx, ny, nz), bool
+
+    Returns
+    -------
+    ndarray of shape mask.shape, float32
+    """
+    volume = np.zeros(mask.shape, dtype=np.float32)
+    volume[mask] = np.abs(data).mean(axis=0, dtype=np.float64)
+    return volume
+
+
+def write_figures(folder: Path, figures: Sequence[ReportFigure]) -> list[Path]:
+    """Write each figure's bytes to ``folder / figure.filename``; return the paths."""
+    paths = []
+    for figure in figures:
+        path = Path(folder) / figure.filename
+        path.write_bytes(figure.data)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def map_figures(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    *,
+    mask: np.ndarray,
+    background: np.ndarray,
+    threshold: float | None,
+    label: str,
+    title: str,
+    filenames: tuple[str, str],
+    vmax: float | None = None,
+    shown: str | None = None,
+) -> tuple[ReportFigure, ReportFigure]:
+    """Orthogonal slices and glass brain of a thresholded map.
+
+    Parameters
+    ----------
+    volume : ndarray of shape (nx, ny, nz)
+        The thresholded map (0 below threshold, NaN or 0 outside the mask).
+    affine : ndarray of shape (4, 4)
+    mask, background : ndarray of shape (nx, ny, nz)
+    threshold : float or None
+        In the units of ``label`` (e.g. z); None shows every non-zero voxel.
+    label : str
+        Units of the map (``"z"``, ``"TDP"``).
+    title : str
+    filenames : (str, str)
+        Names of the slices and glass-brain files.
+    vmax : float, optional
+    shown : str, optional
+        What is shown, for the captions (e.g. ``"|z| > 3.09"``); default ``label > threshold``.
+
+    Returns
+    -------
+    (ReportFigure, ReportFigure)
+    """
+    clean = np.where(mask, np.nan_to_num(volume), 0.0)
+    units = shown or (f"{label} > {threshold:.3g}" if threshold is not None else f"{label} > 0")
+    slices = slices_png(clean, affine, background_vol=background, threshold=threshold,
+                        title=title, colorbar_label=label, vmax=vmax)  # fmt: skip
+    glass = glass_brain_png(clean, affine, threshold=threshold, outline_vol=mask, title=title,
+                            colorbar_label=label, vmax=vmax)  # fmt: skip
+    return (
+        ReportFigure(
+            "Orthogonal slices at the peak",
+            slices,
+            "image/png",
+            f"Shown: {units}. {BACKGROUND_NOTE}",
+            filenames[0],
+        ),  # fmt: skip
+        ReportFigure(
+            "Glass brain (maximum-intensity projection)",
+            glass,
+            "image/png",
+            f"Shown: {units}. Silhouette: the analysis mask.",
+            filenames[1],
+        ),  # fmt: skip
+    )
+
+
+def mask_figure(mask: np.ndarray, background: np.ndarray, affine: np.ndarray, *, filename: str):
+    """The analysis mask outlined over the background, titled with its voxel count."""
+    n_voxels = int(np.count_nonzero(mask))
+    data = mask_png(mask, background, affine, title=f"Analysis mask: {n_voxels:,} voxels")
+    return ReportFigure("Analysis mask", data, "image/png",
+                        f"Red: outline of the {n_voxels:,} voxels analysed. {BACKGROUND_NOTE}",
+                        filename)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _table(frame: pd.DataFrame, *, title: str, caption: str, drop=()) -> ReportTable:
+    frame = frame.drop(columns=[c for c in drop if c in frame.columns])
+    if len(frame) > MAX_TABLE_ROWS:
+        caption += f" First {MAX_TABLE_ROWS} of {len(frame)} rows (all in the TSV file)."
+        frame = frame.iloc[:MAX_TABLE_ROWS]
+    return ReportTable.from_dataframe(frame, title=title, caption=caption)
+
+
+def cluster_report_table(table: pd.DataFrame, *, filename: str) -> ReportTable:
+    """The parametric cluster table (peaks and subpeaks) for the report."""
+    caption = f"Peak coordinates in mm; peak_p uncorrected. File: {filename}"
+    return _table(table, title="Clusters", caption=caption, drop=("cluster",))
+
+
+def ari_report_table(table: pd.DataFrame, *, alpha: float, filename: str) -> ReportTable:
+    """The ARI table: per threshold and cluster, the lower bounds of true discoveries and TDP."""
+    caption = (
+        f"true_discoveries and tdp are lower bounds holding simultaneously for all clusters, "
+        f"with {1 - alpha:.0%} confidence (alpha = {alpha:g}). Coordinates in mm. File: {filename}"
+    )
+    return _table(table, title="ARI clusters", caption=caption)
+
+
+def weights_table(weights: np.ndarray, columns: Sequence[str], test: str) -> ReportTable:
+    """Contrast weights, one row per row of the contrast (F: several)."""
+    rows = np.atleast_2d(weights)
+    frame = pd.DataFrame(rows, columns=list(columns))
+    frame.insert(0, "row", [f"{test} row {i + 1}" for i in range(len(rows))] if len(rows) > 1
+                 else [test])  # fmt: skip
+    return ReportTable.from_dataframe(frame, title="Weights")
+
+
+def design_tables(summary: Mapping[str, Any]) -> tuple[ReportTable, ...]:
+    """Correlation of the design columns and their variance inflation factors."""
+    columns = list(summary["columns"])
+    corr = pd.DataFrame(np.asarray(summary["correlation"], dtype=float), columns=columns)
+    corr.insert(0, "column", columns)
+    vif = pd.DataFrame({"column": columns, "VIF": [summary["vif"][c] for c in columns]})
+    return (
+        ReportTable.from_dataframe(corr, title="Correlation of the design columns",
+                                   caption="Pearson correlation (blank: constant column).",
+                                   float_digits=3),  # fmt: skip
+        ReportTable.from_dataframe(vif, title="Variance inflation factors", float_digits=3,
+                                   caption="1 / (1 - R²) of each column on the others; "
+                                   "above 10 the column is nearly collinear with the others."),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class MethodReport:
+    """One correction method of one contrast, as the report shows it.
+
+    Attributes
+    ----------
+    title : str
+        E.g. ``"uncorrected |z| > 3.09, clusters >= 20 voxels"``.
+    facts : tuple of (str, str)
+        Threshold (with its units), alpha, surviving voxels...
+    figures : tuple of ReportFigure
+    table : ReportTable or None
+    null : ReportFigure or None
+        Permutation methods: the null distribution of the maximum with the observed value and
+        the critical threshold (:func:`bids_group.report.plots.null_distribution_plot`). The
+        hook for permutation inference: set it and the figure appears first in the section.
+    """
+
+    title: str
+    facts: tuple[tuple[str, str], ...] = ()
+    figures: tuple[ReportFigure, ...] = ()
+    table: ReportTable | None = None
+    null: ReportFigure | None = None
+
+    def section(self) -> ReportSection:
+        figures = ((self.null,) if self.null is not None else ()) + self.figures
+        tables = (self.table,) if self.table is not None else ()
+        return ReportSection(self.title, facts=self.facts, figures=figures, tables=tables)
+
+
+def contrast_section(
+    label: str,
+    *,
+    name: str,
+    weights: np.ndarray,
+    columns: Sequence[str],
+    test: str,
+    dof: Sequence[float],
+    methods: Sequence[MethodReport],
+) -> ReportSection:
+    """A contrast: its weights, then one sub-part per correction method."""
+    dof_text = ", ".join(f"{d:g}" for d in dof)
+    parts = [m.section() for m in methods]
+    return ReportSection(
+        f"Contrast {label}",
+        facts=(("name in the model", name), ("test", f"{test} ({dof_text} degrees of freedom)")),
+        tables=(weights_table(weights, columns, test),),
+        subsections=tuple(parts),
+    )
+
+
+def analysis_sections(
+    title: str,
+    *,
+    facts: Sequence[tuple[str, str]],
+    design_svg: bytes,
+    design_filename: str,
+    design_summary: Mapping[str, Any],
+    mask: ReportFigure,
+    contrasts: Sequence[ReportSection],
+) -> tuple[ReportSection, ...]:
+    """The model of one GroupBy group (design, mask) followed by its contrasts' sections.
+
+    The contrasts come as top-level sections (so each has its own entry in the contents).
+    """
+    cond = design_summary["condition_number"]
+    design_facts = (
+        ("condition number", f"{cond:.3g}" if np.isfinite(cond) else "inf (rank deficient)"),
+        ("rank", f"{design_summary['rank']} of {design_summary['n_columns']} columns"),
+    )
+    design = ReportFigure("Design matrix", design_svg, "image/svg+xml",
+                          "Each column scaled to max |value| = 1.", design_filename)  # fmt: skip
+    model = ReportSection(
+        title,
+        facts=(*facts, *design_facts),
+        figures=(design, mask),
+        tables=design_tables(design_summary),
+    )
+    return (model, *contrasts)
+
+
+def inference_facts(inference: Any) -> tuple[tuple[str, str], ...]:
+    """The run's inference settings as (name, value) pairs."""
+    settings = vars(inference)
+    facts = [
+        ("height control", str(settings["height_control"])),
+        ("alpha", "—" if settings["height_control"] == "none" else f"{settings['alpha']:g}"),
+    ]
+    if settings.get("threshold") is not None:
+        facts.append(("threshold", f"z > {settings['threshold']:g}"))
+    facts += [
+        ("cluster extent", f"{settings['cluster_threshold']} voxels"),
+        ("sides", "two-sided (t contrasts)" if settings["two_sided"] else "one-sided"),
+        ("connectivity", str(settings["connectivity"])),
+    ]
+    if settings.get("smoothing_fwhm"):
+        facts.append(("smoothing", f"{settings['smoothing_fwhm']:g} mm FWHM"))
+    if settings.get("ari"):
+        thresholds = ", ".join(f"{t:g}" for t in settings["ari_thresholds"])
+        facts.append(("ARI", f"z thresholds {thresholds}; alpha {settings['ari_alpha']:g}"))
+    return tuple(facts)
+
+
+def report_content(
+    *,
+    title: str,
+    command: str,
+    summary: Sequence[tuple[str, str]],
+    model_json: str,
+    inference: Any,
+    sections: Sequence[ReportSection],
+    warnings: Sequence[str],
+    created: str | None = None,
+) -> ReportContent:
+    """The whole report: run facts, model as run, inference settings, every analysis."""
+    head = (
+        ReportSection("Model as run", code=model_json),
+        ReportSection("Inference settings", facts=inference_facts(inference)),
+    )
+    return ReportContent(
+        title=title,
+        command=command,
+        created=created or now_utc(),
+        versions=software_versions(),
+        summary=tuple(summary),
+        sections=(*head, *sections),
+        warnings=tuple(warnings),
+    )
