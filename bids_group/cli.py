@@ -21,6 +21,8 @@ from bids_group import __version__
 from bids_group.config import (
     ANALYSIS_LEVELS,
     CONNECTIVITIES,
+    DEFAULT_ARI_ALPHA,
+    DEFAULT_ARI_THRESHOLDS,
     DEFAULT_CLUSTER_THRESHOLD,
     DEFAULT_CONNECTIVITY,
     DEFAULT_HEIGHT_CONTROL,
@@ -191,6 +193,35 @@ def _underscored(name: str) -> str:
     help=f"Cluster connectivity: 6 faces, 18 edges, 26 corners. [default: {DEFAULT_CONNECTIVITY}]",
 )
 @_option(
+    "--ari/--no-ari",
+    "ari",
+    default=None,
+    help="All-Resolution Inference: lower bounds of the true discovery proportion of the "
+    "clusters at each --ari-thresholds value (simultaneous at --ari-alpha). [default: no-ari]",
+)
+@_option(
+    "--ari-thresholds",
+    "ari_thresholds",
+    multiple=True,
+    type=float,
+    metavar="Z",
+    help="Cluster-forming thresholds of ARI, in z units (> 0): --ari-thresholds 3.0 3.5. "
+    f"[default: {' '.join(map(str, DEFAULT_ARI_THRESHOLDS))}]",
+)
+@_option(
+    "--ari-alpha",
+    type=float,
+    help="Level of the ARI bounds. [default: --alpha with fdr or bonferroni, else "
+    f"{DEFAULT_ARI_ALPHA}]",
+)
+@_option(
+    "--report/--no-report",
+    default=True,
+    show_default=True,
+    help="Write the HTML report (OUT_DIR/model-<name>_report.html) and the PNG figures beside "
+    "the thresholded maps.",
+)
+@_option(
     "--n-jobs",
     "--nprocs",
     "n_jobs",
@@ -278,6 +309,9 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         "two_sided": options["two_sided"],
         "connectivity": int(options["connectivity"]) if options["connectivity"] else None,
         "smoothing_fwhm": options["smoothing_fwhm"],
+        "ari": options["ari"],
+        "ari_thresholds": tuple(options["ari_thresholds"]) or None,
+        "ari_alpha": options["ari_alpha"],
     }
     return RunConfig(
         bids_dir=bids_dir,
@@ -294,6 +328,7 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         overwrite=options["overwrite"],
         json_summary=options["json_summary"],
         command=shlex.join(["bids-group", *sys.argv[1:]]),
+        report=options["report"],
     )
 
 
@@ -317,11 +352,18 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-_MULTI_VALUE_OPTIONS = ("--participant-label", "--participant_label")
+_MULTI_VALUE_OPTIONS = (
+    "--participant-label",
+    "--participant_label",
+    "--ari-thresholds",
+    "--ari_thresholds",
+)
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:
     """Accept ``--participant-label 01 02 03`` (argparse ``nargs='+'``, as in fMRIPrep).
+
+    The same for ``--ari-thresholds 3.0 3.5``.
 
     Click takes one value per occurrence, so every following token that is not an option is
     given its own ``--participant-label``. As with argparse, put such options after the
@@ -358,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = expand_multi_value_options(list(argv))
     state = {"verbosity": 0}
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    saved_logging = _logging_state()
     try:
         cli.main(args=argv, prog_name="bids-group", standalone_mode=False, obj=state)
         return 0
@@ -398,6 +441,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _restore_logging(saved_logging)
+
+
+_LOGGERS = ("bids_group", "py.warnings")
+
+
+def _logging_state() -> list[tuple[logging.Logger, list[logging.Handler], int, bool]]:
+    loggers = [logging.getLogger(name) for name in _LOGGERS]
+    return [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+
+
+def _restore_logging(state: list[tuple[logging.Logger, list[logging.Handler], int, bool]]) -> None:
+    """Undo :func:`_setup_logging`, so that calling :func:`main` in-process (tests, notebooks)
+    leaves the caller's logging as it was."""
+    for logger, handlers, level, propagate in state:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+    logging.captureWarnings(False)
 
 
 def console_main() -> None:

@@ -28,6 +28,13 @@ DEFAULT_MIN_DISTANCE_MM = 8.0
 HEIGHT_CONTROLS: tuple[str, ...] = ("fpr", "fdr", "bonferroni", "none")
 CONNECTIVITIES: tuple[int, ...] = (6, 18, 26)
 ANALYSIS_LEVELS: tuple[str, ...] = ("group", "dataset")
+#: ARI: cluster-forming z thresholds (nilearn's cluster_level_inference default) and the level
+#: used when neither ARIAlpha nor a family-wise / FDR alpha of the run gives one.
+DEFAULT_ARI_THRESHOLDS: tuple[float, ...] = (3.0,)
+DEFAULT_ARI_ALPHA = 0.05
+#: Height controls whose alpha is a level for the whole family, so ARI may reuse it (fpr's
+#: alpha is a per-voxel p threshold, 0.001 by default: not a sensible confidence level).
+_FAMILY_ALPHA_CONTROLS = ("fdr", "bonferroni")
 _HEIGHT_SETTINGS = ("height_control", "alpha", "threshold")
 
 
@@ -42,6 +49,9 @@ class InferenceConfig:
     two_sided: bool = DEFAULT_TWO_SIDED
     connectivity: int = DEFAULT_CONNECTIVITY
     smoothing_fwhm: float | None = None
+    ari: bool = False
+    ari_thresholds: tuple[float, ...] = DEFAULT_ARI_THRESHOLDS
+    ari_alpha: float = DEFAULT_ARI_ALPHA
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,8 @@ class RunConfig:
     inference_overrides : mapping
         Inference settings given on the command line (field name -> value); they override the
         model file's extension block, which overrides the defaults.
+    report : bool
+        Write the HTML report and the figures beside the maps (``--no-report`` skips them).
     """
 
     bids_dir: Path
@@ -73,6 +85,7 @@ class RunConfig:
     overwrite: bool = False
     json_summary: bool = False
     command: str = ""
+    report: bool = True
 
 
 def resolve_inference(
@@ -89,6 +102,8 @@ def resolve_inference(
     merged: dict[str, Any] = {}
     if from_model is not None:
         merged.update({k: v for k, v in vars(from_model).items() if v is not None and k != "extra"})
+        # Accepted keys without an attribute of their own (e.g. ARIAlpha -> ari_alpha).
+        merged.update({k: v for k, v in (from_model.extra or {}).items() if v is not None})
     if overrides.get("height_control") is not None:
         # The height settings go together: a height control given on the command line replaces
         # the model file's control, alpha and threshold as a unit (its own alpha/threshold, if
@@ -103,6 +118,13 @@ def resolve_inference(
     if "alpha" not in merged:
         method = merged.get("height_control", DEFAULT_HEIGHT_CONTROL)
         merged["alpha"] = HEIGHT_DEFAULT_ALPHA.get(method, HEIGHT_DEFAULT_ALPHA["fpr"])
+    if merged.get("ari_alpha") is None:
+        # ARI's level: ARIAlpha / --ari-alpha, else the run's family-wise or FDR alpha.
+        method = merged.get("height_control", DEFAULT_HEIGHT_CONTROL)
+        family = method in _FAMILY_ALPHA_CONTROLS
+        merged["ari_alpha"] = merged["alpha"] if family else DEFAULT_ARI_ALPHA
+    if merged.get("ari_thresholds") is not None:
+        merged["ari_thresholds"] = tuple(sorted({float(t) for t in merged["ari_thresholds"]}))
     config = replace(InferenceConfig(), **merged)
     _check_inference(config)
     return config
@@ -134,5 +156,12 @@ def _check_inference(config: InferenceConfig) -> None:
             f"connectivity == {config.connectivity}, must be one of 6 (faces), 18 (edges), "
             "26 (corners)"
         )
+    if not config.ari_thresholds or min(config.ari_thresholds) <= 0:
+        raise UsageError(
+            f"ARI thresholds {list(config.ari_thresholds)} must be z values > 0, "
+            "e.g. --ari-thresholds 3.0 3.5"
+        )
+    if not 0.0 < config.ari_alpha < 1.0:
+        raise UsageError(f"ARI alpha == {config.ari_alpha}, must be > 0 and < 1")
     if config.smoothing_fwhm is not None and config.smoothing_fwhm < 0:
         raise UsageError(f"--smoothing-fwhm == {config.smoothing_fwhm}, must be >= 0 mm")

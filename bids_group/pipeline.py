@@ -25,6 +25,7 @@ from bids_group.design import Contrast, Design, build_design, resolve_contrasts,
 from bids_group.errors import DataError, UsageError
 from bids_group.glm import fit_ols
 from bids_group.images import MaskedData, load_masked_data
+from bids_group.inference.ari import ARIResult, ari_clusters
 from bids_group.inference.clusters import (
     apply_cluster_extent,
     cluster_table,
@@ -39,12 +40,16 @@ from bids_group.outputs.figures import design_summary, plot_design_matrix
 from bids_group.outputs.maps import MapWriter, write_mask
 from bids_group.outputs.staging import check_writable, staged_output
 from bids_group.outputs.tables import write_table
+from bids_group.report import build as report
+from bids_group.report.html import ReportSection, write_report
 from bids_group.spec import ModelSpec, default_spec, load_spec, resolved_model_dict
 
 log = logging.getLogger(__name__)
 
 #: Entities that may appear in GroupBy (each becomes part of the output names).
 GROUPABLE_ENTITIES = ("contrast", "task", "space")
+#: A design column with a variance inflation factor above this is reported as near collinear.
+VIF_WARNING = 10.0
 
 
 @dataclass(frozen=True)
@@ -85,15 +90,14 @@ def run(config: RunConfig) -> RunResult:
     _isolate_caches(config.work_dir)
     spec = load_spec(config.model) if config.model else default_spec()
     inference = resolve_inference(config.inference_overrides, spec.inference)
-    check_writable(
-        config.out_dir,
-        overwrite=config.overwrite,
-        entries=[
-            naming.DATASET_DESCRIPTION,
-            naming.model_name(to_label(spec.name)),
-            naming.node_dir(to_label(spec.node_name)),
-        ],
-    )
+    entries = [
+        naming.DATASET_DESCRIPTION,
+        naming.model_name(to_label(spec.name)),
+        naming.node_dir(to_label(spec.node_name)),
+    ]
+    if config.report:
+        entries.append(naming.report_name(to_label(spec.name)))
+    check_writable(config.out_dir, overwrite=config.overwrite, entries=entries)
     inputs = collect_inputs(
         config.bids_dir,
         derivatives=config.derivatives,
@@ -117,19 +121,31 @@ def run(config: RunConfig) -> RunResult:
         "inference": vars(inference),
         "analyses": [],
     }
-    with staged_output(config.out_dir, overwrite=config.overwrite) as stage:
+    sections: list[ReportSection] = []
+    with (
+        report.collect_warnings() as warnings,
+        staged_output(config.out_dir, overwrite=config.overwrite) as stage,
+    ):
         written += _write_run_metadata(stage, config, spec, analyses, inputs.source_datasets)
         node_dir = stage / naming.node_dir(to_label(spec.node_name))
         node_dir.mkdir(parents=True, exist_ok=True)
         with MapWriter(n_jobs=config.n_jobs) as writer:
             for analysis in analyses:
-                files, analysis_summary = _run_analysis(
+                files, analysis_summary, parts = _run_analysis(
                     analysis, config, spec, inference, node_dir, writer
                 )
                 written += files
+                sections += parts
                 summary["analyses"].append(analysis_summary)
+        if config.report:
+            summary["seconds"] = round(time.perf_counter() - started, 3)
+            written.append(
+                _write_report(stage, config, spec, inference, inputs, sections, warnings, summary)
+            )
     final = tuple(config.out_dir / p.relative_to(stage) for p in written)
     summary["files"] = [str(p) for p in final]
+    if config.report:
+        summary["report"] = str(final[-1])
     summary["seconds"] = round(time.perf_counter() - started, 3)
     log.info("done in %.1f s: %d files in %s", summary["seconds"], len(final), config.out_dir)
     return RunResult(written=final, summary=summary)
@@ -177,7 +193,9 @@ def _run_analysis(
     inference: InferenceConfig,
     node_dir: Path,
     writer: MapWriter,
-) -> tuple[list[Path], dict[str, Any]]:
+) -> tuple[list[Path], dict[str, Any], list[ReportSection]]:
+    """Fit one model and write its outputs; return the files, a summary and report sections
+    (none when ``config.report`` is off)."""
     where = ", ".join(f"{k} {v}" for k, v in analysis.group.items()) or "all maps"
     log.info(
         "model for %s: %d maps, columns %s", where, len(analysis.maps), analysis.design.columns
@@ -192,16 +210,37 @@ def _run_analysis(
     log.info("mask: %d voxels", data.data.shape[1])
     fit = fit_ols(data.data, analysis.design.matrix)
     entities = analysis.name_entities
-    written = _write_design(analysis, data, node_dir, entities, writer)
-    contrasts_summary = []
+    written, design_info = _write_design(analysis, data, node_dir, entities, writer)
+    view = (
+        _ReportView(data, report.background_volume(data.data, data.mask)) if config.report else None
+    )
+    contrasts_summary, contrast_sections = [], []
     for contrast in analysis.contrasts:
         result = compute_contrast(fit, contrast.weights, contrast.test)
         label = group_contrast_label(analysis.input_contrast, contrast.name)
-        files, contrast_summary = _write_contrast(
-            analysis, contrast, label, result, data, inference, node_dir, entities, writer
+        files, contrast_summary, methods = _write_contrast(
+            analysis, contrast, label, result, data, inference, node_dir, entities, writer, view
         )
         written += files
         contrasts_summary.append(contrast_summary)
+        if view is not None:
+            contrast_sections.append(
+                report.contrast_section(
+                    label,
+                    name=contrast.name,
+                    weights=contrast.weights,
+                    columns=analysis.design.columns,
+                    test=result.stat_type,
+                    dof=result.dof,
+                    methods=methods,
+                )  # fmt: skip
+            )
+    sections: list[ReportSection] = []
+    if view is not None:
+        files, sections = _analysis_report(
+            analysis, where, data, fit.dof, design_info, view, contrast_sections, node_dir
+        )
+        written += files
     summary = {
         "group": dict(analysis.group),
         "n_maps": len(analysis.maps),
@@ -211,7 +250,79 @@ def _run_analysis(
         "mask_voxels": int(data.data.shape[1]),
         "contrasts": contrasts_summary,
     }
-    return written, summary
+    return written, summary, sections
+
+
+@dataclass(frozen=True)
+class _ReportView:
+    """What the figures of one analysis share: its data grid and the background volume."""
+
+    data: MaskedData
+    background: np.ndarray
+
+    def figures(self, volume, *, threshold, label, title, names, vmax=None, shown=None) -> tuple:
+        return report.map_figures(volume, self.data.affine, mask=self.data.mask,
+                                  background=self.background, threshold=threshold, label=label,
+                                  title=title, filenames=names, vmax=vmax,
+                                  shown=shown)  # fmt: skip
+
+
+def _analysis_report(
+    analysis: Analysis,
+    where: str,
+    data: MaskedData,
+    dof: float,
+    design_info: tuple[Path, dict[str, Any]],
+    view: _ReportView,
+    contrast_sections: list[ReportSection],
+    node_dir: Path,
+) -> tuple[list[Path], list[ReportSection]]:
+    """The mask figure (written beside the mask) and the report sections of one analysis."""
+    figure_path, summary = design_info
+    mask_name = naming.mask_name(
+        contrast=_label(analysis.input_contrast), extension=".png", **analysis.name_entities
+    )
+    mask = report.mask_figure(data.mask, view.background, data.affine, filename=mask_name)
+    facts = (
+        ("input maps", str(len(analysis.maps))),
+        ("residual degrees of freedom", f"{dof:g}"),
+        ("mask voxels", f"{int(data.mask.sum()):,}"),
+        ("voxels dropped from the mask", f"{data.n_dropped:,}"),
+    )
+    sections = report.analysis_sections(
+        f"Model for {where}", facts=facts, design_svg=figure_path.read_bytes(),
+        design_filename=figure_path.name, design_summary=summary, mask=mask,
+        contrasts=contrast_sections,
+    )  # fmt: skip
+    return report.write_figures(node_dir, [mask]), list(sections)
+
+
+def _write_report(
+    stage: Path,
+    config: RunConfig,
+    spec: ModelSpec,
+    inference: InferenceConfig,
+    inputs: Any,
+    sections: list[ReportSection],
+    warnings: list[str],
+    summary: Mapping[str, Any],
+) -> Path:
+    model_label = to_label(spec.name)
+    model_json = (stage / naming.model_name(model_label)).read_text(encoding="utf-8")
+    facts = (
+        ("dataset", str(config.bids_dir)),
+        ("output folder", str(config.out_dir)),
+        ("input maps", str(len(inputs.maps))),
+        ("participants", str(len({m.entities["subject"] for m in inputs.maps}))),
+        ("models fitted", str(len(summary["analyses"]))),
+        ("analysis time", f"{summary['seconds']:.1f} s (before the report)"),
+    )
+    content = report.report_content(
+        title=f"bids-group · model {spec.name} · node {spec.node_name}",
+        command=config.command or "(not recorded)", summary=facts, model_json=model_json,
+        inference=inference, sections=sections, warnings=list(warnings),
+    )  # fmt: skip
+    return write_report(stage / naming.report_name(model_label), content)
 
 
 def _write_design(
@@ -220,7 +331,7 @@ def _write_design(
     node_dir: Path,
     entities: Mapping[str, str],
     writer: MapWriter,
-) -> list[Path]:
+) -> tuple[list[Path], tuple[Path, dict[str, Any]]]:
     design = analysis.design
     input_contrast = analysis.input_contrast
     table = design.variables.loc[:, []].copy()
@@ -230,16 +341,22 @@ def _write_design(
         table[column] = design.matrix[:, j]
     label = _label(input_contrast)
     design_path = node_dir / naming.design_name(contrast=label, **entities)
-    write_table(
-        design_path,
-        table,
-        {"Description": "Design matrix as fitted", **design_summary(design.matrix, design.columns)},
-    )
+    summary = design_summary(design.matrix, design.columns)
+    collinear = {c: v for c, v in summary["vif"].items() if not v <= VIF_WARNING}
+    if collinear:
+        log.warning(
+            "near-collinear design%s: variance inflation factor above %g for %s",
+            f" (input contrast {input_contrast})" if input_contrast else "",
+            VIF_WARNING,
+            ", ".join(f"{c} ({v:.3g})" for c, v in collinear.items()),
+        )
+    write_table(design_path, table, {"Description": "Design matrix as fitted", **summary})
     figure_path = node_dir / naming.design_figure_name(contrast=label, **entities)
     plot_design_matrix(design.matrix, design.columns, list(table["subject"]), figure_path)
     mask_path = node_dir / naming.mask_name(contrast=label, **entities)
     write_mask(mask_path, data.mask, data.affine)
-    return [design_path, design_path.with_suffix(".json"), figure_path, mask_path]
+    files = [design_path, design_path.with_suffix(".json"), figure_path, mask_path]
+    return files, (figure_path, summary)
 
 
 def _label(input_contrast: str | None) -> str | None:
@@ -256,7 +373,13 @@ def _write_contrast(
     node_dir: Path,
     entities: Mapping[str, str],
     writer: MapWriter,
-) -> tuple[list[Path], dict[str, Any]]:
+    view: _ReportView | None = None,
+) -> tuple[list[Path], dict[str, Any], list[report.MethodReport]]:
+    """Every output of one contrast: maps, thresholded map and table, ARI, figures.
+
+    Returns the written files, the contrast's summary and (with ``view``) one
+    :class:`~bids_group.report.build.MethodReport` per correction method.
+    """
     two_sided = inference.two_sided and result.stat_type == "t"
     common = {
         "Contrast": contrast.name,
@@ -267,6 +390,53 @@ def _write_contrast(
         "InputMaps": [str(m.path) for m in analysis.maps],
         "Software": {"Name": "bids-group", "Version": __version__, "CodeURL": CODE_URL},
     }
+    out = _ContrastOutput(node_dir, label, entities, data, writer, common, result.dof)
+    written = _write_contrast_maps(out, result, two_sided)
+    z_vol = np.zeros(data.mask.shape, dtype=np.float64)
+    z_vol[data.mask] = result.z
+    files, summary, method = _write_height(out, contrast, result, z_vol, inference, two_sided, view)
+    written += files
+    methods = [method] if method is not None else []
+    if inference.ari:
+        files, summary["ari"], method = _write_ari(out, z_vol, inference, two_sided, view)
+        written += files
+        methods += [method] if method is not None else []
+    return written, summary, methods
+
+
+@dataclass(frozen=True)
+class _ContrastOutput:
+    """Where and how the maps of one contrast are written (shared by its writers)."""
+
+    node_dir: Path
+    label: str
+    entities: Mapping[str, str]
+    data: MaskedData
+    writer: MapWriter
+    common: Mapping[str, Any]
+    dof: tuple[float, ...]
+
+    def statmap(self, stat: str, values: np.ndarray, sidecar: Mapping[str, Any], desc=None):
+        path = self.node_dir / naming.statmap_name(
+            contrast=self.label, stat=stat, desc=desc, **self.entities
+        )
+        self.writer.submit(path, values, mask=self.data.mask, affine=self.data.affine,
+                           sidecar={**self.common, **sidecar}, stat=stat, dof=self.dof)  # fmt: skip
+        return [path, path.with_name(naming.sidecar_name(path.name))]
+
+    def name(self, builder, **kwargs) -> Path:
+        return self.node_dir / builder(contrast=self.label, **self.entities, **kwargs)
+
+    def figure_names(self, stat: str, desc: str) -> tuple[str, str]:
+        return tuple(
+            naming.figure_name(
+                contrast=self.label, stat=stat, desc=desc, kind=kind, **self.entities
+            )  # fmt: skip
+            for kind in naming.FIGURE_SUFFIXES
+        )
+
+
+def _write_contrast_maps(out: _ContrastOutput, result: ContrastResult, two_sided: bool):
     p_values = result.two_sided_p() if two_sided else result.p
     maps = {
         "effect": result.effect if result.effect.shape[0] > 1 else result.effect[0],
@@ -277,97 +447,165 @@ def _write_contrast(
     }
     written = []
     for stat, values in maps.items():
-        path = node_dir / naming.statmap_name(contrast=label, stat=stat, **entities)
-        sidecar = {**common, "Statistic": stat}
+        sidecar = {"Statistic": stat}
         if stat == "p":
             sidecar["PValueSidedness"] = "two-sided" if two_sided else "one-sided (upper tail)"
-        writer.submit(
-            path,
-            values,
-            mask=data.mask,
-            affine=data.affine,
-            sidecar=sidecar,
-            stat=stat,
-            dof=result.dof,
-        )
-        written += [path, path.with_name(path.name.replace(".nii.gz", ".json"))]
+        written += out.statmap(stat, values, sidecar)
+    return written
+
+
+def _write_height(
+    out: _ContrastOutput,
+    contrast: Contrast,
+    result: ContrastResult,
+    z_vol: np.ndarray,
+    inference: InferenceConfig,
+    two_sided: bool,
+    view: _ReportView | None,
+) -> tuple[list[Path], dict[str, Any], report.MethodReport | None]:
+    """Height (+ cluster extent) thresholding: thresholded z map, cluster table, figures."""
+    mask = out.data.mask
     uncorrected = inference.height_control == "none"
-    threshold = height_threshold(
-        result.z,
-        method=inference.height_control,
-        alpha=None if uncorrected else inference.alpha,
-        threshold=inference.threshold,
-        two_sided=two_sided,
-    )
-    z_vol = np.zeros(data.mask.shape, dtype=np.float64)
-    z_vol[data.mask] = result.z
-    thresholded = apply_cluster_extent(
-        z_vol,
-        z_threshold=threshold.z_threshold,
-        cluster_threshold=inference.cluster_threshold,
-        two_sided=two_sided,
-        connectivity=inference.connectivity,
-    )
-    desc = naming.desc_label(
-        inference.height_control,
-        alpha=None if uncorrected else inference.alpha,
-        cluster_threshold=inference.cluster_threshold,
-    )
+    alpha = None if uncorrected else inference.alpha
+    threshold = height_threshold(result.z, method=inference.height_control, alpha=alpha,
+                                 threshold=inference.threshold, two_sided=two_sided)  # fmt: skip
+    clusters = {"cluster_threshold": inference.cluster_threshold, "two_sided": two_sided,
+                "connectivity": inference.connectivity}  # fmt: skip
+    thresholded = apply_cluster_extent(z_vol, z_threshold=threshold.z_threshold, **clusters)
+    desc = naming.desc_label(inference.height_control, alpha=alpha,
+                             cluster_threshold=inference.cluster_threshold)  # fmt: skip
     threshold_meta = _threshold_metadata(threshold, inference)
-    thr_path = node_dir / naming.statmap_name(contrast=label, stat="z", desc=desc, **entities)
-    writer.submit(
-        thr_path,
-        thresholded[data.mask],
-        mask=data.mask,
-        affine=data.affine,
-        sidecar={**common, "Statistic": "z", "Threshold": threshold_meta},
-        stat="z",
-        dof=result.dof,
-    )
-    written += [thr_path, thr_path.with_name(thr_path.name.replace(".nii.gz", ".json"))]
-    table = cluster_table(
-        z_vol,
-        data.affine,
-        z_threshold=threshold.z_threshold,
-        cluster_threshold=inference.cluster_threshold,
-        two_sided=two_sided,
-        connectivity=inference.connectivity,
-    )
-    table_path = node_dir / naming.clusters_name(contrast=label, stat="z", desc=desc, **entities)
-    meta = cluster_table_metadata(
-        z_threshold=threshold.z_threshold,
-        cluster_threshold=inference.cluster_threshold,
-        two_sided=two_sided,
-        connectivity=inference.connectivity,
-        height_control=inference.height_control,
-        alpha=None if uncorrected else inference.alpha,
-        p_threshold=threshold.p_threshold,
-    )
+    written = out.statmap("z", thresholded[mask], {"Statistic": "z", "Threshold": threshold_meta},
+                          desc=desc)  # fmt: skip
+    table = cluster_table(z_vol, out.data.affine, z_threshold=threshold.z_threshold, **clusters)
+    table_path = out.name(naming.clusters_name, stat="z", desc=desc)
+    meta = cluster_table_metadata(z_threshold=threshold.z_threshold,
+                                  height_control=inference.height_control, alpha=alpha,
+                                  p_threshold=threshold.p_threshold, **clusters)  # fmt: skip
     write_table(table_path, table, {**meta, "Threshold": threshold_meta, "Contrast": contrast.name})
     written += [table_path, table_path.with_suffix(".json")]
     n_surviving = int(np.count_nonzero(thresholded))
-    log.info(
-        "contrast %s: z threshold %.3f (%s), %d voxel(s) survive, %d cluster(s)",
-        label,
-        threshold.z_threshold,
-        inference.height_control,
-        n_surviving,
+    n_clusters = (
         int((~table["cluster_id"].astype(str).str.contains("[a-z]", regex=True)).sum())
         if len(table)
-        else 0,
+        else 0
     )
+    log.info("contrast %s: z threshold %.3f (%s), %d voxel(s) survive, %d cluster(s)",
+             out.label, threshold.z_threshold, inference.height_control, n_surviving,
+             n_clusters)  # fmt: skip
+    finite = bool(np.isfinite(threshold.z_threshold))
     summary = {
         "contrast": contrast.name,
-        "label": label,
+        "label": out.label,
         "stat": result.stat_type,
-        "z_threshold": None
-        if not np.isfinite(threshold.z_threshold)
-        else float(threshold.z_threshold),
+        "z_threshold": float(threshold.z_threshold) if finite else None,
         "surviving_voxels": n_surviving,
         "max_z": float(np.max(result.z)) if result.z.size else None,
         "min_z": float(np.min(result.z)) if result.z.size else None,
     }
-    return written, summary
+    if view is None:
+        return written, summary, None
+    title = f"{out.label} · {_method_title(inference, threshold)}"
+    shown = f"{'|z|' if two_sided else 'z'} > {threshold.z_threshold:.4g}" if finite else "none"
+    figures = view.figures(thresholded, threshold=threshold.z_threshold if finite else None,
+                           label="z", title=title, names=out.figure_names("z", desc),
+                           shown=shown)  # fmt: skip
+    written += report.write_figures(out.node_dir, figures)
+    facts = (
+        ("threshold", f"{shown} (no voxel can survive)" if not finite else shown),
+        ("p threshold", f"{threshold.p_threshold:.4g}" + (" (two-sided)" if two_sided else "")),
+        ("cluster extent", f">= {inference.cluster_threshold} voxels, "
+                           f"{inference.connectivity}-connectivity"),
+        ("surviving voxels", f"{n_surviving:,} in {n_clusters} cluster(s)"),
+    )  # fmt: skip
+    method = report.MethodReport(
+        _method_title(inference, threshold), facts=facts, figures=figures,
+        table=report.cluster_report_table(table, filename=table_path.name),
+    )  # fmt: skip
+    return written, summary, method
+
+
+def _method_title(inference: InferenceConfig, threshold: HeightThreshold) -> str:
+    names = {"fpr": "uncorrected p <", "fdr": "FDR q <", "bonferroni": "Bonferroni FWE p <"}
+    if inference.height_control == "none":
+        text = f"uncorrected z > {threshold.z_threshold:.3g}"
+    else:
+        text = f"{names[inference.height_control]} {inference.alpha:g}"
+    if inference.cluster_threshold:
+        text += f", clusters >= {inference.cluster_threshold} voxels"
+    return text
+
+
+def _write_ari(
+    out: _ContrastOutput,
+    z_vol: np.ndarray,
+    inference: InferenceConfig,
+    two_sided: bool,
+    view: _ReportView | None,
+) -> tuple[list[Path], dict[str, Any], report.MethodReport | None]:
+    """All-Resolution Inference: TDP map, cluster table with true-discovery bounds, figures."""
+    ari: ARIResult = ari_clusters(
+        z_vol, out.data.mask, affine=out.data.affine, thresholds=inference.ari_thresholds,
+        alpha=inference.ari_alpha, connectivity=inference.connectivity, two_sided=two_sided,
+    )  # fmt: skip
+    desc = naming.desc_label("ari", alpha=ari.alpha)
+    meta = {
+        "Method": "All-Resolution Inference (Rosenblatt et al. 2018), Simes local tests",
+        "Alpha": ari.alpha,
+        "ClusterFormingThresholds": list(ari.thresholds),
+        "ThresholdUnits": "z",
+        "TwoSided": ari.two_sided,
+        "Connectivity": ari.connectivity,
+        "HommelValue": ari.hommel,
+        "NumberOfTests": ari.n_tests,
+    }
+    written = out.statmap("tdp", ari.tdp_map[out.data.mask],
+                          {"Statistic": "tdp", "Units": "proportion", "ARI": meta},
+                          desc=desc)  # fmt: skip
+    table_path = out.name(naming.clusters_name, stat="z", desc=desc)
+    write_table(table_path, ari.table, {**_ARI_COLUMNS, **meta, "Contrast": out.common["Contrast"]})
+    written += [table_path, table_path.with_suffix(".json")]
+    summary = {"alpha": ari.alpha, "hommel": ari.hommel, "clusters": len(ari.table),
+               "true_discoveries": int(ari.table["true_discoveries"].sum()) if len(ari.table)
+               else 0}  # fmt: skip
+    log.info("contrast %s: ARI at alpha %g, Hommel value %d, %d cluster(s)", out.label,
+             ari.alpha, ari.hommel, len(ari.table))  # fmt: skip
+    if view is None:
+        return written, summary, None
+    thresholds = ", ".join(f"{t:g}" for t in ari.thresholds)
+    title = f"ARI: true discovery proportion (z > {thresholds}, alpha {ari.alpha:g})"
+    figures = view.figures(
+        ari.tdp_map,
+        threshold=0.0,
+        label="TDP",
+        vmax=1.0,
+        title=f"{out.label} · {title}",
+        names=out.figure_names("tdp", desc),
+    )
+    written += report.write_figures(out.node_dir, figures)
+    facts = (
+        ("cluster-forming thresholds", f"z > {thresholds}" + (" (±)" if two_sided else "")),
+        ("alpha", f"{ari.alpha:g} (bounds simultaneous over all clusters and thresholds)"),
+        ("Hommel value", f"{ari.hommel:,} of {ari.n_tests:,} voxels"),
+    )  # fmt: skip
+    table = report.ari_report_table(ari.table, alpha=ari.alpha, filename=table_path.name)
+    return written, summary, report.MethodReport(title, facts=facts, figures=figures, table=table)
+
+
+_ARI_COLUMNS: dict[str, dict[str, str]] = {
+    "threshold": {"Description": "Cluster-forming threshold", "Units": "z"},
+    "cluster_id": {"Description": "Cluster number within its threshold, by decreasing |peak|"},
+    "size": {"Description": "Cluster size", "Units": "voxels"},
+    "volume_mm3": {"Description": "Cluster volume", "Units": "mm^3"},
+    "true_discoveries": {"Description": "Lower bound of the number of active voxels (ARI)"},
+    "tdp": {
+        "Description": "Lower bound of the true discovery proportion = true_discoveries / size"
+    },  # fmt: skip
+    "peak_stat": {"Description": "z at the peak (negative for negative clusters)"},
+    "peak_x": {"Description": "x coordinate of the peak", "Units": "mm"},
+    "peak_y": {"Description": "y coordinate of the peak", "Units": "mm"},
+    "peak_z": {"Description": "z coordinate of the peak", "Units": "mm"},
+}
 
 
 def _threshold_metadata(threshold: HeightThreshold, inference: InferenceConfig) -> dict[str, Any]:

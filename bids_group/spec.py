@@ -132,6 +132,8 @@ class InferenceDefaults:
     two_sided: bool | None = None
     connectivity: int | None = None
     smoothing_fwhm: float | None = None
+    ari: bool | None = None
+    ari_thresholds: tuple[float, ...] | None = None
     extra: Mapping[str, Any] | None = None
 
 
@@ -293,6 +295,15 @@ def _connectivity(value: Any, where: str) -> int:
     return int(value)
 
 
+def _thresholds(value: Any, where: str) -> tuple[float, ...]:
+    """A z threshold or a non-empty list of them, each finite and > 0."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise _fail(where, "must list at least one z threshold, e.g. [3.0, 3.5]")
+    positive = _number(0, open_lo=True)
+    return tuple(sorted({positive(v, f"{where}[{i}]") for i, v in enumerate(values)}))
+
+
 #: Accepted keys of ``Software.bids-group.Inference``: CamelCase key -> (snake_case name,
 #: validator). Names that are not InferenceDefaults attributes go to ``InferenceDefaults.extra``.
 INFERENCE_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
@@ -303,6 +314,9 @@ INFERENCE_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "TwoSided": ("two_sided", _boolean),
     "Connectivity": ("connectivity", _connectivity),
     "SmoothingFWHM": ("smoothing_fwhm", _number(0)),
+    "ARI": ("ari", _boolean),
+    "ARIThresholds": ("ari_thresholds", _thresholds),
+    "ARIAlpha": ("ari_alpha", _number(0, 1, open_lo=True, open_hi=True)),
 }
 
 

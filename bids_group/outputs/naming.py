@@ -4,10 +4,13 @@ Every name bids-group writes is built here, so the layout has one home::
 
     OUT_DIR/dataset_description.json
     OUT_DIR/model-<label>_smdl.json
+    OUT_DIR/model-<label>_report.html
     OUT_DIR/node-<Node>/[task-<t>_][space-<s>_]contrast-<c>_stat-<stat>[_desc-<d>]_statmap.nii.gz
     OUT_DIR/node-<Node>/[task-<t>_][space-<s>_]contrast-<c>_stat-<stat>[_desc-<d>]_clusters.tsv
+    OUT_DIR/node-<Node>/[task-<t>_][space-<s>_]contrast-<c>_stat-<stat>_desc-<d>_slices.png
+    OUT_DIR/node-<Node>/[task-<t>_][space-<s>_]contrast-<c>_stat-<stat>_desc-<d>_glassbrain.png
     OUT_DIR/node-<Node>/[task-<t>_][space-<s>_][contrast-<in>_]design.tsv / design.svg
-    OUT_DIR/node-<Node>/[task-<t>_][space-<s>_][contrast-<in>_]mask.nii.gz
+    OUT_DIR/node-<Node>/[task-<t>_][space-<s>_][contrast-<in>_]mask.nii.gz / mask.png
 
 Every file with a JSON sidecar has it beside it with the same stem (:func:`sidecar_name`).
 
@@ -26,6 +29,7 @@ Statistics (``stat-<stat>``), see :data:`STATS`:
 ``p``         one-sided upper-tail p of the t / F statistic
 ``logp``      ``-log10(p)`` (permutation inference)
 ``tfce``      threshold-free cluster enhancement score
+``tdp``       ARI lower bound of the true discovery proportion of the voxel's cluster
 ============  =================================================================
 
 ``desc`` labels of thresholded maps, built by :func:`desc_label` (``method`` -> label):
@@ -69,6 +73,7 @@ STATS: Mapping[str, str] = {
     "p": "one-sided upper-tail p-value of the t or F statistic",
     "logp": "-log10 of the p-value",
     "tfce": "threshold-free cluster enhancement score",
+    "tdp": "lower bound of the true discovery proportion of the voxel's cluster (ARI)",
 }
 
 #: ``desc-`` labels of thresholded maps (see the module docstring for the table).
@@ -92,6 +97,9 @@ CLUSTERS_SUFFIX = "clusters"
 DESIGN_SUFFIX = "design"
 MASK_SUFFIX = "mask"
 MODEL_SUFFIX = "smdl"
+REPORT_SUFFIX = "report"
+#: Suffixes of the figures written beside a thresholded map (one PNG each).
+FIGURE_SUFFIXES: tuple[str, ...] = ("slices", "glassbrain")
 DATASET_DESCRIPTION = "dataset_description.json"
 
 _LABEL_RE = re.compile(r"[A-Za-z0-9]+")
@@ -200,6 +208,27 @@ def clusters_name(
     return _build({**entities, "desc": desc}, CLUSTERS_SUFFIX, extension)
 
 
+def figure_name(
+    *,
+    contrast: str,
+    stat: str,
+    kind: str,
+    task: str | None = None,
+    space: str | None = None,
+    desc: str | None = None,
+    extension: str = ".png",
+) -> str:
+    """Name of a figure of a statistical map (``kind`` one of :data:`FIGURE_SUFFIXES`).
+
+    >>> figure_name(contrast="faces", stat="z", desc="fdr05", kind="glassbrain")
+    'contrast-faces_stat-z_desc-fdr05_glassbrain.png'
+    """
+    if kind not in FIGURE_SUFFIXES:
+        raise ValueError(f"figure kind {kind!r} is not one of {FIGURE_SUFFIXES}")
+    entities = {"task": task, "space": space, "contrast": contrast, "stat": _check_stat(stat)}
+    return _build({**entities, "desc": desc}, kind, extension)
+
+
 def design_name(
     *,
     contrast: str | None = None,
@@ -266,6 +295,15 @@ def model_name(model_name: str) -> str:
     'model-faceLocalizer_smdl.json'
     """
     return f"model-{_check_label('model', model_name)}_{MODEL_SUFFIX}.json"
+
+
+def report_name(model_label: str) -> str:
+    """File name of the run's HTML report (top level of OUT_DIR, beside the model file).
+
+    >>> report_name("faceLocalizer")
+    'model-faceLocalizer_report.html'
+    """
+    return f"model-{_check_label('model', model_label)}_{REPORT_SUFFIX}.html"
 
 
 def sidecar_name(filename: str) -> str:

@@ -1,0 +1,125 @@
+"""The report of a real run, tested as a user meets it: files, stdout, and a headless browser.
+
+Run on the example dataset of README command 1 (with ARI on), so this is the report we polish.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from test_ari_run import ROOT, _run
+from test_report import _PROBE, CHROMIUM, _chromium
+
+from bids_group.report.build import collect_warnings
+from bids_group.report.raster import glass_brain_png, png_bytes
+
+MODEL = ROOT / "configs" / "two_sample_age.yaml"
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "out"
+    code, summary, err = _run(out, "--model", str(MODEL), "--ari", "--ari-thresholds", "3", "3.5")
+    assert code == 0, err
+    return out, summary
+
+
+def test_report_is_written_listed_and_self_contained(example_run):
+    out, summary = example_run
+    report = Path(summary["report"])
+    assert report == out / "model-twoSampleAge_report.html" and report.is_file()
+    assert summary["files"][-1] == str(report)  # listed with the written files
+    page = report.read_text(encoding="utf-8")
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert 'src="data:image/' in page and 'src="http' not in page
+    # every contrast x method has its slices and glass brain written beside the maps
+    pngs = sorted(p for p in map(Path, summary["files"]) if p.suffix == ".png")
+    kinds = {re.sub(r".*_(\w+)\.png$", r"\1", p.name) for p in pngs}
+    assert kinds == {"slices", "glassbrain", "mask"}
+    n_contrasts = sum(len(a["contrasts"]) for a in summary["analyses"])
+    assert len([p for p in pngs if p.name.endswith("_slices.png")]) == 2 * n_contrasts
+    for png in pngs:
+        assert imread(io.BytesIO(png.read_bytes())).shape[1] > 300
+        assert png.name in page  # the report names the file of each figure
+    # the content a reader needs
+    for text in ("two_sample_age", "patientGtControl", "condition number", "23,040 voxels",
+                 "|z| &gt; 3.09", "true_discoveries", "Model as run", "numpy"):  # fmt: skip
+        assert text in page, text
+    assert page.count("<img ") == len(pngs) + len(summary["analyses"])  # + design SVGs
+
+
+def test_no_report_writes_neither_html_nor_figures(tmp_path):
+    code, summary, err = _run(tmp_path / "out", "--model", str(MODEL), "--no-report")
+    assert code == 0, err
+    assert "report" not in summary
+    assert not [p for p in summary["files"] if p.endswith((".html", ".png"))]
+
+
+def test_warnings_of_the_run_are_collected():
+    log = logging.getLogger("bids_group.images")
+    with collect_warnings() as messages:
+        log.info("not a warning")
+        log.warning("Dropped %d voxels", 3)
+    log.warning("after the block")
+    assert messages == ["Dropped 3 voxels"]
+
+
+def test_png_encoder_round_trips():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(17, 23, 3), dtype=np.uint8)
+    decoded = imread(io.BytesIO(png_bytes(rgb)))  # PIL decodes it: the oracle
+    np.testing.assert_array_equal((decoded[..., :3] * 255).round().astype(np.uint8), rgb)
+
+
+def test_fast_glass_brain_is_neurological():
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[:3, 3] = [-40.0, -48.0, -40.0]
+    mask = np.ones((21, 25, 21), bool)
+
+    def columns(i):
+        vol = np.zeros(mask.shape)
+        vol[i, 12, 10] = 8.0
+        image = imread(io.BytesIO(glass_brain_png(vol, affine, threshold=3.0, outline_vol=mask)))
+        coloured = (image[..., 0] > 0.8) & (image[..., 2] < 0.5)  # red-yellow map pixels
+        return np.flatnonzero(coloured.any(axis=0))
+
+    left, right = columns(2), columns(18)  # x = -32 mm (left) and +32 mm (right)
+    # sagittal panel: same place; coronal and axial panels: the left voxel further left
+    only_left, only_right = np.setdiff1d(left, right), np.setdiff1d(right, left)
+    assert left.min() == right.min()  # sagittal (and the colour bar) identical
+    assert only_left.size == only_right.size > 0
+    assert only_left.min() < only_right.min() and only_left.max() < only_right.max()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(example_run, tmp_path):
+    _, summary = example_run
+    page = Path(summary["report"]).read_text(encoding="utf-8")
+    probed = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
+    probed = probed.replace("</body>", _PROBE + "</body>")
+    (tmp_path / "probed.html").write_text(probed, encoding="utf-8")
+    result = _chromium(
+        ["--virtual-time-budget=10000", "--dump-dom", (tmp_path / "probed.html").as_uri()],
+        tmp_path / "profile",
+    )
+    match = re.search(r"PROBE(.*?)END", result.stdout)
+    assert match, f"no probe output; stderr:\n{result.stderr[-2000:]}"
+    probe = json.loads(match.group(1).replace("&quot;", '"'))
+    assert probe["images"] == page.count("<img ") > 10
+    assert probe["broken"] == 0 and probe["errors"] == []
+    assert [r for r in probe["resources"] if not r.startswith("data:")] == []
+    assert [line for line in result.stderr.splitlines() if "CONSOLE" in line] == []
+    shot = tmp_path / "report.png"
+    result = _chromium(
+        ["--window-size=1400,2400", f"--screenshot={shot}", Path(summary["report"]).as_uri()],
+        tmp_path / "profile",
+    )
+    assert shot.exists(), result.stderr[-2000:]
+    assert imread(str(shot)).std() > 0.05
