@@ -561,3 +561,179 @@ def batch_tfce(
                     tfce_out[b, i] = -buf[i]
             best = max(best, best2)
         maxima[b] = best
+
+
+# ---------------------------------------------------------------------------------------------
+# Sign flips without a matrix product: subset-sum tables ("four Russians")
+# ---------------------------------------------------------------------------------------------
+#
+# With sign flips only (no row permutation), coordinate k of relabelling b at voxel v is
+# sum_i s_bi U_ik E_iv. Rows are cut into groups of ``n_bits``; for each group the 2^n_bits
+# signed partial sums are tabulated once per voxel tile, and each relabelling then costs one
+# table row per group (n_rows / n_bits additions per voxel instead of n_rows multiply-adds).
+# The tables are built in float64 and stored in float32 (each table entry is correctly rounded;
+# the sum over groups has fewer roundings than the float32 matrix product it replaces).
+#
+# The statistic is handled in "u-space": u = N / max(ss - R, floor) with N the interest part
+# (w0 |w0| for t, sum of squares of the q interest coordinates for F) and R the nuisance part of
+# ||w||^2. t = sign(u) sqrt(dof |u| / (1 - |u|)) and F = (dof / q) u / (1 - u) are increasing in
+# u, so maxima and threshold exceedances are found on u and converted once per relabelling.
+
+#: Voxels per table tile (the tables of one tile stay in L1/L2).
+_SUB = 32
+#: Voxels per parallel work item (a few tiles; per-item maxima are combined at the end).
+_ITEM = 1024
+#: Smallest 1 - |u| (the relative residual sum of squares), as ``rss_floor`` above.
+_U_FLOOR = 1e-12
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _u_to_stat(u, is_t, dof, n_interest):
+    a = abs(u)
+    rest = max(1.0 - a, _U_FLOOR)
+    if is_t:
+        s = np.sqrt(dof * a / rest)
+        return s if u >= 0 else -s
+    return dof / n_interest * u / rest
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+def flip_table_stats(
+    resid,
+    basis,
+    codes,
+    n_bits,
+    ss,
+    ss_floor,
+    n_interest,
+    dof,
+    is_t,
+    two_sided,
+    u_threshold,
+    write_out,
+    out,
+    maxima,
+    counts,
+):
+    """Statistics of a batch of sign flips, their per-relabelling maxima and voxel counts.
+
+    Parameters
+    ----------
+    resid : (n_rows, n_voxels) float32
+        Freedman-Lane residuals E (C-contiguous).
+    basis : (n_rows, n_rank) float64
+        Orthonormal design basis U, interest first.
+    codes : (n_batch, n_groups) int64
+        Bit j of ``codes[b, g]`` set = row ``g * n_bits + j`` flipped in relabelling b.
+    ss, ss_floor : (n_voxels,) float32
+        ||E||^2 per voxel and the smallest residual sum of squares allowed.
+    u_threshold : (n_voxels,) float32
+        Observed statistic minus the tie tolerance, mapped to u; ``counts[v]`` gains the
+        relabellings with u (|u| if ``two_sided``) >= it.
+    write_out : bool
+        Write the statistic into ``out`` (n_batch, n_voxels) float32 (for spatial inference).
+    maxima : (n_batch,) float64
+        Receives the max of the statistic (|t| if ``two_sided``) over voxels.
+    """
+    n_rows, n_vox = resid.shape
+    n_rank = basis.shape[1]
+    n_batch, n_groups = codes.shape
+    n_tab = 1 << n_bits
+    n_items = (n_vox + _ITEM - 1) // _ITEM
+    item_max = np.empty((n_items, n_batch), np.float32)
+    for it in numba.prange(n_items):
+        tab = np.empty((n_groups, n_rank, n_tab, _SUB), np.float32)
+        t64 = np.empty((n_tab, _SUB), np.float64)
+        acc = np.empty((n_rank, _SUB), np.float32)
+        uu = np.empty(_SUB, np.float32)
+        inv = np.empty(_SUB, np.float32)
+        thr = np.empty(_SUB, np.float32)
+        cnt = np.zeros(_SUB, np.int32)
+        imax = item_max[it]
+        for b in range(n_batch):
+            imax[b] = -np.inf
+        v_end = min((it + 1) * _ITEM, n_vox)
+        for v0 in range(it * _ITEM, v_end, _SUB):
+            nv = min(_SUB, v_end - v0)
+            # tables: tab[g, k, c, i] = sum_j U[r_j, k] * (-1)^(bit j of c) * E[r_j, v0 + i]
+            for g in range(n_groups):
+                r0 = g * n_bits
+                nb = min(n_bits, n_rows - r0)
+                for k in range(n_rank):
+                    first = t64[0]
+                    for i in range(nv):
+                        first[i] = 0.0
+                    for j in range(nb):
+                        wgt = basis[r0 + j, k]
+                        src = resid[r0 + j, v0 : v0 + nv]
+                        for i in range(nv):
+                            first[i] += wgt * np.float64(src[i])
+                    for c in range(1, 1 << nb):
+                        j = 0
+                        while not (c >> j) & 1:
+                            j += 1
+                        wgt = 2.0 * basis[r0 + j, k]
+                        src = resid[r0 + j, v0 : v0 + nv]
+                        prev = t64[c - (1 << j)]
+                        dst = t64[c]
+                        for i in range(nv):
+                            dst[i] = prev[i] - wgt * np.float64(src[i])
+                    for c in range(1 << nb):
+                        dst = tab[g, k, c]
+                        src = t64[c]
+                        for i in range(nv):
+                            dst[i] = np.float32(src[i])
+            for i in range(_SUB):
+                cnt[i] = 0
+            for i in range(nv):
+                thr[i] = u_threshold[v0 + i]
+            for i in range(nv):
+                inv[i] = np.float32(1.0) / max(ss[v0 + i], ss_floor[v0 + i])
+            # loops below run to the runtime bound nv (not the constant _SUB): a constant
+            # bound gets fully unrolled and then not vectorised (possible aliasing)
+            for b in range(n_batch):
+                for k in range(n_rank):
+                    row = tab[0, k, codes[b, 0]]
+                    for i in range(nv):
+                        acc[k, i] = row[i]
+                    for g in range(1, n_groups):
+                        row = tab[g, k, codes[b, g]]
+                        for i in range(nv):
+                            acc[k, i] += row[i]
+                if n_rank == 1:
+                    for i in range(nv):
+                        w = acc[0, i]
+                        uu[i] = w * abs(w) * inv[i]
+                else:
+                    for i in range(nv):
+                        num = np.float32(0.0)
+                        rest = np.float32(0.0)
+                        for k in range(n_rank):
+                            w = acc[k, i]
+                            if k < n_interest:
+                                num += w * w
+                            else:
+                                rest += w * w
+                        if is_t:
+                            num = acc[0, i] * abs(acc[0, i])
+                        uu[i] = num / max(ss[v0 + i] - rest, ss_floor[v0 + i])
+                if write_out:
+                    for i in range(nv):
+                        out[b, v0 + i] = _u_to_stat(uu[i], is_t, dof, n_interest)
+                if two_sided:
+                    for i in range(nv):
+                        uu[i] = abs(uu[i])
+                for i in range(nv):
+                    cnt[i] += np.int32(uu[i] >= thr[i])
+                m = imax[b]
+                for i in range(nv):
+                    a = uu[i]
+                    m = a if a > m else m
+                imax[b] = m
+            for i in range(nv):
+                counts[v0 + i] += cnt[i]
+    for b in range(n_batch):
+        m = -np.inf
+        for it in range(n_items):
+            m = max(m, np.float64(item_max[it, b]))
+        maxima[b] = _u_to_stat(m, is_t, dof, n_interest)

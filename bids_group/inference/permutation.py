@@ -54,6 +54,9 @@ TIE_RTOL = 1e-5
 #: Relabellings per batch: voxel-level only, and with spatial statistics (full maps held).
 BATCH_VOXEL = 256
 BATCH_SPATIAL = 32
+#: Sign flips go through subset-sum tables (no matrix product): the table cost is per batch, so
+#: voxel-level batches are larger.
+BATCH_FLIP_VOXEL = 2048
 #: Target number of float32 elements of one (batch x voxel-tile) product (~4 MB, cache-sized).
 TILE_ELEMENTS = 1 << 20
 
@@ -415,7 +418,7 @@ def permutation_test(
         cfg.data.shape[1],
     )
     observed = _observed(cfg, part)
-    engine = _Engine(cfg, part, observed)
+    engine = _Engine(cfg, part, observed, flip=ex.scheme == "flip")
     threads = numba.get_num_threads()
     numba.set_num_threads(cfg.n_jobs)
     try:
@@ -612,10 +615,13 @@ def _batches(ex, exhaustive, n_total, seed, batch_size):
 class _Engine:
     """Accumulates null maxima and exceedance counts over batches (internal, not a value)."""
 
-    def __init__(self, cfg: _Config, part: DesignPartition, obs: _Observed):
+    def __init__(self, cfg: _Config, part: DesignPartition, obs: _Observed, *, flip: bool):
         self.cfg, self.part, self.obs = cfg, part, obs
         self.spatial = cfg.graph is not None
+        self.flip = flip
         self.batch_size = BATCH_SPATIAL if self.spatial else BATCH_VOXEL
+        if flip and not self.spatial:
+            self.batch_size = BATCH_FLIP_VOXEL
         y = cfg.data.astype(np.float64)
         q_z = part.nuisance_basis
         resid = y - q_z @ (q_z.T @ y)  # Freedman-Lane: residuals of the nuisance-only model
@@ -629,8 +635,10 @@ class _Engine:
         cmp_obs = np.abs(obs.stat) if cfg.two_sided else obs.stat
         self.cmp_obs = cmp_obs
         self.threshold = cmp_obs - TIE_RTOL * np.maximum(np.abs(cmp_obs), 1.0)
+        if flip:
+            self._init_flip(cmp_obs)
         # contiguous voxel tiles of the residuals, so each product reads one dense block
-        self.tile_starts = list(range(0, n_vox, self.tile))
+        self.tile_starts = [] if flip else list(range(0, n_vox, self.tile))
         self.resid_tiles = [
             np.ascontiguousarray(self.resid[:, s : s + self.tile]) for s in self.tile_starts
         ]
@@ -648,6 +656,16 @@ class _Engine:
             self.tfce_max = [float(np.max(t_cmp))]
             self.extent_pow = tfce_mod.extent_powers(n_vox, obs.tfce_params.e)
 
+    def _init_flip(self, cmp_obs: np.ndarray) -> None:
+        """State of the subset-sum-table kernel (sign flips only; see ``_kernels``)."""
+        n_rows = self.resid.shape[0]
+        self.flip_resid = self.resid  # (n_rows, n_voxels) float32, C-contiguous
+        self.flip_ss = self.ss.astype(np.float32)
+        tiny = np.finfo(np.float32).tiny
+        self.flip_floor = np.maximum(self.ss * 1e-12, tiny).astype(np.float32)
+        self.u_threshold = _u_threshold(self.threshold, self.cfg.stat_type, self.part)
+        self.n_bits = _table_bits(n_rows, self.batch_size)
+
     def _projection(self, batch: exch.Relabellings) -> np.ndarray:
         """(n_batch * rank, n_rows) float32 matrix M with M @ E = U' P E for each relabelling."""
         n_b, n = batch.perm.shape
@@ -658,13 +676,48 @@ class _Engine:
         return np.ascontiguousarray(m.reshape(n_b * rank, n), dtype=np.float32)
 
     def run_batch(self, batch: exch.Relabellings) -> None:
-        cfg, part = self.cfg, self.part
         n_b = len(batch)
         n_vox = self.cfg.data.shape[1]
-        proj = self._projection(batch)
-        rank = self.basis.shape[1]
         maxima = np.full(n_b, -np.inf)
         full = np.empty((n_b, n_vox), dtype=np.float32) if self.spatial else None
+        if self.flip:
+            self._flip_stats(batch, full, maxima)
+        else:
+            self._product_stats(batch, full, maxima)
+        self.maxima.extend(maxima.tolist())
+        if full is not None:
+            self._spatial(full)
+
+    def _flip_stats(self, batch: exch.Relabellings, full, maxima) -> None:
+        n_rows = batch.signs.shape[1]
+        n_groups = -(-n_rows // self.n_bits)
+        flipped = np.zeros((len(batch), n_groups * self.n_bits), dtype=np.int64)
+        flipped[:, :n_rows] = batch.signs < 0
+        weights = np.left_shift(1, np.arange(self.n_bits, dtype=np.int64))
+        codes = np.ascontiguousarray(flipped.reshape(len(batch), n_groups, self.n_bits) @ weights)
+        _kernels.flip_table_stats(
+            self.flip_resid,
+            np.ascontiguousarray(self.basis),
+            codes,
+            self.n_bits,
+            self.flip_ss,
+            self.flip_floor,
+            self.part.n_interest,
+            float(self.part.dof),
+            self.cfg.stat_type == "t",
+            self.cfg.two_sided,
+            self.u_threshold,
+            full is not None,
+            full if full is not None else np.empty((1, 1), np.float32),
+            maxima,
+            self.counts,
+        )
+
+    def _product_stats(self, batch: exch.Relabellings, full, maxima) -> None:
+        cfg, part = self.cfg, self.part
+        n_b = len(batch)
+        proj = self._projection(batch)
+        rank = self.basis.shape[1]
         for start, tile in zip(self.tile_starts, self.resid_tiles, strict=True):
             stop = start + tile.shape[1]
             w = proj @ tile
@@ -688,9 +741,10 @@ class _Engine:
                 maxima,
                 self.counts,
             )
-        self.maxima.extend(maxima.tolist())
-        if full is None:
-            return
+
+    def _spatial(self, full: np.ndarray) -> None:
+        cfg = self.cfg
+        n_b, n_vox = full.shape
         g = cfg.graph
         if self.obs.height is not None:
             msize = np.zeros(n_b, dtype=np.int64)
@@ -762,6 +816,31 @@ class _Engine:
             clusters=clusters,
             tfce=tfce_res,
         )
+
+
+def _u_threshold(threshold: np.ndarray, stat_type: StatType, part: DesignPartition) -> np.ndarray:
+    """Thresholds on the statistic mapped to the kernels' u scale, rounded down to float32.
+
+    t = sign(u) sqrt(dof |u| / (1 - |u|)) and F = (dof / q) u / (1 - u) are increasing in u, so
+    ``stat >= thr`` iff ``u >= u(thr)``; rounding down keeps ties counted (p can only grow).
+    """
+    thr = np.asarray(threshold, dtype=np.float64)
+    dof = float(part.dof)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if stat_type == "t":
+            u = np.sign(thr) * thr**2 / (thr**2 + dof)
+            u = np.where(np.isinf(thr), np.sign(thr) * np.inf, u)
+        else:
+            qt = thr * part.n_interest
+            u = np.where(np.isinf(thr), np.inf, qt / (dof + qt))
+    u32 = u.astype(np.float32)
+    return np.where(u32 > u, np.nextafter(u32, np.float32(-np.inf)), u32).astype(np.float32)
+
+
+def _table_bits(n_rows: int, batch_size: int) -> int:
+    """Rows per subset-sum table: minimises groups * (table rows + batch), tables <= 2^10 rows."""
+    cost = {b: -(-n_rows // b) * ((1 << b) + batch_size) for b in range(1, min(n_rows, 10) + 1)}
+    return min(cost, key=cost.get)
 
 
 def _fwe_p(observed: np.ndarray, null_max: np.ndarray, rtol: float) -> np.ndarray:
