@@ -354,8 +354,16 @@ def _write_design(
     figure_path = node_dir / naming.design_figure_name(contrast=label, **entities)
     plot_design_matrix(design.matrix, design.columns, list(table["subject"]), figure_path)
     mask_path = node_dir / naming.mask_name(contrast=label, **entities)
-    write_mask(mask_path, data.mask, data.affine)
-    files = [design_path, design_path.with_suffix(".json"), figure_path, mask_path]
+    mask_sidecar = {
+        "Type": "Brain",
+        "Description": "Voxels analysed: the user's --mask, or voxels finite and non-zero in "
+        "every input map",
+        "VoxelCount": int(data.mask.sum()),
+        "Sources": [str(m.path) for m in analysis.maps],
+    }
+    write_mask(mask_path, data.mask, data.affine, sidecar=mask_sidecar)
+    mask_json = mask_path.with_name(naming.sidecar_name(mask_path.name))
+    files = [design_path, design_path.with_suffix(".json"), figure_path, mask_path, mask_json]
     return files, (figure_path, summary)
 
 
