@@ -5,7 +5,8 @@ MNI152 brain mask at 2 mm: ~235,000 in-mask voxels), then times, each in a fresh
 so that peak memory is its own:
 
 * bids-group: ``bids-group DATA OUT group --height-control fdr --alpha 0.05`` (load, fit, all maps,
-  FDR + cluster table, writing, design figure), in-process through ``bids_group.cli.main``;
+  FDR + cluster table, writing, design figure, HTML report), in-process through
+  ``bids_group.cli.main``; and the same with ``--no-report``;
 * nilearn: ``SecondLevelModel().fit`` + ``compute_contrast(output_type="all")`` +
   ``threshold_stats_img(height_control="fdr")`` + ``get_clusters_table`` + saving every map;
 * the floor: gzip decompression of the 40 inputs (1 thread and N threads).
@@ -85,24 +86,12 @@ def input_maps(ds: Path) -> list[Path]:
     return sorted(ds.glob("sub-*/func/*_statmap.nii.gz"))
 
 
-def child_bids_group(ds: Path, out: Path, n_jobs: int) -> dict:
+def child_bids_group(ds: Path, out: Path, n_jobs: int, *extra: str) -> dict:
     from bids_group.cli import main
 
     start = time.perf_counter()
-    code = main(
-        [
-            str(ds),
-            str(out),
-            "group",
-            "--height-control",
-            "fdr",
-            "--alpha",
-            "0.05",
-            "--n-jobs",
-            str(n_jobs),
-            "-q",
-        ]
-    )
+    argv = [str(ds), str(out), "group", "--height-control", "fdr", "--alpha", "0.05"]
+    code = main([*argv, "--n-jobs", str(n_jobs), "-q", *extra])
     seconds = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"bids-group failed with exit code {code}")
@@ -149,7 +138,16 @@ def child_floor(ds: Path, out: Path, n_jobs: int) -> dict:
     return {"seconds": time.perf_counter() - start, "serial_seconds": serial}
 
 
-CHILDREN = {"bids-group": child_bids_group, "nilearn": child_nilearn, "floor": child_floor}
+def child_bids_group_no_report(ds: Path, out: Path, n_jobs: int) -> dict:
+    return child_bids_group(ds, out, n_jobs, "--no-report")
+
+
+CHILDREN = {
+    "bids-group": child_bids_group,
+    "bids-group-no-report": child_bids_group_no_report,
+    "nilearn": child_nilearn,
+    "floor": child_floor,
+}
 
 
 def run_child(kind: str, ds: Path, n_jobs: int) -> dict:
@@ -194,13 +192,13 @@ def main() -> None:
     print(f"dataset: {ds} ({len(input_maps(ds))} maps), n_jobs={args.n_jobs}", flush=True)
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
-        for kind in ("floor", "bids-group", "nilearn"):
+        for kind in ("floor", "bids-group", "bids-group-no-report", "nilearn"):
             r = run_child(kind, ds, args.n_jobs)
             if kind not in best or r["seconds"] < best[kind]["seconds"]:
                 best[kind] = r
     for kind, r in best.items():
         extra = f" (1 thread: {r['serial_seconds']:.2f} s)" if "serial_seconds" in r else ""
-        print(f"{kind:>10}: {r['seconds']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB{extra}")
+        print(f"{kind:>20}: {r['seconds']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB{extra}")
     bg, nl, fl = best["bids-group"], best["nilearn"], best["floor"]
     print(f"time ratio bids-group / nilearn: {bg['seconds'] / nl['seconds']:.3f} (target <= 0.5)")
     print(
@@ -208,6 +206,11 @@ def main() -> None:
         f"{bg['peak_rss_mb'] / nl['peak_rss_mb']:.3f} (target <= 1)"
     )
     print(f"bids-group / decompression floor: {bg['seconds'] / fl['seconds']:.2f}x")
+    nr = best["bids-group-no-report"]
+    print(
+        f"without the HTML report: {nr['seconds']:.2f} s, ratio to nilearn "
+        f"{nr['seconds'] / nl['seconds']:.3f}, report cost {bg['seconds'] - nr['seconds']:.2f} s"
+    )
 
 
 if __name__ == "__main__":
