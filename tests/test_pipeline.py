@@ -277,13 +277,16 @@ def test_interrupted_run_leaves_nothing(capsys, tmp_path, signum, existing):
         text=True,
     )
     # Wait until the first model is being fitted (inside the staged output), then interrupt.
+    # Stop the child first and queue the signal, so that it lands while seconds of work remain
+    # however fast this machine is (a plain sleep-then-signal races with a fast run).
     seen = []
     for line in proc.stderr:
         seen.append(line)
         if "model for" in line:
             break
-    time.sleep(0.05)
+    proc.send_signal(signal.SIGSTOP)
     proc.send_signal(signum)
+    proc.send_signal(signal.SIGCONT)
     out, err = proc.communicate(timeout=60)
     err = "".join(seen) + err
     assert proc.returncode == 130, err
