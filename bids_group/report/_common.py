@@ -34,6 +34,13 @@ DPI = 110
 
 #: Statement printed under brain figures and in the report.
 CONVENTION = "Neurological convention: the left hemisphere is shown on the left (L, R marked)."
+#: The three orthogonal views in RAS order, shared by every renderer: (name, cut or projected
+#: axis, horizontal axis, vertical axis, letters at the left and right edges).
+VIEWS = (
+    ("sagittal", 0, 1, 2, ("P", "A")),
+    ("coronal", 1, 0, 2, ("L", "R")),
+    ("axial", 2, 0, 1, ("L", "R")),
+)
 
 # Signed maps: blue->cyan below -threshold, red->yellow above +threshold (the "cold-hot" look).
 COLD_HOT: Colormap = LinearSegmentedColormap.from_list(

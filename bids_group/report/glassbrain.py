@@ -15,6 +15,7 @@ from bids_group.report._common import (
     COLD_HOT,
     CONVENTION,
     HOT,
+    VIEWS,
     ImageFormat,
     RasGrid,
     check_same_grid,
@@ -23,13 +24,6 @@ from bids_group.report._common import (
     new_figure,
     stat_limits,
     to_ras,
-)
-
-# Per view: (name, projected axis, horizontal axis, vertical axis, left/right letters).
-_VIEWS = (
-    ("sagittal", 0, 1, 2, ("P", "A")),
-    ("coronal", 1, 0, 2, ("L", "R")),
-    ("axial", 2, 0, 1, ("L", "R")),
 )
 
 
@@ -140,9 +134,9 @@ def glass_brain(
     norm = Normalize(vmin=-top if signed else 0.0, vmax=top)
 
     fig = new_figure(10.0, 3.6)
-    spans = [stat.extent(h)[1] - stat.extent(h)[0] for _, _, h, _, _ in _VIEWS]
+    spans = [stat.extent(h)[1] - stat.extent(h)[0] for _, _, h, _, _ in VIEWS]
     grid = fig.add_gridspec(1, 4, width_ratios=[*spans, 0.06 * sum(spans)], wspace=0.06)
-    for col, view in enumerate(_VIEWS):
+    for col, view in enumerate(VIEWS):
         _panel(fig.add_subplot(grid[0, col]), stat, outline, view, cmap=cmap, norm=norm)
     cax = fig.add_subplot(grid[0, 3].subgridspec(3, 1, height_ratios=[0.12, 0.76, 0.12])[1, 0])
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)

@@ -29,6 +29,7 @@ from bids_group.report._common import (
     COLD_HOT,
     CONVENTION,
     HOT,
+    VIEWS,
     RasGrid,
     check_same_grid,
     format_threshold,
@@ -44,12 +45,6 @@ _DARK = {"bg": (0, 0, 0), "ink": (235, 235, 235), "muted": (170, 170, 170), "cro
 _LIGHT = {"bg": (255, 255, 255), "ink": (30, 35, 48), "muted": (90, 96, 110), "cross": (0, 0, 0)}
 _SILHOUETTE, _SILHOUETTE_EDGE = (236, 238, 242), (120, 124, 132)
 _OUTLINE = (255, 60, 50)
-#: Per view: (name, cut/projected axis, horizontal axis, vertical axis, left/right letters).
-_VIEWS = (
-    ("sagittal", 0, 1, 2, ("P", "A")),
-    ("coronal", 1, 0, 2, ("L", "R")),
-    ("axial", 2, 0, 1, ("L", "R")),
-)
 _GAP, _MARGIN, _HEADER, _FOOTER, _BAR_W = 8, 10, 30, 24, 14
 
 
@@ -184,7 +179,7 @@ def _crop(grids: Sequence[RasGrid | None], keep: np.ndarray, pad: int = 2) -> li
 def _layout(grid: RasGrid, scale: float, with_bar: bool) -> tuple[list[tuple], int, int]:
     boxes, x = [], _MARGIN
     height = 0
-    for view in _VIEWS:
+    for view in VIEWS:
         w, h = _panel_size(grid, view[2], view[3], scale)
         boxes.append((view, x, w, h))
         x += w + _GAP

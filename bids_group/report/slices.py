@@ -15,6 +15,7 @@ from bids_group.report._common import (
     COLD_HOT,
     CONVENTION,
     HOT,
+    VIEWS,
     ImageFormat,
     RasGrid,
     check_same_grid,
@@ -26,12 +27,6 @@ from bids_group.report._common import (
     to_ras,
 )
 
-# Per view: (name, axis cut, horizontal axis, vertical axis, left/right letters).
-_VIEWS = (
-    ("sagittal", 0, 1, 2, ("P", "A")),
-    ("coronal", 1, 0, 2, ("L", "R")),
-    ("axial", 2, 0, 1, ("L", "R")),
-)
 _AXIS_NAMES = "xyz"
 
 
@@ -177,9 +172,9 @@ def orthogonal_slices(
     cut = tuple(cut_coords) if cut_coords is not None else _auto_cut(stat, shown, background)
 
     fig = new_figure(10.0, 3.6, facecolor="black")
-    spans = [stat.extent(h)[1] - stat.extent(h)[0] for _, _, h, _, _ in _VIEWS]
+    spans = [stat.extent(h)[1] - stat.extent(h)[0] for _, _, h, _, _ in VIEWS]
     grid = fig.add_gridspec(1, 4, width_ratios=[*spans, 0.06 * sum(spans)], wspace=0.04)
-    for col, (name, cut_axis, h, v, letters) in enumerate(_VIEWS):
+    for col, (name, cut_axis, h, v, letters) in enumerate(VIEWS):
         ax = fig.add_subplot(grid[0, col])
         idx = stat.index(cut_axis, cut[cut_axis])
         extent = _extent(stat, h, v)
@@ -251,9 +246,9 @@ def mask_outline(
 
     fig = new_figure(10.0, 5.6, facecolor="black")
     outer = fig.add_gridspec(2, 1, height_ratios=[1.5, 1.0], hspace=0.12)
-    spans = [m.extent(h)[1] - m.extent(h)[0] for _, _, h, _, _ in _VIEWS]
+    spans = [m.extent(h)[1] - m.extent(h)[0] for _, _, h, _, _ in VIEWS]
     top = outer[0].subgridspec(1, 3, width_ratios=spans, wspace=0.04)
-    for col, (name, cut_axis, h, v, letters) in enumerate(_VIEWS):
+    for col, (name, cut_axis, h, v, letters) in enumerate(VIEWS):
         ax = fig.add_subplot(top[0, col])
         _outline_panel(ax, m, bg, cut_axis, m.index(cut_axis, cut[cut_axis]), h, v)
         _label_panel(ax, name, cut[cut_axis], cut_axis, letters)
