@@ -340,6 +340,46 @@ def _compare_clusters(
     return ours
 
 
+def _compare_thresholded(
+    summary: Mapping[str, Any],
+    label: str,
+    desc: str,
+    theirs_z: nib.Nifti1Image,
+    mask_path: Path,
+    *,
+    method: str,
+    alpha: float,
+    two_sided: bool,
+    cluster_threshold: int = 0,
+) -> tuple[int, pd.DataFrame]:
+    """Threshold (threshold_stats_img) then cluster table (get_clusters_table) comparisons.
+
+    Returns (surviving voxel count, our cluster table).
+    """
+    thr, count = _compare_threshold(
+        summary,
+        label,
+        desc,
+        theirs_z,
+        mask_path,
+        method=method,
+        alpha=alpha,
+        two_sided=two_sided,
+        cluster_threshold=cluster_threshold,
+    )
+    table = _compare_clusters(
+        summary,
+        label,
+        desc,
+        theirs_z,
+        thr,
+        two_sided=two_sided,
+        cluster_threshold=cluster_threshold,
+        n_surviving=count,
+    )
+    return count, table
+
+
 def _check_subpeaks(table: pd.DataFrame) -> None:
     """Within a cluster, peaks are at least MIN_DISTANCE_MM apart and |z| decreases."""
     for _, rows in table.groupby("cluster"):
@@ -393,7 +433,7 @@ def test_one_sample_default_model(one_sample):
     assert np.nanmax(z) > 5 and np.nanmin(z) < -4  # effects of both signs, far tails exercised
     # Default inference: fpr 0.001 two-sided, no extent threshold.
     assert summary["inference"]["height_control"] == "fpr"
-    thr, count = _compare_threshold(
+    count, _ = _compare_thresholded(
         summary,
         "faces",
         "fpr001",
@@ -404,15 +444,6 @@ def test_one_sample_default_model(one_sample):
         two_sided=True,
     )
     assert count > 0
-    _compare_clusters(
-        summary,
-        "faces",
-        "fpr001",
-        one_sample["theirs"]["z_score"],
-        thr,
-        two_sided=True,
-        n_surviving=count,
-    )
 
 
 @pytest.mark.parametrize("method", ["fdr", "bonferroni"])
@@ -425,7 +456,7 @@ def test_one_sample_height_controls(one_sample, tmp_path, method, two_sided, k):
     summary = _run(one_sample["root"], out, *args)
     desc = f"{method}05" + (f"K{k}" if k else "")
     theirs_z = one_sample["theirs"]["z_score"]
-    thr, count = _compare_threshold(
+    count, table = _compare_thresholded(
         summary,
         "faces",
         desc,
@@ -437,16 +468,6 @@ def test_one_sample_height_controls(one_sample, tmp_path, method, two_sided, k):
         cluster_threshold=k,
     )
     assert count > 0
-    table = _compare_clusters(
-        summary,
-        "faces",
-        desc,
-        theirs_z,
-        thr,
-        two_sided=two_sided,
-        cluster_threshold=k,
-        n_surviving=count,
-    )
     if not two_sided:
         assert (table["peak_stat"] > 0).all()  # the negative blob only counts when two-sided
 
@@ -532,7 +553,7 @@ def test_two_sample_with_demeaned_age(two_groups, tmp_path):
         theirs = _nilearn_contrast(fitted, weights)
         z = _compare_maps(summary, label, theirs, mask)
         assert np.nanmax(np.abs(z)) > 4
-        thr, count = _compare_threshold(
+        count, _ = _compare_thresholded(
             summary,
             label,
             "fdr05",
@@ -543,9 +564,6 @@ def test_two_sample_with_demeaned_age(two_groups, tmp_path):
             two_sided=True,
         )
         assert count > 0
-        _compare_clusters(
-            summary, label, "fdr05", theirs["z_score"], thr, two_sided=True, n_surviving=count
-        )
 
 
 EXPRESSION_MODEL = """\
@@ -679,7 +697,7 @@ def test_paired_with_subject_columns(tmp_path):
     theirs = _nilearn_contrast(_nilearn_fit(files, design, mask_path), [1.0] + [0.0] * n_sub)
     z = _compare_maps(summary, "facesGtHouses", theirs, mask)
     assert np.nanmax(z) > 5 and np.nanmin(z) < -5
-    thr, count = _compare_threshold(
+    _compare_thresholded(
         summary,
         "facesGtHouses",
         "bonferroni05",
@@ -688,15 +706,6 @@ def test_paired_with_subject_columns(tmp_path):
         method="bonferroni",
         alpha=0.05,
         two_sided=True,
-    )
-    _compare_clusters(
-        summary,
-        "facesGtHouses",
-        "bonferroni05",
-        theirs["z_score"],
-        thr,
-        two_sided=True,
-        n_surviving=count,
     )
 
 
@@ -771,7 +780,7 @@ def test_f_contrast_three_groups(tmp_path):
     rel = np.abs(whitened - eff_theirs).max() / np.abs(eff_theirs).max()
     assert _record("F effect, whitened (rel.)", rel) <= EFFECT_RTOL
     # The F test is one-sided by nature, even though the default asks for two-sided tests.
-    thr, count = _compare_threshold(
+    count, _ = _compare_thresholded(
         summary,
         label,
         "fdr05",
@@ -782,9 +791,6 @@ def test_f_contrast_three_groups(tmp_path):
         two_sided=False,
     )
     assert count > 0
-    _compare_clusters(
-        summary, label, "fdr05", theirs["z_score"], thr, two_sided=False, n_surviving=count
-    )
 
 
 # --------------------------------------------------------------------------- 6. NaN borders
@@ -870,7 +876,7 @@ def test_real_spm_faces(tmp_path):
     label = "facesGtScrambled"
     z = _compare_maps(summary, label, theirs, mask)
     assert np.nanmax(z) == pytest.approx(5.24, abs=0.01)  # README: nilearn peak z 5.24
-    thr, count = _compare_threshold(
+    count, table = _compare_thresholded(
         summary,
         label,
         "fdr05",
@@ -881,8 +887,5 @@ def test_real_spm_faces(tmp_path):
         two_sided=True,
     )
     assert count > 0
-    table = _compare_clusters(
-        summary, label, "fdr05", theirs["z_score"], thr, two_sided=True, n_surviving=count
-    )
     top = table.iloc[0]
     assert (top.peak_x, top.peak_y, top.peak_z) == (-39.0, -85.0, -14.0)  # README's MNI peak
