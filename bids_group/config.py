@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bids_group.errors import UsageError
+from bids_group.inference.clusters import DEFAULT_CONNECTIVITY
 from bids_group.inference.height import DEFAULT_ALPHA as HEIGHT_DEFAULT_ALPHA
 from bids_group.spec import InferenceDefaults
 
@@ -19,12 +20,8 @@ HeightControl = Literal["fpr", "fdr", "bonferroni", "none"]
 
 #: Defaults shared by the CLI help, the model-file extension block and the README.
 DEFAULT_HEIGHT_CONTROL: HeightControl = "fpr"
-#: Default alpha per height control (nilearn's defaults): see :mod:`bids_group.inference.height`.
-DEFAULT_ALPHA = HEIGHT_DEFAULT_ALPHA
 DEFAULT_CLUSTER_THRESHOLD = 0
 DEFAULT_TWO_SIDED = True
-DEFAULT_CONNECTIVITY = 6
-DEFAULT_MIN_DISTANCE_MM = 8.0
 HEIGHT_CONTROLS: tuple[str, ...] = ("fpr", "fdr", "bonferroni", "none")
 CONNECTIVITIES: tuple[int, ...] = (6, 18, 26)
 ANALYSIS_LEVELS: tuple[str, ...] = ("group", "dataset")

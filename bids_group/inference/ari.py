@@ -21,16 +21,15 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage, stats
+from scipy import stats
 
 from bids_group.errors import DataError, UsageError
+from bids_group.inference.clusters import DEFAULT_CONNECTIVITY, label_clusters
 
 log = logging.getLogger(__name__)
 
 #: Default level of the simultaneous TDP bounds.
 DEFAULT_ALPHA = 0.05
-#: Default connectivity of clusters: faces only, as ``scipy.ndimage.label``'s default (and nilearn).
-DEFAULT_CONNECTIVITY = 6
 
 Connectivity = Literal[6, 18, 26]
 
@@ -220,14 +219,6 @@ def discoveries_lower_bound(
 # --------------------------------------------------------------------------- clusters
 
 
-def _structure(connectivity: int) -> np.ndarray:
-    # rank-3 structuring elements: 1 = faces (6), 2 = faces + edges (18), 3 = all 26 neighbours.
-    rank = {6: 1, 18: 2, 26: 3}.get(int(connectivity))
-    if rank is None:
-        raise UsageError(f"ARI: connectivity must be 6, 18 or 26; got {connectivity!r}.")
-    return ndimage.generate_binary_structure(3, rank)
-
-
 def _check_volumes(
     z_vol: np.ndarray, mask: np.ndarray, affine: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -347,7 +338,7 @@ def ari_clusters(
     z_vol, mask, affine = _check_volumes(z_vol, mask, affine)
     alpha = _check_alpha(alpha)
     levels = _check_thresholds(thresholds, two_sided)
-    structure = _structure(connectivity)
+    label_clusters(np.zeros((1, 1, 1), bool), connectivity)  # check it before any work
 
     p_vol = np.ones_like(z_vol)
     p_vol[mask] = (
@@ -362,7 +353,7 @@ def ari_clusters(
     signs = (1.0, -1.0) if two_sided else (1.0,)
     for threshold in levels:  # ascending: higher thresholds overwrite the map (nilearn's rule)
         for sign in signs:
-            labels, n_labels = ndimage.label(mask & (sign * z_vol > threshold), structure)
+            labels, n_labels = label_clusters(mask & (sign * z_vol > threshold), connectivity)
             new = _cluster_rows(
                 z_vol,
                 p_vol,

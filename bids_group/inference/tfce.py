@@ -33,6 +33,7 @@ import numpy as np
 
 from bids_group.errors import UsageError
 from bids_group.inference import _kernels
+from bids_group.inference.clusters import DEFAULT_CONNECTIVITY
 
 Integration = Literal["exact", "fsl", "nilearn"]
 Connectivity = Literal[6, 18, 26]
@@ -40,8 +41,6 @@ Connectivity = Literal[6, 18, 26]
 #: Default extent and height exponents (Smith & Nichols 2009, 3-D).
 DEFAULT_E = 0.5
 DEFAULT_H = 2.0
-#: Default face connectivity, as nilearn (FSL's cluster uses 26; pass ``connectivity=26``).
-DEFAULT_CONNECTIVITY = 6
 #: Number of steps of the "fsl" and "nilearn" presets.
 PRESET_STEPS = 100
 
