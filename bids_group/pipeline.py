@@ -400,6 +400,7 @@ def _write_contrast(
     }
     out = _ContrastOutput(node_dir, label, entities, data, writer, common, result.dof)
     written = _write_contrast_maps(out, result, two_sided)
+    # float64 (not images.unmask's float32): thresholds sit exactly on voxel z values (FDR).
     z_vol = np.zeros(data.mask.shape, dtype=np.float64)
     z_vol[data.mask] = result.z
     files, summary, method = _write_height(out, contrast, result, z_vol, inference, two_sided, view)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bids_group.images import unmask
 from bids_group.report.html import ReportContent, ReportFigure, ReportSection, ReportTable
 from bids_group.report.raster import glass_brain_png, mask_png, slices_png
 
@@ -105,9 +106,7 @@ def background_volume(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
     -------
     ndarray of shape mask.shape, float32
     """
-    volume = np.zeros(mask.shape, dtype=np.float32)
-    volume[mask] = np.abs(data).mean(axis=0, dtype=np.float64)
-    return volume
+    return unmask(np.abs(data).mean(axis=0, dtype=np.float64), mask)
 
 
 def write_figures(folder: Path, figures: Sequence[ReportFigure]) -> list[Path]:
