@@ -23,10 +23,19 @@ from bids_group.config import (
     CONNECTIVITIES,
     DEFAULT_ARI_ALPHA,
     DEFAULT_ARI_THRESHOLDS,
+    DEFAULT_CLUSTER_FORMING_P,
     DEFAULT_CLUSTER_THRESHOLD,
     DEFAULT_CONNECTIVITY,
     DEFAULT_HEIGHT_CONTROL,
+    DEFAULT_N_PERM,
+    DEFAULT_PERM_ALPHA,
+    DEFAULT_SEED,
+    DEFAULT_TFCE_E,
+    DEFAULT_TFCE_H,
     HEIGHT_CONTROLS,
+    PERMUTATION_METHODS,
+    PERMUTATION_SCHEMES,
+    TFCE_INTEGRATIONS,
     RunConfig,
 )
 from bids_group.errors import (
@@ -215,6 +224,74 @@ def _underscored(name: str) -> str:
     f"{DEFAULT_ARI_ALPHA}]",
 )
 @_option(
+    "--permutation",
+    "permutation",
+    multiple=True,
+    type=click.Choice([*PERMUTATION_METHODS, "none"]),
+    metavar="METHOD",
+    help="Permutation inference (FWER): voxel (max statistic), cluster (size and mass), tfce; "
+    "several at once: --permutation voxel cluster tfce. 'none' turns off the model file's. "
+    "[default: none]",
+)
+@_option(
+    "--n-perm",
+    type=int,
+    metavar="N",
+    help=f"Random relabellings beside the unpermuted data; when 1 + N reaches the number of "
+    f"distinct ones, all are enumerated (exact test). [default: {DEFAULT_N_PERM}]",
+)
+@_option(
+    "--seed",
+    type=int,
+    help=f"Seed of the relabellings; the same seed gives the same results for any --n-jobs. "
+    f"[default: {DEFAULT_SEED}]",
+)
+@_option(
+    "--perm-alpha",
+    type=float,
+    help=f"FWER level of the thresholded permutation maps. [default: {DEFAULT_PERM_ALPHA}]",
+)
+@_option(
+    "--cluster-forming-p",
+    type=float,
+    metavar="P",
+    help="Cluster-forming threshold of --permutation cluster, as a one-sided uncorrected "
+    "p-value, 0 < P < 0.5 (split between the tails when two-sided; z 3.1 is p 0.00097). "
+    f"[default: {DEFAULT_CLUSTER_FORMING_P}]",
+)
+@_option(
+    "--tfce-integration",
+    type=click.Choice(TFCE_INTEGRATIONS),
+    help="TFCE: the exact integral, or the presets reproducing FSL randomise (100 fixed steps "
+    "of dh = max/100, no dh factor) and nilearn (100 steps per map). [default: exact]",
+)
+@_option("--tfce-e", type=float, help=f"TFCE extent exponent E. [default: {DEFAULT_TFCE_E}]")
+@_option("--tfce-h", type=float, help=f"TFCE height exponent H. [default: {DEFAULT_TFCE_H}]")
+@_option(
+    "--tfce-dh",
+    type=float,
+    help="TFCE step of --tfce-integration fsl. [default: max of the unpermuted map / 100]",
+)
+@_option(
+    "--perm-scheme",
+    type=click.Choice(PERMUTATION_SCHEMES),
+    help="flip: sign flipping (symmetric errors; effects that include the mean); permute: "
+    "row permutation (exchangeable errors); auto chooses from the contrast. [default: auto]",
+)
+@_option(
+    "--exchangeability-blocks",
+    metavar="VARIABLE",
+    help="Variable (participants.tsv column or entity, e.g. subject) whose values are "
+    "exchangeability blocks: rows are permuted only within a block.",
+)
+@_option(
+    "--whole-blocks/--within-blocks",
+    "whole_blocks",
+    default=None,
+    help="Permute (or flip) whole blocks as units instead of rows within blocks. "
+    "[default: within-blocks]",
+)
+@_option(
     "--report/--no-report",
     default=True,
     show_default=True,
@@ -228,7 +305,7 @@ def _underscored(name: str) -> str:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Threads for reading and writing images.",
+    help="Threads for reading and writing images and for the permutation kernels.",
 )
 @_option(
     "--work-dir",
@@ -312,6 +389,18 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         "ari": options["ari"],
         "ari_thresholds": tuple(options["ari_thresholds"]) or None,
         "ari_alpha": options["ari_alpha"],
+        "permutation": _permutation_methods(options["permutation"]),
+        "n_perm": options["n_perm"],
+        "seed": options["seed"],
+        "perm_alpha": options["perm_alpha"],
+        "cluster_forming_p": options["cluster_forming_p"],
+        "tfce_integration": options["tfce_integration"],
+        "tfce_e": options["tfce_e"],
+        "tfce_h": options["tfce_h"],
+        "tfce_dh": options["tfce_dh"],
+        "perm_scheme": options["perm_scheme"],
+        "exchangeability_blocks": options["exchangeability_blocks"],
+        "whole_blocks": options["whole_blocks"],
     }
     return RunConfig(
         bids_dir=bids_dir,
@@ -329,7 +418,19 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         json_summary=options["json_summary"],
         command=shlex.join(["bids-group", *sys.argv[1:]]),
         report=options["report"],
+        progress=options["verbose"] - options["quiet"] >= 0 and sys.stderr.isatty(),
     )
+
+
+def _permutation_methods(values: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``--permutation`` values: None when not given, () for ``none``."""
+    if not values:
+        return None
+    if "none" in values:
+        if len(set(values)) > 1:
+            raise UsageError("--permutation none cannot be combined with a method")
+        return ()
+    return tuple(m for m in PERMUTATION_METHODS if m in values)
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -357,13 +458,14 @@ _MULTI_VALUE_OPTIONS = (
     "--participant_label",
     "--ari-thresholds",
     "--ari_thresholds",
+    "--permutation",
 )
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:
     """Accept ``--participant-label 01 02 03`` (argparse ``nargs='+'``, as in fMRIPrep).
 
-    The same for ``--ari-thresholds 3.0 3.5``.
+    The same for ``--ari-thresholds 3.0 3.5`` and ``--permutation voxel tfce``.
 
     Click takes one value per occurrence, so every following token that is not an option is
     given its own ``--participant-label``. As with argparse, put such options after the

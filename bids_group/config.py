@@ -14,7 +14,13 @@ from typing import Any, Literal
 from bids_group.errors import UsageError
 from bids_group.inference.clusters import DEFAULT_CONNECTIVITY
 from bids_group.inference.height import DEFAULT_ALPHA as HEIGHT_DEFAULT_ALPHA
-from bids_group.spec import InferenceDefaults
+from bids_group.spec import (
+    PERMUTATION_METHODS,
+    PERMUTATION_SCHEMES,
+    TFCE_INTEGRATIONS,
+    InferenceDefaults,
+    cluster_forming_p,
+)
 
 HeightControl = Literal["fpr", "fdr", "bonferroni", "none"]
 
@@ -33,6 +39,30 @@ DEFAULT_ARI_ALPHA = 0.05
 #: alpha is a per-voxel p threshold, 0.001 by default: not a sensible confidence level).
 _FAMILY_ALPHA_CONTROLS = ("fdr", "bonferroni")
 _HEIGHT_SETTINGS = ("height_control", "alpha", "threshold")
+#: Permutation inference defaults (FSL randomise's TFCE E/H; nilearn's 10,000 permutations).
+DEFAULT_N_PERM = 10_000
+DEFAULT_SEED = 0
+DEFAULT_PERM_ALPHA = 0.05
+DEFAULT_CLUSTER_FORMING_P = 0.001
+DEFAULT_TFCE_E = 0.5
+DEFAULT_TFCE_H = 2.0
+#: The model file's TFCE mapping -> InferenceConfig fields.
+_TFCE_FIELDS = {"Integration": "tfce_integration", "E": "tfce_e", "H": "tfce_h", "dh": "tfce_dh"}
+#: Settings that only matter for some permutation method: given on the command line without
+#: that method, they would silently do nothing, so they are refused.
+_NEEDS_METHOD: dict[str, tuple[str, ...]] = {
+    "n_perm": PERMUTATION_METHODS,
+    "seed": PERMUTATION_METHODS,
+    "perm_alpha": PERMUTATION_METHODS,
+    "perm_scheme": PERMUTATION_METHODS,
+    "exchangeability_blocks": PERMUTATION_METHODS,
+    "whole_blocks": PERMUTATION_METHODS,
+    "cluster_forming_p": ("cluster",),
+    "tfce_integration": ("tfce",),
+    "tfce_e": ("tfce",),
+    "tfce_h": ("tfce",),
+    "tfce_dh": ("tfce",),
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +79,18 @@ class InferenceConfig:
     ari: bool = False
     ari_thresholds: tuple[float, ...] = DEFAULT_ARI_THRESHOLDS
     ari_alpha: float = DEFAULT_ARI_ALPHA
+    permutation: tuple[str, ...] = ()
+    n_perm: int = DEFAULT_N_PERM
+    seed: int = DEFAULT_SEED
+    perm_alpha: float = DEFAULT_PERM_ALPHA
+    cluster_forming_p: float = DEFAULT_CLUSTER_FORMING_P
+    tfce_integration: str = "exact"
+    tfce_e: float = DEFAULT_TFCE_E
+    tfce_h: float = DEFAULT_TFCE_H
+    tfce_dh: float | None = None
+    perm_scheme: str = "auto"
+    exchangeability_blocks: str | None = None
+    whole_blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +125,7 @@ class RunConfig:
     json_summary: bool = False
     command: str = ""
     report: bool = True
+    progress: bool = False
 
 
 def resolve_inference(
@@ -101,6 +144,8 @@ def resolve_inference(
         merged.update({k: v for k, v in vars(from_model).items() if v is not None and k != "extra"})
         # Accepted keys without an attribute of their own (e.g. ARIAlpha -> ari_alpha).
         merged.update({k: v for k, v in (from_model.extra or {}).items() if v is not None})
+        for key, value in (merged.pop("tfce", None) or {}).items():
+            merged[_TFCE_FIELDS[key]] = value
     if overrides.get("height_control") is not None:
         # The height settings go together: a height control given on the command line replaces
         # the model file's control, alpha and threshold as a unit (its own alpha/threshold, if
@@ -122,8 +167,11 @@ def resolve_inference(
         merged["ari_alpha"] = merged["alpha"] if family else DEFAULT_ARI_ALPHA
     if merged.get("ari_thresholds") is not None:
         merged["ari_thresholds"] = tuple(sorted({float(t) for t in merged["ari_thresholds"]}))
+    if merged.get("permutation") is not None:
+        merged["permutation"] = tuple(m for m in PERMUTATION_METHODS if m in merged["permutation"])
     config = replace(InferenceConfig(), **merged)
     _check_inference(config)
+    _check_permutation(config, given=set(k for k, v in overrides.items() if v is not None))
     return config
 
 
@@ -162,3 +210,56 @@ def _check_inference(config: InferenceConfig) -> None:
         raise UsageError(f"ARI alpha == {config.ari_alpha}, must be > 0 and < 1")
     if config.smoothing_fwhm is not None and config.smoothing_fwhm < 0:
         raise UsageError(f"--smoothing-fwhm == {config.smoothing_fwhm}, must be >= 0 mm")
+
+
+def _check_permutation(config: InferenceConfig, given: set[str]) -> None:
+    """Permutation settings: ranges, and no command-line setting that would do nothing."""
+    unknown = sorted(set(config.permutation) - set(PERMUTATION_METHODS))
+    if unknown:
+        raise UsageError(
+            f"permutation method(s) {', '.join(unknown)} unknown; "
+            f"use {', '.join(PERMUTATION_METHODS)}"
+        )
+    for name in sorted(given & set(_NEEDS_METHOD)):
+        methods = _NEEDS_METHOD[name]
+        if not set(methods) & set(config.permutation):
+            option = "--" + name.replace("_", "-")
+            needed = " or ".join(methods)
+            raise UsageError(
+                f"{option} only applies to permutation inference with {needed}, which this run "
+                f"does not do; add --permutation {methods[0]} (or Permutation: [{methods[0]}] "
+                "in the model's inference block)"
+            )
+    if isinstance(config.n_perm, bool) or not isinstance(config.n_perm, int) or config.n_perm < 1:
+        raise UsageError(
+            f"--n-perm == {config.n_perm!r}: the number of permutations must be an integer >= 1 "
+            f"(e.g. {DEFAULT_N_PERM})"
+        )
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise UsageError(f"--seed == {config.seed!r}, must be an integer >= 0")
+    if not 0.0 < config.perm_alpha < 1.0:
+        raise UsageError(f"--perm-alpha == {config.perm_alpha}, must be > 0 and < 1")
+    cluster_forming_p(config.cluster_forming_p, "--cluster-forming-p")
+    if config.tfce_integration not in TFCE_INTEGRATIONS:
+        raise UsageError(
+            f"--tfce-integration {config.tfce_integration!r} is not one of "
+            f"{', '.join(TFCE_INTEGRATIONS)}"
+        )
+    for name in ("tfce_e", "tfce_h", "tfce_dh"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} == {value}, must be > 0")
+    if config.tfce_dh is not None and config.tfce_integration != "fsl":
+        raise UsageError(
+            f"--tfce-dh {config.tfce_dh} is the fixed step of --tfce-integration fsl; the exact "
+            "integral has no step and the nilearn preset uses 100 steps per map"
+        )
+    if config.perm_scheme not in PERMUTATION_SCHEMES:
+        raise UsageError(
+            f"--perm-scheme {config.perm_scheme!r} is not one of {', '.join(PERMUTATION_SCHEMES)}"
+        )
+    if config.whole_blocks and config.exchangeability_blocks is None:
+        raise UsageError(
+            "--whole-blocks needs exchangeability blocks: --exchangeability-blocks subject "
+            "(or ExchangeabilityBlocks in the model's inference block)"
+        )

@@ -40,6 +40,7 @@ from bids_group.outputs.figures import design_summary, plot_design_matrix
 from bids_group.outputs.maps import MapWriter, write_mask
 from bids_group.outputs.staging import check_writable, staged_output
 from bids_group.outputs.tables import write_table
+from bids_group.pipeline_permutation import PermutationJob, plan_permutations, write_permutation
 from bids_group.report import build as report
 from bids_group.report.html import ReportSection, write_report
 from bids_group.spec import ModelSpec, default_spec, load_spec, resolved_model_dict
@@ -107,6 +108,7 @@ def run(config: RunConfig) -> RunResult:
         group_by=spec.group_by,
     )
     analyses = plan_analyses(spec, inputs.maps, inputs.participants)
+    plans = plan_permutations(analyses, inference)
     log.info(
         "%d map(s) of %d participant(s); %d model(s) to fit",
         len(inputs.maps),
@@ -130,9 +132,15 @@ def run(config: RunConfig) -> RunResult:
         node_dir = stage / naming.node_dir(to_label(spec.node_name))
         node_dir.mkdir(parents=True, exist_ok=True)
         with MapWriter(n_jobs=config.n_jobs) as writer:
-            for analysis in analyses:
+            for i, analysis in enumerate(analyses):
+                jobs = {
+                    name: PermutationJob(plan, analysis.design.matrix, config.n_jobs,
+                                         config.progress)
+                    for (index, name), plan in plans.items()
+                    if index == i
+                }  # fmt: skip
                 files, analysis_summary, parts = _run_analysis(
-                    analysis, config, spec, inference, node_dir, writer
+                    analysis, config, spec, inference, node_dir, writer, jobs
                 )
                 written += files
                 sections += parts
@@ -193,9 +201,10 @@ def _run_analysis(
     inference: InferenceConfig,
     node_dir: Path,
     writer: MapWriter,
+    jobs: Mapping[str, PermutationJob] | None = None,
 ) -> tuple[list[Path], dict[str, Any], list[ReportSection]]:
     """Fit one model and write its outputs; return the files, a summary and report sections
-    (none when ``config.report`` is off)."""
+    (none when ``config.report`` is off). ``jobs``: permutation job per contrast name."""
     where = ", ".join(f"{k} {v}" for k, v in analysis.group.items()) or "all maps"
     log.info(
         "model for %s: %d maps, columns %s", where, len(analysis.maps), analysis.design.columns
@@ -219,8 +228,9 @@ def _run_analysis(
         result = compute_contrast(fit, contrast.weights, contrast.test)
         label = group_contrast_label(analysis.input_contrast, contrast.name)
         files, contrast_summary, methods = _write_contrast(
-            analysis, contrast, label, result, data, inference, node_dir, entities, writer, view
-        )
+            analysis, contrast, label, result, data, inference, node_dir, entities, writer, view,
+            (jobs or {}).get(contrast.name),
+        )  # fmt: skip
         written += files
         contrasts_summary.append(contrast_summary)
         if view is not None:
@@ -382,8 +392,10 @@ def _write_contrast(
     entities: Mapping[str, str],
     writer: MapWriter,
     view: _ReportView | None = None,
+    permutation: PermutationJob | None = None,
 ) -> tuple[list[Path], dict[str, Any], list[report.MethodReport]]:
-    """Every output of one contrast: maps, thresholded map and table, ARI, figures.
+    """Every output of one contrast: maps, thresholded map and table, ARI, permutation
+    inference (with a ``permutation`` job), figures.
 
     Returns the written files, the contrast's summary and (with ``view``) one
     :class:`~bids_group.report.build.MethodReport` per correction method.
@@ -410,6 +422,12 @@ def _write_contrast(
         files, summary["ari"], method = _write_ari(out, z_vol, inference, two_sided, view)
         written += files
         methods += [method] if method is not None else []
+    if permutation is not None:
+        files, summary["permutation"], perm_methods = write_permutation(
+            out, contrast, result, inference, permutation, two_sided, view
+        )
+        written += files
+        methods += perm_methods
     return written, summary, methods
 
 

@@ -22,6 +22,16 @@ are software names. bids-group reads ``Model.Software.bids-group.Inference``::
             TwoSided: false
             Connectivity: 6         # 6 | 18 | 26
             SmoothingFWHM: 8        # mm, >= 0
+            ARI: true               # All-Resolution Inference (ARIThresholds, ARIAlpha)
+            Permutation: [voxel, cluster, tfce]   # any of them; none = off (default)
+            NPermutations: 10000    # random relabellings beside the unpermuted data, >= 1
+            Seed: 0                 # integer >= 0; same seed, same results
+            PermutationAlpha: 0.05  # FWER level of the thresholded permutation maps
+            ClusterFormingP: 0.001  # cluster-forming threshold: one-sided p, 0 < p < 0.5
+            TFCE: {Integration: exact, E: 0.5, H: 2}   # exact | fsl | nilearn; dh with fsl
+            PermutationScheme: auto # auto | flip (sign flips) | permute (rows)
+            ExchangeabilityBlocks: subject   # variable whose values are the blocks
+            WholeBlocks: false      # permute blocks as units instead of rows within blocks
 
 The accepted keys live in one table, :data:`INFERENCE_KEYS`; add a row there to accept a new one.
 Values from the file are defaults: command-line options override them.
@@ -304,6 +314,80 @@ def _thresholds(value: Any, where: str) -> tuple[float, ...]:
     return tuple(sorted({positive(v, f"{where}[{i}]") for i, v in enumerate(values)}))
 
 
+#: Permutation inference: methods, TFCE integrations and exchangeability schemes accepted by the
+#: model file and the command line (the CLI and config import them from here).
+PERMUTATION_METHODS: tuple[str, ...] = ("voxel", "cluster", "tfce")
+TFCE_INTEGRATIONS: tuple[str, ...] = ("exact", "fsl", "nilearn")
+PERMUTATION_SCHEMES: tuple[str, ...] = ("auto", "flip", "permute")
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def check(value: Any, where: str) -> str:
+        text = str(value).lower() if isinstance(value, str) else value
+        if text not in options:
+            hint = nearest(str(value), options) if isinstance(value, str) else ""
+            raise _fail(where, f"must be one of {', '.join(options)}, got {value!r}{hint}")
+        return text
+
+    return check
+
+
+def _permutation_methods(value: Any, where: str) -> tuple[str, ...]:
+    """A method, a list of methods, or none/null/[] (no permutation inference)."""
+    if value is None or value == "none" or value == []:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    check = _choice(PERMUTATION_METHODS)
+    chosen = {check(v, f"{where}[{i}]") for i, v in enumerate(values)}
+    return tuple(m for m in PERMUTATION_METHODS if m in chosen)
+
+
+def cluster_forming_p(value: Any, where: str) -> float:
+    """The cluster-forming threshold: an uncorrected one-sided p-value, 0 < p < 0.5.
+
+    A value >= 1 is a height (z or t), not a p-value; it is refused with the conversion rather
+    than silently reinterpreted.
+    """
+    number = _number(0, open_lo=True)(value, where)
+    if number >= 1:
+        raise _fail(
+            where,
+            f"the cluster-forming threshold is a p-value (0 < p < 0.5, e.g. 0.001), got "
+            f"{value!r}, which looks like a z or t height; z = 3.1 is p = 0.00097 (one-sided)",
+        )
+    if number >= 0.5:
+        raise _fail(where, f"must be a p-value below 0.5 (e.g. 0.001), got {value!r}")
+    return number
+
+
+#: Keys of the TFCE mapping: CamelCase key -> validator.
+_TFCE_KEYS: dict[str, Callable[[Any, str], Any]] = {
+    "Integration": _choice(TFCE_INTEGRATIONS),
+    "E": _number(0, open_lo=True),
+    "H": _number(0, open_lo=True),
+    "dh": _number(0, open_lo=True),
+}
+
+
+def _tfce_settings(value: Any, where: str) -> dict[str, Any]:
+    block = _mapping(value, where, "TFCE")
+    _check_keys(block, tuple(_TFCE_KEYS), (), where)
+    settings = {key: _TFCE_KEYS[key](v, f"{where}.{key}") for key, v in block.items()}
+    if "dh" in settings and settings.get("Integration") != "fsl":
+        raise _fail(
+            where,
+            "dh is the fixed step of Integration: fsl; the exact integral has no step and the "
+            "nilearn preset uses 100 steps per map (set Integration: fsl or drop dh)",
+        )
+    return settings
+
+
+def _label_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(where, f"must name a variable (e.g. subject), got {value!r}")
+    return value.strip()
+
+
 #: Accepted keys of ``Software.bids-group.Inference``: CamelCase key -> (snake_case name,
 #: validator). Names that are not InferenceDefaults attributes go to ``InferenceDefaults.extra``.
 INFERENCE_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
@@ -317,6 +401,15 @@ INFERENCE_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "ARI": ("ari", _boolean),
     "ARIThresholds": ("ari_thresholds", _thresholds),
     "ARIAlpha": ("ari_alpha", _number(0, 1, open_lo=True, open_hi=True)),
+    "Permutation": ("permutation", _permutation_methods),
+    "NPermutations": ("n_perm", _number(1, integer=True)),
+    "Seed": ("seed", _number(0, integer=True)),
+    "PermutationAlpha": ("perm_alpha", _number(0, 1, open_lo=True, open_hi=True)),
+    "ClusterFormingP": ("cluster_forming_p", cluster_forming_p),
+    "TFCE": ("tfce", _tfce_settings),
+    "PermutationScheme": ("perm_scheme", _choice(PERMUTATION_SCHEMES)),
+    "ExchangeabilityBlocks": ("exchangeability_blocks", _label_name),
+    "WholeBlocks": ("whole_blocks", _boolean),
 }
 
 

@@ -7,6 +7,7 @@ Every name bids-group writes is built here, so the layout has one home::
     OUT_DIR/model-<label>_report.html
     OUT_DIR/node-<Node>/[task-<t>_][space-<s>_]contrast-<c>_stat-<stat>[_desc-<d>]_statmap.nii.gz
     OUT_DIR/node-<Node>/[task-<t>_][space-<s>_]contrast-<c>_stat-<stat>[_desc-<d>]_clusters.tsv
+    OUT_DIR/node-<Node>/[task-<t>_][space-<s>_]contrast-<c>_stat-<t|F>_nulldist.tsv
     OUT_DIR/node-<Node>/[task-<t>_][space-<s>_]contrast-<c>_stat-<stat>_desc-<d>_slices.png
     OUT_DIR/node-<Node>/[task-<t>_][space-<s>_]contrast-<c>_stat-<stat>_desc-<d>_glassbrain.png
     OUT_DIR/node-<Node>/[task-<t>_][space-<s>_][contrast-<in>_]design.tsv / design.svg
@@ -34,19 +35,22 @@ Statistics (``stat-<stat>``), see :data:`STATS`:
 
 ``desc`` labels of thresholded maps, built by :func:`desc_label` (``method`` -> label):
 
-===================  =====================  ===============================================
-method               desc label             meaning
-===================  =====================  ===============================================
-``fpr``              ``fpr``                uncorrected: p < alpha per voxel
-``fdr``              ``fdr``                Benjamini-Hochberg false discovery rate < alpha
-``bonferroni``       ``bonferroni``         Bonferroni family-wise error < alpha
-``none``             ``uncorrected``        a z threshold given directly by the user
-``permVoxel``        ``permVoxel``          permutation max-statistic (voxel) FWE
-``permClusterSize``  ``permClusterSize``    permutation cluster-size FWE
-``permClusterMass``  ``permClusterMass``    permutation cluster-mass FWE
-``permTfce``         ``permTfce``           permutation TFCE FWE
-``ari``              ``ari``                all-resolutions inference (true discovery prop.)
-===================  =====================  ===============================================
+=======================  =======================  ================================================
+method                   desc label               meaning
+=======================  =======================  ================================================
+``fpr``                  ``fpr``                  uncorrected: p < alpha per voxel
+``fdr``                  ``fdr``                  Benjamini-Hochberg false discovery rate < alpha
+``bonferroni``           ``bonferroni``           Bonferroni family-wise error < alpha
+``none``                 ``uncorrected``          a z threshold given directly by the user
+``permVoxel``            ``permVoxel``            permutation max-statistic (voxel) FWE
+``permUncorrected``      ``permUncorrected``      permutation voxelwise p, uncorrected
+``permCluster``          ``permCluster``          permutation cluster table (size and mass FWE)
+``permClusterSize``      ``permClusterSize``      permutation cluster-size FWE
+``permClusterMass``      ``permClusterMass``      permutation cluster-mass FWE
+``permTfce``             ``permTfce``             permutation TFCE FWE
+``permTfceUncorrected``  ``permTfceUncorrected``  permutation TFCE p, uncorrected
+``ari``                  ``ari``                  all-resolutions inference (true discovery prop.)
+=======================  =======================  ================================================
 
 When ``alpha`` is passed, its decimal digits after ``0.`` are appended (``fdr`` at 0.05 ->
 ``fdr05``, ``fpr`` at 0.001 -> ``fpr001``); when ``cluster_threshold`` > 0, ``K<k>`` is appended
@@ -83,9 +87,12 @@ DESC_LABELS: Mapping[str, str] = {
     "bonferroni": "bonferroni",
     "none": "uncorrected",
     "permVoxel": "permVoxel",
+    "permUncorrected": "permUncorrected",
+    "permCluster": "permCluster",
     "permClusterSize": "permClusterSize",
     "permClusterMass": "permClusterMass",
     "permTfce": "permTfce",
+    "permTfceUncorrected": "permTfceUncorrected",
     "ari": "ari",
 }
 
@@ -94,6 +101,7 @@ _ALPHA_FREE_METHODS = frozenset({"none"})
 
 STATMAP_SUFFIX = "statmap"
 CLUSTERS_SUFFIX = "clusters"
+NULL_DISTRIBUTION_SUFFIX = "nulldist"
 DESIGN_SUFFIX = "design"
 MASK_SUFFIX = "mask"
 MODEL_SUFFIX = "smdl"
@@ -206,6 +214,23 @@ def clusters_name(
     """
     entities = {"task": task, "space": space, "contrast": contrast, "stat": _check_stat(stat)}
     return _build({**entities, "desc": desc}, CLUSTERS_SUFFIX, extension)
+
+
+def null_distribution_name(
+    *,
+    contrast: str,
+    stat: str,
+    task: str | None = None,
+    space: str | None = None,
+    extension: str = ".tsv",
+) -> str:
+    """Name of the table of permutation null maxima of one contrast (``stat``: ``t`` or ``F``).
+
+    >>> null_distribution_name(contrast="faces", stat="t")
+    'contrast-faces_stat-t_nulldist.tsv'
+    """
+    entities = {"task": task, "space": space, "contrast": contrast, "stat": _check_stat(stat)}
+    return _build(entities, NULL_DISTRIBUTION_SUFFIX, extension)
 
 
 def figure_name(

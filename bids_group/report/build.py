@@ -182,6 +182,32 @@ def map_figures(
     )
 
 
+def null_figure(
+    null_max: np.ndarray,
+    observed_max: float,
+    critical: float,
+    *,
+    alpha: float,
+    stat_label: str,
+    title: str,
+    source: str,
+) -> ReportFigure:
+    """The permutation null distribution of a maximum, with the observed and critical values.
+
+    ``source`` names the TSV holding the same null (so readers can audit or merge it).
+    """
+    from bids_group.report.plots import null_distribution_plot  # matplotlib: only when used
+
+    data = null_distribution_plot(null_max, observed_max, critical, alpha=alpha,
+                                  stat_label=stat_label, title=title)  # fmt: skip
+    caption = (
+        f"Null distribution of the {stat_label} over {np.asarray(null_max).size:,} relabellings "
+        f"(the unpermuted data included). Results above the critical value have FWER p <= "
+        f"{alpha:g}. Values: {source}"
+    )
+    return ReportFigure("Permutation null distribution", data, "image/png", caption, "")
+
+
 def mask_figure(mask: np.ndarray, background: np.ndarray, affine: np.ndarray, *, filename: str):
     """The analysis mask outlined over the background, titled with its voxel count."""
     n_voxels = int(np.count_nonzero(mask))
@@ -206,6 +232,16 @@ def cluster_report_table(table: pd.DataFrame, *, filename: str) -> ReportTable:
     """The parametric cluster table (peaks and subpeaks) for the report."""
     caption = f"Peak coordinates in mm; peak_p uncorrected. File: {filename}"
     return _table(table, title="Clusters", caption=caption, drop=("cluster",))
+
+
+def permutation_cluster_report_table(table: pd.DataFrame, *, filename: str) -> ReportTable:
+    """Clusters above the cluster-forming height with their size and mass FWER p-values."""
+    caption = (
+        "Every cluster above the cluster-forming height, largest first; p_fwe_size and "
+        f"p_fwe_mass are family-wise error corrected by permutation. Coordinates in mm. "
+        f"File: {filename}"
+    )
+    return _table(table, title="Permutation clusters", caption=caption)
 
 
 def ari_report_table(table: pd.DataFrame, *, alpha: float, filename: str) -> ReportTable:
