@@ -61,6 +61,9 @@ class Analysis:
     maps: tuple[InputMap, ...]
     design: Design
     contrasts: tuple[Contrast, ...]
+    #: Variables of the maps before the model's transformations (participants.tsv columns and
+    #: entities), e.g. for exchangeability blocks.
+    variables: Any = None
 
     @property
     def input_contrast(self) -> str | None:
@@ -190,7 +193,7 @@ def plan_analyses(
         except (DataError, UsageError) as err:
             where = ", ".join(f"{k} {v}" for k, v in group.items())
             raise type(err)(f"{err} (model for {where})" if where else str(err)) from err
-        analyses.append(Analysis(group, group_maps, design, contrasts))
+        analyses.append(Analysis(group, group_maps, design, contrasts, variables))
     return tuple(analyses)
 
 

@@ -88,7 +88,7 @@ def plan_permutations(
         where = ", ".join(f"{k} {v}" for k, v in analysis.group.items())
         paths = [str(m.path) for m in analysis.maps]
         blocks = block_labels(
-            analysis.design.variables, inference.exchangeability_blocks, paths=paths
+            analysis.variables, inference.exchangeability_blocks, paths=paths
         )
         for contrast in analysis.contrasts:
             try:

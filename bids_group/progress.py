@@ -27,7 +27,12 @@ class _Bar:
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
             self.bar = click.progressbar(
-                length=total, label=self.label, file=sys.stderr, show_eta=True, show_pos=True
+                length=total,
+                label=self.label,
+                file=sys.stderr,
+                show_eta=True,
+                show_pos=True,
+                show_percent=True,
             )
             self.bar.__enter__()
         self.bar.update(done - self.done)
