@@ -276,7 +276,7 @@ def _settings(perm: PermutationResult, inference: InferenceConfig, plan: Permuta
     if perm.clusters is not None:
         settings["ClusterFormingThreshold"] = {
             "PValue": perm.clusters.forming_p,
-            "PValueSidedness": "one-sided per tail (halved for two-sided tests)"
+            "PValueSidedness": "two-sided: PValue / 2 in each tail"
             if perm.two_sided
             else "one-sided",
             "Height": perm.clusters.height,

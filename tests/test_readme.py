@@ -36,3 +36,26 @@ def test_exit_code_table_matches_errors_module():
         assert re.search(rf"^\| `?{code}`? \| {re.escape(name)} \|", README, re.M), (
             f"exit code {code} ({name}) missing from the README table"
         )
+
+
+def test_usage_block_is_the_current_help(monkeypatch):
+    """The README's Usage block is `bids-group --help` (up to the exit-code epilog)."""
+    import contextlib
+    import io
+
+    from bids_group.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")  # the width is capped at 100 by the CLI
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--help"]) == 0
+    help_text = out.getvalue().split("\n  Exit codes:")[0].rstrip()
+    usage = re.search(r"```\n(Usage: bids-group.*?)\n```", README, re.S).group(1).rstrip()
+    assert usage == help_text, "README Usage block is stale: paste `COLUMNS=200 bids-group --help`"
+
+
+def test_every_model_inference_key_is_documented():
+    from bids_group.spec import INFERENCE_KEYS
+
+    for key in INFERENCE_KEYS:
+        assert f"`{key}`" in README, f"model-file key {key} missing from the README"
