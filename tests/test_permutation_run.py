@@ -621,3 +621,34 @@ def test_report_shows_each_method_with_its_null_distribution(tmp_path):
         assert title in report
     assert report.count("Null distribution of the max") == 4
     assert "stat-t_nulldist.tsv" in report
+
+
+# --------------------------------------------------------------------------- interrupt
+
+
+def test_interrupt_during_permutations_stops_promptly_and_leaves_nothing(tmp_path):
+    """Ctrl-C in the middle of a long permutation run: exit 130 within seconds, OUT_DIR absent,
+    no staging folder left (the kernels return to Python between batches)."""
+    import signal
+    import time
+
+    bids = _one_sample(tmp_path / "ds", n=14, seed=10)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bids_group", str(bids), str(out), "group", "--permutation",
+               "tfce", "--n-perm", "1000000", "--no-report"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "Permutation test:" in line:
+            break
+    time.sleep(1.0)  # well inside the million relabellings
+    started = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.perf_counter() - started < 15
+    assert proc.returncode == 130, "".join(seen) + stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert stdout == ""
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
