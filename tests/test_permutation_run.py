@@ -397,6 +397,9 @@ def test_model_block_settings_and_command_line_override(tmp_path):
     assert sidecar["TFCE"] == {**sidecar["TFCE"], "Integration": "fsl", "E": 0.6, "H": 2.0}
     names = {Path(f).name for f in summary["files"]}
     assert not any("permVoxel" in n for n in names)
+    # The model as run (written to OUT_DIR) reads back with the same inference settings.
+    written = load_spec(_find(summary, "_smdl.json"))
+    assert written.inference == load_spec(model).inference
     assert any("permTfce01" in n for n in names)  # PermutationAlpha 0.01
     code, summary, err = _run(bids, tmp_path / "out2", "--model", str(model), "--permutation",
                               "none")  # fmt: skip
