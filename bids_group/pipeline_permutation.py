@@ -87,9 +87,7 @@ def plan_permutations(
     for i, analysis in enumerate(analyses):
         where = ", ".join(f"{k} {v}" for k, v in analysis.group.items())
         paths = [str(m.path) for m in analysis.maps]
-        blocks = block_labels(
-            analysis.variables, inference.exchangeability_blocks, paths=paths
-        )
+        blocks = block_labels(analysis.variables, inference.exchangeability_blocks, paths=paths)
         for contrast in analysis.contrasts:
             try:
                 plan = plan_permutation(
