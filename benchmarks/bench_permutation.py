@@ -92,6 +92,11 @@ def main(argv=None) -> None:
     ap.add_argument("--nilearn-cluster", type=int, default=20)
     ap.add_argument("--nilearn-tfce", type=int, default=3)
     ap.add_argument("--skip-nilearn", action="store_true")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated substrings of the case names to run (e.g. 'TFCE (exact),fsl')",
+    )
     args = ap.parse_args(argv)
 
     data, mask, mask_img = make_data(args.subjects)
@@ -126,7 +131,10 @@ def main(argv=None) -> None:
             0,
         ),
     ]
+    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
     for name, kw, n_ours, nl_kw, n_nl in cases:
+        if wanted and not any(w in name for w in wanted):
+            continue
         t_ours, _ = time_ours(data, mask, n_ours, args.n_jobs, **kw)
         rate_ours = n_ours / t_ours
         line = (

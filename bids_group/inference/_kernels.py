@@ -128,34 +128,6 @@ def fused_stat_max_counts(
                 maxima[b] = chunk_max[c, b]
 
 
-@numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def max_and_counts(values, threshold, two_sided, maxima, counts):
-    """Per-row max of ``values`` (n_batch, n_voxels) (of ``|values|`` if two-sided) into
-    ``maxima``, and per-voxel counts of rows with value >= ``threshold`` added to ``counts``."""
-    n_batch, n = values.shape
-    n_chunks = (n + _CHUNK - 1) // _CHUNK
-    chunk_max = np.empty((n_chunks, n_batch), np.float64)
-    for c in numba.prange(n_chunks):
-        v0 = c * _CHUNK
-        v1 = min(v0 + _CHUNK, n)
-        for b in range(n_batch):
-            m = -np.inf
-            for v in range(v0, v1):
-                a = values[b, v]
-                if two_sided:
-                    a = abs(a)
-                if a > m:
-                    m = a
-                if a >= threshold[v]:
-                    counts[v] += 1
-            chunk_max[c, b] = m
-    for b in range(n_batch):
-        m = -np.inf
-        for c in range(n_chunks):
-            m = max(m, chunk_max[c, b])
-        maxima[b] = m
-
-
 # ---------------------------------------------------------------------------------------------
 # Union-find with path compression
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +261,25 @@ def batch_cluster_max(stat, height, two_sided, fwd_ptr, fwd_idx, max_size, max_m
 # constant between two events that touch it, so its contribution is added lazily to an offset on
 # its root when it is next touched ("potential" union-find): the TFCE of a voxel is the sum of the
 # offsets on its path to the root. Cost: O(n_voxels * alpha) per map once sorted.
+#
+# Per map: (1) rank the voxels (radix sort on the float64 bit pattern, exact; or counting sort on
+# step levels) and write each voxel's rank into a rank grid (the mask's grid padded by one voxel,
+# so the neighbours of a voxel are fixed offsets and need no index lists); (2) in rank order,
+# read the neighbours' ranks from the grid (branch-free) and merge with those that entered
+# earlier; the union-find state is indexed by rank, so a new voxel's state is the next entry.
+# The neighbours are merged in increasing voxel index, as with the CSR lists of the graph.
+# Scratch arrays are allocated once per worker thread and reused for all its maps; nothing is
+# zeroed per map except what the map touched (the output pass resets the rank grid).
+
+# TFCE modes (see bids_group.inference.tfce): how heights are discretised.
+MODE_EXACT = 0  # the integral, exactly (piecewise between voxel values)
+MODE_STEPS_PER_MAP = 1  # n_steps per map: h_k = k * max/n_steps, voxel counted if x >= h_k
+MODE_FIXED_DH = 2  # fixed dh: h_k = k * dh, voxel counted if x > h_k
+
+_INACTIVE = np.int32(2**31 - 1)
+#: Radix sort digits: at most 12 bits (4096 counters per digit stay in L1).
+_RADIX_BITS = 11
+_N_DIGITS = 6  # ceil(64 / 12)
 
 
 @numba.njit(cache=True, inline="always")
@@ -313,28 +304,219 @@ def _find_offset(parent, offset, x):
 
 
 @numba.njit(cache=True)
-def _tfce_union_find(order, gval, nb_ptr, nb_idx, extent_pow, parent, size, last, entered, out):
-    """TFCE of the voxels in ``order`` (decreasing value); returns the maximum.
+def _tfce_scratch(n, grid_size, n_nb):
+    """Per-thread work arrays of the TFCE kernel for maps of ``n`` voxels (see _tfce_map)."""
+    return (
+        np.full(grid_size, _INACTIVE, np.int32),  # rank_grid: rank of each voxel, or _INACTIVE
+        np.empty(n, np.float64),  # y: the signed map
+        np.empty(n, np.int64),  # level (step presets)
+        np.empty(n, np.int32),  # order (voxels by rank)
+        np.empty(n, np.int32),  # order_tmp (radix sort)
+        np.empty(n, np.uint64),  # keys
+        np.empty(n, np.uint64),  # keys_tmp
+        np.empty((_N_DIGITS, 1 << _RADIX_BITS), np.int32),  # hist
+        np.empty(n_nb + 1, np.int32),  # earlier: the earlier-entered neighbours of one voxel
+        np.empty(n, np.int64),  # pos_rank: grid position of each rank
+        np.empty(n, np.float64),  # g_rank: G(value) by rank
+        np.empty(n, np.int32),  # parent
+        np.empty(n, np.int32),  # size
+        np.empty(n, np.float64),  # last
+        np.empty(n, np.float64),  # offset
+    )
 
-    ``gval[v]`` = G(value of v); ``out`` (float64, n_voxels) receives TFCE on ``order`` and is
-    used as the offset array. ``parent``, ``size``, ``last``, ``entered`` are scratch of length
-    n_voxels; ``entered`` must be all False on entry and is left all False on exit.
+
+@numba.njit(cache=True)
+def _order_desc(y, order, order_tmp, keys, keys_tmp, hist):
+    """Voxels with y > 0 by decreasing y, ties by increasing index; returns (order, n_active).
+
+    LSD radix sort on the complemented float64 bit pattern (monotone in y for y > 0, so the
+    order is exact and stable). Only the span of bits on which the keys differ is sorted (for
+    float32 data that excludes the low 29 bits), in as few passes of <= 12 bits as it takes.
+    The result lies in ``order`` or ``order_tmp``; the returned array is the one that holds it.
     """
-    offset = out
-    for a in range(order.shape[0]):
-        v = order[a]
-        g = gval[v]
-        parent[v] = v
-        size[v] = 1
-        last[v] = g
-        offset[v] = 0.0
-        entered[v] = True
-        rv = v
-        for j in range(nb_ptr[v], nb_ptr[v + 1]):
-            u = nb_idx[j]
-            if not entered[u]:
+    n = y.shape[0]
+    bits = y.view(np.uint64)
+    n_act = 0
+    for i in range(n):  # branch-free: y > 0 is a coin toss for a null map
+        order[n_act] = i
+        keys[n_act] = ~bits[i]
+        n_act += y[i] > 0.0
+    if n_act < 2:
+        return order, n_act
+    k0 = keys[0]
+    differ = np.uint64(0)
+    for a in range(n_act):
+        differ |= keys[a] ^ k0
+    if differ == 0:
+        return order, n_act
+    lo = 0
+    while not (differ >> np.uint64(lo)) & np.uint64(1):
+        lo += 1
+    hi = 63
+    while not (differ >> np.uint64(hi)) & np.uint64(1):
+        hi -= 1
+    n_pass = (hi - lo + _RADIX_BITS) // _RADIX_BITS
+    width = (hi - lo + n_pass) // n_pass  # ceil(span / n_pass) <= _RADIX_BITS
+    mask = np.uint64((1 << width) - 1)
+    n_bucket = 1 << width
+    hist[:n_pass, :n_bucket] = 0
+    for a in range(n_act):
+        k = keys[a] >> np.uint64(lo)
+        for d in range(n_pass):
+            hist[d, np.intp((k >> np.uint64(d * width)) & mask)] += 1
+    src_o, src_k, dst_o, dst_k = order, keys, order_tmp, keys_tmp
+    for d in range(n_pass):
+        h = hist[d]
+        pos = 0
+        for c in range(n_bucket):
+            cnt = h[c]
+            h[c] = pos
+            pos += cnt
+        shift = np.uint64(lo + d * width)
+        for a in range(n_act):
+            k = src_k[a]
+            c = np.intp((k >> shift) & mask)
+            p = h[c]
+            h[c] = p + 1
+            dst_o[p] = src_o[a]
+            dst_k[p] = k
+        src_o, src_k, dst_o, dst_k = dst_o, dst_k, src_o, src_k
+    return src_o, n_act
+
+
+@numba.njit(cache=True)
+def _order_levels(level, n_level, order, hist):
+    """Voxels with level > 0 by decreasing level, ties by increasing index (counting sort);
+    returns n_active. ``hist`` is scratch of length >= n_level + 2."""
+    n = level.shape[0]
+    counts = hist[: n_level + 2]
+    counts[:] = 0
+    n_act = 0
+    for i in range(n):
+        if level[i] > 0:
+            counts[n_level - level[i] + 1] += 1
+            n_act += 1
+    for k in range(n_level + 1):
+        counts[k + 1] += counts[k]
+    for i in range(n):
+        if level[i] > 0:
+            k = n_level - level[i]
+            order[counts[k]] = i
+            counts[k] += 1
+    return n_act
+
+
+@numba.njit(cache=True)
+def _step_levels(y, mode, h_exp, dh, n_steps, level, g_by_voxel):
+    """Step presets: ``level[i]`` = number of steps counted at y[i], ``g_by_voxel[i]`` = G."""
+    n = y.shape[0]
+    if mode == MODE_STEPS_PER_MAP:
+        step = dh / n_steps
+        k_max = n_steps
+    else:
+        step = dh
+        ymax = 0.0
+        for i in range(n):
+            if y[i] > ymax:
+                ymax = y[i]
+        k_max = int(ymax / step) + 2
+    steps = np.empty(k_max + 1, np.float64)
+    for k in range(k_max + 1):
+        steps[k] = k * step
+    if mode == MODE_STEPS_PER_MAP:
+        steps[k_max] = dh  # numpy.linspace sets the end point exactly
+    cum = np.zeros(k_max + 1, np.float64)
+    for k in range(1, k_max + 1):
+        if h_exp == 2.0:
+            cum[k] = cum[k - 1] + steps[k] * steps[k]
+        else:
+            cum[k] = cum[k - 1] + steps[k] ** h_exp
+    for i in range(n):
+        yi = y[i]
+        level[i] = 0
+        if yi <= 0.0:
+            continue
+        k = min(int(yi / step), k_max)
+        if mode == MODE_STEPS_PER_MAP:  # number of steps <= y
+            while k < k_max and steps[k + 1] <= yi:
+                k += 1
+            while k > 0 and steps[k] > yi:
+                k -= 1
+        else:  # number of steps < y
+            while k < k_max and steps[k + 1] < yi:
+                k += 1
+            while k > 0 and steps[k] >= yi:
+                k -= 1
+        level[i] = k
+        g_by_voxel[i] = cum[k]
+    return k_max
+
+
+@numba.njit(cache=True)
+def _tfce_map(
+    x, sign, mode, h_exp, dh, n_steps, grid_pos, grid_off, extent_pow, scratch, out, count, thr, cnt
+):
+    """TFCE of the positive part of ``sign * x``; returns its maximum (>= 0).
+
+    ``sign`` = +1 writes every voxel of ``out`` (0 where ``x <= 0``); ``sign`` = -1 writes
+    ``-TFCE`` where it is > 0 and leaves the rest (the positive tail's values) alone.
+    ``mode`` is one of MODE_*. For MODE_FIXED_DH the steps are ``k * dh`` (k >= 1) and a voxel
+    counts at a step when strictly above it (FSL). For MODE_STEPS_PER_MAP they are
+    ``numpy.linspace(0, dh, n_steps + 1)[1:]`` (the caller passes the map's maximum as ``dh``)
+    and a voxel counts when >= the step (nilearn). ``extent_pow[s] = s ** e_exp``.
+    ``scratch`` is :func:`_tfce_scratch` (its rank grid all _INACTIVE on entry and on exit).
+    If ``count``, ``cnt[v]`` gains 1 where the final ``|out[v]|`` is >= ``thr[v]`` (call it so
+    on the last tail only).
+    """
+    (rank_grid, y, level, order, order_tmp, keys, keys_tmp, hist, earlier, pos_rank) = scratch[:10]
+    g_rank = scratch[10]
+    parent, size, last, offset = scratch[11:]
+    n = x.shape[0]
+    for i in range(n):
+        y[i] = sign * np.float64(x[i])
+    if mode == MODE_EXACT:
+        order, n_act = _order_desc(y, order, order_tmp, keys, keys_tmp, hist)
+        inv = 1.0 / (h_exp + 1.0)
+        for a in range(n_act):
+            yv = y[order[a]]
+            if h_exp == 2.0:
+                g_rank[a] = yv * yv * yv * inv
+            else:
+                g_rank[a] = yv ** (h_exp + 1.0) * inv
+    else:
+        g_by_voxel = last  # free until the union-find
+        k_max = _step_levels(y, mode, h_exp, dh, n_steps, level, g_by_voxel)
+        counts = hist.reshape(-1)
+        if k_max + 2 > counts.shape[0]:  # a permuted map far above the observed one
+            counts = np.empty(k_max + 2, np.int32)
+        n_act = _order_levels(level, k_max, order, counts)
+        for a in range(n_act):
+            g_rank[a] = g_by_voxel[order[a]]
+    for a in range(n_act):
+        p = grid_pos[order[a]]
+        rank_grid[p] = a
+        pos_rank[a] = p
+    n_off = grid_off.shape[0]
+    for a in range(n_act):
+        # the neighbours that entered earlier, in increasing voxel index; branch-free (which
+        # neighbours entered earlier is a coin toss that a branch would mispredict)
+        p = pos_rank[a]
+        n_earlier = 0
+        for k in range(n_off):
+            b = rank_grid[p + grid_off[k]]
+            earlier[n_earlier] = b
+            n_earlier += b < a
+        g = g_rank[a]
+        parent[a] = a
+        size[a] = 1
+        last[a] = g
+        offset[a] = 0.0
+        rv = a
+        for k in range(n_earlier):
+            b = earlier[k]
+            if parent[b] == rv:  # already in this component (the common case): skip the find
                 continue
-            ru = _find_offset(parent, offset, u)
+            ru = _find_offset(parent, offset, b)
             if ru == rv:
                 continue
             # The two components had constant extents since they were last touched: add their
@@ -354,240 +536,6 @@ def _tfce_union_find(order, gval, nb_ptr, nb_idx, extent_pow, parent, size, last
             size[big] += size[small]
             rv = big
     # Final flush down to G(0) = 0, then every voxel's TFCE is its path sum of offsets.
-    for a in range(order.shape[0]):
-        v = order[a]
-        if parent[v] == v:
-            offset[v] += extent_pow[size[v]] * last[v]
-    for a in range(order.shape[0]):
-        _find_offset(parent, offset, order[a])
-    best = 0.0
-    for a in range(order.shape[0]):
-        v = order[a]
-        r = parent[v]
-        if r != v:
-            out[v] = offset[v] + offset[r]
-    for a in range(order.shape[0]):
-        v = order[a]
-        entered[v] = False
-        if out[v] > best:
-            best = out[v]
-    return best
-
-
-@numba.njit(cache=True)
-def _order_exact(x, n_active_hint):
-    """Voxels with x > 0 by decreasing x: bucket sort on value, insertion sort inside buckets
-    (expected O(n) for continuous maps; numba's argsort is ~5x slower here)."""
-    n = x.shape[0]
-    xmax = 0.0
-    n_act = 0
-    for i in range(n):
-        if x[i] > 0.0:
-            n_act += 1
-            if x[i] > xmax:
-                xmax = x[i]
-    order = np.empty(n_act, np.int64)
-    if n_act == 0:
-        return order
-    n_bucket = max(1, n_act // 2)
-    scale = (n_bucket - 1) / xmax if xmax > 0 else 0.0
-    counts = np.zeros(n_bucket + 1, np.int64)
-    for i in range(n):
-        if x[i] > 0.0:
-            k = n_bucket - 1 - int(x[i] * scale)  # descending
-            if k < 0:
-                k = 0
-            counts[k + 1] += 1
-    for k in range(n_bucket):
-        counts[k + 1] += counts[k]
-    pos = counts[:-1].copy()
-    for i in range(n):
-        if x[i] > 0.0:
-            k = n_bucket - 1 - int(x[i] * scale)
-            if k < 0:
-                k = 0
-            order[pos[k]] = i
-            pos[k] += 1
-    for k in range(n_bucket):
-        lo = counts[k]
-        hi = counts[k + 1]
-        for a in range(lo + 1, hi):
-            key = order[a]
-            kv = x[key]
-            b = a - 1
-            while b >= lo and x[order[b]] < kv:
-                order[b + 1] = order[b]
-                b -= 1
-            order[b + 1] = key
-    return order
-
-
-@numba.njit(cache=True)
-def _order_levels(level, n_level):
-    """Voxels with level > 0 by decreasing level (counting sort; order inside a level is free)."""
-    n = level.shape[0]
-    counts = np.zeros(n_level + 2, np.int64)
-    n_act = 0
-    for i in range(n):
-        if level[i] > 0:
-            counts[n_level - level[i] + 1] += 1
-            n_act += 1
-    for k in range(n_level + 1):
-        counts[k + 1] += counts[k]
-    order = np.empty(n_act, np.int64)
-    for i in range(n):
-        if level[i] > 0:
-            k = n_level - level[i]
-            order[counts[k]] = i
-            counts[k] += 1
-    return order
-
-
-# TFCE modes (see bids_group.inference.tfce): how heights are discretised.
-MODE_EXACT = 0  # the integral, exactly (piecewise between voxel values)
-MODE_STEPS_PER_MAP = 1  # n_steps per map: h_k = k * max/n_steps, voxel counted if x >= h_k
-MODE_FIXED_DH = 2  # fixed dh: h_k = k * dh, voxel counted if x > h_k
-
-
-@numba.njit(cache=True)
-def tfce_one_tail(x, sign, mode, e_exp, h_exp, dh, n_steps, nb_ptr, nb_idx, extent_pow, out):
-    """TFCE of the positive part of ``sign * x`` into ``out`` (float64, n_voxels; overwritten).
-
-    ``mode`` is one of MODE_*. For MODE_FIXED_DH the steps are ``k * dh`` (k >= 1) and a voxel
-    counts at a step when strictly above it (FSL). For MODE_STEPS_PER_MAP they are
-    ``numpy.linspace(0, dh, n_steps + 1)[1:]`` (the caller passes the map's maximum as ``dh``)
-    and a voxel counts when >= the step (nilearn). ``extent_pow[s] = s ** e_exp``.
-    Returns the maximum TFCE (>= 0); ``out`` holds TFCE >= 0 (the caller applies the sign).
-    """
-    n = x.shape[0]
-    y = np.empty(n, np.float64)
-    for i in range(n):
-        y[i] = sign * np.float64(x[i])
-        out[i] = 0.0
-    gval = np.empty(n, np.float64)
-    if mode == MODE_EXACT:
-        order = _order_exact(y, 0)
-        inv = 1.0 / (h_exp + 1.0)
-        for a in range(order.shape[0]):
-            v = order[a]
-            if h_exp == 2.0:
-                gval[v] = y[v] * y[v] * y[v] * inv
-            else:
-                gval[v] = y[v] ** (h_exp + 1.0) * inv
-    else:
-        if mode == MODE_STEPS_PER_MAP:
-            step = dh / n_steps
-            k_max = n_steps
-        else:
-            step = dh
-            ymax = 0.0
-            for i in range(n):
-                if y[i] > ymax:
-                    ymax = y[i]
-            k_max = int(ymax / step) + 2
-        steps = np.empty(k_max + 1, np.float64)
-        for k in range(k_max + 1):
-            steps[k] = k * step
-        if mode == MODE_STEPS_PER_MAP:
-            steps[k_max] = dh  # numpy.linspace sets the end point exactly
-        cum = np.zeros(k_max + 1, np.float64)
-        for k in range(1, k_max + 1):
-            if h_exp == 2.0:
-                cum[k] = cum[k - 1] + steps[k] * steps[k]
-            else:
-                cum[k] = cum[k - 1] + steps[k] ** h_exp
-        level = np.zeros(n, np.int64)
-        for i in range(n):
-            yi = y[i]
-            if yi <= 0.0:
-                continue
-            k = min(int(yi / step), k_max)
-            if mode == MODE_STEPS_PER_MAP:  # number of steps <= y
-                while k < k_max and steps[k + 1] <= yi:
-                    k += 1
-                while k > 0 and steps[k] > yi:
-                    k -= 1
-            else:  # number of steps < y
-                while k < k_max and steps[k + 1] < yi:
-                    k += 1
-                while k > 0 and steps[k] >= yi:
-                    k -= 1
-            level[i] = k
-            gval[i] = cum[k]
-        order = _order_levels(level, k_max)
-    return _tfce_ranked(order, gval, nb_ptr, nb_idx, extent_pow, out)
-
-
-_INACTIVE = np.int32(2**31 - 1)
-
-
-@numba.njit(cache=True)
-def _tfce_ranked(order, gval, nb_ptr, nb_idx, extent_pow, out):
-    """:func:`_tfce_union_find` with every per-voxel state array indexed by rank in ``order``.
-
-    In value order the voxels are scattered over memory, so a union-find on voxel indices
-    misses the cache at nearly every access. Here one sequential pass over voxels (neighbours
-    are near in memory) writes, for each rank, the ranks of its neighbours that entered earlier;
-    the union-find then reads that table sequentially, and the new voxel's parent, size, height
-    and offset are the next entries of rank-ordered arrays. Same arithmetic, same result.
-    """
-    n = gval.shape[0]
-    n_act = order.shape[0]
-    max_deg = 0
-    for v in range(n):
-        d = nb_ptr[v + 1] - nb_ptr[v]
-        if d > max_deg:
-            max_deg = d
-    rank_of = np.full(n, _INACTIVE, np.int32)
-    g_rank = np.empty(n_act, np.float64)
-    for a in range(n_act):
-        v = order[a]
-        rank_of[v] = a
-        g_rank[a] = gval[v]
-    # earlier-entered neighbours of each rank, -1 padded
-    nbr = np.full((n_act, max(max_deg, 1)), -1, np.int32)
-    for v in range(n):
-        ra = rank_of[v]
-        if ra == _INACTIVE:
-            continue
-        slot = 0
-        for j in range(nb_ptr[v], nb_ptr[v + 1]):
-            rb = rank_of[nb_idx[j]]
-            if rb < ra:
-                nbr[ra, slot] = rb
-                slot += 1
-    parent = np.empty(n_act, np.int32)
-    size = np.empty(n_act, np.int32)
-    last = np.empty(n_act, np.float64)
-    offset = np.empty(n_act, np.float64)
-    for a in range(n_act):
-        g = g_rank[a]
-        parent[a] = a
-        size[a] = 1
-        last[a] = g
-        offset[a] = 0.0
-        rv = a
-        for k in range(nbr.shape[1]):
-            b = nbr[a, k]
-            if b < 0:
-                break
-            ru = _find_offset(parent, offset, b)
-            if ru == rv:
-                continue
-            offset[ru] += extent_pow[size[ru]] * (last[ru] - g)
-            last[ru] = g
-            offset[rv] += extent_pow[size[rv]] * (last[rv] - g)
-            last[rv] = g
-            if size[ru] < size[rv]:
-                small = ru
-                big = rv
-            else:
-                small = rv
-                big = ru
-            parent[small] = big
-            offset[small] -= offset[big]
-            size[big] += size[small]
-            rv = big
     for a in range(n_act):
         if parent[a] == a:
             offset[a] += extent_pow[size[a]] * last[a]
@@ -595,57 +543,104 @@ def _tfce_ranked(order, gval, nb_ptr, nb_idx, extent_pow, out):
         _find_offset(parent, offset, a)
     for a in range(n_act):
         r = parent[a]
-        if r != a:
+        if r != a:  # every non-root now points at its root, whose offset is final
             offset[a] += offset[r]
+    # Write out (branch-free: active or not is a coin toss), reset the rank grid, count.
     best = 0.0
-    # every non-root now points at its root (roots' offsets are not modified in that loop)
+    last_rank = n - 1
     for v in range(n):
-        ra = rank_of[v]
-        if ra != _INACTIVE:
-            t = offset[ra]
+        p = grid_pos[v]
+        ra = rank_grid[p]
+        rank_grid[p] = _INACTIVE
+        t = offset[min(ra, last_rank)]
+        t = t if ra != _INACTIVE else 0.0
+        if sign > 0:
             out[v] = t
-            if t > best:
-                best = t
+        else:
+            out[v] = -t if t > 0.0 else out[v]
+        best = max(best, t)
+        if count:
+            cnt[v] += abs(np.float64(out[v])) >= thr[v]
     return best
 
 
 @numba.njit(parallel=True, cache=True)
 def batch_tfce(
-    stat, two_sided, mode, e_exp, h_exp, dh, n_steps, nb_ptr, nb_idx, extent_pow, tfce_out, maxima
+    stat,
+    two_sided,
+    mode,
+    h_exp,
+    dh,
+    n_steps,
+    grid_pos,
+    grid_off,
+    grid_size,
+    extent_pow,
+    n_work,
+    tfce_out,
+    maxima,
+    count,
+    threshold,
+    counts,
 ):
     """TFCE of every row of ``stat`` (n_batch, n_voxels), in parallel over rows.
 
-    ``tfce_out`` (n_batch, n_voxels) float32 receives signed TFCE (negative on the negative tail
-    when ``two_sided``); ``maxima[b]`` the max of |TFCE|. For MODE_STEPS_PER_MAP, ``dh`` is
-    ignored and each map's own max (of |stat| when two-sided) sets the steps.
+    ``tfce_out`` (n_batch, n_voxels) float32 or float64 receives signed TFCE (negative on the
+    negative tail when ``two_sided``); ``maxima[b]`` the max of |TFCE|. For
+    MODE_STEPS_PER_MAP, ``dh`` is ignored and each map's own max (of |stat| when two-sided)
+    sets the steps. ``grid_pos`` (n_voxels,) are the voxels' flat indices in the padded grid of
+    ``grid_size`` cells and ``grid_off`` the neighbours' flat offsets there, increasing.
+    If ``count``, ``counts[v]`` (int64) gains the number of rows with |TFCE| >= ``threshold[v]``.
+    Each of the ``n_work`` workers (the number of threads) takes every n_work-th row and
+    allocates its scratch once; a row's result does not depend on which worker computes it,
+    and the per-worker counts are integers, so their sum does not either.
     """
     n_batch, n = stat.shape
-    for b in numba.prange(n_batch):
-        row = stat[b]
-        buf = np.empty(n, np.float64)
-        top = dh
-        if mode == MODE_STEPS_PER_MAP:
-            top = 0.0
-            for i in range(n):
-                a = abs(row[i]) if two_sided else row[i]
-                if a > top:
-                    top = a
-        best = 0.0
-        if top > 0.0 or mode == MODE_EXACT:
-            best = tfce_one_tail(
-                row, 1.0, mode, e_exp, h_exp, top, n_steps, nb_ptr, nb_idx, extent_pow, buf
-            )
-        for i in range(n):
-            tfce_out[b, i] = buf[i]
-        if two_sided and (top > 0.0 or mode == MODE_EXACT):
-            best2 = tfce_one_tail(
-                row, -1.0, mode, e_exp, h_exp, top, n_steps, nb_ptr, nb_idx, extent_pow, buf
-            )
-            for i in range(n):
-                if buf[i] > 0.0:
-                    tfce_out[b, i] = -buf[i]
-            best = max(best, best2)
-        maxima[b] = best
+    n_work = max(1, min(n_work, n_batch))
+    worker_counts = np.zeros((n_work, n if count else 0), np.int64)
+    for w in numba.prange(n_work):
+        scratch = _tfce_scratch(n, grid_size, grid_off.shape[0])
+        cnt = worker_counts[w]
+        for b in range(w, n_batch, n_work):
+            row = stat[b]
+            out = tfce_out[b]
+            top = dh
+            if mode == MODE_STEPS_PER_MAP:
+                top = 0.0
+                for i in range(n):
+                    top = max(top, abs(row[i]) if two_sided else row[i])
+            if top > 0.0 or mode == MODE_EXACT:
+                best = 0.0
+                for tail in range(2 if two_sided else 1):
+                    sign = 1.0 - 2.0 * tail
+                    tail_max = _tfce_map(
+                        row,
+                        sign,
+                        mode,
+                        h_exp,
+                        top,
+                        n_steps,
+                        grid_pos,
+                        grid_off,
+                        extent_pow,
+                        scratch,
+                        out,
+                        count and (sign < 0 or not two_sided),
+                        threshold,
+                        cnt,
+                    )
+                    best = max(best, tail_max)
+                maxima[b] = best
+            else:  # nothing above 0 to enhance (steps per map, map max <= 0)
+                maxima[b] = 0.0
+                for v in range(n):
+                    out[v] = 0.0
+                    if count:
+                        cnt[v] += 0.0 >= threshold[v]
+    if count:
+        for w in range(n_work):
+            for v in range(n):
+                counts[v] += worker_counts[w, v]
 
 
 # ---------------------------------------------------------------------------------------------

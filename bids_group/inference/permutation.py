@@ -758,9 +758,16 @@ class _Engine:
             params = self.obs.tfce_params
             tf = np.empty((n_b, n_vox), dtype=np.float32)
             tmax = np.zeros(n_b)
-            tfce_mod.batch_tfce(full, params, cfg.two_sided, g, tf, tmax, self.extent_pow)
-            _kernels.max_and_counts(
-                tf, self.tfce_threshold, cfg.two_sided, np.empty(n_b), self.tfce_counts
+            tfce_mod.batch_tfce(
+                full,
+                params,
+                cfg.two_sided,
+                g,
+                tf,
+                tmax,
+                self.extent_pow,
+                threshold=self.tfce_threshold,
+                counts=self.tfce_counts,
             )
             self.tfce_max.extend(tmax.tolist())
 

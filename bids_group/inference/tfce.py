@@ -26,9 +26,10 @@ negative parts separately and returns the latter negated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import numba
 import numpy as np
 
 from bids_group.errors import UsageError
@@ -102,6 +103,13 @@ class VoxelGraph:
     fwd_ptr, fwd_idx : ndarray of int64
         The same, keeping only neighbours with a larger index (each edge once).
     connectivity : {6, 18, 26}
+    grid_pos : ndarray of shape (n_voxels,), int64
+        Flat (C order) index of each voxel in the mask's grid padded by one voxel on each side.
+    grid_off : ndarray of int64
+        Flat offsets of the neighbours in that padded grid, increasing (so a voxel's
+        neighbours come in the order of ``idx``); the TFCE kernel reads neighbours this way.
+    grid_size : int
+        Number of cells of the padded grid.
     """
 
     ptr: np.ndarray
@@ -109,6 +117,9 @@ class VoxelGraph:
     fwd_ptr: np.ndarray
     fwd_idx: np.ndarray
     connectivity: int
+    grid_pos: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    grid_off: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    grid_size: int = 0
 
     @property
     def n_voxels(self) -> int:
@@ -166,7 +177,13 @@ def voxel_graph(mask: np.ndarray, connectivity: int = DEFAULT_CONNECTIVITY) -> V
     ptr, idx = _csr(src, dst, n_vox)
     fwd = dst > src
     fwd_ptr, fwd_idx = _csr(src[fwd], dst[fwd], n_vox)
-    return VoxelGraph(ptr, idx, fwd_ptr, fwd_idx, int(connectivity))
+    padded = shape + 2
+    strides = np.array([padded[1] * padded[2], padded[2], 1])
+    grid_pos = sum((coords[a] + 1) * strides[a] for a in range(3)).astype(np.int64)
+    grid_off = np.array([np.dot(off, strides) for off in offsets], dtype=np.int64)
+    return VoxelGraph(
+        ptr, idx, fwd_ptr, fwd_idx, int(connectivity), grid_pos, grid_off, int(np.prod(padded))
+    )
 
 
 def _csr(src: np.ndarray, dst: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,28 +272,41 @@ def batch_tfce(
     out: np.ndarray,
     maxima: np.ndarray,
     extent_pow: np.ndarray | None = None,
+    *,
+    threshold: np.ndarray | None = None,
+    counts: np.ndarray | None = None,
 ) -> None:
     """TFCE of each row of ``rows`` (n_maps, n_voxels) into ``out`` (same shape, float32/64).
 
     ``maxima`` (n_maps,) receives each map's max |TFCE|. ``params.dh`` must be resolved for
     the "fsl" preset. ``extent_pow`` is :func:`extent_powers` (computed if not given). Runs in
-    parallel over rows (numba threads).
+    parallel over rows (numba threads); the result does not depend on their number.
+    With ``threshold`` (n_voxels,) float64, ``counts`` (n_voxels,) int64 gains for each voxel
+    the number of rows whose |TFCE| (float value as stored in ``out``) is >= it.
     """
     if params.integration == "fsl" and params.dh is None:
         raise UsageError("batch_tfce: the 'fsl' preset needs a resolved dh (see fsl_dh).")
+    if (threshold is None) != (counts is None):
+        raise UsageError("batch_tfce: give both threshold and counts, or neither.")
+    if graph.grid_pos.shape != (graph.n_voxels,):
+        raise UsageError("batch_tfce: the graph has no padded grid; build it with voxel_graph.")
     if extent_pow is None:
         extent_pow = extent_powers(graph.n_voxels, params.e)
     _kernels.batch_tfce(
         rows,
         two_sided,
         _MODES[params.integration],
-        float(params.e),
         float(params.h),
         float(params.dh or 0.0),
         PRESET_STEPS,
-        graph.ptr,
-        graph.idx,
+        graph.grid_pos,
+        graph.grid_off,
+        graph.grid_size,
         extent_pow,
+        numba.get_num_threads(),
         out,
         maxima,
+        threshold is not None,
+        threshold if threshold is not None else np.empty(0),
+        counts if counts is not None else np.empty(0, np.int64),
     )
