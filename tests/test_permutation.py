@@ -204,6 +204,7 @@ def test_same_seed_bit_identical_any_n_jobs_and_spatial_outputs():
     for name in ("p_uncorrected", "p_fwe", "null_max_stat"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     np.testing.assert_array_equal(a.tfce.null_max, b.tfce.null_max)
+    np.testing.assert_array_equal(a.tfce.p_uncorrected, b.tfce.p_uncorrected)
     np.testing.assert_array_equal(a.clusters.null_max_mass, b.clusters.null_max_mass)
     c = permutation_test(y, np.ones((14, 1)), [1.0], n_jobs=1, **{**kw, "seed": 124})
     assert not np.array_equal(a.null_max_stat, c.null_max_stat)

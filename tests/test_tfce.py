@@ -3,12 +3,13 @@ nilearn's own implementation; voxel graph vs scipy.ndimage connectivity."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from bids_group.errors import UsageError
-from bids_group.inference.tfce import TfceParams, fsl_dh, tfce, voxel_graph
+from bids_group.inference.tfce import TfceParams, batch_tfce, fsl_dh, tfce, voxel_graph
 
 STRUCT_RANK = {6: 1, 18: 2, 26: 3}
 
@@ -74,9 +75,8 @@ def test_nilearn_preset_equals_nilearn(two_sided):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
 
-def test_fsl_preset_is_fixed_step_riemann_sum():
-    x3, mask = _smooth_map(seed=11)
-    dh = x3[mask].max() / 100
+def _fsl_oracle(x3, dh):
+    """FSL's fixed-step Riemann sum, 26-connectivity, one label per step."""
     struct = ndimage.generate_binary_structure(3, 3)
     want = np.zeros(x3.shape)
     k = 1
@@ -86,12 +86,85 @@ def test_fsl_preset_is_fixed_step_riemann_sum():
         size[0] = 0
         want += np.sqrt(size[lab]) * (k * dh) ** 2  # no dh factor, as fslmaths
         k += 1
+    return want
+
+
+def test_fsl_preset_is_fixed_step_riemann_sum():
+    x3, mask = _smooth_map(seed=11)
+    dh = x3[mask].max() / 100
+    want = _fsl_oracle(x3, dh)
     got = tfce(x3, mask, params=TfceParams(integration="fsl"), connectivity=26)
     np.testing.assert_allclose(got, want[mask], rtol=1e-9)
     # the preset's values are ~ exact integral / dh
     exact = tfce(x3, mask, connectivity=26)
     top = np.argmax(exact)
     assert got[top] * dh == pytest.approx(exact[top], rel=0.05)
+
+
+def test_fsl_preset_more_steps_than_the_kernel_counters():
+    # ~13,000 steps: more levels than the counting sort's preallocated counters (6 * 2048)
+    x3, mask = _smooth_map(shape=(5, 5, 3), seed=2, scale=1.0)
+    dh = x3[mask].max() / 13_000
+    got = tfce(x3, mask, params=TfceParams(integration="fsl", dh=dh), connectivity=26)
+    np.testing.assert_allclose(got, _fsl_oracle(x3, dh)[mask], rtol=1e-9)
+
+
+@pytest.mark.parametrize("quantum", [0.0, 0.25])
+def test_batch_float32_ties_counts_and_any_thread_count(quantum):
+    # float32 rows (as in the permutation engine), with many exact ties when quantised; the
+    # exceedance counts fused into the kernel equal numpy's count over the maps it returns,
+    # and nothing depends on the number of threads
+    x3, mask = _smooth_map(shape=(8, 9, 7), seed=21)
+    if quantum:
+        x3 = np.round(x3 / quantum) * quantum
+    base = x3[mask].astype(np.float32)
+    rows = np.stack([base, -base, base[::-1].copy(), np.roll(base, 7)])
+    g = voxel_graph(mask, 26)
+    params = TfceParams()
+    threads = numba.get_num_threads()
+    try:
+        for two_sided in (False, True):
+            want = []
+            for r in rows:
+                r3 = np.zeros(mask.shape)
+                r3[mask] = r
+                want.append(_exact_oracle(r3, mask, 26, two_sided))
+            want = np.array(want)
+            # ties with row 0's float32 values must count (>=), and a spread of thresholds
+            thr = np.abs(want[0].astype(np.float32)).astype(float)
+            thr[::2] *= np.linspace(0.5, 1.5, thr[::2].size)
+            results = []
+            for n_threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+                numba.set_num_threads(n_threads)
+                out = np.empty(rows.shape, np.float32)
+                maxima = np.zeros(len(rows))
+                counts = np.zeros(mask.sum(), np.int64)
+                batch_tfce(rows, params, two_sided, g, out, maxima, threshold=thr, counts=counts)
+                results.append((out, maxima, counts))
+            out, maxima, counts = results[0]
+            for other in results[1:]:
+                for a, b in zip(results[0], other, strict=True):
+                    np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+            np.testing.assert_allclose(maxima, np.abs(want).max(axis=1), rtol=1e-9)
+            np.testing.assert_array_equal(counts, (np.abs(out.astype(float)) >= thr).sum(0))
+    finally:
+        numba.set_num_threads(threads)
+
+
+def test_constant_map_and_empty_tail():
+    mask = np.ones((3, 4, 5), bool)
+    # one component of 60 voxels at height 2 (every key equal: the radix sort has no pass)
+    got = tfce(np.full(mask.shape, 2.0), mask, connectivity=6)
+    np.testing.assert_allclose(got, np.sqrt(60) * 8 / 3, rtol=1e-12)
+    # nilearn preset on a map with nothing above 0: zeros, not leftovers of a previous map
+    rows = np.stack([np.ones(60), -np.ones(60)])
+    out = np.full(rows.shape, np.nan)
+    maxima = np.full(2, np.nan)
+    params = TfceParams(integration="nilearn")
+    batch_tfce(rows, params, False, voxel_graph(mask, 6), out, maxima)
+    assert np.all(out[0] > 0) and np.all(out[1] == 0)
+    assert maxima[1] == 0 and maxima[0] == out[0].max()
 
 
 def test_fsl_dh_fixed_by_caller():
@@ -110,6 +183,12 @@ def test_voxel_graph_matches_ndimage(conn):
     n_nb = ndimage.convolve(mask.astype(int), struct.astype(int), mode="constant") - 1
     np.testing.assert_array_equal(np.diff(g.ptr), n_nb[mask])
     assert g.fwd_idx.size * 2 == g.idx.size
+    # the padded grid gives the same neighbours in the same (increasing index) order
+    cell = np.full(g.grid_size, -1)
+    cell[g.grid_pos] = np.arange(g.n_voxels)
+    for v in range(g.n_voxels):
+        nb = cell[g.grid_pos[v] + g.grid_off]
+        np.testing.assert_array_equal(nb[nb >= 0], g.idx[g.ptr[v] : g.ptr[v + 1]])
 
 
 def test_bad_params():
