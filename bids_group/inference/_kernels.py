@@ -25,6 +25,18 @@ import numpy as np
 _CHUNK = 512
 
 
+@numba.njit(cache=True)
+def _column_max(partial):
+    """Per-relabelling maxima (n_batch,) float64 of the per-work-item maxima (n_items, n_batch),
+    combined in a fixed order after the parallel loop (so independent of the thread count)."""
+    n_items, n_batch = partial.shape
+    out = np.full(n_batch, -np.inf)
+    for it in range(n_items):
+        for b in range(n_batch):
+            out[b] = max(out[b], np.float64(partial[it, b]))
+    return out
+
+
 @numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def fused_stat_max_counts(
     w,
@@ -122,10 +134,9 @@ def fused_stat_max_counts(
             chunk_max[c, b] = m
         for i in range(n_c):
             counts[col0 + v0 + i] += cnt[i]
+    tile_max = _column_max(chunk_max)
     for b in range(n_batch):
-        for c in range(n_chunks):
-            if chunk_max[c, b] > maxima[b]:
-                maxima[b] = chunk_max[c, b]
+        maxima[b] = max(maxima[b], tile_max[b])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,8 +823,6 @@ def flip_table_stats(
                 imax[b] = m
             for i in range(nv):
                 counts[v0 + i] += cnt[i]
+    u_max = _column_max(item_max)
     for b in range(n_batch):
-        m = -np.inf
-        for it in range(n_items):
-            m = max(m, np.float64(item_max[it, b]))
-        maxima[b] = _u_to_stat(m, is_t, dof, n_interest)
+        maxima[b] = _u_to_stat(u_max[b], is_t, dof, n_interest)
