@@ -338,28 +338,32 @@ def _tfce_scratch(n, grid_size, n_nb):
 
 @numba.njit(cache=True)
 def _order_desc(y, order, order_tmp, keys, keys_tmp, hist):
-    """Voxels with y > 0 by decreasing y, ties by increasing index; returns (order, n_active).
+    """Voxels with y > 0 by decreasing y, ties by increasing index.
 
     LSD radix sort on the complemented float64 bit pattern (monotone in y for y > 0, so the
     order is exact and stable). Only the span of bits on which the keys differ is sorted (for
-    float32 data that excludes the low 29 bits), in as few passes of <= 12 bits as it takes.
-    The result lies in ``order`` or ``order_tmp``; the returned array is the one that holds it.
+    float32 data that excludes the low 29 bits), in as few passes of <= _RADIX_BITS as it
+    takes. Returns ``(order, sorted_keys, n_active)``: each is ``order`` or ``order_tmp``,
+    ``keys`` or ``keys_tmp``, whichever holds the result; ``~sorted_keys[a]`` are the bits of
+    the a-th largest y (so the caller needs no scattered read of y).
     """
     n = y.shape[0]
     bits = y.view(np.uint64)
     n_act = 0
+    ones = ~np.uint64(0)
+    k_and = ones
+    k_or = np.uint64(0)
     for i in range(n):  # branch-free: y > 0 is a coin toss for a null map
+        k = ~bits[i]
+        active = y[i] > 0.0
         order[n_act] = i
-        keys[n_act] = ~bits[i]
-        n_act += y[i] > 0.0
-    if n_act < 2:
-        return order, n_act
-    k0 = keys[0]
-    differ = np.uint64(0)
-    for a in range(n_act):
-        differ |= keys[a] ^ k0
-    if differ == 0:
-        return order, n_act
+        keys[n_act] = k
+        n_act += active
+        k_and &= k if active else ones
+        k_or |= k if active else np.uint64(0)
+    differ = k_or ^ k_and  # the bits on which the active keys are not all equal
+    if n_act < 2 or differ == 0:
+        return order, keys, n_act
     lo = 0
     while not (differ >> np.uint64(lo)) & np.uint64(1):
         lo += 1
@@ -392,7 +396,7 @@ def _order_desc(y, order, order_tmp, keys, keys_tmp, hist):
             dst_o[p] = src_o[a]
             dst_k[p] = k
         src_o, src_k, dst_o, dst_k = dst_o, dst_k, src_o, src_k
-    return src_o, n_act
+    return src_o, src_k, n_act
 
 
 @numba.njit(cache=True)
@@ -486,10 +490,13 @@ def _tfce_map(
     for i in range(n):
         y[i] = sign * np.float64(x[i])
     if mode == MODE_EXACT:
-        order, n_act = _order_desc(y, order, order_tmp, keys, keys_tmp, hist)
+        order, sorted_keys, n_act = _order_desc(y, order, order_tmp, keys, keys_tmp, hist)
+        for a in range(n_act):
+            sorted_keys[a] = ~sorted_keys[a]
+        y_sorted = sorted_keys.view(np.float64)
         inv = 1.0 / (h_exp + 1.0)
         for a in range(n_act):
-            yv = y[order[a]]
+            yv = y_sorted[a]
             if h_exp == 2.0:
                 g_rank[a] = yv * yv * yv * inv
             else:
@@ -529,6 +536,16 @@ def _tfce_map(
                 continue
             ru = _find_offset(parent, offset, b)
             if ru == rv:
+                continue
+            if rv == a:
+                # The new voxel joins its first component (the most common merge): as the
+                # general case below with size 1 and nothing yet accumulated on it.
+                offset[ru] += extent_pow[size[ru]] * (last[ru] - g)
+                last[ru] = g
+                parent[a] = ru
+                offset[a] = 0.0 - offset[ru]  # as the general case (-x differs at x = 0)
+                size[ru] += 1
+                rv = ru
                 continue
             # The two components had constant extents since they were last touched: add their
             # contribution down to the current height, then merge (smaller under larger).
