@@ -5,10 +5,12 @@ built once in ``benchmarks/_data/``). For each method (voxel, cluster size + mas
 fresh child processes:
 
 * bids-group: ``bids-group DATA OUT group --permutation <method> --n-perm N --n-jobs J
-  --no-report -q`` (two-sided one-sample test: sign flips), end to end: reading, fit, the
+  --no-report -q --one-sided`` (one-sample test: sign flips), end to end: reading, fit, the
   permutations, every map, table and null distribution written;
 * nilearn: ``non_parametric_inference(maps, design_matrix=intercept, n_perm=M, n_jobs=J,
-  two_sided_test=True, threshold=0.001 | tfce=True)``; M is small where nilearn takes hours.
+  two_sided_test=False, threshold=0.001 | tfce=True)``; M is small where nilearn takes hours.
+
+One-sided, as nilearn's default; ``--two-sided`` runs both tools two-sided.
 
 Throughput (permutations per second) subtracts each tool's own fixed cost, measured the same
 way without permutations: bids-group's run without ``--permutation``, nilearn's call with
@@ -42,12 +44,14 @@ METHODS = {
 }
 
 
-def child_bids_group(ds: Path, n_jobs: int, n_perm: int, method: str | None) -> dict:
+def child_bids_group(
+    ds: Path, n_jobs: int, n_perm: int, method: str | None, two_sided: bool
+) -> dict:
     from bids_group.cli import main
 
     with tempfile.TemporaryDirectory() as tmp:
         argv = [str(ds), str(Path(tmp) / "out"), "group", "--n-jobs", str(n_jobs), "-q"]
-        argv += ["--no-report"]
+        argv += ["--no-report", "--two-sided" if two_sided else "--one-sided"]
         if method is not None:
             argv += [*METHODS[method][0], "--n-perm", str(n_perm)]
         start = time.perf_counter()
@@ -58,7 +62,7 @@ def child_bids_group(ds: Path, n_jobs: int, n_perm: int, method: str | None) -> 
     return {"seconds": seconds}
 
 
-def child_nilearn(ds: Path, n_jobs: int, n_perm: int, method: str) -> dict:
+def child_nilearn(ds: Path, n_jobs: int, n_perm: int, method: str, two_sided: bool) -> dict:
     import pandas as pd
     from nilearn.glm.second_level import non_parametric_inference
 
@@ -72,7 +76,7 @@ def child_nilearn(ds: Path, n_jobs: int, n_perm: int, method: str) -> dict:
             design_matrix=design,
             n_perm=n_perm,
             n_jobs=n_jobs,
-            two_sided_test=True,
+            two_sided_test=two_sided,
             random_state=0,
             **METHODS[method][1],
         )
@@ -82,7 +86,9 @@ def child_nilearn(ds: Path, n_jobs: int, n_perm: int, method: str) -> dict:
 CHILDREN = {"bids-group": child_bids_group, "nilearn": child_nilearn}
 
 
-def run_child(tool: str, ds: Path, n_jobs: int, n_perm: int, method: str | None) -> float:
+def run_child(
+    tool: str, ds: Path, n_jobs: int, n_perm: int, method: str | None, two_sided: bool
+) -> float:
     command = [
         sys.executable,
         __file__,
@@ -96,6 +102,7 @@ def run_child(tool: str, ds: Path, n_jobs: int, n_perm: int, method: str | None)
         str(n_perm),
         "--child-method",
         method or "",
+        *(["--two-sided"] if two_sided else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -108,11 +115,12 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--n-jobs", type=int, default=2)
     parser.add_argument("--n-perm", type=int, default=10_000, help="bids-group, every method")
-    parser.add_argument("--nilearn-voxel", type=int, default=100)
-    parser.add_argument("--nilearn-cluster", type=int, default=20)
+    parser.add_argument("--nilearn-voxel", type=int, default=1000)
+    parser.add_argument("--nilearn-cluster", type=int, default=100)
     parser.add_argument("--nilearn-tfce", type=int, default=3)
     parser.add_argument("--methods", default="voxel,cluster,tfce")
     parser.add_argument("--quick", action="store_true", help="2,000 permutations (500 TFCE)")
+    parser.add_argument("--two-sided", action="store_true", help="both tools two-sided")
     parser.add_argument("--child", choices=sorted(CHILDREN))
     parser.add_argument("--dataset", type=Path)
     parser.add_argument("--child-n-perm", type=int)
@@ -120,15 +128,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         method = args.child_method or None
-        result = CHILDREN[args.child](args.dataset, args.n_jobs, args.child_n_perm, method)
+        result = CHILDREN[args.child](
+            args.dataset, args.n_jobs, args.child_n_perm, method, args.two_sided
+        )
         print(json.dumps(result))
         return
     ds = build_dataset(args.subjects, DATA_ROOT)
     n_voxels_note = f"{args.subjects} subjects, 2 mm MNI grid, n_jobs={args.n_jobs}"
-    print(f"dataset {ds} ({n_voxels_note}); two-sided one-sample sign flips", flush=True)
-    run_child("bids-group", ds, args.n_jobs, 0, None)  # warm the page cache and numba's cache
-    base_ours = run_child("bids-group", ds, args.n_jobs, 0, None)
-    base_nilearn = run_child("nilearn", ds, args.n_jobs, 1, "voxel")
+    print(
+        f"dataset {ds} ({n_voxels_note}); "
+        f"{'two' if args.two_sided else 'one'}-sided one-sample sign flips",
+        flush=True,
+    )
+    sided = args.two_sided
+    run_child("bids-group", ds, args.n_jobs, 0, None, sided)  # warm the page and numba caches
+    base_ours = run_child("bids-group", ds, args.n_jobs, 0, None, sided)
+    base_nilearn = run_child("nilearn", ds, args.n_jobs, 1, "voxel", sided)
     print(
         f"fixed cost: bids-group {base_ours:.2f} s (no permutation), nilearn "
         f"{base_nilearn:.2f} s (n_perm=1)",
@@ -146,10 +161,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         n_ours = args.n_perm if not args.quick else (500 if method == "tfce" else 2000)
-        t_ours = run_child("bids-group", ds, args.n_jobs, n_ours, method)
+        t_ours = run_child("bids-group", ds, args.n_jobs, n_ours, method, sided)
         rate_ours = n_ours / max(t_ours - base_ours, 1e-9)
         n_nl = nilearn_counts[method]
-        t_nl = run_child("nilearn", ds, args.n_jobs, n_nl, method)
+        t_nl = run_child("nilearn", ds, args.n_jobs, n_nl, method, sided)
         rate_nl = (n_nl - 1) / max(t_nl - base_nilearn, 1e-9)
         print(
             f"| {method} | {n_ours:,}, {t_ours:.1f} s, {rate_ours:,.1f}/s | {n_nl}, "
