@@ -93,17 +93,24 @@ def main(argv=None) -> None:
     ap.add_argument("--nilearn-tfce", type=int, default=3)
     ap.add_argument("--skip-nilearn", action="store_true")
     ap.add_argument(
+        "--two-sided", action="store_true", help="two-sided tests (|t|; both TFCE tails)"
+    )
+    ap.add_argument(
         "--only",
         default="",
         help="comma-separated substrings of the case names to run (e.g. 'TFCE (exact),fsl')",
     )
     args = ap.parse_args(argv)
+    sided = {"two_sided": True} if args.two_sided else {}
 
     data, mask, mask_img = make_data(args.subjects)
-    print(f"{args.subjects} subjects x {data.shape[1]} voxels, n_jobs={args.n_jobs}")
+    print(
+        f"{args.subjects} subjects x {data.shape[1]} voxels, n_jobs={args.n_jobs}, "
+        f"{'two' if args.two_sided else 'one'}-sided"
+    )
     # compile the kernels once, outside the timings
     permutation_test(data[:, :64], np.ones((args.subjects, 1)), [1.0], n_perm=8, seed=0)
-    time_ours(data, mask, 8, args.n_jobs, cluster_forming_p=0.001, tfce=True)
+    time_ours(data, mask, 8, args.n_jobs, cluster_forming_p=0.001, tfce=True, **sided)
 
     rows = []
     cases = [
@@ -135,13 +142,14 @@ def main(argv=None) -> None:
     for name, kw, n_ours, nl_kw, n_nl in cases:
         if wanted and not any(w in name for w in wanted):
             continue
-        t_ours, _ = time_ours(data, mask, n_ours, args.n_jobs, **kw)
+        t_ours, _ = time_ours(data, mask, n_ours, args.n_jobs, **kw, **sided)
         rate_ours = n_ours / t_ours
         line = (
             f"{name:24s} ours {n_ours:6d} perms {t_ours:8.2f} s = {rate_ours:9.1f}/s "
             f"(10,000 in {10_000 / rate_ours:7.1f} s)"
         )
         if nl_kw is not None and n_nl and not args.skip_nilearn:
+            nl_kw = {**nl_kw, "two_sided_test": args.two_sided}
             t_nl = time_nilearn(data, mask, mask_img, n_nl, args.n_jobs, **nl_kw)
             rate_nl = n_nl / t_nl
             line += (

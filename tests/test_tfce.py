@@ -183,7 +183,9 @@ def test_voxel_graph_matches_ndimage(conn):
     n_nb = ndimage.convolve(mask.astype(int), struct.astype(int), mode="constant") - 1
     np.testing.assert_array_equal(np.diff(g.ptr), n_nb[mask])
     assert g.fwd_idx.size * 2 == g.idx.size
-    # the padded grid gives the same neighbours in the same (increasing index) order
+    # the padded grid is the mask's bounding box (mask[:1] is empty) plus one voxel each side
+    assert g.grid_size == (mask.shape[0] - 1 + 2) * (mask.shape[1] + 2) * (mask.shape[2] + 2)
+    # and it gives the same neighbours in the same (increasing index) order
     cell = np.full(g.grid_size, -1)
     cell[g.grid_pos] = np.arange(g.n_voxels)
     for v in range(g.n_voxels):
@@ -204,3 +206,43 @@ def test_bad_params():
         voxel_graph(np.ones((2, 2, 2), bool), 8)
     with pytest.raises(UsageError, match="fsl"):
         tfce(-np.ones((2, 2, 2)), np.ones((2, 2, 2), bool), params=TfceParams(integration="fsl"))
+
+
+@pytest.mark.parametrize("integration", ["exact", "fsl"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_two_sided_is_bit_identical_to_each_tail_apart(integration, dtype):
+    """Two-sided TFCE (one sort, the tails swept in turn) equals, bit for bit, the one-sided
+    TFCE of x on x > 0 and minus that of -x on x < 0: with ties across signs (|x| equal), zeros
+    of both signs, a map with one tail empty, and 1 or 2 threads."""
+    x3, mask = _smooth_map(seed=3)
+    x = x3[mask]
+    rng = np.random.default_rng(0)
+    x[rng.choice(x.size, 40, replace=False)] = 0.0
+    x[rng.choice(x.size, 10, replace=False)] = -0.0
+    x[:30] = np.round(x[:30])  # ties within and across tails
+    rows = np.stack([x, -x, np.abs(x), -np.abs(x), np.round(x * 4) / 4]).astype(dtype)
+    g = voxel_graph(mask, 26)
+    params = TfceParams(integration=integration, dh=0.05 if integration == "fsl" else None)
+
+    def run(r, two_sided, n_threads):
+        out = np.zeros(r.shape, dtype)
+        maxima = np.zeros(r.shape[0])
+        thr = np.abs(out[0]) + 3.0
+        counts = np.zeros(r.shape[1], np.int64)
+        old = numba.get_num_threads()
+        numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            batch_tfce(r, params, two_sided, g, out, maxima, threshold=thr, counts=counts)
+        finally:
+            numba.set_num_threads(old)
+        return out, maxima, counts
+
+    pos, pos_max, _ = run(rows, False, 1)
+    neg, neg_max, _ = run(-rows, False, 1)
+    want = np.where(neg > 0, -neg, pos)
+    for n_threads in (1, 2):
+        got, got_max, counts = run(rows, True, n_threads)
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # incl. -0.0
+        np.testing.assert_array_equal(got_max, np.maximum(pos_max, neg_max))
+        np.testing.assert_array_equal(counts, np.sum(np.abs(want.astype(float)) >= 3.0, axis=0))
+    assert np.all(got[3] <= 0) and np.all(got[2] >= 0) and np.any(got[0] < 0) and np.any(got[0] > 0)
