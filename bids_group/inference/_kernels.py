@@ -274,10 +274,8 @@ def batch_cluster_max(stat, height, two_sided, fwd_ptr, fwd_idx, max_size, max_m
 # offsets on its path to the root. Cost: O(n_voxels * alpha) per map once sorted.
 #
 # Per map: (1) rank the voxels (radix sort on the float64 bit pattern, exact; or counting sort on
-# step levels; two-sided: one sort, the positive tail first, then the negative one, each by
-# decreasing |value|) and write each voxel's rank into a rank grid (the mask's bounding box padded
-# by one voxel, so the neighbours of a voxel are fixed offsets and need no index lists; it holds
-# one tail at a time); (2) in rank order,
+# step levels) and write each voxel's rank into a rank grid (the mask's grid padded by one voxel,
+# so the neighbours of a voxel are fixed offsets and need no index lists); (2) in rank order,
 # read the neighbours' ranks from the grid (branch-free) and merge with those that entered
 # earlier; the union-find state is indexed by rank, so a new voxel's state is the next entry.
 # The neighbours are merged in increasing voxel index, as with the CSR lists of the graph.
@@ -290,7 +288,6 @@ MODE_STEPS_PER_MAP = 1  # n_steps per map: h_k = k * max/n_steps, voxel counted 
 MODE_FIXED_DH = 2  # fixed dh: h_k = k * dh, voxel counted if x > h_k
 
 _INACTIVE = np.int32(2**31 - 1)
-_LOW63 = np.uint64(2**63 - 1)
 #: Radix sort digits: at most 12 bits (4096 counters per digit stay in L1).
 _RADIX_BITS = 11
 _N_DIGITS = 6  # ceil(64 / 12)
@@ -340,40 +337,33 @@ def _tfce_scratch(n, grid_size, n_nb):
 
 
 @numba.njit(cache=True)
-def _order_desc(y, two_sided, order, order_tmp, keys, keys_tmp, hist):
-    """The voxels to enhance (y > 0; two-sided: y != 0), the positive ones first, each sign by
-    decreasing |y|, ties by increasing index.
+def _order_desc(y, order, order_tmp, keys, keys_tmp, hist):
+    """Voxels with y > 0 by decreasing y, ties by increasing index.
 
-    LSD radix sort on the float64 bit pattern with its low 63 bits complemented (for one sign,
-    monotone decreasing in |y|, so the order is exact and stable; the sign bit, kept, puts the
-    negative voxels last). Only the span of bits on which the keys differ is sorted (for
-    float32 data that excludes the low 29 bits; the sign bit adds at most one bit to the span,
-    rarely a pass), in as few passes of <= _RADIX_BITS as it takes. Returns
-    ``(order, sorted_keys, n_active, n_positive)``: the first two are ``order`` or
-    ``order_tmp``, ``keys`` or ``keys_tmp``, whichever holds the result;
-    ``~sorted_keys[a] & _LOW63`` are the bits of the a-th |y| (so the caller needs no
-    scattered read of y).
+    LSD radix sort on the complemented float64 bit pattern (monotone in y for y > 0, so the
+    order is exact and stable). Only the span of bits on which the keys differ is sorted (for
+    float32 data that excludes the low 29 bits), in as few passes of <= _RADIX_BITS as it
+    takes. Returns ``(order, sorted_keys, n_active)``: each is ``order`` or ``order_tmp``,
+    ``keys`` or ``keys_tmp``, whichever holds the result; ``~sorted_keys[a]`` are the bits of
+    the a-th largest y (so the caller needs no scattered read of y).
     """
     n = y.shape[0]
     bits = y.view(np.uint64)
     n_act = 0
-    n_pos = 0
     ones = ~np.uint64(0)
     k_and = ones
     k_or = np.uint64(0)
     for i in range(n):  # branch-free: y > 0 is a coin toss for a null map
-        k = bits[i] ^ _LOW63
-        positive = y[i] > 0.0
-        active = (y[i] != 0.0) if two_sided else positive
+        k = ~bits[i]
+        active = y[i] > 0.0
         order[n_act] = i
         keys[n_act] = k
         n_act += active
-        n_pos += positive
         k_and &= k if active else ones
         k_or |= k if active else np.uint64(0)
     differ = k_or ^ k_and  # the bits on which the active keys are not all equal
     if n_act < 2 or differ == 0:
-        return order, keys, n_act, n_pos
+        return order, keys, n_act
     lo = 0
     while not (differ >> np.uint64(lo)) & np.uint64(1):
         lo += 1
@@ -406,34 +396,29 @@ def _order_desc(y, two_sided, order, order_tmp, keys, keys_tmp, hist):
             dst_o[p] = src_o[a]
             dst_k[p] = k
         src_o, src_k, dst_o, dst_k = dst_o, dst_k, src_o, src_k
-    return src_o, src_k, n_act, n_pos
+    return src_o, src_k, n_act
 
 
 @numba.njit(cache=True)
-def _order_levels(level, n_level, x, order, hist):
-    """Voxels with level > 0, those with x > 0 first, each sign by decreasing level, ties by
-    increasing index (counting sort); returns ``(n_active, n_positive)``. ``hist`` is scratch
-    of length >= 2 * n_level + 3."""
+def _order_levels(level, n_level, order, hist):
+    """Voxels with level > 0 by decreasing level, ties by increasing index (counting sort);
+    returns n_active. ``hist`` is scratch of length >= n_level + 2."""
     n = level.shape[0]
-    n_b = 2 * (n_level + 1)  # bucket n_level - level (+ n_level + 1 if x < 0)
-    counts = hist[: n_b + 1]
+    counts = hist[: n_level + 2]
     counts[:] = 0
     n_act = 0
-    n_pos = 0
     for i in range(n):
         if level[i] > 0:
-            neg = x[i] < 0
-            counts[n_level - level[i] + 1 + neg * (n_level + 1)] += 1
+            counts[n_level - level[i] + 1] += 1
             n_act += 1
-            n_pos += not neg
-    for k in range(n_b):
+    for k in range(n_level + 1):
         counts[k + 1] += counts[k]
     for i in range(n):
         if level[i] > 0:
-            k = n_level - level[i] + (x[i] < 0) * (n_level + 1)
+            k = n_level - level[i]
             order[counts[k]] = i
             counts[k] += 1
-    return n_act, n_pos
+    return n_act
 
 
 @numba.njit(cache=True)
@@ -483,13 +468,54 @@ def _step_levels(y, mode, h_exp, dh, n_steps, level, g_by_voxel):
 
 
 @numba.njit(cache=True)
-def _sweep(
-    lo, hi, rank_grid, pos_rank, grid_off, g_rank, extent_pow, earlier, parent, size, last, offset
+def _tfce_map(
+    x, sign, mode, h_exp, dh, n_steps, grid_pos, grid_off, extent_pow, scratch, out, count, thr, cnt
 ):
-    """Union-find of the voxels of ranks lo..hi-1 (one tail), entering in rank order; the rank
-    grid holds the ranks of that tail only (others _INACTIVE), so "entered earlier" is b < a."""
+    """TFCE of the positive part of ``sign * x``; returns its maximum (>= 0).
+
+    ``sign`` = +1 writes every voxel of ``out`` (0 where ``x <= 0``); ``sign`` = -1 writes
+    ``-TFCE`` where it is > 0 and leaves the rest (the positive tail's values) alone.
+    ``mode`` is one of MODE_*. For MODE_FIXED_DH the steps are ``k * dh`` (k >= 1) and a voxel
+    counts at a step when strictly above it (FSL). For MODE_STEPS_PER_MAP they are
+    ``numpy.linspace(0, dh, n_steps + 1)[1:]`` (the caller passes the map's maximum as ``dh``)
+    and a voxel counts when >= the step (nilearn). ``extent_pow[s] = s ** e_exp``.
+    ``scratch`` is :func:`_tfce_scratch` (its rank grid all _INACTIVE on entry and on exit).
+    If ``count``, ``cnt[v]`` gains 1 where the final ``|out[v]|`` is >= ``thr[v]`` (call it so
+    on the last tail only).
+    """
+    (rank_grid, y, level, order, order_tmp, keys, keys_tmp, hist, earlier, pos_rank) = scratch[:10]
+    g_rank = scratch[10]
+    parent, size, last, offset = scratch[11:]
+    n = x.shape[0]
+    for i in range(n):
+        y[i] = sign * np.float64(x[i])
+    if mode == MODE_EXACT:
+        order, sorted_keys, n_act = _order_desc(y, order, order_tmp, keys, keys_tmp, hist)
+        for a in range(n_act):
+            sorted_keys[a] = ~sorted_keys[a]
+        y_sorted = sorted_keys.view(np.float64)
+        inv = 1.0 / (h_exp + 1.0)
+        for a in range(n_act):
+            yv = y_sorted[a]
+            if h_exp == 2.0:
+                g_rank[a] = yv * yv * yv * inv
+            else:
+                g_rank[a] = yv ** (h_exp + 1.0) * inv
+    else:
+        g_by_voxel = last  # free until the union-find
+        k_max = _step_levels(y, mode, h_exp, dh, n_steps, level, g_by_voxel)
+        counts = hist.reshape(-1)
+        if k_max + 2 > counts.shape[0]:  # a permuted map far above the observed one
+            counts = np.empty(k_max + 2, np.int32)
+        n_act = _order_levels(level, k_max, order, counts)
+        for a in range(n_act):
+            g_rank[a] = g_by_voxel[order[a]]
+    for a in range(n_act):
+        p = grid_pos[order[a]]
+        rank_grid[p] = a
+        pos_rank[a] = p
     n_off = grid_off.shape[0]
-    for a in range(lo, hi):
+    for a in range(n_act):
         # the neighbours that entered earlier, in increasing voxel index; branch-free (which
         # neighbours entered earlier is a coin toss that a branch would mispredict)
         p = pos_rank[a]
@@ -537,89 +563,6 @@ def _sweep(
             offset[small] -= offset[big]
             size[big] += size[small]
             rv = big
-
-
-@numba.njit(cache=True)
-def _tfce_map(
-    x,
-    two_sided,
-    mode,
-    h_exp,
-    dh,
-    n_steps,
-    grid_pos,
-    grid_off,
-    extent_pow,
-    scratch,
-    out,
-    count,
-    thr,
-    cnt,
-):
-    """TFCE of ``x`` into ``out`` (every voxel written); returns max |TFCE| (>= 0).
-
-    One-sided: the positive part of ``x`` (0 where ``x <= 0``). Two-sided: both tails from one
-    sort (by sign, then decreasing |x|), one output pass, and one union-find sweep per tail
-    (ranks 0..n_pos-1 are the positive tail, the rest the negative one; the rank grid holds
-    one tail at a time, so "entered earlier and same tail" stays the single test b < a).
-    Clusters of opposite signs never touch, so each tail sees exactly the operations, in the
-    same order, as enhancing ``x`` and ``-x`` apart: the results are bit-identical to that.
-    The negative tail is written negated.
-    ``mode`` is one of MODE_*. For MODE_FIXED_DH the steps are ``k * dh`` (k >= 1) and a voxel
-    counts at a step when strictly above it (FSL). For MODE_STEPS_PER_MAP they are
-    ``numpy.linspace(0, dh, n_steps + 1)[1:]`` (the caller passes the map's maximum, of |x|
-    when two-sided, as ``dh``) and a voxel counts when >= the step (nilearn).
-    ``extent_pow[s] = s ** e_exp``. ``scratch`` is :func:`_tfce_scratch` (its rank grid all
-    _INACTIVE on entry and on exit). If ``count``, ``cnt[v]`` gains 1 where ``|out[v]|`` (as
-    stored) is >= ``thr[v]``.
-    """
-    (rank_grid, y, level, order, order_tmp, keys, keys_tmp, hist, earlier, pos_rank) = scratch[:10]
-    g_rank = scratch[10]
-    parent, size, last, offset = scratch[11:]
-    n = x.shape[0]
-    if mode == MODE_EXACT:
-        for i in range(n):
-            y[i] = np.float64(x[i])
-        order, sorted_keys, n_act, n_pos = _order_desc(
-            y, two_sided, order, order_tmp, keys, keys_tmp, hist
-        )
-        y_sorted = sorted_keys.view(np.float64)  # |y| by rank, in place of the keys
-        for a in range(n_act):
-            sorted_keys[a] = ~sorted_keys[a] & _LOW63
-        inv = 1.0 / (h_exp + 1.0)
-        for a in range(n_act):
-            yv = y_sorted[a]
-            if h_exp == 2.0:
-                g_rank[a] = yv * yv * yv * inv
-            else:
-                g_rank[a] = yv ** (h_exp + 1.0) * inv
-    else:
-        for i in range(n):
-            y[i] = abs(np.float64(x[i])) if two_sided else np.float64(x[i])
-        g_by_voxel = last  # free until the union-find
-        k_max = _step_levels(y, mode, h_exp, dh, n_steps, level, g_by_voxel)
-        counts = hist.reshape(-1)
-        if 2 * k_max + 3 > counts.shape[0]:  # a permuted map far above the observed one
-            counts = np.empty(2 * k_max + 3, np.int32)
-        n_act, n_pos = _order_levels(level, k_max, x, order, counts)
-        for a in range(n_act):
-            g_rank[a] = g_by_voxel[order[a]]
-    # Ranks: the positive tail (0..n_pos-1), then the negative one, each by decreasing |x|.
-    for a in range(n_act):
-        pos_rank[a] = grid_pos[order[a]]
-    # One tail at a time in the rank grid, so that "same tail and entered earlier" is b < a.
-    for a in range(n_pos):
-        rank_grid[pos_rank[a]] = a
-    sw = (rank_grid, pos_rank, grid_off, g_rank, extent_pow, earlier, parent, size, last, offset)
-    _sweep(0, n_pos, *sw)
-    if n_act > n_pos:
-        for a in range(n_pos):
-            rank_grid[pos_rank[a]] = _INACTIVE
-        for a in range(n_pos, n_act):
-            rank_grid[pos_rank[a]] = a
-        _sweep(n_pos, n_act, *sw)
-        for a in range(n_pos):  # the output pass reads every voxel's rank from the grid
-            rank_grid[pos_rank[a]] = a
     # Final flush down to G(0) = 0, then every voxel's TFCE is its path sum of offsets.
     for a in range(n_act):
         if parent[a] == a:
@@ -639,8 +582,10 @@ def _tfce_map(
         rank_grid[p] = _INACTIVE
         t = offset[min(ra, last_rank)]
         t = t if ra != _INACTIVE else 0.0
-        # negative tail negated; -0.0 never written (as a separate pass over -x would)
-        out[v] = -t if (ra >= n_pos) & (t > 0.0) else t
+        if sign > 0:
+            out[v] = t
+        else:
+            out[v] = -t if t > 0.0 else out[v]
         best = max(best, t)
         if count:
             cnt[v] += abs(np.float64(out[v])) >= thr[v]
@@ -693,22 +638,27 @@ def batch_tfce(
                 for i in range(n):
                     top = max(top, abs(row[i]) if two_sided else row[i])
             if top > 0.0 or mode == MODE_EXACT:
-                maxima[b] = _tfce_map(
-                    row,
-                    two_sided,
-                    mode,
-                    h_exp,
-                    top,
-                    n_steps,
-                    grid_pos,
-                    grid_off,
-                    extent_pow,
-                    scratch,
-                    out,
-                    count,
-                    threshold,
-                    cnt,
-                )
+                best = 0.0
+                for tail in range(2 if two_sided else 1):
+                    sign = 1.0 - 2.0 * tail
+                    tail_max = _tfce_map(
+                        row,
+                        sign,
+                        mode,
+                        h_exp,
+                        top,
+                        n_steps,
+                        grid_pos,
+                        grid_off,
+                        extent_pow,
+                        scratch,
+                        out,
+                        count and (sign < 0 or not two_sided),
+                        threshold,
+                        cnt,
+                    )
+                    best = max(best, tail_max)
+                maxima[b] = best
             else:  # nothing above 0 to enhance (steps per map, map max <= 0)
                 maxima[b] = 0.0
                 for v in range(n):

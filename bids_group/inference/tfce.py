@@ -21,8 +21,7 @@ cluster containing v when the map is thresholded at h. Three ways to evaluate it
 
 All three use the same union-find over voxels sorted by value (every threshold's clusters in
 one pass; :mod:`bids_group.inference._kernels`). Two-sided TFCE enhances the positive and the
-negative parts separately (one sort of the map serves both; clusters of opposite signs never
-merge) and returns the latter negated.
+negative parts separately and returns the latter negated.
 """
 
 from __future__ import annotations
@@ -105,8 +104,7 @@ class VoxelGraph:
         The same, keeping only neighbours with a larger index (each edge once).
     connectivity : {6, 18, 26}
     grid_pos : ndarray of shape (n_voxels,), int64
-        Flat (C order) index of each voxel in the grid of the mask's bounding box padded by one
-        voxel on each side.
+        Flat (C order) index of each voxel in the mask's grid padded by one voxel on each side.
     grid_off : ndarray of int64
         Flat offsets of the neighbours in that padded grid, increasing (so a voxel's
         neighbours come in the order of ``idx``); the TFCE kernel reads neighbours this way.
@@ -179,13 +177,9 @@ def voxel_graph(mask: np.ndarray, connectivity: int = DEFAULT_CONNECTIVITY) -> V
     ptr, idx = _csr(src, dst, n_vox)
     fwd = dst > src
     fwd_ptr, fwd_idx = _csr(src[fwd], dst[fwd], n_vox)
-    # the grid is the mask's bounding box padded by one voxel: a smaller rank grid stays in
-    # cache better (the MNI 2 mm mask: 0.55 M cells instead of 1.17 M)
-    lo = np.array([c.min() if n_vox else 0 for c in coords])
-    hi = np.array([c.max() if n_vox else -1 for c in coords])
-    padded = hi - lo + 3
+    padded = shape + 2
     strides = np.array([padded[1] * padded[2], padded[2], 1])
-    grid_pos = sum((coords[a] - lo[a] + 1) * strides[a] for a in range(3)).astype(np.int64)
+    grid_pos = sum((coords[a] + 1) * strides[a] for a in range(3)).astype(np.int64)
     grid_off = np.array([np.dot(off, strides) for off in offsets], dtype=np.int64)
     return VoxelGraph(
         ptr, idx, fwd_ptr, fwd_idx, int(connectivity), grid_pos, grid_off, int(np.prod(padded))
