@@ -317,6 +317,39 @@ def parametric_stat(data: np.ndarray, part: DesignPartition, stat_type: StatType
     return np.where(np.isnan(stat), 0.0, stat)
 
 
+def design_exchangeability(
+    design: np.ndarray,
+    contrast: np.ndarray,
+    *,
+    scheme: exch.SchemeChoice = "auto",
+    blocks: np.ndarray | None = None,
+    whole_blocks: bool = False,
+) -> tuple[DesignPartition, exch.Exchangeability]:
+    """Partition the design for the contrast and validate the relabellings that will test it.
+
+    Raises
+    ------
+    UsageError
+        Row permutation of an effect that includes the mean, or no allowed relabelling that can
+        change the statistic.
+    DataError
+        Bad blocks, rank-deficient design.
+    """
+    part = partition_design(design, contrast)
+    ex = exch.make_exchangeability(design, part.basis[:, : part.n_interest], scheme=scheme,
+                                   blocks=blocks, whole_blocks=whole_blocks)  # fmt: skip
+    residual_maker = np.eye(design.shape[0]) - part.nuisance_basis @ part.nuisance_basis.T
+    exch.check_supports_test(ex, part.basis, residual_maker)
+    return part, ex
+
+
+def relabelling_count(ex: exch.Exchangeability, n_perm: int) -> tuple[int, bool]:
+    """(N, exhaustive): ``1 + n_perm``, or every distinct relabelling once when that is reached."""
+    n_distinct = ex.n_distinct()
+    exhaustive = 1 + n_perm >= n_distinct
+    return (n_distinct if exhaustive else 1 + n_perm), exhaustive
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------
@@ -409,19 +442,10 @@ def permutation_test(
         seed,
         n_jobs,
     )
-    part = partition_design(cfg.design, cfg.contrast)
-    ex = exch.make_exchangeability(
-        cfg.design,
-        part.basis[:, : part.n_interest],
-        scheme=scheme,
-        blocks=blocks,
-        whole_blocks=whole_blocks,
+    part, ex = design_exchangeability(
+        cfg.design, cfg.contrast, scheme=scheme, blocks=blocks, whole_blocks=whole_blocks
     )
-    residual_maker = np.eye(cfg.design.shape[0]) - part.nuisance_basis @ part.nuisance_basis.T
-    exch.check_supports_test(ex, part.basis, residual_maker)
-    n_distinct = ex.n_distinct()
-    exhaustive = 1 + n_perm >= n_distinct
-    n_total = n_distinct if exhaustive else 1 + n_perm
+    n_total, exhaustive = relabelling_count(ex, n_perm)
     log.info(
         "Permutation test: %s, %d relabellings%s, %d voxels",
         ex.scheme,

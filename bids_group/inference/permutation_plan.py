@@ -3,10 +3,9 @@
 A group analysis can run for minutes before it reaches its permutation step; a design whose
 exchangeability cannot support the test, or blocks that do not partition the maps, must stop the
 run at once, with the subject or variable at fault named. The checks are the engine's own
-(:func:`~bids_group.inference.exchangeability.make_exchangeability` and
-:func:`~bids_group.inference.exchangeability.check_supports_test` on the partitioned design), so
-the plan cannot disagree with what :func:`~bids_group.inference.permutation.permutation_test` will
-do.
+(:func:`~bids_group.inference.permutation.design_exchangeability`, which
+:func:`~bids_group.inference.permutation.permutation_test` calls too), so the plan cannot disagree
+with what the engine will do.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import pandas as pd
 
 from bids_group.errors import DataError, UsageError
 from bids_group.inference import exchangeability as exch
-from bids_group.inference.permutation import partition_design
+from bids_group.inference.permutation import design_exchangeability, relabelling_count
 
 
 @dataclass(frozen=True)
@@ -129,16 +128,7 @@ def plan_permutation(
     ('flip', 1024, 1024, True)
     """
     x = np.asarray(design, dtype=np.float64)
-    part = partition_design(x, np.atleast_2d(np.asarray(contrast, dtype=np.float64)))
-    ex = exch.make_exchangeability(
-        x,
-        part.basis[:, : part.n_interest],
-        scheme=scheme,
-        blocks=blocks,
-        whole_blocks=whole_blocks,
-    )
-    residual_maker = np.eye(x.shape[0]) - part.nuisance_basis @ part.nuisance_basis.T
-    exch.check_supports_test(ex, part.basis, residual_maker)
-    n_distinct = ex.n_distinct()
-    n_relabellings = n_distinct if 1 + n_perm >= n_distinct else 1 + n_perm
-    return PermutationPlan(ex.scheme, blocks, ex.whole_blocks, n_distinct, n_relabellings)
+    c = np.atleast_2d(np.asarray(contrast, dtype=np.float64))
+    _, ex = design_exchangeability(x, c, scheme=scheme, blocks=blocks, whole_blocks=whole_blocks)
+    n_relabellings, _ = relabelling_count(ex, n_perm)
+    return PermutationPlan(ex.scheme, blocks, ex.whole_blocks, ex.n_distinct(), n_relabellings)
