@@ -373,6 +373,8 @@ def _write_method(
     written = out.statmap("logp", tables.logp(method.p_fwe), meta, desc=method.key)
     significant = method.p_fwe <= alpha
     z_masked = np.where(significant, result.z, 0.0)
+    z_vol = np.zeros(out.data.mask.shape)  # the same map as a volume: table and figures
+    z_vol[out.data.mask] = z_masked
     desc = naming.desc_label(method.key, alpha=alpha)
     threshold_meta = {"Method": method.title, "Alpha": alpha, "Criterion": "FWER p <= Alpha"}
     written += out.statmap(
@@ -400,8 +402,6 @@ def _write_method(
     )
     table, table_name = None, None
     if cluster_ref is None:
-        z_vol = np.zeros(out.data.mask.shape)
-        z_vol[out.data.mask] = z_masked
         kwargs = {
             "z_threshold": 0.0,
             "cluster_threshold": 0,
@@ -422,11 +422,9 @@ def _write_method(
     if view is None:
         return written, summary, None
     title = f"{method.title} p <= {alpha:g}"
-    volume = np.zeros(out.data.mask.shape)
-    volume[out.data.mask] = z_masked
     shown = f"z of voxels with {method.title} p <= {alpha:g}"
     figures = view.figures(
-        volume,
+        z_vol,
         threshold=None,
         label="z",
         title=f"{out.label} · {title}",
