@@ -341,3 +341,67 @@ def test_bad_design_and_exchangeability():
         permutation_test(np.full((8, 5), np.nan, np.float32), np.ones((8, 1)), [1.0])
     with pytest.raises(UsageError, match="one row"):
         permutation_test(y, np.c_[g, 1 - g], np.eye(2))
+
+
+@pytest.mark.parametrize("n_rank", [1, 2])
+@pytest.mark.parametrize("two_sided", [False, True])
+@pytest.mark.parametrize("write_out", [False, True])
+@pytest.mark.parametrize("shift", [-3.0, 0.0])
+def test_sign_flip_kernel_matches_numpy(n_rank, two_sided, write_out, shift):
+    """The subset-sum-table kernel against float64 numpy, voxel by voxel and relabelling by
+    relabelling: statistics, per-relabelling maxima (also when every value is negative: the
+    identity with shift=-3) and exceedance counts, with a voxel count
+    that is not a multiple of the tile and groups of unequal size."""
+    from bids_group.inference import _kernels
+    from bids_group.inference.permutation import _table_bits
+
+    rng = np.random.default_rng(3)
+    n_rows, n_vox, n_batch = 21, 2 * _kernels._SUB + 37, 50
+    x = np.c_[np.ones(n_rows), rng.standard_normal((n_rows, n_rank - 1))]
+    basis = np.linalg.qr(x)[0] * np.sign(np.linalg.qr(x)[0][0, 0])
+    resid = rng.standard_normal((n_rows, n_vox)) + shift
+    resid -= basis[:, 1:] @ (basis[:, 1:].T @ resid)  # residuals of the nuisance-only model
+    ss = (resid**2).sum(0)
+    signs = np.where(rng.random((n_batch, n_rows)) < 0.5, -1.0, 1.0)
+    signs[0] = 1.0  # the identity: with shift=-3, every voxel's t is negative
+    # float64 reference: w = U' S E for every relabelling, t = w0 sqrt(dof / (ss - |w|^2))
+    w = np.einsum("rk,br,rv->bkv", basis, signs, resid)
+    dof = n_rows - n_rank
+    t = w[:, 0] * np.sqrt(dof / (ss - (w**2).sum(1)))
+    cmp = np.abs(t) if two_sided else t
+    thr_t = np.quantile(cmp, 0.7, axis=0)
+    u_of = lambda s: np.sign(s) * s**2 / (dof + s**2)  # noqa: E731
+    n_bits = _table_bits(n_rows, n_batch, n_rank)
+    n_groups = -(-n_rows // n_bits)
+    flipped = np.zeros((n_batch, n_groups * n_bits), dtype=np.int64)
+    flipped[:, :n_rows] = signs < 0
+    weights = 1 << np.arange(n_bits)
+    codes = np.ascontiguousarray(flipped.reshape(n_batch, n_groups, n_bits) @ weights)
+    out = np.zeros((n_batch, n_vox), np.float32) if write_out else np.empty((1, 1), np.float32)
+    maxima = np.empty(n_batch)
+    counts = np.zeros(n_vox, np.int64)
+    ss32 = ss.astype(np.float32)
+    _kernels.flip_table_stats(
+        np.ascontiguousarray(resid, dtype=np.float32),
+        np.ascontiguousarray(basis),
+        codes,
+        n_bits,
+        ss32,
+        np.maximum(ss32 * 1e-12, np.float32(1e-30)),
+        1,
+        float(dof),
+        True,
+        two_sided,
+        u_of(thr_t).astype(np.float32),
+        write_out,
+        out,
+        maxima,
+        counts,
+    )
+    np.testing.assert_allclose(maxima, cmp.max(1), rtol=2e-5)
+    if shift < 0 and not two_sided:
+        assert maxima[0] < 0
+    near = np.isclose(cmp, thr_t, rtol=1e-4).any(0)
+    np.testing.assert_array_equal(counts[~near], (cmp >= thr_t).sum(0)[~near])
+    if write_out:
+        np.testing.assert_allclose(out, t, rtol=2e-5, atol=1e-5)

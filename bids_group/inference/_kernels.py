@@ -687,12 +687,15 @@ def batch_tfce(
 # ||w||^2. t = sign(u) sqrt(dof |u| / (1 - |u|)) and F = (dof / q) u / (1 - u) are increasing in
 # u, so maxima and threshold exceedances are found on u and converted once per relabelling.
 
-#: Voxels per table tile (the tables of one tile stay in L1/L2).
-_SUB = 32
+#: Voxels per table tile: the tables of one tile (groups x 2^n_bits rows of _SUB float32) stay
+#: in the core's L2 cache, and each row is a whole number of cache lines.
+_SUB = 128
 #: Voxels per parallel work item (a few tiles; per-item maxima are combined at the end).
-_ITEM = 1024
+_ITEM = 2048
 #: Smallest 1 - |u| (the relative residual sum of squares), as ``rss_floor`` above.
 _U_FLOOR = 1e-12
+#: Order key below every float32 (the running maximum of an empty set).
+_KEY_NONE = -2147483648
 
 
 @numba.njit(cache=True, fastmath=True, error_model="numpy", inline="always")
@@ -703,6 +706,218 @@ def _u_to_stat(u, is_t, dof, n_interest):
         s = np.sqrt(dof * a / rest)
         return s if u >= 0 else -s
     return dof / n_interest * u / rest
+
+
+@numba.njit(cache=True, inline="always")
+def _order_key(bits):
+    """Integer with the order of the float32 whose bits are ``bits`` (an involution).
+
+    numba does not vectorise a float maximum over a loop, but it does an int32 one: positive
+    floats already sort as their bits, negative ones sort reversed, so their 31 low bits are
+    flipped. The int32 casts keep numba's integer promotion from widening the loop to int64.
+    """
+    return np.int32(bits ^ ((bits >> 31) & 0x7FFFFFFF))
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False)
+def _flip_tables(resid, basis, v0, nv, n_bits, n_groups, half, tab):
+    """Subset-sum tables of voxels ``v0 .. v0 + nv`` (zero beyond ``nv``) into ``tab``.
+
+    ``tab[(k * n_groups + g) * 2^n_bits + c, i]`` = sum over the rows j of group g of
+    U[r_j, k] * (-1)^(bit j of c) * E[r_j, v0 + i]. Each group's rows are split in two halves,
+    whose 2^(bits/2) partial sums are tabulated in float64 (``half``); every table entry is then
+    one float64 addition, correctly rounded to float32.
+    """
+    n_rows = resid.shape[0]
+    n_rank = basis.shape[1]
+    n_tab = 1 << n_bits
+    for k in range(n_rank):
+        for g in range(n_groups):
+            r0 = g * n_bits
+            nb = min(n_bits, n_rows - r0)
+            n_lo = nb // 2
+            for h in range(2):
+                part = half[h]
+                first = r0 + (n_lo if h else 0)
+                n_h = nb - n_lo if h else n_lo
+                base = part[0]
+                for i in range(_SUB):
+                    base[i] = 0.0
+                for j in range(n_h):
+                    wgt = basis[first + j, k]
+                    src = resid[first + j]
+                    for i in range(nv):
+                        base[i] += wgt * np.float64(src[v0 + i])
+                for c in range(1, 1 << n_h):
+                    j = 0
+                    while not (c >> j) & 1:
+                        j += 1
+                    wgt = 2.0 * basis[first + j, k]
+                    src = resid[first + j]
+                    prev = part[c - (1 << j)]
+                    dst = part[c]
+                    for i in range(nv):
+                        dst[i] = prev[i] - wgt * np.float64(src[v0 + i])
+                    for i in range(nv, _SUB):
+                        dst[i] = 0.0
+            row0 = (k * n_groups + g) * n_tab
+            lo, hi = half[0], half[1]
+            for ch in range(1 << (nb - n_lo)):
+                b_row = hi[ch]
+                for cl in range(1 << n_lo):
+                    a_row = lo[cl]
+                    dst32 = tab[row0 + (ch << n_lo) + cl]
+                    for i in range(_SUB):
+                        dst32[i] = np.float32(a_row[i] + b_row[i])
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False, inline="always")
+def _sum_rows(a, add, n, r0, r1, r2, r3):
+    """``a`` (+)= the sum of the first ``n`` (1 to 4) rows: one pass, one store per voxel."""
+    if add:
+        if n == 4:
+            for i in range(_SUB):
+                a[i] += (r0[i] + r1[i]) + (r2[i] + r3[i])
+        elif n == 3:
+            for i in range(_SUB):
+                a[i] += (r0[i] + r1[i]) + r2[i]
+        elif n == 2:
+            for i in range(_SUB):
+                a[i] += r0[i] + r1[i]
+        else:
+            for i in range(_SUB):
+                a[i] += r0[i]
+    elif n == 4:
+        for i in range(_SUB):
+            a[i] = (r0[i] + r1[i]) + (r2[i] + r3[i])
+    elif n == 3:
+        for i in range(_SUB):
+            a[i] = (r0[i] + r1[i]) + r2[i]
+    elif n == 2:
+        for i in range(_SUB):
+            a[i] = r0[i] + r1[i]
+    else:
+        for i in range(_SUB):
+            a[i] = r0[i]
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False, inline="always")
+def _table_row(tab, codes, b, base, n_tab, g):
+    return tab[base + g * n_tab + codes[b, g]]
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False, inline="always")
+def _accumulate(tab, codes, b, base, n_tab, n, a):
+    """``a`` = the sum of the table rows of groups 0 .. n - 1 for relabelling b (0 if n = 0)."""
+    if n == 0:
+        for i in range(_SUB):
+            a[i] = 0.0
+        return
+    for g0 in range(0, n, 4):
+        m = min(4, n - g0)
+        r0 = _table_row(tab, codes, b, base, n_tab, g0)
+        r1 = _table_row(tab, codes, b, base, n_tab, g0 + min(1, m - 1))
+        r2 = _table_row(tab, codes, b, base, n_tab, g0 + min(2, m - 1))
+        r3 = _table_row(tab, codes, b, base, n_tab, g0 + min(3, m - 1))
+        _sum_rows(a, g0 > 0, m, r0, r1, r2, r3)
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False)
+def _flip_tile_t(tab, codes, n_tab, two_sided, inv, thr, nv, a, ub, cnt, key_max):
+    """Fast path of ``_flip_tile``: one interest column, no nuisance, no map written.
+
+    The last group's row, the statistic, the exceedance count and the order key are one pass.
+    """
+    n_batch, n_groups = codes.shape
+    last = n_groups - 1
+    ubi = ub.view(np.int32)
+    for b in range(n_batch):
+        _accumulate(tab, codes, b, 0, n_tab, last, a)
+        row = _table_row(tab, codes, b, 0, n_tab, last)
+        if two_sided:
+            for i in range(_SUB):
+                w = a[i] + row[i]
+                u = w * w * inv[i]
+                ub[i] = u
+                cnt[i] += np.int32(u >= thr[i])
+        else:
+            for i in range(_SUB):
+                w = a[i] + row[i]
+                u = w * abs(w) * inv[i]
+                ub[i] = u
+                cnt[i] += np.int32(u >= thr[i])
+        m = np.int32(_KEY_NONE)
+        for i in range(nv):
+            m = max(m, _order_key(ubi[i]))
+        key_max[b] = max(key_max[b], m)
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False)
+def _flip_tile(
+    tab,
+    codes,
+    n_tab,
+    n_interest,
+    is_t,
+    two_sided,
+    inv,
+    ss_t,
+    floor_t,
+    thr,
+    nv,
+    acc,
+    ub,
+    cnt,
+    key_max,
+    write_out,
+    out,
+    v0,
+    dof,
+):
+    """Every relabelling of the batch on one tile of _SUB voxels (see ``flip_table_stats``).
+
+    Each loop vectorises along voxels: fixed bounds, a simple body, and the running maximum
+    taken on int32 order keys.
+    """
+    n_rank = acc.shape[0]
+    if n_rank == 1 and is_t and not write_out:
+        _flip_tile_t(tab, codes, n_tab, two_sided, inv, thr, nv, acc[0], ub, cnt, key_max)
+        return
+    n_batch, n_groups = codes.shape
+    ubi = ub.view(np.int32)
+    for b in range(n_batch):
+        for k in range(n_rank):
+            _accumulate(tab, codes, b, k * n_groups * n_tab, n_tab, n_groups, acc[k])
+        if n_rank == 1:
+            a = acc[0]
+            for i in range(_SUB):
+                w = a[i]
+                ub[i] = w * abs(w) * inv[i] if is_t else w * w * inv[i]
+        else:
+            for i in range(_SUB):
+                num = np.float32(0.0)
+                rest = np.float32(0.0)
+                for k in range(n_rank):
+                    w = acc[k, i]
+                    if k < n_interest:
+                        num += w * w
+                    else:
+                        rest += w * w
+                if is_t:
+                    num = acc[0, i] * abs(acc[0, i])
+                ub[i] = num / max(ss_t[i] - rest, floor_t[i])
+        if write_out:
+            for i in range(nv):
+                out[b, v0 + i] = _u_to_stat(ub[i], is_t, dof, n_interest)
+        if two_sided:
+            for i in range(_SUB):
+                ub[i] = abs(ub[i])
+        for i in range(_SUB):
+            cnt[i] += np.int32(ub[i] >= thr[i])
+        m = np.int32(_KEY_NONE)
+        for i in range(nv):
+            m = max(m, _order_key(ubi[i]))
+        key_max[b] = max(key_max[b], m)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
@@ -747,99 +962,61 @@ def flip_table_stats(
     n_rank = basis.shape[1]
     n_batch, n_groups = codes.shape
     n_tab = 1 << n_bits
+    n_half = 1 << ((n_bits + 1) // 2)
     n_items = (n_vox + _ITEM - 1) // _ITEM
-    item_max = np.empty((n_items, n_batch), np.float32)
+    item_key = np.empty((n_items, n_batch), np.int32)
     for it in numba.prange(n_items):
-        tab = np.empty((n_groups, n_rank, n_tab, _SUB), np.float32)
-        t64 = np.empty((n_tab, _SUB), np.float64)
+        tab = np.empty((n_rank * n_groups * n_tab, _SUB), np.float32)
+        half = np.empty((2, n_half, _SUB), np.float64)
         acc = np.empty((n_rank, _SUB), np.float32)
-        uu = np.empty(_SUB, np.float32)
-        inv = np.empty(_SUB, np.float32)
+        ub = np.empty(_SUB, np.float32)
+        inv = np.zeros(_SUB, np.float32)
+        ss_t = np.ones(_SUB, np.float32)
+        floor_t = np.ones(_SUB, np.float32)
         thr = np.empty(_SUB, np.float32)
-        cnt = np.zeros(_SUB, np.int32)
-        imax = item_max[it]
+        cnt = np.empty(_SUB, np.int32)
+        key_max = item_key[it]
         for b in range(n_batch):
-            imax[b] = -np.inf
+            key_max[b] = _KEY_NONE
         v_end = min((it + 1) * _ITEM, n_vox)
         for v0 in range(it * _ITEM, v_end, _SUB):
             nv = min(_SUB, v_end - v0)
-            # tables: tab[g, k, c, i] = sum_j U[r_j, k] * (-1)^(bit j of c) * E[r_j, v0 + i]
-            for g in range(n_groups):
-                r0 = g * n_bits
-                nb = min(n_bits, n_rows - r0)
-                for k in range(n_rank):
-                    first = t64[0]
-                    for i in range(nv):
-                        first[i] = 0.0
-                    for j in range(nb):
-                        wgt = basis[r0 + j, k]
-                        src = resid[r0 + j, v0 : v0 + nv]
-                        for i in range(nv):
-                            first[i] += wgt * np.float64(src[i])
-                    for c in range(1, 1 << nb):
-                        j = 0
-                        while not (c >> j) & 1:
-                            j += 1
-                        wgt = 2.0 * basis[r0 + j, k]
-                        src = resid[r0 + j, v0 : v0 + nv]
-                        prev = t64[c - (1 << j)]
-                        dst = t64[c]
-                        for i in range(nv):
-                            dst[i] = prev[i] - wgt * np.float64(src[i])
-                    for c in range(1 << nb):
-                        dst = tab[g, k, c]
-                        src = t64[c]
-                        for i in range(nv):
-                            dst[i] = np.float32(src[i])
+            _flip_tables(resid, basis, v0, nv, n_bits, n_groups, half, tab)
             for i in range(_SUB):
                 cnt[i] = 0
+                thr[i] = np.inf  # padding voxels (i >= nv) never count
             for i in range(nv):
                 thr[i] = u_threshold[v0 + i]
-            for i in range(nv):
+                ss_t[i] = ss[v0 + i]
+                floor_t[i] = ss_floor[v0 + i]
                 inv[i] = np.float32(1.0) / max(ss[v0 + i], ss_floor[v0 + i])
-            # loops below run to the runtime bound nv (not the constant _SUB): a constant
-            # bound gets fully unrolled and then not vectorised (possible aliasing)
-            for b in range(n_batch):
-                for k in range(n_rank):
-                    row = tab[0, k, codes[b, 0]]
-                    for i in range(nv):
-                        acc[k, i] = row[i]
-                    for g in range(1, n_groups):
-                        row = tab[g, k, codes[b, g]]
-                        for i in range(nv):
-                            acc[k, i] += row[i]
-                if n_rank == 1:
-                    for i in range(nv):
-                        w = acc[0, i]
-                        uu[i] = w * abs(w) * inv[i]
-                else:
-                    for i in range(nv):
-                        num = np.float32(0.0)
-                        rest = np.float32(0.0)
-                        for k in range(n_rank):
-                            w = acc[k, i]
-                            if k < n_interest:
-                                num += w * w
-                            else:
-                                rest += w * w
-                        if is_t:
-                            num = acc[0, i] * abs(acc[0, i])
-                        uu[i] = num / max(ss[v0 + i] - rest, ss_floor[v0 + i])
-                if write_out:
-                    for i in range(nv):
-                        out[b, v0 + i] = _u_to_stat(uu[i], is_t, dof, n_interest)
-                if two_sided:
-                    for i in range(nv):
-                        uu[i] = abs(uu[i])
-                for i in range(nv):
-                    cnt[i] += np.int32(uu[i] >= thr[i])
-                m = imax[b]
-                for i in range(nv):
-                    a = uu[i]
-                    m = a if a > m else m
-                imax[b] = m
+            _flip_tile(
+                tab,
+                codes,
+                n_tab,
+                n_interest,
+                is_t,
+                two_sided,
+                inv,
+                ss_t,
+                floor_t,
+                thr,
+                nv,
+                acc,
+                ub,
+                cnt,
+                key_max,
+                write_out,
+                out,
+                v0,
+                dof,
+            )
             for i in range(nv):
                 counts[v0 + i] += cnt[i]
-    u_max = _column_max(item_max)
+    bits = np.empty(1, np.int32)
     for b in range(n_batch):
-        maxima[b] = _u_to_stat(u_max[b], is_t, dof, n_interest)
+        key = np.int32(_KEY_NONE)
+        for it in range(n_items):
+            key = max(key, item_key[it, b])
+        bits[0] = _order_key(key)
+        maxima[b] = _u_to_stat(np.float64(bits.view(np.float32)[0]), is_t, dof, n_interest)

@@ -56,7 +56,9 @@ BATCH_VOXEL = 256
 BATCH_SPATIAL = 32
 #: Sign flips go through subset-sum tables (no matrix product): the table cost is per batch, so
 #: voxel-level batches are larger.
-BATCH_FLIP_VOXEL = 2048
+BATCH_FLIP_VOXEL = 4096
+#: Largest subset-sum tables of one voxel tile (half of a 512 KiB L2 cache per core).
+TABLE_BYTES = 384 * 1024
 #: Target number of float32 elements of one (batch x voxel-tile) product (~4 MB, cache-sized).
 TILE_ELEMENTS = 1 << 20
 
@@ -658,15 +660,16 @@ class _Engine:
         self.batch_size = BATCH_SPATIAL if self.spatial else BATCH_VOXEL
         if flip and not self.spatial:
             self.batch_size = BATCH_FLIP_VOXEL
-        y = cfg.data.astype(np.float64)
+        resid = cfg.data.astype(np.float64)
         q_z = part.nuisance_basis
-        resid = y - q_z @ (q_z.T @ y)  # Freedman-Lane: residuals of the nuisance-only model
-        self.ss = np.sum(resid**2, axis=0)
+        if q_z.shape[1]:  # Freedman-Lane: residuals of the nuisance-only model
+            resid -= q_z @ (q_z.T @ resid)
+        self.ss = np.einsum("rv,rv->v", resid, resid)
         self.rss_floor = np.maximum(self.ss * 1e-12, np.finfo(np.float64).tiny)
         self.resid = np.ascontiguousarray(resid, dtype=np.float32)
         self.basis = part.basis
         rank = part.basis.shape[1]
-        n_vox = y.shape[1]
+        n_vox = resid.shape[1]
         self.tile = max(256, min(n_vox, TILE_ELEMENTS // (self.batch_size * rank)))
         cmp_obs = np.abs(obs.stat) if cfg.two_sided else obs.stat
         self.cmp_obs = cmp_obs
@@ -700,7 +703,7 @@ class _Engine:
         tiny = np.finfo(np.float32).tiny
         self.flip_floor = np.maximum(self.ss * 1e-12, tiny).astype(np.float32)
         self.u_threshold = _u_threshold(self.threshold, self.cfg.stat_type, self.part)
-        self.n_bits = _table_bits(n_rows, self.batch_size)
+        self.n_bits = _table_bits(n_rows, self.batch_size, self.basis.shape[1])
 
     def _projection(self, batch: exch.Relabellings) -> np.ndarray:
         """(n_batch * rank, n_rows) float32 matrix M with M @ E = U' P E for each relabelling."""
@@ -880,9 +883,23 @@ def _u_threshold(threshold: np.ndarray, stat_type: StatType, part: DesignPartiti
     return np.where(u32 > u, np.nextafter(u32, np.float32(-np.inf)), u32).astype(np.float32)
 
 
-def _table_bits(n_rows: int, batch_size: int) -> int:
-    """Rows per subset-sum table: minimises groups * (table rows + batch), tables <= 2^10 rows."""
-    cost = {b: -(-n_rows // b) * ((1 << b) + batch_size) for b in range(1, min(n_rows, 10) + 1)}
+def _table_bits(n_rows: int, batch_size: int, n_rank: int = 1) -> int:
+    """Rows per subset-sum table group.
+
+    Minimises the work per tile, groups * (table rows to build + relabellings to sum), with the
+    tables of one tile within ``TABLE_BYTES`` (they are read at random, so they must stay in the
+    core's L2 cache).
+    """
+    row_bytes = _kernels._SUB * 4
+
+    def fits(b: int) -> bool:
+        return n_rank * -(-n_rows // b) * (1 << b) * row_bytes <= TABLE_BYTES
+
+    cost = {
+        b: -(-n_rows // b) * ((1 << b) + batch_size)
+        for b in range(1, min(n_rows, 10) + 1)
+        if fits(b) or b == 1
+    }
     return min(cost, key=cost.get)
 
 
