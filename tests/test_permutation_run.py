@@ -635,7 +635,8 @@ def test_interrupt_during_permutations_stops_promptly_and_leaves_nothing(tmp_pat
     import signal
     import time
 
-    bids = _one_sample(tmp_path / "ds", n=14, seed=10)
+    # n = 24: a million random relabellings of 2^24 (n = 14 would be 16,384, done in < 1 s)
+    bids = _one_sample(tmp_path / "ds", n=24, seed=10)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "bids_group", str(bids), str(out), "group", "--permutation",
                "tfce", "--n-perm", "1000000", "--no-report"]  # fmt: skip

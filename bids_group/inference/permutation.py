@@ -54,6 +54,9 @@ TIE_RTOL = 1e-5
 #: Relabellings per batch: voxel-level only, and with spatial statistics (full maps held).
 BATCH_VOXEL = 256
 BATCH_SPATIAL = 32
+#: Sign flips with spatial statistics: as many relabellings per batch as fit in this many bytes
+#: of statistic maps (up to 256), so the subset-sum tables are built fewer times.
+SPATIAL_FLIP_BYTES = 128 * 1024 * 1024
 #: Sign flips go through subset-sum tables (no matrix product): the table cost is per batch, so
 #: voxel-level batches are larger.
 BATCH_FLIP_VOXEL = 4096
@@ -658,8 +661,12 @@ class _Engine:
         self.spatial = cfg.graph is not None
         self.flip = flip
         self.batch_size = BATCH_SPATIAL if self.spatial else BATCH_VOXEL
+        n_vox = cfg.data.shape[1]
         if flip and not self.spatial:
             self.batch_size = BATCH_FLIP_VOXEL
+        elif flip:
+            per_map = 4 * n_vox
+            self.batch_size = int(np.clip(SPATIAL_FLIP_BYTES // per_map, BATCH_SPATIAL, 256))
         resid = cfg.data.astype(np.float64)
         q_z = part.nuisance_basis
         if q_z.shape[1]:  # Freedman-Lane: residuals of the nuisance-only model
@@ -669,7 +676,6 @@ class _Engine:
         self.resid = np.ascontiguousarray(resid, dtype=np.float32)
         self.basis = part.basis
         rank = part.basis.shape[1]
-        n_vox = resid.shape[1]
         self.tile = max(256, min(n_vox, TILE_ELEMENTS // (self.batch_size * rank)))
         cmp_obs = np.abs(obs.stat) if cfg.two_sided else obs.stat
         self.cmp_obs = cmp_obs
@@ -718,7 +724,7 @@ class _Engine:
         n_b = len(batch)
         n_vox = self.cfg.data.shape[1]
         maxima = np.full(n_b, -np.inf)
-        full = np.empty((n_b, n_vox), dtype=np.float32) if self.spatial else None
+        full = self._buffer("_full", n_b, n_vox) if self.spatial else None
         if self.flip:
             self._flip_stats(batch, full, maxima)
         else:
@@ -781,6 +787,15 @@ class _Engine:
                 self.counts,
             )
 
+    def _buffer(self, name: str, n_b: int, n_vox: int) -> np.ndarray:
+        """A (n_b, n_vox) float32 scratch array, allocated once per run: a fresh array of
+        ~100 MB per batch costs more in page faults than the statistics written into it."""
+        buf = getattr(self, name, None)
+        if buf is None or buf.shape[0] < n_b:
+            buf = np.empty((max(n_b, self.batch_size), n_vox), dtype=np.float32)
+            setattr(self, name, buf)
+        return buf[:n_b]
+
     def _spatial(self, full: np.ndarray) -> None:
         cfg = self.cfg
         n_b, n_vox = full.shape
@@ -795,7 +810,7 @@ class _Engine:
             self.max_mass.extend(mmass.tolist())
         if self.obs.tfce is not None:
             params = self.obs.tfce_params
-            tf = np.empty((n_b, n_vox), dtype=np.float32)
+            tf = self._buffer("_tf", n_b, n_vox)
             tmax = np.zeros(n_b)
             tfce_mod.batch_tfce(
                 full,
