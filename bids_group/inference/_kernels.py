@@ -14,6 +14,38 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+# ---------------------------------------------------------------------------------------------
+# Cache prefetch hint
+# ---------------------------------------------------------------------------------------------
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the CPU to load ``arr[idx]`` into cache (LLVM's prefetch; no effect on results).
+
+    The TFCE union-find visits voxels in order of value, i.e. at random places in the grid;
+    asking for a voxel's neighbourhood a few voxels ahead hides most of the cache misses.
+    """
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        # read, high temporal locality, data cache
+        args_ = [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3)]
+        builder.call(fn, [*args_, ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
 
 # ---------------------------------------------------------------------------------------------
 # Statistic from the projected data, fused with the per-permutation maximum and voxel counts
@@ -291,6 +323,9 @@ _INACTIVE = np.int32(2**31 - 1)
 #: Radix sort digits: at most 12 bits (4096 counters per digit stay in L1).
 _RADIX_BITS = 11
 _N_DIGITS = 6  # ceil(64 / 12)
+#: Voxels ahead (in order of value) whose grid neighbourhood is prefetched (8-16 measured
+#: best: ~10% off an exact TFCE map of the 2 mm brain).
+_PREFETCH_AHEAD = 16
 
 
 @numba.njit(cache=True, inline="always")
@@ -516,6 +551,9 @@ def _tfce_map(
         pos_rank[a] = p
     n_off = grid_off.shape[0]
     for a in range(n_act):
+        ahead = pos_rank[min(a + _PREFETCH_AHEAD, n_act - 1)]
+        for k in range(n_off):
+            _prefetch(rank_grid, ahead + grid_off[k])
         # the neighbours that entered earlier, in increasing voxel index; branch-free (which
         # neighbours entered earlier is a coin toss that a branch would mispredict)
         p = pos_rank[a]
