@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--n-perm", type=int, default=10_000, help="bids-group, every method")
     parser.add_argument("--nilearn-voxel", type=int, default=1000)
     parser.add_argument("--nilearn-cluster", type=int, default=100)
-    parser.add_argument("--nilearn-tfce", type=int, default=3)
+    parser.add_argument("--nilearn-tfce", type=int, default=5)
     parser.add_argument("--methods", default="voxel,cluster,tfce")
     parser.add_argument("--quick", action="store_true", help="2,000 permutations (500 TFCE)")
     parser.add_argument("--two-sided", action="store_true", help="both tools two-sided")
