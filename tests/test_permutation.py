@@ -405,3 +405,81 @@ def test_sign_flip_kernel_matches_numpy(n_rank, two_sided, write_out, shift):
     np.testing.assert_array_equal(counts[~near], (cmp >= thr_t).sum(0)[~near])
     if write_out:
         np.testing.assert_allclose(out, t, rtol=2e-5, atol=1e-5)
+
+
+# A child process runs the kernels with a given numba cache folder and saves every output.
+_KERNEL_RUN = """
+import sys
+import numpy as np
+from bids_group.inference import _kernels
+from bids_group.inference.permutation import _table_bits
+
+rng = np.random.default_rng(11)
+n_rows, n_vox, n_batch = 14, 3 * _kernels._SUB + 5, 64
+results = {}
+for n_rank in (1, 2):
+    basis = np.linalg.qr(np.c_[np.ones(n_rows), rng.standard_normal((n_rows, n_rank - 1))])[0]
+    resid = rng.standard_normal((n_rows, n_vox)).astype(np.float32)
+    ss = (resid.astype(np.float64) ** 2).sum(0).astype(np.float32)
+    n_bits = _table_bits(n_rows, n_batch, n_rank)
+    n_groups = -(-n_rows // n_bits)
+    flipped = np.zeros((n_batch, n_groups * n_bits), np.int64)
+    flipped[:, :n_rows] = rng.random((n_batch, n_rows)) < 0.5
+    weights = 1 << np.arange(n_bits)
+    codes = np.ascontiguousarray(flipped.reshape(n_batch, n_groups, n_bits) @ weights)
+    out = np.zeros((n_batch, n_vox), np.float32)
+    maxima = np.empty(n_batch)
+    counts = np.zeros(n_vox, np.int64)
+    _kernels.flip_table_stats(resid, basis, codes, n_bits, ss, ss * np.float32(1e-12), 1,
+                              float(n_rows - n_rank), n_rank == 1, False,
+                              np.full(n_vox, 0.2, np.float32), True, out, maxima, counts)
+    results.update({f"flip_out{n_rank}": out, f"flip_max{n_rank}": maxima,
+                    f"flip_counts{n_rank}": counts})
+    w = rng.standard_normal((n_batch * n_rank, n_vox)).astype(np.float32)
+    out = np.zeros((n_batch, n_vox), np.float32)
+    maxima = np.full(n_batch, -np.inf)
+    counts = np.zeros(n_vox, np.int64)
+    _kernels.fused_stat_max_counts(w, ss.astype(np.float64) + 30, np.full(n_vox, 1e-9), n_rank,
+                                   1, 12.0, n_rank == 1, False, np.full(n_vox, 1.0), 0, out,
+                                   maxima, counts)
+    results.update({f"fused_out{n_rank}": out, f"fused_max{n_rank}": maxima,
+                    f"fused_counts{n_rank}": counts})
+np.savez(sys.argv[1], **results)
+"""
+
+
+def test_kernel_results_do_not_depend_on_how_numba_compiled_them(tmp_path):
+    """A kernel compiled in this process and the same kernel loaded from numba's on-disk cache
+    must round alike. With ``fastmath`` they did not (callees compiled in-process are inlined
+    and re-optimised; cached ones are linked as object code): t maps 1-3 ulp apart, and two
+    runs with the same seed wrote different null distributions."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run_kernels.py"
+    script.write_text(_KERNEL_RUN)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    saved = []
+    for name in ("compiled", "cached"):  # the first run fills the empty cache, the second reads it
+        out = tmp_path / f"{name}.npz"
+        subprocess.run([sys.executable, str(script), str(out)], env=env, check=True)
+        saved.append(np.load(out))
+    assert any((tmp_path / "numba-cache").rglob("*.nbc"))  # the second run did use the cache
+    compiled, cached = saved
+    assert sorted(compiled.files) == sorted(cached.files)
+    for key in compiled.files:
+        assert np.array_equal(compiled[key], cached[key]), key
+
+
+def test_no_kernel_uses_fastmath():
+    """Guard for the test above: fastmath makes rounding depend on the compilation path."""
+    import numba
+
+    from bids_group.inference import _kernels
+
+    kernels = [
+        f for f in vars(_kernels).values() if isinstance(f, numba.core.dispatcher.Dispatcher)
+    ]
+    assert len(kernels) > 10
+    assert [f.__name__ for f in kernels if f.targetoptions.get("fastmath")] == []

@@ -8,6 +8,15 @@ why nilearn needs hours). Each kernel below is a single pass over memory with no
 Everything here is private: arrays in, arrays out, no validation (the callers in
 :mod:`bids_group.inference.permutation` and :mod:`bids_group.inference.tfce` validate). Every
 kernel is deterministic: results do not depend on the number of threads.
+
+No kernel uses ``fastmath``. Its flags (reassociation, FMA contraction, approximate reciprocals)
+let LLVM round differently depending on how a function was compiled, and with ``cache=True``
+that is not fixed: a callee compiled in the same process is inlined and re-optimised with its
+caller, one loaded from numba's on-disk cache is linked as object code. With ``fastmath``, a
+freshly compiled sign-flip kernel and a cached one gave t maps up to 3 ulp apart (18% of
+values), which broke "same seed, same files" between runs. Strict IEEE semantics make every
+compilation round alike, and cost nothing measurable here: the hot loops are element-wise
+(they vectorise without reordering) and their maxima are taken on integer order keys.
 """
 
 from __future__ import annotations
@@ -69,7 +78,7 @@ def _column_max(partial):
     return out
 
 
-@numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+@numba.njit(parallel=True, cache=True, error_model="numpy")
 def fused_stat_max_counts(
     w,
     ss,
@@ -109,8 +118,9 @@ def fused_stat_max_counts(
     Notes
     -----
     The loops run along voxels (contiguous) so they vectorise (``error_model="numpy"`` drops
-    the per-division zero checks that otherwise prevent it); ``fastmath`` only allows
-    reordering within this fixed code, so results still do not depend on the thread count.
+    the per-division zero checks that otherwise prevent it). Strict IEEE arithmetic (no
+    ``fastmath``, see the module docstring), so results depend on neither the thread count
+    nor how the kernel was compiled.
     """
     n_batch = out.shape[0]
     n_tile = out.shape[1]
@@ -736,7 +746,7 @@ _U_FLOOR = 1e-12
 _KEY_NONE = -2147483648
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _u_to_stat(u, is_t, dof, n_interest):
     a = abs(u)
     rest = max(1.0 - a, _U_FLOOR)
@@ -746,7 +756,7 @@ def _u_to_stat(u, is_t, dof, n_interest):
     return dof / n_interest * u / rest
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False, inline="always")
+@numba.njit(cache=True, error_model="numpy", boundscheck=False, inline="always")
 def _write_stat(ub, nv, is_t, dof, n_interest, dst):
     """t or F of ``ub[:nv]`` (u-space) into ``dst``: ``_u_to_stat`` in float32, branch-free, so
     that the loop vectorises (the maps are float32; u is already float32)."""
@@ -776,7 +786,7 @@ def _order_key(bits):
     return np.int32(bits ^ ((bits >> 31) & 0x7FFFFFFF))
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False)
+@numba.njit(cache=True, error_model="numpy", boundscheck=False)
 def _flip_tables(resid, basis, v0, nv, n_bits, n_groups, half, tab):
     """Subset-sum tables of voxels ``v0 .. v0 + nv`` (zero beyond ``nv``) into ``tab``.
 
@@ -828,7 +838,7 @@ def _flip_tables(resid, basis, v0, nv, n_bits, n_groups, half, tab):
                         dst32[i] = np.float32(a_row[i] + b_row[i])
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False, inline="always")
+@numba.njit(cache=True, error_model="numpy", boundscheck=False, inline="always")
 def _sum_rows(a, add, n, r0, r1, r2, r3):
     """``a`` (+)= the sum of the first ``n`` (1 to 4) rows: one pass, one store per voxel."""
     if add:
@@ -858,12 +868,12 @@ def _sum_rows(a, add, n, r0, r1, r2, r3):
             a[i] = r0[i]
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False, inline="always")
+@numba.njit(cache=True, error_model="numpy", boundscheck=False, inline="always")
 def _table_row(tab, codes, b, base, n_tab, g):
     return tab[base + g * n_tab + codes[b, g]]
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False, inline="always")
+@numba.njit(cache=True, error_model="numpy", boundscheck=False, inline="always")
 def _accumulate(tab, codes, b, base, n_tab, n, a):
     """``a`` = the sum of the table rows of groups 0 .. n - 1 for relabelling b (0 if n = 0)."""
     if n == 0:
@@ -879,7 +889,7 @@ def _accumulate(tab, codes, b, base, n_tab, n, a):
         _sum_rows(a, g0 > 0, m, r0, r1, r2, r3)
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False)
+@numba.njit(cache=True, error_model="numpy", boundscheck=False)
 def _flip_tile_t(tab, codes, n_tab, two_sided, inv, thr, nv, a, ub, cnt, key_max):
     """Fast path of ``_flip_tile``: one interest column, no nuisance, no map written.
 
@@ -909,7 +919,7 @@ def _flip_tile_t(tab, codes, n_tab, two_sided, inv, thr, nv, a, ub, cnt, key_max
         key_max[b] = max(key_max[b], m)
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy", boundscheck=False)
+@numba.njit(cache=True, error_model="numpy", boundscheck=False)
 def _flip_tile(
     tab,
     codes,
@@ -976,7 +986,7 @@ def _flip_tile(
         key_max[b] = max(key_max[b], m)
 
 
-@numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+@numba.njit(parallel=True, cache=True, error_model="numpy")
 def flip_table_stats(
     resid,
     basis,
