@@ -786,6 +786,15 @@ def _order_key(bits):
     return np.int32(bits ^ ((bits >> 31) & 0x7FFFFFFF))
 
 
+@numba.njit(cache=True, inline="always")
+def _key_max(ubi, nv):
+    """Largest order key of the float32 bits ``ubi[:nv]`` (an int32 reduction: it vectorises)."""
+    m = np.int32(_KEY_NONE)
+    for i in range(nv):
+        m = max(m, _order_key(ubi[i]))
+    return m
+
+
 @numba.njit(cache=True, error_model="numpy", boundscheck=False)
 def _flip_tables(resid, basis, v0, nv, n_bits, n_groups, half, tab):
     """Subset-sum tables of voxels ``v0 .. v0 + nv`` (zero beyond ``nv``) into ``tab``.
@@ -913,10 +922,7 @@ def _flip_tile_t(tab, codes, n_tab, two_sided, inv, thr, nv, a, ub, cnt, key_max
                 u = w * abs(w) * inv[i]
                 ub[i] = u
                 cnt[i] += np.int32(u >= thr[i])
-        m = np.int32(_KEY_NONE)
-        for i in range(nv):
-            m = max(m, _order_key(ubi[i]))
-        key_max[b] = max(key_max[b], m)
+        key_max[b] = max(key_max[b], _key_max(ubi, nv))
 
 
 @numba.njit(cache=True, error_model="numpy", boundscheck=False)
@@ -980,10 +986,7 @@ def _flip_tile(
                 ub[i] = abs(ub[i])
         for i in range(_SUB):
             cnt[i] += np.int32(ub[i] >= thr[i])
-        m = np.int32(_KEY_NONE)
-        for i in range(nv):
-            m = max(m, _order_key(ubi[i]))
-        key_max[b] = max(key_max[b], m)
+        key_max[b] = max(key_max[b], _key_max(ubi, nv))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
