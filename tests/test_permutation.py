@@ -353,7 +353,7 @@ def test_sign_flip_kernel_matches_numpy(n_rank, two_sided, write_out, shift):
     identity with shift=-3) and exceedance counts, with a voxel count
     that is not a multiple of the tile and groups of unequal size."""
     from bids_group.inference import _kernels
-    from bids_group.inference.permutation import _table_bits
+    from bids_group.inference.permutation import _flip_codes, _table_bits
 
     rng = np.random.default_rng(3)
     n_rows, n_vox, n_batch = 21, 2 * _kernels._SUB + 37, 50
@@ -372,11 +372,7 @@ def test_sign_flip_kernel_matches_numpy(n_rank, two_sided, write_out, shift):
     thr_t = np.quantile(cmp, 0.7, axis=0)
     u_of = lambda s: np.sign(s) * s**2 / (dof + s**2)  # noqa: E731
     n_bits = _table_bits(n_rows, n_batch, n_rank)
-    n_groups = -(-n_rows // n_bits)
-    flipped = np.zeros((n_batch, n_groups * n_bits), dtype=np.int64)
-    flipped[:, :n_rows] = signs < 0
-    weights = 1 << np.arange(n_bits)
-    codes = np.ascontiguousarray(flipped.reshape(n_batch, n_groups, n_bits) @ weights)
+    codes = _flip_codes(signs, n_bits)
     out = np.zeros((n_batch, n_vox), np.float32) if write_out else np.empty((1, 1), np.float32)
     maxima = np.empty(n_batch)
     counts = np.zeros(n_vox, np.int64)
@@ -412,7 +408,7 @@ _KERNEL_RUN = """
 import sys
 import numpy as np
 from bids_group.inference import _kernels
-from bids_group.inference.permutation import _table_bits
+from bids_group.inference.permutation import _flip_codes, _table_bits
 
 rng = np.random.default_rng(11)
 n_rows, n_vox, n_batch = 14, 3 * _kernels._SUB + 5, 64
@@ -422,11 +418,7 @@ for n_rank in (1, 2):
     resid = rng.standard_normal((n_rows, n_vox)).astype(np.float32)
     ss = (resid.astype(np.float64) ** 2).sum(0).astype(np.float32)
     n_bits = _table_bits(n_rows, n_batch, n_rank)
-    n_groups = -(-n_rows // n_bits)
-    flipped = np.zeros((n_batch, n_groups * n_bits), np.int64)
-    flipped[:, :n_rows] = rng.random((n_batch, n_rows)) < 0.5
-    weights = 1 << np.arange(n_bits)
-    codes = np.ascontiguousarray(flipped.reshape(n_batch, n_groups, n_bits) @ weights)
+    codes = _flip_codes(np.where(rng.random((n_batch, n_rows)) < 0.5, -1.0, 1.0), n_bits)
     out = np.zeros((n_batch, n_vox), np.float32)
     maxima = np.empty(n_batch)
     counts = np.zeros(n_vox, np.int64)

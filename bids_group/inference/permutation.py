@@ -734,16 +734,10 @@ class _Engine:
             self._spatial(full)
 
     def _flip_stats(self, batch: exch.Relabellings, full, maxima) -> None:
-        n_rows = batch.signs.shape[1]
-        n_groups = -(-n_rows // self.n_bits)
-        flipped = np.zeros((len(batch), n_groups * self.n_bits), dtype=np.int64)
-        flipped[:, :n_rows] = batch.signs < 0
-        weights = np.left_shift(1, np.arange(self.n_bits, dtype=np.int64))
-        codes = np.ascontiguousarray(flipped.reshape(len(batch), n_groups, self.n_bits) @ weights)
         _kernels.flip_table_stats(
             self.flip_resid,
             np.ascontiguousarray(self.basis),
-            codes,
+            _flip_codes(batch.signs, self.n_bits),
             self.n_bits,
             self.flip_ss,
             self.flip_floor,
@@ -896,6 +890,20 @@ def _u_threshold(threshold: np.ndarray, stat_type: StatType, part: DesignPartiti
             u = np.where(np.isinf(thr), np.inf, qt / (dof + qt))
     u32 = u.astype(np.float32)
     return np.where(u32 > u, np.nextafter(u32, np.float32(-np.inf)), u32).astype(np.float32)
+
+
+def _flip_codes(signs: np.ndarray, n_bits: int) -> np.ndarray:
+    """Sign flips as the table codes of ``_kernels.flip_table_stats``.
+
+    ``signs`` (n_batch, n_rows) of +-1; returns (n_batch, ceil(n_rows / n_bits)) int64 whose
+    bit j of column g is set when row ``g * n_bits + j`` is flipped (sign < 0).
+    """
+    n_batch, n_rows = signs.shape
+    n_groups = -(-n_rows // n_bits)
+    flipped = np.zeros((n_batch, n_groups * n_bits), dtype=np.int64)
+    flipped[:, :n_rows] = signs < 0
+    weights = np.left_shift(1, np.arange(n_bits, dtype=np.int64))
+    return np.ascontiguousarray(flipped.reshape(n_batch, n_groups, n_bits) @ weights)
 
 
 def _table_bits(n_rows: int, batch_size: int, n_rank: int = 1) -> int:
