@@ -122,3 +122,50 @@ def test_cli_runs_like_in_a_container():
             if p.is_dir():
                 p.chmod(0o777)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_permutation_runs_from_a_read_only_install_without_home(tmp_path):
+    """The numba kernels from a read-only install with no writable home (an Apptainer image
+    run with --containall, a read-only HPC software module). numba refuses to import a module
+    whose cache it can write nowhere, so bids-group points it at a private folder under TMPDIR
+    (bids_group/inference/_numba_cache.py). The read-only install is a read-only bind mount of
+    the package folder in a private mount namespace (``unshare -rm``), which binds even root."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is not available")
+    probe = subprocess.run(
+        [unshare, "-rm", "sh", "-c", f"mount --bind {tmp_path} {tmp_path}"],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip("cannot create a user + mount namespace here")
+    import bids_group
+
+    package = Path(bids_group.__file__).resolve().parent
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    out = tmp_path / "out"
+    mount_read_only = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && shift'
+    command = [
+        unshare, "-rm", "sh", "-c", f'{mount_read_only} && exec "$@"', "sh", str(package),
+        sys.executable, "-c", "from bids_group.cli import console_main; console_main()",
+        str(EXAMPLE), str(out), "group", "--permutation", "voxel", "--n-perm", "100",
+        "--no-report", "-q",
+    ]  # fmt: skip
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(package / "no-home"),  # on the read-only mount: cannot be created
+        "TMPDIR": str(temp),
+        "LANG": "C.UTF-8",
+    }
+    proc = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd="/", check=False, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert any(p.endswith("_desc-permVoxel_statmap.nii.gz") for p in proc.stdout.split())
+    cache = temp / f"bids-group-numba-{os.getuid()}"
+    assert any(cache.rglob("*.nbi")), "the kernels were not cached in the private folder"
+    assert cache.stat().st_mode & 0o077 == 0  # private to the user
+    assert not (package / "no-home").exists()

@@ -27,6 +27,10 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from bids_group.inference._numba_cache import ensure_writable_cache
+
+ensure_writable_cache(__file__)  # before any @njit(cache=True) below
+
 # ---------------------------------------------------------------------------------------------
 # Cache prefetch hint
 # ---------------------------------------------------------------------------------------------
