@@ -2,11 +2,12 @@
 (bids_group/inference/_numba_cache.py; the end-to-end case is in test_container.py).
 
 The fallback folder holds code that numba loads and runs, so one that another user could have
-made or written must never be used. An unwritable place is simulated by a path under a regular
-file (mkdir fails there even for root)."""
+made, replaced or written must never be used. An unwritable place is simulated by a path under
+a regular file (mkdir fails there even for root)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,47 +17,87 @@ import pytest
 
 from bids_group.inference import _numba_cache
 
+UID = os.getuid()
+
 
 @pytest.fixture
-def no_home(tmp_path, monkeypatch):
-    """HOME and XDG_CACHE_HOME unwritable, the system temp folder = tmp_path / "tmp"."""
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
+def blocker(tmp_path) -> Path:
+    """A regular file: nothing can be created under it."""
+    path = tmp_path / "a-file"
+    path.write_text("")
+    return path
+
+
+@pytest.fixture
+def no_home(tmp_path, blocker, monkeypatch):
+    """HOME and XDG_CACHE_HOME unwritable; the system temp folder = tmp_path / "tmp"."""
     monkeypatch.setenv("HOME", str(blocker / "home"))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     temp = tmp_path / "tmp"
-    temp.mkdir()
+    temp.mkdir(mode=0o700)
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     return temp
 
 
 def test_user_cache_folder_when_home_is_writable(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert _numba_cache._fallback_folder() == tmp_path / "cache" / "bids-group" / "numba"
+    chosen = _numba_cache._fallback_folder()
+    assert chosen == tmp_path / "cache" / "bids-group" / "numba"
+    assert chosen.stat().st_mode & 0o777 == 0o700
+
+
+def test_relative_xdg_cache_home_is_ignored(tmp_path, monkeypatch):
+    """The XDG specification: a relative path is invalid (it would land in the working
+    folder, possibly the input dataset)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _numba_cache._fallback_folder() == tmp_path / "home" / ".cache" / "bids-group" / "numba"
+    assert not (tmp_path / "relative").exists()
+
+
+def test_home_cache_folder_others_can_write_is_not_used(tmp_path, no_home, monkeypatch):
+    planted = tmp_path / "shared-cache" / "bids-group" / "numba"
+    planted.mkdir(parents=True)
+    planted.chmod(0o777)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "shared-cache"))
+    assert _numba_cache._fallback_folder() == no_home / f"bids-group-numba-{UID}"
 
 
 def test_private_temp_folder_is_created_and_reused(no_home):
     first = _numba_cache._fallback_folder()
-    assert first == no_home / f"bids-group-numba-{os.getuid()}"
+    assert first == no_home / f"bids-group-numba-{UID}"
     assert first.stat().st_mode & 0o777 == 0o700
     assert _numba_cache._fallback_folder() == first  # kept: compiled once per user
 
 
-def test_temp_folder_others_can_write_is_not_used(no_home):
-    planted = no_home / f"bids-group-numba-{os.getuid()}"
+def test_temp_folder_others_can_write_is_not_used(no_home, caplog):
+    planted = no_home / f"bids-group-numba-{UID}"
     planted.mkdir()
     planted.chmod(0o777)  # anyone could have put a cache file there
-    chosen = _numba_cache._fallback_folder()
+    with caplog.at_level(logging.WARNING):
+        chosen = _numba_cache._fallback_folder()
     assert chosen != planted and chosen.parent == no_home
     assert chosen.stat().st_mode & 0o077 == 0
+    assert "compiled again in every run" in caplog.text
 
 
 def test_temp_folder_that_is_a_symlink_is_not_used(no_home, tmp_path):
     target = tmp_path / "elsewhere"
     target.mkdir(mode=0o700)
-    (no_home / f"bids-group-numba-{os.getuid()}").symlink_to(target)
+    (no_home / f"bids-group-numba-{UID}").symlink_to(target)
     chosen = _numba_cache._fallback_folder()
     assert chosen.resolve() != target.resolve() and not chosen.is_symlink()
+
+
+def test_shared_temp_folder_without_sticky_bit_is_not_trusted(no_home):
+    """In a group- or world-writable TMPDIR without the sticky bit (some HPC scratch), another
+    user could swap our folder for theirs after the checks."""
+    no_home.chmod(0o777)
+    chosen = _numba_cache._fallback_folder()
+    assert chosen.name != f"bids-group-numba-{UID}"
+    no_home.chmod(0o1777)  # sticky, as /tmp: entries can only be replaced by their owner
+    assert _numba_cache._fallback_folder().name == f"bids-group-numba-{UID}"
 
 
 def test_nothing_changes_when_numba_can_cache_beside_the_source(tmp_path, monkeypatch):
@@ -66,16 +107,24 @@ def test_nothing_changes_when_numba_can_cache_beside_the_source(tmp_path, monkey
     assert (tmp_path / "__pycache__").is_dir()
 
 
-def test_a_cache_folder_set_by_the_user_is_kept(tmp_path, monkeypatch):
+def test_a_writable_cache_folder_set_by_the_user_is_kept(tmp_path, blocker, monkeypatch):
     monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "mine"))
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
     _numba_cache.ensure_writable_cache(str(blocker / "kernels.py"))
     assert numba.config.CACHE_DIR == str(tmp_path / "mine")
 
 
-def test_read_only_source_folder_redirects_numba(no_home, monkeypatch):
+def test_an_unwritable_cache_folder_set_by_the_user_is_replaced(
+    blocker, no_home, monkeypatch, caplog
+):
+    """numba would fail as with no setting at all (read-only install): warn, use the fallback."""
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(blocker / "cache"))
+    with caplog.at_level(logging.WARNING):
+        _numba_cache.ensure_writable_cache(str(blocker / "kernels.py"))
+    assert numba.config.CACHE_DIR == str(no_home / f"bids-group-numba-{UID}")
+    assert "cannot be written" in caplog.text and str(blocker / "cache") in caplog.text
+
+
+def test_read_only_source_folder_redirects_numba(blocker, no_home, monkeypatch):
     monkeypatch.setattr(numba.config, "CACHE_DIR", "")
-    blocker = Path(os.environ["HOME"]).parent
     _numba_cache.ensure_writable_cache(str(blocker / "kernels.py"))
-    assert numba.config.CACHE_DIR == str(no_home / f"bids-group-numba-{os.getuid()}")
+    assert numba.config.CACHE_DIR == str(no_home / f"bids-group-numba-{UID}")

@@ -1,21 +1,23 @@
 """Where numba keeps the compiled permutation kernels.
 
 The kernels are compiled once (~30 s) and cached on disk (``cache=True``). numba writes that
-cache beside the source (``__pycache__``) or, when the install is read-only, in the user's
-cache folder under HOME; when neither is writable it refuses to import the module at all
-("cannot cache function ...: no locator available"). That is the usual state of a container
-or an HPC software module: a read-only install and no writable home (Apptainer
+cache in ``NUMBA_CACHE_DIR`` if set, else beside the source (``__pycache__``) or, when the install
+is read-only, in the user's cache folder under HOME; when none is writable it refuses to import
+the module at all ("cannot cache function ...: no locator available"). That is the usual state
+of a container or an HPC software module: a read-only install and no writable home (Apptainer
 ``--containall``, ``docker run --user``). :func:`ensure_writable_cache` runs before the kernels
 are defined and, only in that case, points numba at a folder that is writable.
 
 The fallback is private: numba's cache holds pickles and machine code that are loaded and run,
-so a folder another user could have created or written is never used.
+so a folder that another user could have created, replaced or written is never used.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -35,23 +37,58 @@ def _writable(folder: Path) -> bool:
     return True
 
 
+def _uid() -> int | None:
+    return os.getuid() if hasattr(os, "getuid") else None  # None: no POSIX owners (Windows)
+
+
+def _trusted_parent(folder: Path) -> bool:
+    """Nobody else can replace entries of ``folder``: it is owned by this user or root, and
+    either nobody else may write in it or it has the sticky bit (as /tmp)."""
+    uid = _uid()
+    if uid is None:
+        return True
+    try:
+        st = folder.stat()
+    except OSError:
+        return False
+    shared = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return st.st_uid in (uid, 0) and (not shared or bool(st.st_mode & stat.S_ISVTX))
+
+
 def _private(folder: Path) -> bool:
-    """``folder`` exists, is a real folder owned by this user and nobody else may write in it."""
+    """``folder`` is a real folder (no symlink) owned by this user, nobody else may write in it,
+    and no folder above it lets anyone else swap it (see ``_trusted_parent``)."""
+    uid = _uid()
+    if uid is None:
+        return folder.is_dir() and not folder.is_symlink()
     try:
         st = folder.lstat()
     except OSError:
         return False
     return (
         stat.S_ISDIR(st.st_mode)
-        and st.st_uid == os.getuid()
+        and st.st_uid == uid
         and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        and all(_trusted_parent(parent) for parent in folder.absolute().parents)
     )
 
 
+def _make_private(folder: Path) -> bool:
+    """Create ``folder`` (mode 0700) if missing; whether it is private and writable."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    return _private(folder) and _writable(folder)
+
+
 def _user_cache_home() -> Path | None:
-    """``$XDG_CACHE_HOME`` or ``~/.cache``, or None when there is no usable home."""
-    base = os.environ.get("XDG_CACHE_HOME")
-    if base:
+    """``$XDG_CACHE_HOME`` (absolute only, as the XDG specification says) or ``~/.cache``."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(base):
         return Path(base)
     try:
         return Path.home() / ".cache"
@@ -60,31 +97,39 @@ def _user_cache_home() -> Path | None:
 
 
 def _fallback_folder() -> Path:
-    """A writable folder for numba's cache, private to this user."""
+    """A folder for numba's cache that is writable and private to this user."""
     home = _user_cache_home()
-    if home is not None and _writable(home / "bids-group" / "numba"):
+    if home is not None and _make_private(home / "bids-group" / "numba"):
         return home / "bids-group" / "numba"
-    # Kept between runs (so the kernels are compiled once per user and machine), but only if
-    # this user owns it and nobody else can write there.
-    shared = Path(tempfile.gettempdir()) / f"bids-group-numba-{os.getuid()}"
-    try:
-        shared.mkdir(mode=0o700)
-    except OSError:
-        pass
-    if _private(shared) and _writable(shared):
+    # Kept between runs, so that the kernels are compiled once per user and machine.
+    shared = Path(tempfile.gettempdir()) / f"bids-group-numba-{_uid() or 0}"
+    if _make_private(shared):
         return shared
-    return Path(tempfile.mkdtemp(prefix="bids-group-numba-"))  # this run only
+    run_only = Path(tempfile.mkdtemp(prefix="bids-group-numba-"))
+    atexit.register(shutil.rmtree, run_only, ignore_errors=True)
+    log.warning(
+        "No private writable folder for the compiled permutation kernels (%s is not private "
+        "to you), so they are compiled again in every run (~30 s). Set NUMBA_CACHE_DIR to a "
+        "folder of your own to keep them.",
+        shared,
+    )
+    return run_only
 
 
 def ensure_writable_cache(source_file: str) -> None:
     """Make sure numba can cache the kernels of ``source_file``; see the module docstring.
 
-    Does nothing when the user set ``NUMBA_CACHE_DIR`` or when numba's own choice (the
-    ``__pycache__`` beside the source) is writable. Call before any ``@njit(cache=True)`` of
-    that file runs.
+    Does nothing when numba's own choice works: a writable ``NUMBA_CACHE_DIR``, else a writable
+    ``__pycache__`` beside the source. Call before any ``@njit(cache=True)`` of that file runs.
     """
-    if numba.config.CACHE_DIR or _writable(Path(source_file).parent / "__pycache__"):
+    chosen = numba.config.CACHE_DIR
+    if chosen and _writable(Path(chosen)):
+        return
+    if _writable(Path(source_file).parent / "__pycache__"):
         return
     folder = _fallback_folder()
+    if chosen:
+        log.warning("NUMBA_CACHE_DIR=%s cannot be written; using %s instead.", chosen, folder)
+    else:
+        log.debug("the install is read-only: numba caches the compiled kernels in %s", folder)
     numba.config.CACHE_DIR = str(folder)
-    log.debug("the install is read-only: numba caches the compiled kernels in %s", folder)
