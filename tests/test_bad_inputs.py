@@ -15,37 +15,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from clicheck import check_failure
 from conftest import make_bids_derivatives, map_name, write_map, write_participants
 
 from bids_group.cli import main
-
-
-def snapshot(folder: Path) -> dict[str, bytes] | None:
-    if not folder.exists():
-        return None
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def staging_leftovers(out_dir: Path) -> list[Path]:
-    parent = out_dir.parent
-    hidden = [p for p in parent.glob(".*") if "bids-group" in p.name]
-    if out_dir.is_dir():
-        hidden += [p for p in out_dir.glob(".*") if "bids-group" in p.name]
-    return hidden
-
-
-def check_failure(capsys, argv: list[str], out_dir: Path, code: int, *needles: str) -> str:
-    before = snapshot(out_dir)
-    exit_code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    assert exit_code == code, f"exit {exit_code}, stderr: {captured.err}"
-    assert captured.out == ""
-    assert "Traceback" not in captured.err
-    for needle in needles:
-        assert needle in captured.err, f"{needle!r} not in {captured.err!r}"
-    assert snapshot(out_dir) == before
-    assert staging_leftovers(out_dir) == []
-    return captured.err
 
 
 @pytest.fixture
