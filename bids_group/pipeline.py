@@ -537,20 +537,33 @@ def _write_height(
         return written, summary, None
     title = f"{out.label} · {_method_title(inference, threshold)}"
     shown = f"{'|z|' if two_sided else 'z'} > {threshold.z_threshold:.4g}" if finite else "none"
-    figures = view.figures(thresholded, threshold=threshold.z_threshold if finite else None,
-                           label="z", title=title, names=out.figure_names("z", desc),
-                           shown=shown)  # fmt: skip
-    written += report.write_figures(out.node_dir, figures)
+    figures, empty = (), None
+    if n_surviving:
+        figures = view.figures(thresholded, threshold=threshold.z_threshold, label="z",
+                               title=title, names=out.figure_names("z", desc),
+                               shown=shown)  # fmt: skip
+        written += report.write_figures(out.node_dir, figures)
+    else:
+        criterion = shown if finite else _method_title(inference, threshold)
+        if finite and inference.cluster_threshold:
+            criterion += f" in clusters >= {inference.cluster_threshold} voxels"
+        peak = report.peak_text(result.z, mask, out.data.affine, two_sided=two_sided)
+        empty = report.nothing_survives(criterion, peak)
+    p_text = (
+        f"{threshold.p_threshold:.4g}" + (" (two-sided)" if two_sided else "")
+        if threshold.p_threshold is not None
+        else f"none: no voxel passes {inference.height_control.upper()} at {alpha:g}"
+    )
     facts = (
         ("threshold", f"{shown} (no voxel can survive)" if not finite else shown),
-        ("p threshold", f"{threshold.p_threshold:.4g}" + (" (two-sided)" if two_sided else "")),
+        ("p threshold", p_text),
         ("cluster extent", f">= {inference.cluster_threshold} voxels, "
                            f"{inference.connectivity}-connectivity"),
         ("surviving voxels", f"{n_surviving:,} in {n_clusters} cluster(s)"),
     )  # fmt: skip
     method = report.MethodReport(
-        _method_title(inference, threshold), facts=facts, figures=figures,
-        table=report.cluster_report_table(table, filename=table_path.name),
+        _method_title(inference, threshold), facts=facts, figures=figures, empty=empty,
+        table=report.cluster_report_table(table, filename=table_path.name) if len(table) else None,
     )  # fmt: skip
     return written, summary, method
 
@@ -604,22 +617,39 @@ def _write_ari(
         return written, summary, None
     thresholds = ", ".join(f"{t:g}" for t in ari.thresholds)
     title = f"ARI: true discovery proportion (z > {thresholds}, alpha {ari.alpha:g})"
-    figures = view.figures(
-        ari.tdp_map,
-        threshold=0.0,
-        label="TDP",
-        vmax=1.0,
-        title=f"{out.label} · {title}",
-        names=out.figure_names("tdp", desc),
-    )
-    written += report.write_figures(out.node_dir, figures)
+    figures, empty = (), None
+    if np.any(ari.tdp_map > 0):
+        figures = view.figures(
+            ari.tdp_map,
+            threshold=0.0,
+            label="TDP",
+            vmax=1.0,
+            title=f"{out.label} · {title}",
+            names=out.figure_names("tdp", desc),
+        )
+        written += report.write_figures(out.node_dir, figures)
+    else:
+        side = "|z|" if two_sided else "z"
+        criterion = (
+            f"ARI at alpha {ari.alpha:g} (no cluster of {side} > {thresholds} has a true "
+            "discovery proportion above 0)"
+        )
+        peak = report.peak_text(z_vol[out.data.mask], out.data.mask, out.data.affine,
+                                two_sided=two_sided)  # fmt: skip
+        empty = report.nothing_survives(criterion, peak)
     facts = (
         ("cluster-forming thresholds", f"z > {thresholds}" + (" (±)" if two_sided else "")),
         ("alpha", f"{ari.alpha:g} (bounds simultaneous over all clusters and thresholds)"),
         ("Hommel value", f"{ari.hommel:,} of {ari.n_tests:,} voxels"),
     )  # fmt: skip
-    table = report.ari_report_table(ari.table, alpha=ari.alpha, filename=table_path.name)
-    return written, summary, report.MethodReport(title, facts=facts, figures=figures, table=table)
+    table = (
+        report.ari_report_table(ari.table, alpha=ari.alpha, filename=table_path.name)
+        if len(ari.table)
+        else None
+    )
+    return written, summary, report.MethodReport(
+        title, facts=facts, figures=figures, table=table, empty=empty
+    )
 
 
 _ARI_COLUMNS: dict[str, dict[str, str]] = {

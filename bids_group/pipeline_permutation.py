@@ -423,15 +423,20 @@ def _write_method(
         return written, summary, None
     title = f"{method.title} p <= {alpha:g}"
     shown = f"z of voxels with {method.title} p <= {alpha:g}"
-    figures = view.figures(
-        z_vol,
-        threshold=None,
-        label="z",
-        title=f"{out.label} · {title}",
-        names=out.figure_names("z", desc),
-        shown=shown,
-    )
-    written += report.write_figures(out.node_dir, figures)
+    figures, empty = (), None
+    if n_surviving:
+        figures = view.figures(
+            z_vol,
+            threshold=None,
+            label="z",
+            title=f"{out.label} · {title}",
+            names=out.figure_names("z", desc),
+            shown=shown,
+        )
+        written += report.write_figures(out.node_dir, figures)
+    else:
+        peak = report.peak_text(result.z, out.data.mask, out.data.affine, two_sided=two_sided)
+        empty = report.nothing_survives(f"{method.title} p <= {alpha:g}", peak)
     shown_critical = critical if np.isfinite(critical) else float(np.max(method.null_max))
     null = report.null_figure(
         method.null_max,
@@ -449,7 +454,12 @@ def _write_method(
     else:
         report_table = report.cluster_report_table(table, filename=table_name)
     method_report = report.MethodReport(
-        title, facts=facts, figures=figures, table=report_table, null=null
+        title,
+        facts=facts,
+        figures=figures,
+        table=report_table if report_table.rows else None,
+        null=null,
+        empty=empty,
     )
     return written, summary, method_report
 

@@ -304,11 +304,61 @@ class MethodReport:
     figures: tuple[ReportFigure, ...] = ()
     table: ReportTable | None = None
     null: ReportFigure | None = None
+    #: When nothing survives: one line saying so (see :func:`nothing_survives`), shown instead
+    #: of empty map figures.
+    empty: str | None = None
 
     def section(self) -> ReportSection:
         figures = ((self.null,) if self.null is not None else ()) + self.figures
         tables = (self.table,) if self.table is not None else ()
-        return ReportSection(self.title, facts=self.facts, figures=figures, tables=tables)
+        text = (self.empty,) if self.empty else ()
+        return ReportSection(
+            self.title, text=text, facts=self.facts, figures=figures, tables=tables
+        )
+
+
+def peak_text(
+    values: np.ndarray, mask: np.ndarray, affine: np.ndarray, *, two_sided: bool, label: str = "z"
+) -> str:
+    """Where the (unthresholded) map peaks, e.g. ``"peak |z| 2.71 at (-40, -62, -14) mm"``.
+
+    Parameters
+    ----------
+    values : ndarray of shape (n_voxels,)
+        In-mask values, in the order of ``mask``'s True voxels.
+    mask : ndarray of shape (nx, ny, nz), bool
+    affine : ndarray of shape (4, 4)
+    two_sided : bool
+        Peak of ``|values|`` (the signed value is printed) or of ``values``.
+
+    >>> mask = np.zeros((2, 2, 2), bool); mask[0, 0, :] = True
+    >>> peak_text(np.array([1.5, -2.25]), mask, np.eye(4), two_sided=True)
+    'peak |z| 2.25 (z = -2.25) at (0, 0, 1) mm'
+    >>> peak_text(np.array([1.5, -2.25]), mask, np.eye(4), two_sided=False)
+    'peak z 1.5 at (0, 0, 0) mm'
+    """
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.where(np.isfinite(values), values, np.nan)
+    if values.size == 0 or np.all(np.isnan(finite)):
+        return f"no finite {label} value in the mask"
+    index = int(np.nanargmax(np.abs(finite) if two_sided else finite))
+    voxel = np.argwhere(mask)[index]
+    xyz = affine[:3, :3] @ voxel + affine[:3, 3]
+    where = "(" + ", ".join(f"{c:.0f}" for c in xyz + 0.0) + ") mm"
+    value = values[index]
+    if two_sided:
+        sign = f" ({label} = {value:.3g})" if value < 0 else ""
+        return f"peak |{label}| {abs(value):.3g}{sign} at {where}"
+    return f"peak {label} {value:.3g} at {where}"
+
+
+def nothing_survives(criterion: str, peak: str) -> str:
+    """The one line a method gets in the report when no voxel passes it.
+
+    >>> nothing_survives("|z| > 3.09", "peak |z| 2.7 (z = -2.7) at (0, 0, 0) mm")
+    'Nothing survives |z| > 3.09; peak |z| 2.7 (z = -2.7) at (0, 0, 0) mm.'
+    """
+    return f"Nothing survives {criterion}; {peak}."
 
 
 def contrast_section(
