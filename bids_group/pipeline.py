@@ -647,8 +647,10 @@ def _write_ari(
         if len(ari.table)
         else None
     )
-    return written, summary, report.MethodReport(
-        title, facts=facts, figures=figures, table=table, empty=empty
+    return (
+        written,
+        summary,
+        report.MethodReport(title, facts=facts, figures=figures, table=table, empty=empty),
     )
 
 
