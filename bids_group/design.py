@@ -137,8 +137,8 @@ def variables_for_maps(
     ent_frame = pd.DataFrame(rows, index=pd.RangeIndex(len(rows)))
     ent_frame["subject"] = ent_frame["subject"].astype(str).str.removeprefix("sub-")
     absent = sorted(set(ent_frame["subject"]) - set(table.index))
-    if absent and len(table.columns):
-        log.info(
+    if absent and len(table.columns):  # inputs.collect_inputs warns about them, once
+        log.debug(
             "subjects not in participants.tsv (their participant variables are n/a): %s",
             ", ".join(absent),
         )

@@ -187,6 +187,7 @@ def collect_inputs(
         log.info("No participants.tsv in %s: no participant variables", bids_dir)
     else:
         participants = read_participants(participants_path)
+        _warn_unmatched_participants(maps, participants, participants_path, labels)
     sources = tuple(dict.fromkeys(p.as_uri() for p in (bids_dir, *deriv_dirs)))
     log.info(
         "Selected %d maps of %d subjects from %s",
@@ -484,6 +485,35 @@ def _differing_entities(members: Sequence[InputMap]) -> list[str]:
 
 
 # --- participants.tsv ---------------------------------------------------------------------------
+
+
+def _warn_unmatched_participants(
+    maps: Sequence[InputMap],
+    participants: pd.DataFrame,
+    path: Path,
+    labels: tuple[str, ...] | None,
+) -> None:
+    """Warn about maps without a participants.tsv row and rows without a selected map.
+
+    Neither stops the run (a one-sample model needs no participant variable, and a filter may
+    leave participants out on purpose), but neither may pass unnoticed.
+    """
+    with_maps = {str(m.entities["subject"]) for m in maps}
+    rows = {str(i).removeprefix("sub-") for i in participants.index}
+    no_row = sorted(with_maps - rows)
+    if no_row:
+        log.warning(
+            "%s has no row for %d of the %d subjects with maps (%s): their participant "
+            "variables are n/a; add a row per subject (n/a for unknown values)",
+            path, len(no_row), len(with_maps), _listing([f"sub-{s}" for s in no_row]),
+        )  # fmt: skip
+    wanted = rows if labels is None else rows & set(labels)
+    no_map = sorted(wanted - with_maps)
+    if no_map:
+        log.warning(
+            "%d participant(s) of %s have no selected map and are not analysed: %s",
+            len(no_map), path, _listing([f"sub-{s}" for s in no_map]),
+        )  # fmt: skip
 
 
 def _find_participants(bids_dir: Path, map_roots: Sequence[Path]) -> Path | None:

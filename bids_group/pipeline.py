@@ -21,6 +21,7 @@ import numpy as np
 from bids_group import CODE_URL, __version__
 from bids_group.config import InferenceConfig, RunConfig, resolve_inference
 from bids_group.contrasts import ContrastResult, compute_contrast
+from bids_group.data_checks import check_masked_data
 from bids_group.design import Contrast, Design, build_design, resolve_contrasts, variables_for_maps
 from bids_group.errors import DataError, UsageError
 from bids_group.glm import fit_ols
@@ -90,6 +91,12 @@ class RunResult:
 
 def run(config: RunConfig) -> RunResult:
     """Run the group analysis described by ``config``. Raises BidsGroupError subclasses."""
+    # Every warning from the first step on (inputs, designs, data) reaches the report.
+    with report.collect_warnings() as warnings:
+        return _run(config, warnings)
+
+
+def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     started = time.perf_counter()
     _isolate_caches(config.work_dir)
     spec = load_spec(config.model) if config.model else default_spec()
@@ -127,10 +134,7 @@ def run(config: RunConfig) -> RunResult:
         "analyses": [],
     }
     sections: list[ReportSection] = []
-    with (
-        report.collect_warnings() as warnings,
-        staged_output(config.out_dir, overwrite=config.overwrite) as stage,
-    ):
+    with staged_output(config.out_dir, overwrite=config.overwrite) as stage:
         written += _write_run_metadata(stage, config, spec, analyses, inputs.source_datasets)
         node_dir = stage / naming.node_dir(to_label(spec.node_name))
         node_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +186,7 @@ def plan_analyses(
             )
         key = tuple(str(input_map.entities[e]) for e in spec.group_by)
         groups.setdefault(key, []).append(input_map)
+    _warn_incomplete_groups(groups, spec.group_by)
     analyses = []
     for key in sorted(groups):
         group_maps = tuple(groups[key])
@@ -195,6 +200,60 @@ def plan_analyses(
             raise type(err)(f"{err} (model for {where})" if where else str(err)) from err
         analyses.append(Analysis(group, group_maps, design, contrasts, variables))
     return tuple(analyses)
+
+
+def _warn_incomplete_groups(
+    groups: Mapping[tuple, Sequence[InputMap]], group_by: Sequence[str]
+) -> None:
+    """Warn when a subject has maps for some GroupBy groups (e.g. contrasts) but not others:
+    that subject is silently absent from the other models otherwise."""
+    if len(groups) < 2:
+        return
+    subjects = {key: {str(m.entities["subject"]) for m in maps} for key, maps in groups.items()}
+    everyone = set().union(*subjects.values())
+    for key in sorted(groups):
+        missing = sorted(everyone - subjects[key])
+        if missing:
+            where = ", ".join(f"{e} {v}" for e, v in zip(group_by, key, strict=True))
+            listed = ", ".join(f"sub-{s}" for s in missing[:10])
+            more = f", ... ({len(missing)} in all)" if len(missing) > 10 else ""
+            log.warning(
+                "%s: no map for %s, who have maps for other %s; the model for %s uses %d of "
+                "%d subjects",
+                where, listed + more, "/".join(group_by), where, len(subjects[key]),
+                len(everyone),
+            )  # fmt: skip
+
+
+def _warn_data_findings(data: MaskedData, maps: Sequence[InputMap], where: str) -> None:
+    """Outlier or all-zero maps, voxels without variance: WARNINGs naming maps or counting."""
+    found = check_masked_data(data.data)
+    for index, largest in found.outliers:
+        log.warning(
+            "%s: the map of sub-%s (%s) has values up to %.3g, %.0e times the median map's "
+            "largest |value| (%.3g): check its units or its first-level fit; it dominates the "
+            "model for %s",
+            where, maps[index].entities["subject"], maps[index].path.name, largest,
+            largest / found.median_max, found.median_max, where,
+        )  # fmt: skip
+    for index in found.zero_maps:
+        log.warning(
+            "%s: the map of sub-%s (%s) is zero at every voxel of the mask",
+            where, maps[index].entities["subject"], maps[index].path.name,
+        )  # fmt: skip
+    if found.all_zero_voxels:
+        log.warning(
+            "%s: %d of %d mask voxels are zero in every map (t = 0 there); is the mask larger "
+            "than the maps' coverage?",
+            where, found.all_zero_voxels, data.data.shape[1],
+        )  # fmt: skip
+    if found.constant_voxels:
+        log.warning(
+            "%s: %d of %d mask voxels have the same value in every map: with no variance "
+            "between maps their t is the effect over a tiny floor (huge); exclude them with "
+            "--mask",
+            where, found.constant_voxels, data.data.shape[1],
+        )  # fmt: skip
 
 
 def _run_analysis(
@@ -220,6 +279,7 @@ def _run_analysis(
         n_jobs=config.n_jobs,
     )
     log.info("mask: %d voxels", data.data.shape[1])
+    _warn_data_findings(data, analysis.maps, where)
     fit = fit_ols(data.data, analysis.design.matrix)
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)
@@ -305,9 +365,14 @@ def _analysis_report(
     sections = report.analysis_sections(
         f"Model for {where}", facts=facts, design_svg=figure_path.read_bytes(),
         design_filename=figure_path.name, design_summary=summary, mask=mask,
-        contrasts=contrast_sections,
+        contrasts=contrast_sections, participants=_participants(analysis.maps),
     )  # fmt: skip
     return report.write_figures(node_dir, [mask]), list(sections)
+
+
+def _participants(maps: Sequence[InputMap]) -> list[str]:
+    """``sub-<label>`` of every subject with a map, in order (once each)."""
+    return list(dict.fromkeys(f"sub-{m.entities['subject']}" for m in maps))
 
 
 def _write_report(

@@ -32,6 +32,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from bids_group.data_checks import float32_overflow
 from bids_group.outputs.description import write_json
 from bids_group.outputs.naming import sidecar_name
 
@@ -226,6 +227,14 @@ def write_statmap(
         ``path``.
     """
     path = Path(path)
+    overflow = float32_overflow(values) if np.dtype(dtype) == np.float32 else 0
+    if overflow:
+        log.warning(
+            "%s: %d value(s) exceed float32's range (3.4e38) and are written as +-inf; an "
+            "input map probably holds extreme values",
+            path.name,
+            overflow,
+        )
     volume = fill_volume(values, mask, fill=fill, dtype=dtype)
     header = nifti_header(
         volume.shape,

@@ -391,10 +391,12 @@ def analysis_sections(
     design_summary: Mapping[str, Any],
     mask: ReportFigure,
     contrasts: Sequence[ReportSection],
+    participants: Sequence[str] = (),
 ) -> tuple[ReportSection, ...]:
     """The model of one GroupBy group (design, mask) followed by its contrasts' sections.
 
     The contrasts come as top-level sections (so each has its own entry in the contents).
+    ``participants``: the subjects whose maps the model used (listed in full).
     """
     cond = design_summary["condition_number"]
     design_facts = (
@@ -403,8 +405,11 @@ def analysis_sections(
     )
     design = ReportFigure("Design matrix", design_svg, "image/svg+xml",
                           "Each column scaled to max |value| = 1.", design_filename)  # fmt: skip
+    listed = ", ".join(participants)
+    text = (f"Participants ({len(participants)}): {listed}.",) if participants else ()
     model = ReportSection(
         title,
+        text=text,
         facts=(*facts, *design_facts),
         figures=(design, mask),
         tables=design_tables(design_summary),

@@ -1,0 +1,95 @@
+"""Checks of the masked data that find what a fit would silently get wrong.
+
+Pure numpy on the ``(n_maps, n_voxels)`` matrix of :class:`~bids_group.images.MaskedData`;
+the pipeline turns each finding into a WARNING (on stderr and in the report) naming the maps
+or counting the voxels. Nothing here changes the data: these are things a user should see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: A map whose largest |value| exceeds this many times the median map's largest |value| is an
+#: outlier (units off by orders of magnitude, a failed first-level fit, 1e30 fill values).
+OUTLIER_FACTOR = 1e3
+#: float32's largest finite value: maps are written as float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True)
+class DataFindings:
+    """What :func:`check_masked_data` found.
+
+    Attributes
+    ----------
+    outliers : tuple of (int, float)
+        (map index, largest |value|) of each outlier map (see :data:`OUTLIER_FACTOR`).
+    median_max : float
+        The median over maps of each map's largest |value| (what outliers are compared with).
+    zero_maps : tuple of int
+        Maps that are zero at every voxel of the mask.
+    all_zero_voxels : int
+        Voxels where every map is zero: t = 0 there.
+    constant_voxels : int
+        Voxels (not all zero) where every map has the same value: no variance between maps,
+        so the residual variance is 0 and t is the effect over a tiny floor (huge).
+    """
+
+    outliers: tuple[tuple[int, float], ...] = ()
+    median_max: float = 0.0
+    zero_maps: tuple[int, ...] = ()
+    all_zero_voxels: int = 0
+    constant_voxels: int = 0
+
+
+def check_masked_data(data: np.ndarray) -> DataFindings:
+    """Find outlier maps, all-zero maps and voxels without variance between maps.
+
+    Parameters
+    ----------
+    data : ndarray of shape (n_maps, n_voxels)
+        Finite in-mask values.
+
+    Returns
+    -------
+    DataFindings
+
+    Examples
+    --------
+    >>> data = np.array([[1.0, 2.0, 0.0, 5.0], [2.0, 1.0, 0.0, 5.0], [1e30, 3.0, 0.0, 5.0]])
+    >>> found = check_masked_data(data)
+    >>> found.outliers, found.all_zero_voxels, found.constant_voxels
+    (((2, 1e+30),), 1, 1)
+    """
+    data = np.asarray(data)
+    if data.size == 0:
+        return DataFindings()
+    largest = np.max(np.abs(data), axis=1).astype(np.float64)
+    median_max = float(np.median(largest))
+    outliers: tuple[tuple[int, float], ...] = ()
+    if median_max > 0:
+        flagged = np.flatnonzero(largest > OUTLIER_FACTOR * median_max)
+        outliers = tuple((int(i), float(largest[i])) for i in flagged)
+    constant = np.all(data == data[:1], axis=0)
+    all_zero = constant & (data[0] == 0)
+    return DataFindings(
+        outliers=outliers,
+        median_max=median_max,
+        zero_maps=tuple(int(i) for i in np.flatnonzero(largest == 0)),
+        all_zero_voxels=int(np.count_nonzero(all_zero)),
+        constant_voxels=int(np.count_nonzero(constant & ~all_zero)),
+    )
+
+
+def float32_overflow(values: np.ndarray) -> int:
+    """How many finite values are too large for float32 (they would be written as +-inf).
+
+    >>> float32_overflow(np.array([1.0, 1e39, -1e300, np.inf]))
+    2
+    """
+    values = np.asarray(values)
+    if values.dtype == np.float32 or not np.issubdtype(values.dtype, np.floating):
+        return 0
+    return int(np.count_nonzero(np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)))
