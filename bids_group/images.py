@@ -32,6 +32,7 @@ AFFINE_ATOL = 1e-4
 #: Spline order used to resample maps (3 = cubic, what nilearn calls "continuous").
 MAP_RESAMPLING_ORDER = 3
 #: How many offending files an error or warning lists.
+_MAX_LISTED_COVERAGE = 3
 _MAX_LISTED = 5
 _FWHM_TO_SIGMA = np.sqrt(8.0 * np.log(2.0))
 
@@ -148,14 +149,8 @@ def load_masked_data(
     sigma = _sigma(target.affine, smoothing_fwhm)
     volumes = _iter_volumes(paths, grids, target, sigma=sigma, n_jobs=n_jobs)
     if user_mask is None:
-        data, mask, n_dropped = _stack_auto_mask(volumes, target.shape, len(paths))
-        log.info(
-            "Automatic mask: %d voxels finite and non-zero in all %d maps (%d more voxels "
-            "excluded because some map is zero or non-finite there)",
-            int(mask.sum()),
-            len(paths),
-            n_dropped,
-        )
+        data, mask, n_dropped, coverage = _stack_auto_mask(volumes, target.shape, len(paths))
+        _log_auto_mask(int(mask.sum()), n_dropped, coverage, paths)
     else:
         data, mask, n_dropped = _stack_user_mask(volumes, user_mask, paths, mask_path)
     if not mask.any():
@@ -483,14 +478,42 @@ def _mask_from_fortran_indices(indices: np.ndarray, shape: tuple[int, int, int])
     return np.ascontiguousarray(flat.reshape(shape, order="F"))
 
 
+def _log_auto_mask(
+    n_kept: int, n_dropped: int, coverage: np.ndarray, paths: Sequence[Path]
+) -> None:
+    """INFO when every map covers the same voxels; else a WARNING that counts the voxels
+    dropped and names the maps that cover least (often one subject's cropped field of view)."""
+    text = (
+        f"Automatic mask: {n_kept} voxels finite and non-zero in all {len(paths)} maps "
+        f"({n_dropped} more voxels excluded because some map is zero or non-finite there)"
+    )
+    if not n_dropped:
+        log.info(text)
+        return
+    worst = np.argsort(coverage, kind="stable")[:_MAX_LISTED_COVERAGE]
+    listed = ", ".join(f"{paths[i].name} ({coverage[i]:.1%})" for i in worst)
+    log.warning(
+        "%s; least coverage of the voxels any map covers: %s. Give --mask to choose the "
+        "voxels yourself",
+        text,
+        listed,
+    )
+
+
 def _stack_auto_mask(
     volumes: Iterator[_Volume], shape: tuple[int, int, int], n_maps: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Mask = support of every map, narrowed as maps arrive; values kept only inside it."""
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Mask = support of every map, narrowed as maps arrive; values kept only inside it.
+
+    Returns the data, the mask, the number of voxels some but not every map covers, and each
+    map's coverage (its support over the union of the supports).
+    """
     candidate: np.ndarray | None = None  # sorted Fortran flat indices still in the mask
     union: np.ndarray | None = None
     kept: list[tuple[np.ndarray, np.ndarray]] = []  # (values at candidate, candidate then)
+    support_sizes = np.zeros(n_maps, dtype=np.int64)
     for volume in volumes:
+        support_sizes[volume.index] = np.count_nonzero(volume.support)
         if candidate is None or union is None:
             candidate = np.flatnonzero(volume.support)
             union = volume.support.copy()
@@ -513,8 +536,9 @@ def _stack_auto_mask(
         if id(then) not in positions:
             positions[id(then)] = np.searchsorted(then, candidate)[to_c_order]
         np.take(values, positions[id(then)], out=data[row])
-    n_dropped = int(union.sum()) - candidate.size
-    return data, mask, n_dropped
+    n_union = int(union.sum())
+    coverage = support_sizes / max(n_union, 1)
+    return data, mask, n_union - candidate.size, coverage
 
 
 def _stack_user_mask(

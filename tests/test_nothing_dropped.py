@@ -131,3 +131,15 @@ def test_a_clean_run_warns_about_nothing(tmp_path):
     ds = make_bids_derivatives(tmp_path / "ds", n_subjects=6)
     _, stderr, page = _run(ds, tmp_path / "out")
     assert "WARNING" not in stderr and _warnings_block(page) == ""
+
+
+def test_automatic_mask_names_the_map_that_covers_least(tmp_path):
+    ds = make_bids_derivatives(tmp_path / "ds", n_subjects=6)
+
+    def crop(data: np.ndarray, path: Path) -> None:
+        if path.name.startswith("sub-05"):
+            data[:, :, 6:] = np.nan  # a cropped field of view: 2 of 8 slices missing
+
+    _edit_maps(ds, crop)
+    _, stderr, page = _run(ds, tmp_path / "out")
+    _assert_warned(stderr, page, "84 more voxels excluded", "sub-05_task-faces", "(75.0%)")
