@@ -299,6 +299,13 @@ def _underscored(name: str) -> str:
     "the thresholded maps.",
 )
 @_option(
+    "--write-residuals",
+    is_flag=True,
+    default=False,
+    help="Also write each model's residuals (stat-errorts) and fitted values (stat-predicted) "
+    "as 4-D images, one volume per input map (as large as the inputs together).",
+)
+@_option(
     "--n-jobs",
     "--nprocs",
     "n_jobs",
@@ -418,6 +425,7 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         json_summary=options["json_summary"],
         command=shlex.join(["bids-group", *sys.argv[1:]]),
         report=options["report"],
+        write_residuals=options["write_residuals"],
         progress=options["verbose"] - options["quiet"] >= 0 and sys.stderr.isatty(),
     )
 

@@ -126,6 +126,8 @@ class RunConfig:
     command: str = ""
     report: bool = True
     progress: bool = False
+    #: Also write the residuals and fitted values of every model as 4-D images.
+    write_residuals: bool = False
 
 
 def resolve_inference(

@@ -33,6 +33,12 @@ class GlmFit:
         The design matrix that was fitted (used to check that contrasts are estimable).
     rank : int
         Numerical rank of the design (``n_params`` when it has full column rank).
+    r_squared : ndarray of shape (n_voxels,), float64
+        Coefficient of determination ``1 - RSS / TSS``. When the design spans the constant
+        (an intercept, or group columns that add up to one), TSS is centred on the voxel's
+        mean, and R^2 equals nilearn's ``var(predicted) / var(Y)``; otherwise TSS is the
+        uncentred ``sum(Y^2)`` (statsmodels' convention for models without a constant, since a
+        centred R^2 could then be negative). 0 where TSS is 0 (nothing to explain).
     """
 
     beta: np.ndarray
@@ -41,6 +47,10 @@ class GlmFit:
     xtx_inv: np.ndarray
     design: np.ndarray | None = None
     rank: int | None = None
+    #: R^2 = 1 - RSS / TSS per voxel (see :func:`fit_ols`); None when not computed.
+    r_squared: np.ndarray | None = None
+    #: Whether the design spans the constant (TSS of R^2 centred on the mean, else not).
+    centred_r_squared: bool = True
 
 
 def _check_inputs(data: np.ndarray, design: np.ndarray) -> None:
@@ -114,12 +124,17 @@ def fit_ols(data: np.ndarray, design: np.ndarray) -> GlmFit:
             rank,
         )
     pinv_x = np.linalg.pinv(design)  # (n_params, n_maps)
+    ones = np.ones(n_maps)
+    centred = bool(np.allclose(design @ (pinv_x @ ones), ones, rtol=0, atol=1e-8))
     beta = np.empty((design.shape[1], n_voxels), dtype=np.float64)
     rss = np.empty(n_voxels, dtype=np.float64)
+    tss = np.empty(n_voxels, dtype=np.float64)
     # Blocked so that the float64 copy of Y and the residuals stay small (and in cache).
     for start in range(0, n_voxels, _BLOCK_VOXELS):
         block = slice(start, min(start + _BLOCK_VOXELS, n_voxels))
         y = data[:, block].astype(np.float64)
+        centre = y.mean(axis=0) if centred else 0.0
+        tss[block] = np.einsum("ij,ij->j", y - centre, y - centre)
         b = pinv_x @ y
         beta[:, block] = b
         y -= design @ b  # residuals, in place
@@ -131,4 +146,40 @@ def fit_ols(data: np.ndarray, design: np.ndarray) -> GlmFit:
         xtx_inv=np.linalg.pinv(design.T @ design),
         design=design,
         rank=rank,
+        r_squared=_r_squared(rss, tss),
+        centred_r_squared=centred,
     )
+
+
+def _r_squared(rss: np.ndarray, tss: np.ndarray) -> np.ndarray:
+    """``1 - rss / tss``, and 0 where ``tss`` is 0.
+
+    >>> _r_squared(np.array([1.0, 0.0]), np.array([4.0, 0.0]))
+    array([0.75, 0.  ])
+    """
+    out = np.zeros_like(rss)
+    np.divide(rss, tss, out=out, where=tss > 0)
+    return np.where(tss > 0, 1.0 - out, 0.0)
+
+
+def fitted_values(fit: GlmFit, data: np.ndarray) -> np.ndarray:
+    """``X @ beta`` per map and voxel, in the data's float type (float32 for loaded maps).
+
+    Parameters
+    ----------
+    fit : GlmFit
+        A fit of ``data`` (its ``design`` is used).
+    data : ndarray of shape (n_maps, n_voxels)
+        Only its shape and dtype are used; residuals are ``data - fitted_values(fit, data)``.
+
+    Returns
+    -------
+    ndarray of shape (n_maps, n_voxels)
+    """
+    if fit.design is None:
+        raise ValueError("the fit does not hold its design matrix")
+    out = np.empty(data.shape, dtype=np.result_type(data.dtype, np.float32))
+    for start in range(0, data.shape[1], _BLOCK_VOXELS):
+        block = slice(start, min(start + _BLOCK_VOXELS, data.shape[1]))
+        out[:, block] = fit.design @ fit.beta[:, block]
+    return out

@@ -24,7 +24,7 @@ from bids_group.contrasts import ContrastResult, compute_contrast
 from bids_group.data_checks import check_masked_data
 from bids_group.design import Contrast, Design, build_design, resolve_contrasts, variables_for_maps
 from bids_group.errors import DataError, UsageError
-from bids_group.glm import fit_ols
+from bids_group.glm import GlmFit, fit_ols, fitted_values
 from bids_group.images import MaskedData, load_masked_data
 from bids_group.inference.ari import ARIResult, ari_clusters
 from bids_group.inference.clusters import (
@@ -283,6 +283,7 @@ def _run_analysis(
     fit = fit_ols(data.data, analysis.design.matrix)
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)
+    written += _write_model_maps(analysis, fit, data, node_dir, writer, config.write_residuals)
     view = (
         _ReportView(data, report.background_volume(data.data, data.mask)) if config.report else None
     )
@@ -443,6 +444,49 @@ def _write_design(
     mask_json = mask_path.with_name(naming.sidecar_name(mask_path.name))
     files = [design_path, design_path.with_suffix(".json"), figure_path, mask_path, mask_json]
     return files, (figure_path, summary)
+
+
+def _write_model_maps(
+    analysis: Analysis,
+    fit: GlmFit,
+    data: MaskedData,
+    node_dir: Path,
+    writer: MapWriter,
+    residuals: bool,
+) -> list[Path]:
+    """Model-level maps (no group contrast): R^2 and the residual variance; with
+    ``residuals``, also the residuals and fitted values as 4-D images (one volume per map,
+    in the order of the sidecar's InputMaps)."""
+    common = {
+        "DesignColumns": list(analysis.design.columns),
+        "DegreesOfFreedom": [fit.dof],
+        "InputMaps": [str(m.path) for m in analysis.maps],
+        "Software": {"Name": "bids-group", "Version": __version__, "CodeURL": CODE_URL},
+    }
+    r2_total = "centred on the voxel's mean" if fit.centred_r_squared else (
+        "uncentred (sum of squares: the design does not span the constant)"
+    )  # fmt: skip
+    maps: list[tuple[str, np.ndarray, dict[str, Any]]] = [
+        ("rsquared", fit.r_squared, {"Statistic": "R-squared = 1 - RSS / TSS",
+                                     "TotalSumOfSquares": r2_total}),
+        ("residualvariance", fit.residual_variance,
+         {"Statistic": "residual variance = RSS / residual degrees of freedom"}),
+    ]  # fmt: skip
+    if residuals:
+        predicted = fitted_values(fit, data.data)
+        maps += [
+            ("predicted", predicted, {"Statistic": "fitted values X @ beta"}),
+            ("errorts", data.data - predicted, {"Statistic": "residuals Y - X @ beta"}),
+        ]
+    written = []
+    for stat, values, sidecar in maps:
+        path = node_dir / naming.statmap_name(
+            contrast=_label(analysis.input_contrast), stat=stat, **analysis.name_entities
+        )
+        writer.submit(path, values, mask=data.mask, affine=data.affine,
+                      sidecar={**common, **sidecar})  # fmt: skip
+        written += [path, path.with_name(naming.sidecar_name(path.name))]
+    return written
 
 
 def _label(input_contrast: str | None) -> str | None:

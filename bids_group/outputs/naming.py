@@ -21,17 +21,21 @@ and raises ``ValueError``.
 
 Statistics (``stat-<stat>``), see :data:`STATS`:
 
-============  =================================================================
-``effect``    contrast estimate ``c @ beta`` (t contrasts)
-``variance``  variance of the contrast estimate (t contrasts)
-``t``         Student t statistic
-``F``         Fisher F statistic
-``z``         z score with the same upper-tail p as the t / F statistic
-``p``         one-sided upper-tail p of the t / F statistic
-``logp``      ``-log10(p)`` (permutation inference)
-``tfce``      threshold-free cluster enhancement score
-``tdp``       ARI lower bound of the true discovery proportion of the voxel's cluster
-============  =================================================================
+====================  =================================================================
+``effect``            contrast estimate ``c @ beta`` (t contrasts)
+``variance``          variance of the contrast estimate (t contrasts)
+``t``                 Student t statistic
+``F``                 Fisher F statistic
+``z``                 z score with the same upper-tail p as the t / F statistic
+``p``                 one-sided upper-tail p of the t / F statistic
+``logp``              ``-log10(p)`` (permutation inference)
+``tfce``              threshold-free cluster enhancement score
+``tdp``               ARI lower bound of the true discovery proportion of the voxel's cluster
+``rsquared``          R^2 of the model (model-level map, no group contrast)
+``residualvariance``  residual variance ``RSS / dof`` of the model (model-level map)
+``errorts``           residuals, one volume per input map (``--write-residuals``; nilearn's name)
+``predicted``         fitted values, one volume per input map (``--write-residuals``)
+====================  =================================================================
 
 ``desc`` labels of thresholded maps, built by :func:`desc_label` (``method`` -> label):
 
@@ -78,6 +82,10 @@ STATS: Mapping[str, str] = {
     "logp": "-log10 of the p-value",
     "tfce": "threshold-free cluster enhancement score",
     "tdp": "lower bound of the true discovery proportion of the voxel's cluster (ARI)",
+    "rsquared": "coefficient of determination R^2 of the model",
+    "residualvariance": "residual variance of the model (RSS / residual degrees of freedom)",
+    "errorts": "residuals of the model, one volume per input map",
+    "predicted": "fitted values of the model, one volume per input map",
 }
 
 #: ``desc-`` labels of thresholded maps (see the module docstring for the table).
@@ -159,7 +167,7 @@ def _build(entities: Mapping[str, str | None], suffix: str, extension: str) -> s
 
 def statmap_name(
     *,
-    contrast: str,
+    contrast: str | None,
     stat: str,
     task: str | None = None,
     space: str | None = None,
@@ -171,7 +179,8 @@ def statmap_name(
     Parameters
     ----------
     contrast, stat : str
-        Contrast label (alphanumeric) and one of :data:`STATS`.
+        Contrast label (alphanumeric; None for a model-level map of a model fitted to every
+        input contrast at once) and one of :data:`STATS`.
     task, space, desc : str or None
         Optional entities; left out when None.
     extension : str
