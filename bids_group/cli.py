@@ -169,6 +169,13 @@ def _underscored(name: str) -> str:
     "instead of stopping.",
 )
 @_option(
+    "--target-voxel-size",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="MM",
+    help="Resample every map (and --mask) to isotropic voxels of this size before fitting, "
+    "over the same field of view (nilearn's target_affine / target_shape).",
+)
+@_option(
     "--smoothing-fwhm",
     type=click.FloatRange(min=0),
     help="Smooth each map with a Gaussian of this FWHM in mm.",
@@ -418,6 +425,7 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         bids_filters=options["bids_filter_file"],
         mask=options["mask"].resolve() if options["mask"] else None,
         resample=options["resample"],
+        target_voxel_size=options["target_voxel_size"],
         inference_overrides={k: v for k, v in overrides.items() if v is not None},
         n_jobs=options["n_jobs"],
         work_dir=options["work_dir"].resolve() if options["work_dir"] else None,

@@ -118,6 +118,8 @@ class RunConfig:
     bids_filters: Mapping[str, Any] | None = None
     mask: Path | None = None
     resample: bool = False
+    #: Resample every map to an isotropic grid of this voxel size (mm) before fitting.
+    target_voxel_size: float | None = None
     inference_overrides: Mapping[str, Any] = field(default_factory=dict)
     n_jobs: int = 1
     work_dir: Path | None = None

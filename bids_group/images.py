@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from bids_group.errors import DataError, MissingInputError
+from bids_group.errors import DataError, MissingInputError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def load_masked_data(
     resample: bool = False,
     smoothing_fwhm: float | None = None,
     n_jobs: int = 1,
+    target_voxel_size: float | None = None,
 ) -> MaskedData:
     """Read maps as float32, check/resample grids, build the mask, smooth, and mask.
 
@@ -122,6 +123,11 @@ def load_masked_data(
         Gaussian FWHM in mm; None or 0: no smoothing.
     n_jobs : int
         Threads reading maps (>= 1).
+    target_voxel_size : float, optional
+        Resample every map (and the mask, nearest neighbour) to a grid of this isotropic voxel
+        size in mm before anything else, as nilearn's ``target_affine``/``target_shape``: the
+        grid keeps the reference grid's orientation, origin and field of view
+        (:func:`target_grid`). Maps are resampled as with ``resample`` (cubic splines).
 
     Returns
     -------
@@ -144,6 +150,13 @@ def load_masked_data(
         user_mask, target = _read_mask(Path(mask_path))
     else:
         target = grids[0]
+    if target_voxel_size is not None:
+        reference = target
+        target = target_grid(reference, target_voxel_size)
+        log.info("Target grid: %s (from %s)", target.describe(), reference.describe())
+        if user_mask is not None:
+            user_mask = _resample_mask(user_mask, reference, target)
+        resample = True
     _check_grids(paths, grids, target, resample=resample, mask_path=mask_path)
 
     sigma = _sigma(target.affine, smoothing_fwhm)
@@ -341,6 +354,37 @@ def _check_grids(
         f"{len(off)} map(s) are not on the grid of {reference} ({target.describe()}): "
         f"{listed}{more}. Use --resample to resample them to that grid"
     )
+
+
+def target_grid(reference: _Grid, voxel_size: float) -> _Grid:
+    """An isotropic grid of ``voxel_size`` mm over the field of view of ``reference``.
+
+    Same axis directions and the same first voxel centre (the affine's origin); the shape
+    covers the reference's extent: ``ceil(shape * old size / new size)`` voxels per axis.
+
+    >>> ref = _Grid((10, 10, 10), np.diag([2.0, 2.0, 2.0, 1.0]))
+    >>> grid = target_grid(ref, 3.0)
+    >>> grid.shape, np.diag(grid.affine).tolist()
+    ((7, 7, 7), [3.0, 3.0, 3.0, 1.0])
+    """
+    if not (np.isfinite(voxel_size) and voxel_size > 0):
+        raise UsageError(f"target voxel size == {voxel_size}, must be a finite number > 0 mm")
+    old_sizes = np.asarray(reference.voxel_size)
+    directions = reference.affine[:3, :3] / old_sizes  # unit column vectors
+    affine = np.eye(4)
+    affine[:3, :3] = directions * voxel_size
+    affine[:3, 3] = reference.affine[:3, 3]
+    shape = np.ceil(np.asarray(reference.shape) * old_sizes / voxel_size - 1e-9).astype(int)
+    return _Grid(tuple(int(n) for n in np.maximum(shape, 1)), affine)
+
+
+def _resample_mask(mask: np.ndarray, source: _Grid, target: _Grid) -> np.ndarray:
+    """Nearest-neighbour resampling of a boolean mask."""
+    transform = np.linalg.solve(source.affine, target.affine)
+    return ndimage.affine_transform(
+        mask.astype(np.uint8), transform[:3, :3], offset=transform[:3, 3],
+        output_shape=target.shape, order=0, mode="constant", cval=0,
+    ).astype(bool)  # fmt: skip
 
 
 def _resample(data: np.ndarray, source: _Grid, target: _Grid) -> np.ndarray:

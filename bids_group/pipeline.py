@@ -277,6 +277,7 @@ def _run_analysis(
         resample=config.resample,
         smoothing_fwhm=inference.smoothing_fwhm,
         n_jobs=config.n_jobs,
+        target_voxel_size=config.target_voxel_size,
     )
     log.info("mask: %d voxels", data.data.shape[1])
     _warn_data_findings(data, analysis.maps, where)

@@ -150,3 +150,33 @@ def test_residuals_are_written_only_on_request(fitted, tmp_path):
     assert any("_stat-rsquared_" in n for n in names)
     assert any("_stat-residualvariance_" in n for n in names)
     assert not any("_stat-errorts_" in n or "_stat-predicted_" in n for n in names)
+
+
+def test_target_grid_equals_nilearn_resample_then_fit(tmp_path):
+    """--target-voxel-size: the maps resampled by nilearn's resample_img (continuous) onto our
+    grid, then fitted by nilearn in our mask, give our z map."""
+    from nilearn.glm.second_level import SecondLevelModel
+    from nilearn.image import resample_img
+
+    ds = make_bids_derivatives(tmp_path / "ds", n_subjects=8, shape=(12, 11, 10), seed=5)
+    summary = _run(ds, tmp_path / "out", "--target-voxel-size", "3")
+    mask = _one(summary, "_mask.nii.gz")
+    mask_img = nib.load(mask)
+    assert mask_img.shape == (8, 8, 7)  # ceil(12 * 2 / 3), ceil(11 * 2 / 3), ceil(10 * 2 / 3)
+    np.testing.assert_allclose(np.diag(mask_img.affine), [3, 3, 3, 1])
+    np.testing.assert_allclose(mask_img.affine[:3, 3], np.diag([2.0, 2, 2, 1])[:3, 3])
+    inputs = sorted(ds.rglob("*_statmap.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resampled = [
+            resample_img(str(p), target_affine=mask_img.affine, target_shape=mask_img.shape,
+                         interpolation="continuous", force_resample=True, copy_header=True)
+            for p in inputs
+        ]  # fmt: skip
+        model = SecondLevelModel(mask_img=mask_img).fit(
+            resampled, design_matrix=pd.DataFrame({"intercept": np.ones(len(inputs))})
+        )
+        z = model.masker_.transform(model.compute_contrast("intercept", output_type="z_score"))
+    ours = _in_mask(_one(summary, "contrast-faces_stat-z_statmap.nii.gz"), mask)
+    assert ours.size > 100
+    np.testing.assert_allclose(ours, z.ravel(), atol=1e-4)
