@@ -137,6 +137,30 @@ def _loglik(tau2, y, v, x, k, reml, ws):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _score_one_column(tau2, y, v, x, k, reml, w):
+    """The score of :func:`_derivatives` for a one-column design (the common one-sample case),
+    as two tight loops."""
+    a = 0.0
+    b = 0.0
+    sum_w = 0.0
+    sum_w2x2 = 0.0
+    for i in range(k):
+        wi = 1.0 / (v[i] + tau2)
+        w[i] = wi
+        wx = wi * x[i, 0]
+        a += wx * x[i, 0]
+        b += wx * y[i]
+        sum_w += wi
+        sum_w2x2 += wx * wx
+    beta = b / a
+    uu = 0.0
+    for i in range(k):
+        u = w[i] * (y[i] - x[i, 0] * beta)
+        uu += u * u
+    return 0.5 * (uu - (sum_w - sum_w2x2 / a if reml else sum_w))
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _derivatives(tau2, y, v, x, k, reml, ws, second=True):
     """(score, second derivative) of the ML or REML log-likelihood at ``tau2``.
 
@@ -144,23 +168,38 @@ def _derivatives(tau2, y, v, x, k, reml, ws, second=True):
     """
     chol, beta, tmp, resid, w, z = ws
     p = x.shape[1]
+    if p == 1 and not second:
+        return _score_one_column(tau2, y, v, x, k, reml, w), 0.0
     _wls(tau2, y, v, x, k, chol, beta, tmp, resid, w, False)
     uu = 0.0
     sum_w = 0.0
     sum_w2q = 0.0
     if not second:
+        # tr P = sum w - tr(A^-1 B), B = sum_i w_i^2 x_i x_i' (no per-map triangular solve)
+        bmat = z[k : k + p, :]
+        for a in range(p):
+            for c in range(p):
+                bmat[a, c] = 0.0
         for i in range(k):
             wi = w[i]
             u = wi * resid[i]
             uu += u * u
             sum_w += wi
             if reml:
-                _forward(chol, x[i], p, z[i])
-                q = 0.0
+                w2 = wi * wi
                 for a in range(p):
-                    q += z[i, a] * z[i, a]
-                sum_w2q += wi * wi * q
-        return 0.5 * (uu - (sum_w - sum_w2q if reml else sum_w)), 0.0
+                    for c in range(a + 1):
+                        bmat[a, c] += w2 * x[i, a] * x[i, c]
+        if not reml:
+            return 0.5 * (uu - sum_w), 0.0
+        for c in range(p):
+            for a in range(c):
+                bmat[a, c] = bmat[c, a]
+        for c in range(p):
+            _forward(chol, bmat[:, c], p, z[0])
+            _backward(chol, z[0], p, z[1])
+            sum_w2q += z[1, c]
+        return 0.5 * (uu - (sum_w - sum_w2q)), 0.0
     # m = sum_i w_i^2 z_i z_i' (p x p, in z's spare rows), tmp = sum_i w_i u_i z_i
     sum_w2 = 0.0
     sum_w3q = 0.0
@@ -243,7 +282,13 @@ def _root(a, b, sa, sb, y, v, x, k, reml, ws):
         if step_ok:
             newton = t - s / d2
             step_ok = a < newton < b
-        t = newton if step_ok else 0.5 * (a + b)
+        if step_ok:
+            converged = abs(newton - t) <= _ROOT_RTOL * t
+            t = newton
+            if converged:
+                break
+        else:
+            t = 0.5 * (a + b)
     return t
 
 
@@ -331,6 +376,39 @@ def _compact(yt, vt, ok, x, j, y, v, xv):
     return k
 
 
+#: Voxels per parallel work item (one set of work arrays each).
+_CHUNK = 256
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _workspace(n_maps, p):
+    """(y, v, X) of one voxel's valid maps and the work arrays of the solvers."""
+    ws = (
+        np.empty((p, p)),
+        np.empty(p),
+        np.empty(p),
+        np.empty(n_maps),
+        np.empty(n_maps),
+        np.empty((n_maps + p, p)),
+    )
+    return np.empty(n_maps), np.empty(n_maps), np.empty((n_maps, p)), ws
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fit_one(y, v, xv, k, method, n_grid, fixed_tau2, ws):
+    """tau^2 of one voxel by ``method``, then WLS there (results left in ``ws``)."""
+    p = xv.shape[1]
+    if method == FE:
+        t = fixed_tau2
+    elif method == DL or method == HEDGES:
+        t = _moments_tau2(method, y, v, xv, k, ws) if k > p else 0.0
+    else:
+        t = _likelihood_tau2(y, v, xv, k, method == REML, n_grid, ws)
+    chol, b, tmp, resid, w, z = ws
+    _, r, _ = _wls(t, y, v, xv, k, chol, b, tmp, resid, w, False)
+    return t, r
+
+
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def fit_voxels(yt, vt, ok, estimable, x, method, n_grid, fixed_tau2, beta, cov, tau2, rwr, n_used):
     """Fit every voxel: tau^2 by ``method``, then WLS at that tau^2.
@@ -348,43 +426,26 @@ def fit_voxels(yt, vt, ok, estimable, x, method, n_grid, fixed_tau2, beta, cov, 
     """
     n_vox, n_maps = yt.shape
     p = x.shape[1]
-    for j in numba.prange(n_vox):
-        n_used[j] = 0
-        if not estimable[j]:
-            continue
-        y = np.empty(n_maps)
-        v = np.empty(n_maps)
-        xv = np.empty((n_maps, p))
-        ws = (
-            np.empty((p, p)),
-            np.empty(p),
-            np.empty(p),
-            np.empty(n_maps),
-            np.empty(n_maps),
-            np.empty((n_maps + p, p)),
-        )
-        k = _compact(yt, vt, ok, x, j, y, v, xv)
-        n_used[j] = k
-        if method == FE:
-            t = fixed_tau2
-        elif method == DL or method == HEDGES:
-            t = _moments_tau2(method, y, v, xv, k, ws) if k > p else 0.0
-        else:
-            t = _likelihood_tau2(y, v, xv, k, method == REML, n_grid, ws)
+    for c in numba.prange((n_vox + _CHUNK - 1) // _CHUNK):
+        y, v, xv, ws = _workspace(n_maps, p)
         chol, b, tmp, resid, w, z = ws
-        _, r, _ = _wls(t, y, v, xv, k, chol, b, tmp, resid, w)
-        tau2[j] = t
-        rwr[j] = r
-        # cov = A^-1 = L'^-1 L^-1, column by column
-        for c in range(p):
+        for j in range(c * _CHUNK, min((c + 1) * _CHUNK, n_vox)):
+            n_used[j] = 0
+            if not estimable[j]:
+                continue
+            k = _compact(yt, vt, ok, x, j, y, v, xv)
+            n_used[j] = k
+            tau2[j], rwr[j] = _fit_one(y, v, xv, k, method, n_grid, fixed_tau2, ws)
+            # cov = A^-1 = L'^-1 L^-1, column by column
+            for col in range(p):
+                for a in range(p):
+                    tmp[a] = 1.0 if a == col else 0.0
+                _forward(chol, tmp, p, z[0])
+                _backward(chol, z[0], p, z[1])
+                for a in range(p):
+                    cov[a, col, j] = z[1, a]
             for a in range(p):
-                tmp[a] = 1.0 if a == c else 0.0
-            _forward(chol, tmp, p, z[0])
-            _backward(chol, z[0], p, z[1])
-            for a in range(p):
-                cov[a, c, j] = z[1, a]
-        for a in range(p):
-            beta[a, j] = b[a]
+                beta[a, j] = b[a]
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -392,17 +453,8 @@ def loglik_voxels(yt, vt, ok, x, tau2, reml, out):
     """ML or REML log-likelihood (constants dropped) of every voxel at its ``tau2``."""
     n_vox, n_maps = yt.shape
     p = x.shape[1]
-    for j in numba.prange(n_vox):
-        y = np.empty(n_maps)
-        v = np.empty(n_maps)
-        xv = np.empty((n_maps, p))
-        ws = (
-            np.empty((p, p)),
-            np.empty(p),
-            np.empty(p),
-            np.empty(n_maps),
-            np.empty(n_maps),
-            np.empty((n_maps + p, p)),
-        )
-        k = _compact(yt, vt, ok, x, j, y, v, xv)
-        out[j] = _loglik(tau2[j], y, v, xv, k, reml, ws)
+    for c in numba.prange((n_vox + _CHUNK - 1) // _CHUNK):
+        y, v, xv, ws = _workspace(n_maps, p)
+        for j in range(c * _CHUNK, min((c + 1) * _CHUNK, n_vox)):
+            k = _compact(yt, vt, ok, x, j, y, v, xv)
+            out[j] = _loglik(tau2[j], y, v, xv, k, reml, ws)

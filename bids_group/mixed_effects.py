@@ -195,10 +195,14 @@ def valid_values(effects: np.ndarray, variances: np.ndarray) -> np.ndarray:
 
 def _estimable(ok: np.ndarray, design: np.ndarray) -> np.ndarray:
     """Voxels whose valid maps leave >= 1 dof and a full-rank X (one check per pattern)."""
-    p = design.shape[1]
-    packed = np.packbits(ok, axis=0)
-    patterns, inverse = np.unique(packed.T, axis=0, return_inverse=True)
-    masks = np.unpackbits(patterns, axis=1, count=ok.shape[0]).astype(bool)
+    n_maps, p = design.shape
+    if n_maps <= 64:  # one integer key per voxel: np.unique on ints is fast
+        bits = np.left_shift(np.uint64(1), np.arange(n_maps, dtype=np.uint64))
+        keys = (ok.T.astype(np.uint64) @ bits[:, np.newaxis]).ravel()
+        keys, inverse = np.unique(keys, return_inverse=True)
+        masks = (keys[:, np.newaxis] & bits[np.newaxis, :]) != 0
+    else:
+        masks, inverse = np.unique(ok.T, axis=0, return_inverse=True)
     good = masks.sum(axis=1) > p
     if good.any():
         stack = design[np.newaxis] * masks[good][:, :, np.newaxis]
