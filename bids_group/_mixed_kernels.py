@@ -1,0 +1,460 @@
+"""Compiled per-voxel loops of the mixed-effects estimators (numba, ``nopython``).
+
+Model at one voxel, over the ``k`` maps that are valid there (see
+:mod:`bids_group.mixed_effects` for the input policy)::
+
+    y_i = x_i' beta + u_i + e_i,   Var(e_i) = v_i (given),   Var(u_i) = tau^2,
+
+with weights ``w_i = 1 / (v_i + tau^2)``, ``A = X'WX``, ``beta(tau^2) = A^-1 X'Wy``, residuals
+``r = y - X beta``, ``P = W - W X A^-1 X' W`` (so that ``P y = W r``). The profile
+log-likelihoods (Viechtbauer 2005, eqs. 8 and 10; constants dropped) are::
+
+    ML:    l(tau^2)   = -1/2 [ sum_i log(v_i + tau^2) + r'Wr ]
+    REML:  l_R(tau^2) = l(tau^2) - 1/2 log|X'WX|
+
+with derivatives (``d P / d tau^2 = -P P``, ``u = P y = W r``)::
+
+    ML:    l'  = 1/2 [ u'u - tr W ],   l''  = 1/2 tr W^2 - u'Pu
+    REML:  l_R' = 1/2 [ u'u - tr P ],  l_R'' = 1/2 tr PP - u'Pu
+
+Everything is private: arrays in, arrays out, no validation (the caller in
+:mod:`bids_group.mixed_effects` validates). Every voxel is independent, so results do not
+depend on the number of threads. No ``fastmath`` (see :mod:`bids_group.inference._kernels`).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from bids_group.inference._numba_cache import ensure_writable_cache
+
+ensure_writable_cache(__file__)  # before any @njit(cache=True) below
+
+#: Method codes shared with :mod:`bids_group.mixed_effects`.
+FE, DL, HEDGES, ML, REML = 0, 1, 2, 3, 4
+
+#: Convergence of the score's root: relative width of the bracket on tau^2.
+_ROOT_RTOL = 1e-13
+_ROOT_MAX_ITER = 200
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _cholesky(a, p):
+    """Lower Cholesky factor of the lower triangle of ``a`` (p x p) in place.
+
+    Returns ``log det`` of the matrix, or NaN when it is not numerically positive definite.
+    """
+    logdet = 0.0
+    for j in range(p):
+        d = a[j, j]
+        for m in range(j):
+            d -= a[j, m] * a[j, m]
+        if not d > 0.0:
+            return np.nan
+        ljj = np.sqrt(d)
+        a[j, j] = ljj
+        logdet += 2.0 * np.log(ljj)
+        for i in range(j + 1, p):
+            s = a[i, j]
+            for m in range(j):
+                s -= a[i, m] * a[j, m]
+            a[i, j] = s / ljj
+    return logdet
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _forward(chol, b, p, out):
+    """Solve ``L out = b`` (L lower triangular)."""
+    for j in range(p):
+        s = b[j]
+        for m in range(j):
+            s -= chol[j, m] * out[m]
+        out[j] = s / chol[j, j]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _backward(chol, b, p, out):
+    """Solve ``L' out = b``."""
+    for j in range(p - 1, -1, -1):
+        s = b[j]
+        for m in range(j + 1, p):
+            s -= chol[m, j] * out[m]
+        out[j] = s / chol[j, j]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _wls(tau2, y, v, x, k, chol, beta, tmp, resid, w, with_log=True):
+    """Weighted least squares at ``tau2`` on the first ``k`` rows.
+
+    Fills ``chol`` (Cholesky factor of X'WX), ``beta``, ``resid`` and ``w``; returns
+    ``(sum log(v + tau2), r'Wr, log|X'WX|)`` (log-det NaN when X'WX is singular; the sum of
+    logs 0 unless ``with_log``, which the score does not need).
+    """
+    p = x.shape[1]
+    for j in range(p):
+        tmp[j] = 0.0
+        for m in range(p):
+            chol[j, m] = 0.0
+    sum_log = 0.0
+    for i in range(k):
+        s = v[i] + tau2
+        wi = 1.0 / s
+        w[i] = wi
+        if with_log:
+            sum_log += np.log(s)
+        for j in range(p):
+            wx = wi * x[i, j]
+            tmp[j] += wx * y[i]
+            for m in range(j + 1):
+                chol[j, m] += wx * x[i, m]
+    logdet = _cholesky(chol, p)
+    if np.isnan(logdet):
+        return sum_log, np.nan, np.nan
+    _forward(chol, tmp, p, beta)
+    for j in range(p):
+        tmp[j] = beta[j]
+    _backward(chol, tmp, p, beta)
+    rwr = 0.0
+    for i in range(k):
+        r = y[i]
+        for j in range(p):
+            r -= x[i, j] * beta[j]
+        resid[i] = r
+        rwr += w[i] * r * r
+    return sum_log, rwr, logdet
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loglik(tau2, y, v, x, k, reml, ws):
+    """Profile (ML) or restricted (REML) log-likelihood at ``tau2`` (constants dropped)."""
+    chol, beta, tmp, resid, w, z = ws
+    sum_log, rwr, logdet = _wls(tau2, y, v, x, k, chol, beta, tmp, resid, w)
+    ll = -0.5 * (sum_log + rwr)
+    if reml:
+        ll -= 0.5 * logdet
+    return ll
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _score_one_column(tau2, y, v, x, k, reml, w):
+    """The score of :func:`_derivatives` for a one-column design (the common one-sample case),
+    as two tight loops."""
+    a = 0.0
+    b = 0.0
+    sum_w = 0.0
+    sum_w2x2 = 0.0
+    for i in range(k):
+        wi = 1.0 / (v[i] + tau2)
+        w[i] = wi
+        wx = wi * x[i, 0]
+        a += wx * x[i, 0]
+        b += wx * y[i]
+        sum_w += wi
+        sum_w2x2 += wx * wx
+    beta = b / a
+    uu = 0.0
+    for i in range(k):
+        u = w[i] * (y[i] - x[i, 0] * beta)
+        uu += u * u
+    return 0.5 * (uu - (sum_w - sum_w2x2 / a if reml else sum_w))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _derivatives(tau2, y, v, x, k, reml, ws, second=True):
+    """(score, second derivative) of the ML or REML log-likelihood at ``tau2``.
+
+    The second derivative is 0 unless ``second`` (the grid needs only the score's sign).
+    """
+    chol, beta, tmp, resid, w, z = ws
+    p = x.shape[1]
+    if p == 1 and not second:
+        return _score_one_column(tau2, y, v, x, k, reml, w), 0.0
+    _wls(tau2, y, v, x, k, chol, beta, tmp, resid, w, False)
+    uu = 0.0
+    sum_w = 0.0
+    sum_w2q = 0.0
+    if not second:
+        # tr P = sum w - tr(A^-1 B), B = sum_i w_i^2 x_i x_i' (no per-map triangular solve)
+        bmat = z[k : k + p, :]
+        for a in range(p):
+            for c in range(p):
+                bmat[a, c] = 0.0
+        for i in range(k):
+            wi = w[i]
+            u = wi * resid[i]
+            uu += u * u
+            sum_w += wi
+            if reml:
+                w2 = wi * wi
+                for a in range(p):
+                    for c in range(a + 1):
+                        bmat[a, c] += w2 * x[i, a] * x[i, c]
+        if not reml:
+            return 0.5 * (uu - sum_w), 0.0
+        for c in range(p):
+            for a in range(c):
+                bmat[a, c] = bmat[c, a]
+        for c in range(p):
+            _forward(chol, bmat[:, c], p, z[0])
+            _backward(chol, z[0], p, z[1])
+            sum_w2q += z[1, c]
+        return 0.5 * (uu - (sum_w - sum_w2q)), 0.0
+    # m = sum_i w_i^2 z_i z_i' (p x p, in z's spare rows), tmp = sum_i w_i u_i z_i
+    sum_w2 = 0.0
+    sum_w3q = 0.0
+    wuu = 0.0
+    m = z[k : k + p, :]
+    for a in range(p):
+        tmp[a] = 0.0
+        for b in range(p):
+            m[a, b] = 0.0
+    for i in range(k):
+        _forward(chol, x[i], p, z[i])
+        q = 0.0
+        for a in range(p):
+            q += z[i, a] * z[i, a]
+        wi = w[i]
+        u = wi * resid[i]
+        uu += u * u
+        wuu += wi * u * u
+        sum_w += wi
+        sum_w2 += wi * wi
+        sum_w2q += wi * wi * q
+        sum_w3q += wi * wi * wi * q
+        for a in range(p):
+            tmp[a] += wi * u * z[i, a]
+            for b in range(p):
+                m[a, b] += wi * wi * z[i, a] * z[i, b]
+    upu = wuu
+    for a in range(p):
+        upu -= tmp[a] * tmp[a]
+    if reml:
+        frob = 0.0
+        for a in range(p):
+            for b in range(p):
+                frob += m[a, b] * m[a, b]
+        tr_p = sum_w - sum_w2q
+        tr_pp = sum_w2 - 2.0 * sum_w3q + frob
+        return 0.5 * (uu - tr_p), 0.5 * tr_pp - upu
+    return 0.5 * (uu - sum_w), 0.5 * sum_w2 - upu
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _upper_bound(y, v, x, k, reml, ws):
+    """A tau^2 beyond which the score is negative (so every maximum lies in [0, bound]).
+
+    With ``s = RSS_OLS / (k - p)`` (REML) or ``RSS_OLS / k`` (ML): ``|Wr|^2 <= RSS / (v_min +
+    tau^2)^2`` and ``tr P >= (k - p) / (v_max + tau^2)`` (``tr W >= k / (v_max + tau^2)``), so
+    the score is negative once ``(v_min + tau^2)^2 / (v_max + tau^2) > s``.
+    """
+    chol, beta, tmp, resid, w, z = ws
+    p = x.shape[1]
+    vmin = np.inf
+    vmax = 0.0
+    for i in range(k):
+        vmin = min(vmin, v[i])
+        vmax = max(vmax, v[i])
+        w[i] = 0.0  # reuse the WLS solver with unit weights: v = 0, tau^2 = 1
+    _, rss, _ = _wls(1.0, y, w, x, k, chol, beta, tmp, resid, z[:, 0], False)
+    s = rss / (k - p if reml else k)
+    delta = vmax - vmin
+    t = 0.5 * (s + np.sqrt(s * s + 4.0 * s * delta))
+    return max(0.0, (t - vmin) * (1.0 + 1e-9)), vmin
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _root(a, b, sa, sb, y, v, x, k, reml, ws):
+    """Root of the score in ``[a, b]`` (score ``sa > 0 >= sb``): Newton from the secant point,
+    safeguarded by bisection (Numerical Recipes' rtsafe). Returns tau^2."""
+    t = a + sa * (b - a) / (sa - sb)
+    for _ in range(_ROOT_MAX_ITER):
+        s, d2 = _derivatives(t, y, v, x, k, reml, ws)
+        if s == 0.0:
+            return t
+        if s > 0.0:
+            a = t
+        else:
+            b = t
+        if b - a <= _ROOT_RTOL * b:
+            break
+        step_ok = d2 < 0.0
+        if step_ok:
+            newton = t - s / d2
+            step_ok = a < newton < b
+        if step_ok:
+            converged = abs(newton - t) <= _ROOT_RTOL * t
+            t = newton
+            if converged:
+                break
+        else:
+            t = 0.5 * (a + b)
+    return t
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _likelihood_tau2(y, v, x, k, reml, n_grid, ws):
+    """Global maximiser of the ML/REML log-likelihood over tau^2 >= 0.
+
+    The score is evaluated at 0 and at ``n_grid - 1`` points log-spaced from
+    ``1e-3 v_min`` to the bound of :func:`_upper_bound` (where it is negative).
+    Candidates: 0 when the score there is not positive (tau^2 exactly 0), and every root of
+    the score in a grid cell where it changes from positive to non-positive, i.e. every local
+    maximum that the grid resolves. The candidate with the highest log-likelihood wins (ties:
+    the smaller tau^2).
+    """
+    bound, vmin = _upper_bound(y, v, x, k, reml, ws)
+    if not bound > 0.0:
+        return 0.0
+    lo = 1e-3 * vmin
+    if bound <= lo:  # the likelihood is quadratic to ~1e-3 on [0, bound]: no inner point
+        n_grid = 2
+    ratio = np.log(bound / lo) / max(n_grid - 2, 1)
+    best, best_ll = 0.0, -np.inf
+    prev_t = 0.0
+    prev_s, _ = _derivatives(0.0, y, v, x, k, reml, ws, False)
+    if prev_s <= 0.0:
+        best_ll = _loglik(0.0, y, v, x, k, reml, ws)
+    for g in range(1, n_grid):
+        t = bound if g == n_grid - 1 else lo * np.exp(ratio * (g - 1))
+        s, _ = _derivatives(t, y, v, x, k, reml, ws, False)
+        if prev_s > 0.0 and s <= 0.0:
+            r = _root(prev_t, t, prev_s, s, y, v, x, k, reml, ws)
+            ll = _loglik(r, y, v, x, k, reml, ws)
+            if ll > best_ll:
+                best, best_ll = r, ll
+        prev_t, prev_s = t, s
+    if prev_s > 0.0:  # beyond the bound's guarantee only by rounding
+        ll = _loglik(prev_t, y, v, x, k, reml, ws)
+        if ll > best_ll:
+            best = prev_t
+    return best
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _moments_tau2(method, y, v, x, k, ws):
+    """DerSimonian-Laird or Hedges tau^2 (method of moments), floored at 0."""
+    chol, beta, tmp, resid, w, z = ws
+    p = x.shape[1]
+    if method == DL:
+        # Q = r'Wr at tau^2 = 0; E[Q] = (k - p) + tau^2 tr(P); Q - (k - p) over tr P.
+        _, q, _ = _wls(0.0, y, v, x, k, chol, beta, tmp, resid, w)
+        tr_p = 0.0
+        for i in range(k):
+            _forward(chol, x[i], p, z[i])
+            lev = 0.0
+            for a in range(p):
+                lev += z[i, a] * z[i, a]
+            tr_p += w[i] - w[i] * w[i] * lev
+        return max(0.0, (q - (k - p)) / tr_p)
+    # Hedges: RSS_OLS has expectation sum_i (1 - h_i) v_i + (k - p) tau^2.
+    zero = z[:, 0]
+    for i in range(k):
+        zero[i] = 0.0
+    _, rss, _ = _wls(1.0, y, zero, x, k, chol, beta, tmp, resid, w)
+    expected = 0.0
+    for i in range(k):
+        _forward(chol, x[i], p, z[i])
+        lev = 0.0
+        for a in range(p):
+            lev += z[i, a] * z[i, a]
+        expected += (1.0 - lev) * v[i]
+    return max(0.0, (rss - expected) / (k - p))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _compact(yt, vt, ok, x, j, y, v, xv):
+    """Copy voxel ``j``'s valid maps into ``y, v, xv``; return their number."""
+    k = 0
+    for i in range(ok.shape[1]):
+        if ok[j, i]:
+            y[k] = yt[j, i]
+            v[k] = vt[j, i]
+            for a in range(x.shape[1]):
+                xv[k, a] = x[i, a]
+            k += 1
+    return k
+
+
+#: Voxels per parallel work item (one set of work arrays each).
+_CHUNK = 256
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _workspace(n_maps, p):
+    """(y, v, X) of one voxel's valid maps and the work arrays of the solvers."""
+    ws = (
+        np.empty((p, p)),
+        np.empty(p),
+        np.empty(p),
+        np.empty(n_maps),
+        np.empty(n_maps),
+        np.empty((n_maps + p, p)),
+    )
+    return np.empty(n_maps), np.empty(n_maps), np.empty((n_maps, p)), ws
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fit_one(y, v, xv, k, method, n_grid, fixed_tau2, ws):
+    """tau^2 of one voxel by ``method``, then WLS there (results left in ``ws``)."""
+    p = xv.shape[1]
+    if method == FE:
+        t = fixed_tau2
+    elif method == DL or method == HEDGES:
+        t = _moments_tau2(method, y, v, xv, k, ws) if k > p else 0.0
+    else:
+        t = _likelihood_tau2(y, v, xv, k, method == REML, n_grid, ws)
+    chol, b, tmp, resid, w, z = ws
+    _, r, _ = _wls(t, y, v, xv, k, chol, b, tmp, resid, w, False)
+    return t, r
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def fit_voxels(yt, vt, ok, estimable, x, method, n_grid, fixed_tau2, beta, cov, tau2, rwr, n_used):
+    """Fit every voxel: tau^2 by ``method``, then WLS at that tau^2.
+
+    Parameters
+    ----------
+    yt, vt : (n_voxels, n_maps) float64
+    ok : (n_voxels, n_maps) bool, the valid maps at each voxel
+    estimable : (n_voxels,) bool, voxels to fit (others are left as NaN)
+    x : (n_maps, p) float64
+    method : int, one of FE, DL, HEDGES, ML, REML
+    n_grid : int, grid points for ML/REML
+    fixed_tau2 : float, tau^2 for FE (0 for fixed effects)
+    beta, cov, tau2, rwr, n_used : outputs (p, V), (p, p, V), (V,), (V,), (V,) int
+    """
+    n_vox, n_maps = yt.shape
+    p = x.shape[1]
+    for c in numba.prange((n_vox + _CHUNK - 1) // _CHUNK):
+        y, v, xv, ws = _workspace(n_maps, p)
+        chol, b, tmp, resid, w, z = ws
+        for j in range(c * _CHUNK, min((c + 1) * _CHUNK, n_vox)):
+            n_used[j] = 0
+            if not estimable[j]:
+                continue
+            k = _compact(yt, vt, ok, x, j, y, v, xv)
+            n_used[j] = k
+            tau2[j], rwr[j] = _fit_one(y, v, xv, k, method, n_grid, fixed_tau2, ws)
+            # cov = A^-1 = L'^-1 L^-1, column by column
+            for col in range(p):
+                for a in range(p):
+                    tmp[a] = 1.0 if a == col else 0.0
+                _forward(chol, tmp, p, z[0])
+                _backward(chol, z[0], p, z[1])
+                for a in range(p):
+                    cov[a, col, j] = z[1, a]
+            for a in range(p):
+                beta[a, j] = b[a]
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loglik_voxels(yt, vt, ok, x, tau2, reml, out):
+    """ML or REML log-likelihood (constants dropped) of every voxel at its ``tau2``."""
+    n_vox, n_maps = yt.shape
+    p = x.shape[1]
+    for c in numba.prange((n_vox + _CHUNK - 1) // _CHUNK):
+        y, v, xv, ws = _workspace(n_maps, p)
+        for j in range(c * _CHUNK, min((c + 1) * _CHUNK, n_vox)):
+            k = _compact(yt, vt, ok, x, j, y, v, xv)
+            out[j] = _loglik(tau2[j], y, v, xv, k, reml, ws)

@@ -1,0 +1,456 @@
+"""Mixed-effects (random-effects meta-regression) fits with known first-level variances.
+
+Model, independently at every voxel, over the maps ``i`` that are valid there::
+
+    y_i = x_i' beta + u_i + e_i,   Var(e_i) = v_i (the first-level variance, given),
+                                   Var(u_i) = tau^2 (between-subject variance, estimated)
+
+Given ``tau^2`` the fixed effects are weighted least squares with ``w_i = 1 / (v_i + tau^2)``:
+``beta = (X'WX)^-1 X'Wy``, ``Cov(beta) = (X'WX)^-1``. The estimators differ in ``tau^2``:
+
+``"wls"`` / ``"fe"``
+    Fixed effects: ``tau^2 = 0`` (inverse-variance weighting).
+``"dl"``
+    DerSimonian & Laird (1986), method of moments on Cochran's ``Q = r'Wr`` of the fixed-effects
+    fit (``W = V^-1``): ``tau^2 = max(0, (Q - (k - p)) / tr P)``, ``P = W - WX(X'WX)^-1X'W``
+    (the meta-regression form of Raudenbush 2009; ``tr P = sum w - tr((X'WX)^-1 X'W^2X)``).
+``"hedges"``
+    Hedges (1983); Hedges & Olkin (1985): method of moments on the *unweighted* (OLS) residuals,
+    ``tau^2 = max(0, (RSS_OLS - sum_i (1 - h_i) v_i) / (k - p))`` with ``h_i`` the OLS leverages.
+``"ml"``, ``"reml"``
+    Maximum likelihood and restricted maximum likelihood (Viechtbauer 2005, eqs. 8 and 10;
+    Harville 1977). With ``beta`` profiled out::
+
+        l(tau^2)   = -1/2 [ sum_i log(v_i + tau^2) + r'Wr ]
+        l_R(tau^2) = l(tau^2) - 1/2 log|X'WX|
+
+    REML is the estimate of FSL's FLAME1 (Woolrich et al. 2004; Beckmann et al. 2003), which
+    maximises the same marginal likelihood. Both are maximised *globally* over ``tau^2 >= 0``:
+    the score at 0 and at ``n_grid - 1`` log-spaced points from ``1e-3 min(v)`` to a bound beyond
+    which the score is provably negative; in every grid cell where the score turns from positive
+    to non-positive, its root (Newton safeguarded by bisection, to ``1e-13`` relative); the
+    candidate (those roots, and 0 when the score there is not positive) with the highest
+    likelihood wins. The restricted likelihood can have two local maxima (at ~3,000 of pain21's
+    voxels); a local search from one starting value can end on the lower one. ``tau^2`` is
+    exactly 0 when the best grid point is 0 and the score there is not positive.
+
+Input policy (zero, negative or non-finite variances; non-finite effects). A map is *excluded
+at that voxel* when its effect is not finite or its variance is not finite or below the
+smallest normal double (so that a weight is never infinite). The voxel is then fitted on its
+remaining ``k`` maps with its own ``dof = k - p``. A voxel is *not estimable* (all outputs NaN,
+``estimable`` False) when ``k - p < 1`` or when X restricted to its valid maps does not have full
+column rank. Both counts are returned in :class:`MixedFit` for the caller to report; nothing
+becomes NaN silently.
+
+Inference (:func:`mixed_contrast`). ``t = c beta / sqrt(c Cov(beta) c')`` (or the F form) on
+``k - p`` degrees of freedom, FLAME1's choice, by default. ``adjustment="knapp-hartung"`` scales
+``Cov(beta)`` by ``q = r'Wr / (k - p)`` (Knapp & Hartung 2003; Hartung & Knapp 2001; Sidik &
+Jonkman 2002), not floored at 1, as metafor's ``test="knha"`` and PyMARE's default;
+``"knapp-hartung-floor"`` uses ``max(q, 1)`` (metafor's ``test="adhoc"``), which only widens.
+PyMARE equivalents: its ``small_sample_correction="knapp-hartung"`` gives our
+``adjustment="knapp-hartung"`` exactly (t on ``k - p``); its ``"wald"`` gives our statistic with
+a normal reference, so FLAME1's z is ``t_to_z(pymare_stat, k - p)``.
+
+Variance groups (one ``tau^2`` per group, FLAME's ``--runmode`` with several groups) are not
+implemented yet: ``groups`` must be None.
+
+References
+----------
+Beckmann CF, Jenkinson M, Smith SM (2003) NeuroImage 20:1052-1063.
+DerSimonian R, Laird N (1986) Control Clin Trials 7:177-188.
+Harville DA (1977) J Am Stat Assoc 72:320-338.
+Hedges LV (1983) Psychol Bull 93:388-395; Hedges LV, Olkin I (1985) Statistical Methods for
+Meta-Analysis, Academic Press.
+Knapp G, Hartung J (2003) Stat Med 22:2693-2710.
+Viechtbauer W (2005) J Educ Behav Stat 30:261-293.
+Woolrich MW, Behrens TEJ, Beckmann CF, Jenkinson M, Smith SM (2004) NeuroImage 21:1732-1747.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from bids_group import _mixed_kernels as kern
+from bids_group.distributions import f_sf_and_z, t_sf_and_z
+from bids_group.errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+
+Method = Literal["wls", "fe", "dl", "hedges", "ml", "reml"]
+Adjustment = Literal["none", "knapp-hartung", "knapp-hartung-floor"]
+
+_METHOD_CODES = {
+    "wls": kern.FE,
+    "fe": kern.FE,
+    "dl": kern.DL,
+    "hedges": kern.HEDGES,
+    "ml": kern.ML,
+    "reml": kern.REML,
+}
+#: Grid points (0 and log-spaced values) of the ML/REML global search.
+DEFAULT_N_GRID = 48
+#: Voxels per call of the compiled kernel: bounds the float64 transposed working copies.
+_BLOCK_VOXELS = 65536
+#: Smallest usable variance: 1 / v is finite and exact to rounding above it.
+_MIN_VARIANCE = np.finfo(np.float64).tiny  # a float64 scalar: float32 data compare in float64
+
+
+@dataclass(frozen=True)
+class MixedFit:
+    """Mixed-effects estimates at every voxel.
+
+    Attributes
+    ----------
+    method : str
+        The estimator (``"fe"`` for ``"wls"``).
+    beta : ndarray of shape (p, n_voxels), float64
+        WLS coefficients at the estimated ``tau2``.
+    cov_beta : ndarray of shape (p, p, n_voxels), float64
+        ``(X'WX)^-1`` (model-based; Knapp-Hartung scaling is applied by the contrast).
+    tau2 : ndarray of shape (n_voxels,), float64
+        Between-map variance (exactly 0 at the boundary).
+    rwr : ndarray of shape (n_voxels,), float64
+        Weighted residual sum of squares ``r'Wr`` at ``tau2`` (Cochran's Q at ``tau2``).
+    n_used : ndarray of shape (n_voxels,), int
+        Valid maps ``k`` at each voxel.
+    dof : ndarray of shape (n_voxels,), float64
+        ``k - p`` (FLAME1's dof); NaN where not estimable.
+    estimable : ndarray of shape (n_voxels,), bool
+        False where fewer than ``p + 1`` maps are valid or X on them is rank deficient.
+    n_excluded_values : int
+        Map x voxel values excluded by the input policy (among all voxels).
+    n_voxels_with_exclusions : int
+        Voxels with at least one excluded map.
+    n_not_estimable : int
+        Voxels with all outputs NaN.
+    """
+
+    method: str
+    beta: np.ndarray
+    cov_beta: np.ndarray
+    tau2: np.ndarray
+    rwr: np.ndarray
+    n_used: np.ndarray
+    dof: np.ndarray
+    estimable: np.ndarray
+    n_excluded_values: int
+    n_voxels_with_exclusions: int
+    n_not_estimable: int
+
+
+@dataclass(frozen=True)
+class MixedContrast:
+    """One t or F contrast of a :class:`MixedFit`.
+
+    Attributes
+    ----------
+    stat_type : {"t", "F"}
+    effect : ndarray of shape (n_rows, n_voxels)
+    variance : ndarray of shape (n_rows, n_voxels)
+        Diagonal of ``C Cov(beta) C'`` (times ``q`` with Knapp-Hartung).
+    stat, p, z : ndarray of shape (n_voxels,)
+        t or F; one-sided upper-tail p; z with the same upper-tail p (NaN where not estimable).
+    df1 : float
+        Rank of the contrast (1 for t).
+    dof : ndarray of shape (n_voxels,)
+        Denominator degrees of freedom ``k - p`` per voxel.
+    adjustment : str
+    """
+
+    stat_type: Literal["t", "F"]
+    effect: np.ndarray
+    variance: np.ndarray
+    stat: np.ndarray
+    p: np.ndarray
+    z: np.ndarray
+    df1: float
+    dof: np.ndarray
+    adjustment: str
+
+
+def valid_values(effects: np.ndarray, variances: np.ndarray) -> np.ndarray:
+    """Which map x voxel values are used (the input policy of this module).
+
+    Parameters
+    ----------
+    effects, variances : ndarray of shape (n_maps, n_voxels)
+
+    Returns
+    -------
+    ndarray of shape (n_maps, n_voxels), bool
+        Finite effect, finite variance, variance >= the smallest normal double.
+
+    Examples
+    --------
+    >>> valid_values(np.array([[1.0, 1.0, np.nan]]), np.array([[0.5, 0.0, 1.0]])).tolist()
+    [[True, False, False]]
+    """
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(effects) & np.isfinite(variances) & (variances >= _MIN_VARIANCE)
+
+
+def _estimable(ok: np.ndarray, design: np.ndarray) -> np.ndarray:
+    """Voxels whose valid maps leave >= 1 dof and a full-rank X (one check per pattern)."""
+    n_maps, p = design.shape
+    if n_maps <= 64:  # one integer key per voxel: np.unique on ints is fast
+        bits = np.left_shift(np.uint64(1), np.arange(n_maps, dtype=np.uint64))
+        keys = (ok.T.astype(np.uint64) @ bits[:, np.newaxis]).ravel()
+        keys, inverse = np.unique(keys, return_inverse=True)
+        masks = (keys[:, np.newaxis] & bits[np.newaxis, :]) != 0
+    else:
+        masks, inverse = np.unique(ok.T, axis=0, return_inverse=True)
+    good = masks.sum(axis=1) > p
+    if good.any():
+        stack = design[np.newaxis] * masks[good][:, :, np.newaxis]
+        good[good] = np.linalg.matrix_rank(stack) == p
+    return good[inverse.ravel()]
+
+
+def _check_fit_inputs(effects, variances, design, method, groups) -> None:
+    if method not in _METHOD_CODES:
+        raise UsageError(f"Unknown estimator {method!r}: use one of {sorted(_METHOD_CODES)}.")
+    if groups is not None:
+        raise UsageError("Variance groups (one tau^2 per group) are not implemented yet.")
+    if effects.ndim != 2 or effects.shape != variances.shape:
+        raise DataError(
+            f"effects {effects.shape} and variances {variances.shape} must be the same "
+            "(n_maps, n_voxels) shape."
+        )
+    if design.ndim != 2 or design.shape[0] != effects.shape[0]:
+        raise DataError(
+            f"The design has shape {design.shape} but {effects.shape[0]} maps were given: "
+            "one design row per map."
+        )
+    if not np.isfinite(design).all():
+        raise DataError("The design contains NaN or inf.")
+    if np.linalg.matrix_rank(design) < design.shape[1]:
+        raise DataError(
+            "The mixed-effects design must have full column rank; remove redundant columns."
+        )
+
+
+def _fit_block(yt, vt, ok, est, design, code, n_grid, tau2_fixed, out, sl) -> None:
+    beta, cov, tau2, rwr, n_used = out
+    kern.fit_voxels(
+        np.ascontiguousarray(yt, dtype=np.float64),
+        np.ascontiguousarray(vt, dtype=np.float64),
+        np.ascontiguousarray(ok),
+        est,
+        design,
+        code,
+        n_grid,
+        tau2_fixed,
+        beta[:, sl],
+        cov[:, :, sl],
+        tau2[sl],
+        rwr[sl],
+        n_used[sl],
+    )
+
+
+def fit_mixed(
+    effects: np.ndarray,
+    variances: np.ndarray,
+    design: np.ndarray,
+    method: Method = "reml",
+    groups: np.ndarray | None = None,
+    n_grid: int = DEFAULT_N_GRID,
+) -> MixedFit:
+    """Fit the mixed-effects model at every voxel (see the module docstring for the formulas).
+
+    Parameters
+    ----------
+    effects : ndarray of shape (n_maps, n_voxels), float
+        First-level effect estimates.
+    variances : ndarray of shape (n_maps, n_voxels), float
+        Their variances (squared standard errors).
+    design : ndarray of shape (n_maps, p), float
+        Design matrix, full column rank.
+    method : {"wls", "fe", "dl", "hedges", "ml", "reml"}
+        Estimator of tau^2 ("wls" and "fe" are the same: tau^2 = 0).
+    groups : None
+        Variance groups; not implemented yet (must be None).
+    n_grid : int
+        Grid points of the ML/REML global search (>= 8).
+
+    Returns
+    -------
+    MixedFit
+
+    Raises
+    ------
+    UsageError
+        Unknown method, groups given, n_grid too small.
+    DataError
+        Inconsistent shapes, non-finite or rank-deficient design.
+    """
+    effects = np.asarray(effects)
+    variances = np.asarray(variances)
+    design = np.ascontiguousarray(design, dtype=np.float64)
+    _check_fit_inputs(effects, variances, design, method, groups)
+    if n_grid < 8:
+        raise UsageError(f"n_grid must be at least 8, got {n_grid}.")
+    n_maps, n_vox = effects.shape
+    p = design.shape[1]
+    ok = valid_values(effects, variances)
+    est = _estimable(ok, design)
+    out = (
+        np.full((p, n_vox), np.nan),
+        np.full((p, p, n_vox), np.nan),
+        np.full(n_vox, np.nan),
+        np.full(n_vox, np.nan),
+        np.zeros(n_vox, dtype=np.int64),
+    )
+    code = _METHOD_CODES[method]
+    for start in range(0, n_vox, _BLOCK_VOXELS):
+        sl = slice(start, min(start + _BLOCK_VOXELS, n_vox))
+        _fit_block(
+            effects[:, sl].T, variances[:, sl].T, ok[:, sl].T, est[sl], design, code, n_grid, 0.0,
+            out, sl,
+        )  # fmt: skip
+    n_used = out[4]
+    dof = np.where(est, n_used - p, np.nan).astype(np.float64)
+    n_excluded = int(ok.size - np.count_nonzero(ok))
+    fit = MixedFit(
+        method="fe" if method == "wls" else method,
+        beta=out[0],
+        cov_beta=out[1],
+        tau2=out[2],
+        rwr=out[3],
+        n_used=n_used,
+        dof=dof,
+        estimable=est,
+        n_excluded_values=n_excluded,
+        n_voxels_with_exclusions=int(np.count_nonzero(~ok.all(axis=0))),
+        n_not_estimable=int(n_vox - np.count_nonzero(est)),
+    )
+    if n_excluded:
+        log.info(
+            "mixed effects: %d map x voxel values excluded (zero, negative or non-finite "
+            "variance, or non-finite effect) at %d voxels; %d voxels not estimable",
+            n_excluded,
+            fit.n_voxels_with_exclusions,
+            fit.n_not_estimable,
+        )
+    return fit
+
+
+def log_likelihood(
+    effects: np.ndarray,
+    variances: np.ndarray,
+    design: np.ndarray,
+    tau2: np.ndarray,
+    reml: bool = True,
+) -> np.ndarray:
+    """ML or REML log-likelihood of every voxel at the given ``tau2`` (constants dropped).
+
+    Parameters
+    ----------
+    effects, variances : ndarray of shape (n_maps, n_voxels)
+    design : ndarray of shape (n_maps, p)
+    tau2 : ndarray of shape (n_voxels,)
+    reml : bool
+
+    Returns
+    -------
+    ndarray of shape (n_voxels,), float64
+        Using the valid maps of each voxel (see :func:`valid_values`).
+    """
+    effects = np.asarray(effects)
+    variances = np.asarray(variances)
+    ok = valid_values(effects, variances)
+    out = np.empty(effects.shape[1])
+    kern.loglik_voxels(
+        np.ascontiguousarray(effects.T, dtype=np.float64),
+        np.ascontiguousarray(variances.T, dtype=np.float64),
+        np.ascontiguousarray(ok.T),
+        np.ascontiguousarray(design, dtype=np.float64),
+        np.ascontiguousarray(tau2, dtype=np.float64),
+        reml,
+        out,
+    )
+    return out
+
+
+def _scale_factor(fit: MixedFit, adjustment: Adjustment) -> np.ndarray:
+    """Knapp-Hartung ``q = r'Wr / (k - p)`` (floored at 1 for "knapp-hartung-floor"), or 1."""
+    if adjustment == "none":
+        return np.ones_like(fit.rwr)
+    if adjustment not in ("knapp-hartung", "knapp-hartung-floor"):
+        raise UsageError(
+            f"Unknown adjustment {adjustment!r}: use 'none', 'knapp-hartung' or "
+            "'knapp-hartung-floor'."
+        )
+    q = fit.rwr / fit.dof
+    return np.maximum(q, 1.0) if adjustment == "knapp-hartung-floor" else q
+
+
+def _p_and_z(stat: np.ndarray, df1: float, dof: np.ndarray, is_t: bool):
+    """p and z with per-voxel dof: one call of distributions.py per distinct dof value."""
+    p = np.full(stat.shape, np.nan)
+    z = np.full(stat.shape, np.nan)
+    finite = np.isfinite(dof) & ~np.isnan(stat)
+    for d in np.unique(dof[finite]):
+        sel = finite & (dof == d)
+        p[sel], z[sel] = t_sf_and_z(stat[sel], d) if is_t else f_sf_and_z(stat[sel], df1, d)
+    return p, z
+
+
+def mixed_contrast(
+    fit: MixedFit,
+    weights: np.ndarray,
+    test: Literal["t", "F"] = "t",
+    adjustment: Adjustment = "none",
+) -> MixedContrast:
+    """t or F contrast of a mixed-effects fit, with p and precise z.
+
+    Parameters
+    ----------
+    fit : MixedFit
+    weights : ndarray of shape (p,) or (n_rows, p)
+        Contrast matrix ``C`` (one row for t).
+    test : {"t", "F"}
+        ``t = c b / sqrt(s c Cov(b) c')`` on ``k - p`` dof;
+        ``F = (Cb)' (s C Cov(b) C')^-1 (Cb) / rank(C)`` on ``(rank(C), k - p)`` dof,
+        with ``s = 1`` or the Knapp-Hartung factor ``q``.
+    adjustment : {"none", "knapp-hartung", "knapp-hartung-floor"}
+        See the module docstring.
+
+    Returns
+    -------
+    MixedContrast
+    """
+    c = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if c.shape[1] != fit.beta.shape[0] or (test == "t" and c.shape[0] != 1):
+        raise UsageError(f"Contrast weights of shape {c.shape} do not fit this design/test.")
+    if test not in ("t", "F"):
+        raise UsageError(f"Unknown contrast test {test!r}: use 't' or 'F'.")
+    scale = _scale_factor(fit, adjustment)
+    effect = c @ fit.beta
+    ccov = np.einsum("ia,abv,jb->ijv", c, fit.cov_beta, c) * scale  # (rows, rows, V)
+    variance = np.einsum("iiv->iv", ccov)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if test == "t":
+            df1 = 1.0
+            stat = effect[0] / np.sqrt(variance[0])
+        else:
+            df1 = float(np.linalg.matrix_rank(c))
+            stat = _f_stat(effect, ccov, df1)
+    p, z = _p_and_z(stat, df1, fit.dof, test == "t")
+    return MixedContrast(test, effect, variance, stat, p, z, df1, fit.dof, adjustment)
+
+
+def _f_stat(effect: np.ndarray, ccov: np.ndarray, df1: float) -> np.ndarray:
+    """``(Cb)' M^-1 (Cb) / df1`` per voxel, ``M`` the (rows x rows) covariance of ``Cb``."""
+    m = np.moveaxis(ccov, -1, 0)  # (V, rows, rows)
+    out = np.full(effect.shape[1], np.nan)
+    good = np.isfinite(m).all(axis=(1, 2))
+    if good.any():
+        m_inv = np.linalg.pinv(m[good])
+        e = effect[:, good].T
+        out[good] = np.einsum("vi,vij,vj->v", e, m_inv, e) / df1
+    return out
