@@ -7,8 +7,10 @@ appear in OUT_DIR only when the run succeeded (see :mod:`bids_group.outputs.stag
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +42,7 @@ from bids_group.outputs.figures import design_summary, plot_design_matrix
 from bids_group.outputs.maps import MapWriter, write_mask
 from bids_group.outputs.staging import check_writable, staged_output
 from bids_group.outputs.tables import write_table
+from bids_group.paths import disk_error
 from bids_group.pipeline_permutation import PermutationJob, plan_permutations, write_permutation
 from bids_group.report import build as report
 from bids_group.report.html import ReportSection, write_report
@@ -101,7 +104,9 @@ def run(config: RunConfig) -> RunResult:
     ]
     if config.report:
         entries.append(naming.report_name(to_label(spec.name)))
-    check_writable(config.out_dir, overwrite=config.overwrite, entries=entries)
+    check_writable(
+        config.out_dir, overwrite=config.overwrite, entries=entries, inputs=config.input_files
+    )
     inputs = collect_inputs(
         config.bids_dir,
         derivatives=config.derivatives,
@@ -674,13 +679,19 @@ def _write_run_metadata(
 
 
 def _isolate_caches(work_dir: Path | None) -> None:
-    """Point matplotlib's cache at a writable scratch folder (HOME may be read-only)."""
+    """Point matplotlib's cache at a writable scratch folder (HOME may be read-only): in the
+    work folder, else a private folder of this run (mode 0700), removed at exit."""
     if "MPLCONFIGDIR" in os.environ:
         return
-    base = work_dir if work_dir is not None else Path(tempfile.gettempdir())
-    target = base / "bids-group-mplconfig"
     try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        target = Path(tempfile.mkdtemp(prefix="bids-group-mpl-"))
+        if work_dir is not None:
+            target = work_dir / "bids-group-mplconfig"
+            target.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=target).close()
+        else:
+            target = Path(tempfile.mkdtemp(prefix="bids-group-mpl-"))
+            atexit.register(shutil.rmtree, target, ignore_errors=True)
+    except OSError as exc:
+        where = (work_dir, "work folder (-w)") if work_dir else (tempfile.gettempdir(), "TMPDIR")
+        raise disk_error(exc, Path(where[0]), where[1]) from exc
     os.environ["MPLCONFIGDIR"] = str(target)
