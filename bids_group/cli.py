@@ -45,7 +45,7 @@ from bids_group.errors import (
     UnknownLevelError,
     UsageError,
 )
-from bids_group.paths import check_run_paths
+from bids_group.paths import check_run_paths, isolate_caches
 
 log = logging.getLogger("bids_group")
 
@@ -351,6 +351,7 @@ def cli(state: dict[str, int], **options: Any) -> None:
     state["verbosity"] = options["verbose"] - options["quiet"]
     _setup_logging(state["verbosity"])
     config = _make_config(options)
+    isolate_caches(config.work_dir)  # before matplotlib is imported
     from bids_group import pipeline  # heavy imports only once arguments are valid
 
     result = pipeline.run(config)

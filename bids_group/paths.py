@@ -19,9 +19,12 @@ Rules
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +37,8 @@ _CAUSES: dict[int, tuple[str, str]] = {
     errno.EDQUOT: ("disk quota exceeded", "free space or choose another {what}"),
     errno.EFBIG: ("file too large for the file system", "choose another {what}"),
     errno.EROFS: ("read-only file system", "choose a writable {what}"),
-    errno.EACCES: ("permission denied", "choose a {what} you may write to"),
-    errno.EPERM: ("operation not permitted", "choose a {what} you may write to"),
+    errno.EACCES: ("permission denied", "choose a writable {what}"),
+    errno.EPERM: ("operation not permitted", "choose a writable {what}"),
     errno.ENOTDIR: ("a component of the path is a file, not a folder", "choose another {what}"),
     errno.ENAMETOOLONG: ("file name too long", "choose a shorter {what}"),
     errno.ELOOP: ("too many levels of symbolic links", "choose another {what}"),
@@ -161,6 +164,7 @@ def check_run_paths(
     _check_apart(out, "OUT_DIR", read, bids)
     check_creatable(out, "OUT_DIR")
     if work is not None:
+        check_creatable(work, "work folder (-w)")
         if work.exists() and not work.is_dir():
             raise OutputError(
                 f"work folder (-w) {work} is a file; expected a folder (created if missing)"
@@ -171,7 +175,6 @@ def check_run_paths(
                 f"the work folder (-w) {work} is inside OUT_DIR {out}: OUT_DIR holds only "
                 "results; choose a work folder elsewhere"
             )
-        check_creatable(work, "work folder (-w)")
     return RunPaths(
         bids_dir=bids,
         out_dir=out,
@@ -260,3 +263,33 @@ def _suggestion(datasets: Sequence[tuple[str, Path, bool]], bids_dir: Path) -> P
         if _overlap(candidate, datasets) is None:
             return candidate
     return Path.home() / "bids-group-results"
+
+
+def isolate_caches(work_dir: Path | None) -> None:
+    """Point matplotlib's config and cache at a scratch folder (HOME may be read-only, and a run
+    writes nothing outside OUT_DIR and the work folder but a private temporary folder).
+
+    The folder is ``<work_dir>/bids-group-mplconfig``, else a private folder of this run
+    (``mkdtemp``: mode 0700) removed at exit. Call before matplotlib is imported; does nothing
+    when ``MPLCONFIGDIR`` is set.
+
+    Raises
+    ------
+    OutputError (73)
+        The folder cannot be created or written.
+    """
+    if "MPLCONFIGDIR" in os.environ:
+        return
+    try:
+        if work_dir is not None:
+            target = work_dir / "bids-group-mplconfig"
+            target.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=target).close()
+        else:
+            target = Path(tempfile.mkdtemp(prefix="bids-group-mpl-"))
+            atexit.register(shutil.rmtree, target, ignore_errors=True)
+    except OSError as exc:
+        if work_dir is not None:
+            raise disk_error(exc, work_dir, "work folder (-w)") from exc
+        raise disk_error(exc, Path(tempfile.gettempdir()), "TMPDIR") from exc
+    os.environ["MPLCONFIGDIR"] = str(target)

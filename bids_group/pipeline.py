@@ -7,11 +7,7 @@ appear in OUT_DIR only when the run succeeded (see :mod:`bids_group.outputs.stag
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +38,7 @@ from bids_group.outputs.figures import design_summary, plot_design_matrix
 from bids_group.outputs.maps import MapWriter, write_mask
 from bids_group.outputs.staging import check_writable, staged_output
 from bids_group.outputs.tables import write_table
-from bids_group.paths import disk_error
+from bids_group.paths import isolate_caches
 from bids_group.pipeline_permutation import PermutationJob, plan_permutations, write_permutation
 from bids_group.report import build as report
 from bids_group.report.html import ReportSection, write_report
@@ -94,7 +90,7 @@ class RunResult:
 def run(config: RunConfig) -> RunResult:
     """Run the group analysis described by ``config``. Raises BidsGroupError subclasses."""
     started = time.perf_counter()
-    _isolate_caches(config.work_dir)
+    isolate_caches(config.work_dir)  # a no-op when the CLI did it before matplotlib's import
     spec = load_spec(config.model) if config.model else default_spec()
     inference = resolve_inference(config.inference_overrides, spec.inference)
     entries = [
@@ -676,22 +672,3 @@ def _write_run_metadata(
     x_columns = next(iter(columns)) if len(columns) == 1 else None
     write_json(model_path, resolved_model_dict(spec, x_columns=x_columns))
     return [Path(description), model_path]
-
-
-def _isolate_caches(work_dir: Path | None) -> None:
-    """Point matplotlib's cache at a writable scratch folder (HOME may be read-only): in the
-    work folder, else a private folder of this run (mode 0700), removed at exit."""
-    if "MPLCONFIGDIR" in os.environ:
-        return
-    try:
-        if work_dir is not None:
-            target = work_dir / "bids-group-mplconfig"
-            target.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=target).close()
-        else:
-            target = Path(tempfile.mkdtemp(prefix="bids-group-mpl-"))
-            atexit.register(shutil.rmtree, target, ignore_errors=True)
-    except OSError as exc:
-        where = (work_dir, "work folder (-w)") if work_dir else (tempfile.gettempdir(), "TMPDIR")
-        raise disk_error(exc, Path(where[0]), where[1]) from exc
-    os.environ["MPLCONFIGDIR"] = str(target)
