@@ -319,7 +319,8 @@ def _underscored(name: str) -> str:
     "--work-dir",
     "-w",
     type=click.Path(path_type=Path),
-    help="Scratch folder (caches, matplotlib config). Default: a temporary folder.",
+    help="Scratch folder (matplotlib config and cache), outside OUT_DIR. Default: a private "
+    "temporary folder, removed at exit.",
 )
 @_option("--overwrite", is_flag=True, help="Replace existing results of the same names in OUT_DIR.")
 @_option(
