@@ -45,7 +45,7 @@ from bids_group.errors import (
     UnknownLevelError,
     UsageError,
 )
-from bids_group.paths import check_run_paths, isolate_caches
+from bids_group.paths import check_run_paths, isolate_caches, scratch_disk_error
 
 log = logging.getLogger("bids_group")
 
@@ -534,6 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except Exception as err:  # a bug: say so, traceback with -vv
+        scratch = scratch_disk_error(err) if isinstance(err, OSError) else None
+        if scratch is not None:  # e.g. no space left for numba's compiled kernels
+            click.echo(f"bids-group: error: {scratch}", err=True)
+            return scratch.exit_code
         if state["verbosity"] > 0:
             log.exception("unexpected error")
         else:

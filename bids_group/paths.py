@@ -24,6 +24,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,57 @@ def disk_error(exc: OSError, folder: Path, what: str = "OUT_DIR") -> OutputError
         exc.errno or 0, ((exc.strerror or str(exc)).lower(), "choose another {what}")
     )
     return OutputError(f"cannot write in {folder}: {cause}; {advice.format(what=what)}")
+
+
+def traceback_files(exc: BaseException) -> list[str]:
+    """Source files of the frames of ``exc``'s traceback, outermost first."""
+    files = []
+    tb = exc.__traceback__
+    while tb is not None:
+        files.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    return files
+
+
+def scratch_disk_error(exc: OSError) -> OutputError | None:
+    """The :class:`OutputError` (73) for a write failure in a scratch folder, else None.
+
+    The scratch folders are numba's cache of the compiled permutation kernels, matplotlib's
+    folder (``MPLCONFIGDIR``) and ``TMPDIR``. ``write()`` errors name no file: those raised
+    inside numba or matplotlib are theirs. Failures in OUT_DIR are mapped by the staging.
+    """
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return None  # only a write raises these: never a problem with an input
+    folders = [("TMPDIR", Path(tempfile.gettempdir()), None)]
+    if os.environ.get("MPLCONFIGDIR"):
+        mpl = Path(os.environ["MPLCONFIGDIR"])
+        folders.append(("work folder (-w) or MPLCONFIGDIR", mpl, "matplotlib"))
+    numba_cache = _numba_cache_folder()
+    if numba_cache is not None:
+        folders.append(("NUMBA_CACHE_DIR", numba_cache, "numba"))
+    named = [n for n in (exc.filename, exc.filename2) if isinstance(n, (str, Path))]
+    for name in named:
+        path = Path(os.path.abspath(name))
+        for what, folder, _ in reversed(folders):  # the most specific first
+            if path.is_relative_to(folder):
+                return disk_error(exc, folder, what)
+    if named:
+        return None
+    files = traceback_files(exc)
+    for what, folder, package in folders:
+        if package and any(f"{os.sep}{package}{os.sep}" in f for f in files):
+            return disk_error(exc, folder, what)
+    return None
+
+
+def _numba_cache_folder() -> Path | None:
+    """Where numba caches the permutation kernels, if they were loaded."""
+    if "bids_group.inference._kernels" not in sys.modules:
+        return None
+    chosen = sys.modules["numba"].config.CACHE_DIR
+    if chosen:
+        return Path(chosen)
+    return Path(sys.modules["bids_group.inference._kernels"].__file__).parent / "__pycache__"
 
 
 def check_creatable(path: Path, what: str) -> None:

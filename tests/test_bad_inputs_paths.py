@@ -466,3 +466,30 @@ def test_existing_result_is_untouched_by_a_refused_run(capsys, raw):
     argv = [raw, out, "group", "--derivatives", deriv, "--model", deriv]
     check_failure(capsys, argv, out, 66, "is a folder")
     assert snapshot(out) == before
+
+
+@needs_namespace
+def test_no_space_left_for_the_compiled_kernels(ds, tmp_path):
+    """numba saves the compiled permutation kernels in its cache: a full one is named."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = tmp_path / "results"
+    argv = [ds, out, "group", "-q", "--no-report", "--permutation", "voxel", "--n-perm", "20"]
+    setup = f"mount -t tmpfs -o size=4k tmpfs {mnt}\nexport NUMBA_CACHE_DIR={mnt}"
+    result = cli_in_namespace(tmp_path, setup, argv)
+    assert_clean_failure(result, f"cannot write in {mnt}: no space left on device")
+    assert "choose another NUMBA_CACHE_DIR" in result[2]
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@needs_namespace
+def test_full_work_dir_costs_only_the_font_cache(ds, tmp_path):
+    """matplotlib's font cache is optional: it says it could not save it, the run goes on."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = tmp_path / "results"
+    setup = f"mount -t tmpfs -o size=4k tmpfs {mnt}"
+    code, stdout, err, _ = cli_in_namespace(tmp_path, setup, [ds, out, "group", "-w", mnt / "w"])
+    assert code == 0, err
+    assert (out / "model-default_report.html").is_file()

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import TracebackType
 
 from bids_group.errors import OutputError, UsageError
-from bids_group.paths import disk_error
+from bids_group.paths import disk_error, traceback_files
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +222,8 @@ class StagedOutput:
             here = (stage, self.out_dir)
             if not any(Path(os.path.abspath(n)).is_relative_to(f) for n in names for f in here):
                 return None  # e.g. an input that cannot be read
-        elif cause.errno not in _WRITE_ERRNOS:
-            return None
+        elif cause.errno not in _WRITE_ERRNOS or not _raised_by_a_writer(cause):
+            return None  # e.g. numba saving compiled kernels in its cache: see cli.main
         return disk_error(cause, self.out_dir)
 
     def _discard(self) -> None:
@@ -283,6 +283,14 @@ class StagedOutput:
                 os.rename(target, stage / name)
             if name in clashes and (backup / name).exists():
                 os.rename(backup / name, target)
+
+
+def _raised_by_a_writer(exc: BaseException) -> bool:
+    """Whether the innermost bids_group frame of ``exc``'s traceback is a writer of results
+    (:mod:`bids_group.outputs`, :mod:`bids_group.report`): ``write()`` errors name no file."""
+    package = Path(__file__).resolve().parents[1]
+    ours = [Path(f) for f in traceback_files(exc) if Path(f).is_relative_to(package)]
+    return bool(ours) and ours[-1].parent.name in ("outputs", "report")
 
 
 class _FinalPaths(logging.Filter):
