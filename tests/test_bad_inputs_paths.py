@@ -182,6 +182,16 @@ def test_raw_derivatives_bids_group_works_and_a_second_run_selects_the_same_maps
     )
 
 
+def test_results_inside_a_derivatives_bids_dir_are_not_taken_for_inputs(capsys, ds, tmp_path):
+    """Results put into the maps' dataset (by hand, or by an older version) are not re-read."""
+    first = tmp_path / "first"
+    assert main([str(ds), str(first), "group", "-q", "--no-report"]) == 0
+    shutil.copytree(first, ds / "group")
+    again = tmp_path / "again"
+    assert main([str(ds), str(again), "group", "-q", "--no-report"]) == 0
+    assert maps_of(again) == maps_of(first)
+
+
 def test_a_run_writes_nothing_outside_out_dir(ds, tmp_path):
     """Subprocess (fresh matplotlib): its scratch folder is private and removed at exit."""
     scratch = tmp_path / "tmp"
