@@ -70,7 +70,7 @@ def mtimes(folder: Path) -> dict[str, int]:
 # ---- 1. inputs are read-only ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
 def test_out_dir_is_a_derivatives_folder(capsys, raw, overwrite):
     deriv = raw / "derivatives" / "firstlevel"
     before = mtimes(deriv)
@@ -80,7 +80,7 @@ def test_out_dir_is_a_derivatives_folder(capsys, raw, overwrite):
     assert mtimes(deriv) == before
 
 
-@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
 def test_out_dir_inside_a_derivatives_folder(capsys, raw, overwrite):
     deriv = raw / "derivatives" / "firstlevel"
     out = deriv / "group"
@@ -386,7 +386,7 @@ def test_no_space_left_keeps_an_existing_result(ds, tmp_path):
 
 
 @needs_namespace
-@pytest.mark.parametrize("exists", [False, True])
+@pytest.mark.parametrize("exists", [False, True], ids=["new", "existing"])
 def test_read_only_file_system(ds, tmp_path, exists):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
