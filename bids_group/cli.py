@@ -45,6 +45,7 @@ from bids_group.errors import (
     UnknownLevelError,
     UsageError,
 )
+from bids_group.paths import check_run_paths, isolate_caches, scratch_disk_error
 
 log = logging.getLogger("bids_group")
 
@@ -81,8 +82,12 @@ class FilterFile(click.ParamType):
 
     def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, Any]:
         path = Path(value)
+        if path.is_dir():
+            raise _MissingPath(f"--bids-filter-file {path} is a folder; expected a JSON file")
         if not path.is_file():
             raise _MissingPath(f"--bids-filter-file {path}: no such file")
+        if ctx is not None:  # checked with the other paths (no output may replace it)
+            ctx.meta[_FILTER_FILE_KEY] = path
         try:
             content = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError) as err:
@@ -96,6 +101,9 @@ class FilterFile(click.ParamType):
         if not isinstance(content, dict):
             self.fail(f'{path} must hold a JSON object such as {{"task": "faces"}}', param, ctx)
         return content
+
+
+_FILTER_FILE_KEY = "bids_group.filter_file"
 
 
 class _MissingPath(click.ClickException):
@@ -325,7 +333,8 @@ def _underscored(name: str) -> str:
     "--work-dir",
     "-w",
     type=click.Path(path_type=Path),
-    help="Scratch folder (caches, matplotlib config). Default: a temporary folder.",
+    help="Scratch folder (matplotlib config and cache), outside OUT_DIR. Default: a private "
+    "temporary folder, removed at exit.",
 )
 @_option("--overwrite", is_flag=True, help="Replace existing results of the same names in OUT_DIR.")
 @_option(
@@ -350,12 +359,14 @@ def cli(state: dict[str, int], **options: Any) -> None:
 
     \b
     BIDS_DIR        the dataset (raw with --derivatives, or a derivatives dataset of maps)
-    OUT_DIR         where results go (created; must not lie inside BIDS_DIR)
+    OUT_DIR         where results go (created); never inside a dataset that is read, but
+                    <raw BIDS_DIR>/derivatives/bids-group is fine
     ANALYSIS_LEVEL  group (alias: dataset)
     """
     state["verbosity"] = options["verbose"] - options["quiet"]
     _setup_logging(state["verbosity"])
     config = _make_config(options)
+    isolate_caches(config.work_dir)  # before matplotlib is imported
     from bids_group import pipeline  # heavy imports only once arguments are valid
 
     result = pipeline.run(config)
@@ -373,25 +384,15 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
             f"analysis level {level!r} is not supported: bids-group runs the group level "
             "(use 'group' or its alias 'dataset')"
         )
-    bids_dir = options["bids_dir"].expanduser().resolve()
-    out_dir = options["out_dir"].expanduser().resolve()
-    if not bids_dir.exists():
-        raise MissingInputError(f"BIDS_DIR {bids_dir} does not exist")
-    if not bids_dir.is_dir():
-        raise MissingInputError(f"BIDS_DIR {bids_dir} is not a folder")
-    if out_dir == bids_dir or bids_dir in out_dir.parents or out_dir in bids_dir.parents:
-        raise UsageError(
-            f"OUT_DIR {out_dir} overlaps BIDS_DIR {bids_dir}: bids-group never writes into its "
-            f"input; choose e.g. {bids_dir.parent / (bids_dir.name + '-bids-group')}"
-        )
-    for name in ("model", "mask"):
-        path = options[name]
-        if path is not None and not path.is_file():
-            raise MissingInputError(f"--{name} {path}: no such file")
-    derivatives = tuple(p.expanduser().resolve() for p in options["derivatives"])
-    for path in derivatives:
-        if not path.is_dir():
-            raise MissingInputError(f"--derivatives {path}: no such folder")
+    paths = check_run_paths(
+        options["bids_dir"],
+        options["out_dir"],
+        derivatives=options["derivatives"],
+        model=options["model"],
+        mask=options["mask"],
+        work_dir=options["work_dir"],
+        filter_file=click.get_current_context().meta.get(_FILTER_FILE_KEY),
+    )
     overrides = {
         "height_control": options["height_control"],
         "alpha": options["alpha"],
@@ -417,18 +418,19 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         "whole_blocks": options["whole_blocks"],
     }
     return RunConfig(
-        bids_dir=bids_dir,
-        out_dir=out_dir,
-        model=options["model"].resolve() if options["model"] else None,
+        bids_dir=paths.bids_dir,
+        out_dir=paths.out_dir,
+        model=paths.model,
         participant_labels=tuple(options["participant_labels"]) or None,
-        derivatives=derivatives,
+        derivatives=paths.derivatives,
         bids_filters=options["bids_filter_file"],
-        mask=options["mask"].resolve() if options["mask"] else None,
+        mask=paths.mask,
         resample=options["resample"],
         target_voxel_size=options["target_voxel_size"],
         inference_overrides={k: v for k, v in overrides.items() if v is not None},
         n_jobs=options["n_jobs"],
-        work_dir=options["work_dir"].resolve() if options["work_dir"] else None,
+        work_dir=paths.work_dir,
+        input_files=paths.input_files,
         overwrite=options["overwrite"],
         json_summary=options["json_summary"],
         command=shlex.join(["bids-group", *sys.argv[1:]]),
@@ -548,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except Exception as err:  # a bug: say so, traceback with -vv
+        scratch = scratch_disk_error(err) if isinstance(err, OSError) else None
+        if scratch is not None:  # e.g. no space left for numba's compiled kernels
+            click.echo(f"bids-group: error: {scratch}", err=True)
+            return scratch.exit_code
         if state["verbosity"] > 0:
             log.exception("unexpected error")
         else:

@@ -108,6 +108,8 @@ class RunConfig:
         model file's extension block, which overrides the defaults.
     report : bool
         Write the HTML report and the figures beside the maps (``--no-report`` skips them).
+    input_files : tuple of Path
+        Files read besides the datasets (model, mask, filter file): no output may replace them.
     """
 
     bids_dir: Path
@@ -130,6 +132,7 @@ class RunConfig:
     progress: bool = False
     #: Also write the residuals and fitted values of every model as 4-D images.
     write_residuals: bool = False
+    input_files: tuple[Path, ...] = ()
 
 
 def resolve_inference(

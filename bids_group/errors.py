@@ -68,9 +68,19 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     16: ("BIDS problem", "the dataset is not valid BIDS (e.g. no dataset_description.json)"),
     17: ("unknown level", "the analysis level is not `group` (or `dataset`)"),
     18: ("empty selection", "filters selected no input map"),
-    64: ("usage error", "bad command-line option or invalid model file"),
+    64: (
+        "usage error",
+        "bad command-line option, invalid model file, or OUT_DIR / -w inside an input",
+    ),
     65: ("bad data", "inputs unusable: missing covariate, grid mismatch, non-estimable design"),
-    66: ("missing input", "a file or folder named on the command line does not exist"),
-    73: ("cannot create output", "OUT_DIR not writable, or results exist without --overwrite"),
+    66: (
+        "missing input",
+        "a file or folder named on the command line is missing or the wrong kind",
+    ),
+    73: (
+        "cannot create output",
+        "OUT_DIR or -w not writable (full, read-only, no permission...), or results exist "
+        "without --overwrite",
+    ),
     130: ("interrupted", "stopped by Ctrl-C or SIGTERM; nothing was written to OUT_DIR"),
 }

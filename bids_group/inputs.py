@@ -11,8 +11,10 @@ indexing, so nothing is written into the (possibly read-only) input folders.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -330,6 +332,8 @@ def _index(root: Path) -> Any:
     """Index ``root`` with pybids: in memory, no validation, no metadata (fast, writes nothing)."""
     from bids.layout import BIDSLayout, BIDSLayoutIndexer
 
+    _check_no_link_loop(root)
+
     config = resources.files("bids_group") / "resources" / CONFIG_NAME
     with resources.as_file(config) as config_path:
         layout = BIDSLayout(
@@ -341,6 +345,52 @@ def _index(root: Path) -> Any:
         )
     log.debug("Indexed %s", root)
     return layout
+
+
+#: Folders at the root of a dataset that pybids does not index (hidden ones neither).
+_NOT_INDEXED = frozenset({"code", "derivatives", "models", "sourcedata", "stimuli"})
+
+
+def _check_no_link_loop(root: Path) -> None:
+    """Raise :class:`BidsDatasetError` if a symbolic link under ``root`` leads to a folder above
+    it (pybids would follow it about 40 levels deep and index every map again at each level).
+
+    Walks the folders pybids indexes, following links, and tracks the (device, inode) of the
+    folders on the current path.
+    """
+    stack = [(root, frozenset({_folder_id(root)}))]
+    while stack:
+        folder, above = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # unreadable: pybids reports it, or skips it
+        for entry in entries:
+            if entry.name.startswith(".") or (folder == root and entry.name in _NOT_INDEXED):
+                continue
+            try:
+                if not entry.is_dir():
+                    continue
+                ident = _folder_id(Path(entry.path))
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a link to itself, or a chain of links in a ring
+                    raise _loop_error(root, entry, "is a ring of symbolic links") from exc
+                continue
+            if ident in above:
+                raise _loop_error(root, entry, "leads back to a folder above it")
+            stack.append((Path(entry.path), above | {ident}))
+
+
+def _folder_id(folder: Path) -> tuple[int, int]:
+    st = folder.stat()
+    return st.st_dev, st.st_ino
+
+
+def _loop_error(root: Path, entry: os.DirEntry, what: str) -> BidsDatasetError:
+    target = os.readlink(entry.path) if entry.is_symlink() else "(a mount)"
+    return BidsDatasetError(
+        f"symbolic link loop in {root}: {entry.path} -> {target} {what}; remove or fix the link"
+    )
 
 
 def _query_args(query: Mapping[str, tuple[Any, ...]]) -> dict[str, Any]:

@@ -8,8 +8,6 @@ appear in OUT_DIR only when the run succeeded (see :mod:`bids_group.outputs.stag
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from bids_group.outputs.figures import design_summary, plot_design_matrix
 from bids_group.outputs.maps import MapWriter, write_mask
 from bids_group.outputs.staging import check_writable, staged_output
 from bids_group.outputs.tables import write_table
+from bids_group.paths import isolate_caches
 from bids_group.pipeline_permutation import PermutationJob, plan_permutations, write_permutation
 from bids_group.report import build as report
 from bids_group.report.html import ReportSection, write_report
@@ -98,7 +97,7 @@ def run(config: RunConfig) -> RunResult:
 
 def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     started = time.perf_counter()
-    _isolate_caches(config.work_dir)
+    isolate_caches(config.work_dir)  # a no-op when the CLI did it before matplotlib's import
     spec = load_spec(config.model) if config.model else default_spec()
     inference = resolve_inference(config.inference_overrides, spec.inference)
     entries = [
@@ -108,7 +107,9 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     ]
     if config.report:
         entries.append(naming.report_name(to_label(spec.name)))
-    check_writable(config.out_dir, overwrite=config.overwrite, entries=entries)
+    check_writable(
+        config.out_dir, overwrite=config.overwrite, entries=entries, inputs=config.input_files
+    )
     inputs = collect_inputs(
         config.bids_dir,
         derivatives=config.derivatives,
@@ -813,16 +814,3 @@ def _write_run_metadata(
     x_columns = next(iter(columns)) if len(columns) == 1 else None
     write_json(model_path, resolved_model_dict(spec, x_columns=x_columns))
     return [Path(description), model_path]
-
-
-def _isolate_caches(work_dir: Path | None) -> None:
-    """Point matplotlib's cache at a writable scratch folder (HOME may be read-only)."""
-    if "MPLCONFIGDIR" in os.environ:
-        return
-    base = work_dir if work_dir is not None else Path(tempfile.gettempdir())
-    target = base / "bids-group-mplconfig"
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        target = Path(tempfile.mkdtemp(prefix="bids-group-mpl-"))
-    os.environ["MPLCONFIGDIR"] = str(target)

@@ -82,8 +82,17 @@ def test_missing_derivatives_folder(capsys, ds, out, tmp_path):
 
 
 def test_out_dir_inside_bids_dir(capsys, ds):
+    # ds is a derivatives dataset (its maps are read): nothing inside it is allowed, not even
+    # derivatives/ (allowed in a raw BIDS_DIR: tests/test_bad_inputs_paths.py).
     out = ds / "derivatives" / "bids-group"
-    check_failure(capsys, [ds, out, "group"], out, 64, "never writes into its input")
+    check_failure(
+        capsys,
+        [ds, out, "group"],
+        out,
+        64,
+        f"OUT_DIR {out} is inside BIDS_DIR {ds}",
+        "never writes",
+    )
 
 
 def test_out_dir_parent_is_a_file(capsys, ds, tmp_path):

@@ -135,7 +135,7 @@ def test_failure_while_moving_into_place_is_rolled_back(existing, monkeypatch):
         real_rename(src, dst)
 
     monkeypatch.setattr(staging.os, "rename", flaky_rename)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OutputError, match="no space left on device; free space"):
         with staged_output(existing, overwrite=True) as stage:
             write_results(stage)
     monkeypatch.undo()
@@ -193,7 +193,7 @@ def test_dangling_symlink_is_not_a_folder(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
 def test_unwritable_parent_even_for_root():
     # /proc refuses new folders even to root, unlike chmod which root ignores.
-    with pytest.raises(OutputError, match="cannot write to /proc"):
+    with pytest.raises(OutputError, match="cannot write in /proc"):
         check_writable(Path("/proc/bids-group-out"), overwrite=False)
     with pytest.raises(OutputError):
         with staged_output(Path("/proc/bids-group-out"), overwrite=False):
