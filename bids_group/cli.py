@@ -46,6 +46,7 @@ from bids_group.errors import (
     UsageError,
 )
 from bids_group.paths import check_run_paths, isolate_caches, scratch_disk_error
+from bids_group.spec import ADJUSTMENTS, ESTIMATORS, VARIANCE_SOURCES
 
 log = logging.getLogger("bids_group")
 
@@ -175,6 +176,25 @@ def _underscored(name: str) -> str:
     show_default=True,
     help="Resample maps on other grids to the mask's (or the first map's) grid "
     "instead of stopping.",
+)
+@_option(
+    "--estimator",
+    type=click.Choice(ESTIMATORS),
+    help="Model estimator: ols (OLS on the effect maps), or mixed effects with the first-level "
+    "variances: fe (tau²=0), dl (DerSimonian-Laird), hedges, ml, reml (FLAME1). "
+    "[default: the model file's: ols for Type glm, reml for Type meta]",
+)
+@_option(
+    "--variance-from",
+    type=click.Choice(VARIANCE_SOURCES),
+    help="Mixed effects: each effect map's variance comes from its stat-variance sibling, "
+    "stat-se (squared) or stat-t ((effect/t)²). [default: variance]",
+)
+@_option(
+    "--adjustment",
+    type=click.Choice(ADJUSTMENTS),
+    help="Mixed effects: small-sample adjustment of t/F (Knapp-Hartung, or floored at 1). "
+    "[default: none]",
 )
 @_option(
     "--target-voxel-size",
@@ -427,6 +447,9 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         mask=paths.mask,
         resample=options["resample"],
         target_voxel_size=options["target_voxel_size"],
+        estimator=options["estimator"],
+        variance_from=options["variance_from"],
+        adjustment=options["adjustment"],
         inference_overrides={k: v for k, v in overrides.items() if v is not None},
         n_jobs=options["n_jobs"],
         work_dir=paths.work_dir,

@@ -18,6 +18,7 @@ from bids_group.spec import (
     PERMUTATION_METHODS,
     PERMUTATION_SCHEMES,
     TFCE_INTEGRATIONS,
+    EstimationSpec,
     InferenceDefaults,
     cluster_forming_p,
 )
@@ -132,6 +133,10 @@ class RunConfig:
     progress: bool = False
     #: Also write the residuals and fitted values of every model as 4-D images.
     write_residuals: bool = False
+    #: Command-line overrides of the model's estimation settings (None: the model file's).
+    estimator: str | None = None
+    variance_from: str | None = None
+    adjustment: str | None = None
     input_files: tuple[Path, ...] = ()
 
 
@@ -270,3 +275,25 @@ def _check_permutation(config: InferenceConfig, given: set[str]) -> None:
             "--whole-blocks needs exchangeability blocks: --exchangeability-blocks subject "
             "(or ExchangeabilityBlocks in the model's inference block)"
         )
+
+
+def resolve_estimation(from_model: EstimationSpec, config: RunConfig) -> EstimationSpec:
+    """The model file's estimation settings, overridden by the command line.
+
+    Raises
+    ------
+    UsageError
+        ``--variance-from`` or ``--adjustment`` with the OLS estimator (they would do nothing).
+    """
+    estimator = config.estimator or from_model.estimator
+    if estimator == "ols" and (config.variance_from or config.adjustment):
+        option = "--variance-from" if config.variance_from else "--adjustment"
+        raise UsageError(
+            f"{option} applies to mixed-effects estimators only; add --estimator reml (or "
+            "another of fe, dl, hedges, ml), or set Model.Type: meta in the model file"
+        )
+    return EstimationSpec(
+        estimator=estimator,
+        variance_from=config.variance_from or from_model.variance_from,
+        adjustment=config.adjustment or from_model.adjustment,
+    )

@@ -46,6 +46,9 @@ class ContrastResult:
         Signed z with the same upper-tail p, precise in the far tails (never inf for finite stat).
     dof : tuple of float
         (dof,) for t, (df1, df2) for F. df1 is the rank of the contrast.
+    p_two_sided : ndarray of shape (n_voxels,) or None
+        Set by estimators whose dof differ between voxels (mixed effects with exclusions);
+        :meth:`two_sided_p` returns it. None: computed from ``stat`` and ``dof``.
     """
 
     stat_type: StatType
@@ -55,6 +58,7 @@ class ContrastResult:
     p: np.ndarray
     z: np.ndarray
     dof: tuple[float, ...]
+    p_two_sided: np.ndarray | None = None
 
     def two_sided_p(self) -> np.ndarray:
         """Two-sided p of a t contrast; see :func:`two_sided_p`."""
@@ -83,6 +87,8 @@ def two_sided_p(result: ContrastResult) -> np.ndarray:
             "A two-sided p is only defined for t contrasts; an F test is already "
             "non-directional: use its p."
         )
+    if result.p_two_sided is not None:
+        return result.p_two_sided
     return np.minimum(1.0, 2.0 * np.exp(log_sf_t(np.abs(result.stat), result.dof[0])))
 
 

@@ -16,7 +16,7 @@ import logging
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -61,6 +61,19 @@ class MaskedData:
     affine: np.ndarray
     voxel_size: tuple[float, float, float]
     n_dropped: int = 0
+
+    def restricted(self, keep: np.ndarray) -> MaskedData:
+        """The same data on the voxels where ``keep`` is True; the others leave the mask
+        (and count as dropped)."""
+        keep = np.asarray(keep, dtype=bool)
+        mask = self.mask.copy()
+        mask[mask] = keep
+        return replace(
+            self,
+            data=np.ascontiguousarray(self.data[:, keep]),
+            mask=mask,
+            n_dropped=self.n_dropped + int(np.count_nonzero(~keep)),
+        )
 
 
 @dataclass(frozen=True)
@@ -175,6 +188,49 @@ def load_masked_data(
         voxel_size=target.voxel_size,
         n_dropped=n_dropped,
     )
+
+
+def load_on_mask(
+    paths: Sequence[Path],
+    data: MaskedData,
+    *,
+    resample: bool = False,
+    n_jobs: int = 1,
+    what: str = "map",
+) -> np.ndarray:
+    """Read more maps at the voxels of an existing mask, e.g. the variances of the effects.
+
+    The maps must be on the grid of ``data`` (or are resampled to it with ``resample``, as in
+    :func:`load_masked_data`). Nothing is dropped: non-finite values are returned as they are,
+    for the caller's policy.
+
+    Parameters
+    ----------
+    paths : sequence of Path
+        One map per row of ``data.data``, in the same order.
+    data : MaskedData
+        Gives the grid and the mask.
+    what : str
+        What the maps are, for messages ("variance map").
+
+    Returns
+    -------
+    ndarray of shape (len(paths), n_voxels), float32
+    """
+    paths = [Path(p) for p in paths]
+    target = _Grid(tuple(int(n) for n in data.mask.shape), data.affine)
+    grids = [_read_grid(p) for p in paths]
+    off = [p for p, g in zip(paths, grids, strict=True) if not g.same_as(target)]
+    if off and not resample:
+        raise DataError(
+            f"{len(off)} {what}(s) are not on the grid of the effect maps ({target.describe()}), "
+            f"e.g. {off[0]}. Use --resample to resample them to that grid"
+        )
+    indices = _fortran_indices_in_c_order(data.mask)
+    out = np.empty((len(paths), indices.size), dtype=np.float32)
+    for volume in _iter_volumes(paths, grids, target, sigma=None, n_jobs=n_jobs):
+        np.take(volume.data, indices, out=out[volume.index])
+    return out
 
 
 def unmask(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -534,14 +590,13 @@ def _log_auto_mask(
     if not n_dropped:
         log.info(text)
         return
-    worst = np.argsort(coverage, kind="stable")[:_MAX_LISTED_COVERAGE]
-    listed = ", ".join(f"{paths[i].name} ({coverage[i]:.1%})" for i in worst)
-    log.warning(
-        "%s; least coverage of the voxels any map covers: %s. Give --mask to choose the "
-        "voxels yourself",
-        text,
-        listed,
-    )
+    if np.ptp(coverage) < 1e-3:  # same coverage everywhere: no map to single out
+        where = f"every map covers {np.min(coverage):.1%} of the voxels any map covers"
+    else:
+        worst = np.argsort(coverage, kind="stable")[:_MAX_LISTED_COVERAGE]
+        listed = ", ".join(f"{paths[i].name} ({coverage[i]:.1%})" for i in worst)
+        where = f"least coverage of the voxels any map covers: {listed}"
+    log.warning("%s; %s. Give --mask to choose the voxels yourself", text, where)
 
 
 def _stack_auto_mask(

@@ -10,20 +10,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bids_group import CODE_URL, __version__
-from bids_group.config import InferenceConfig, RunConfig, resolve_inference
-from bids_group.contrasts import ContrastResult, compute_contrast
+from bids_group.config import InferenceConfig, RunConfig, resolve_estimation, resolve_inference
+from bids_group.contrasts import ContrastResult
 from bids_group.data_checks import check_masked_data
 from bids_group.design import Contrast, Design, build_design, resolve_contrasts, variables_for_maps
 from bids_group.errors import DataError, UsageError
-from bids_group.glm import GlmFit, fit_ols, fitted_values
-from bids_group.images import MaskedData, load_masked_data
+from bids_group.estimation import FittedModel, fit_model, mixed_estimable
+from bids_group.images import MaskedData, load_masked_data, load_on_mask
 from bids_group.inference.ari import ARIResult, ari_clusters
 from bids_group.inference.clusters import (
     apply_cluster_extent,
@@ -43,7 +43,14 @@ from bids_group.paths import isolate_caches
 from bids_group.pipeline_permutation import PermutationJob, plan_permutations, write_permutation
 from bids_group.report import build as report
 from bids_group.report.html import ReportSection, write_report
-from bids_group.spec import ModelSpec, default_spec, load_spec, resolved_model_dict
+from bids_group.spec import (
+    EstimationSpec,
+    ModelSpec,
+    default_spec,
+    load_spec,
+    resolved_model_dict,
+)
+from bids_group.variance_maps import sibling_paths, to_variance
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,8 @@ class Analysis:
     #: Variables of the maps before the model's transformations (participants.tsv columns and
     #: entities), e.g. for exchangeability blocks.
     variables: Any = None
+    #: Mixed-effects models: the sibling map giving each map's first-level variance.
+    variance_paths: tuple[Path, ...] = ()
 
     @property
     def input_contrast(self) -> str | None:
@@ -100,6 +109,8 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     isolate_caches(config.work_dir)  # a no-op when the CLI did it before matplotlib's import
     spec = load_spec(config.model) if config.model else default_spec()
     inference = resolve_inference(config.inference_overrides, spec.inference)
+    spec = replace(spec, estimation=resolve_estimation(spec.estimation, config))
+    _check_estimation(spec.estimation, inference)
     entries = [
         naming.DATASET_DESCRIPTION,
         naming.model_name(to_label(spec.name)),
@@ -167,6 +178,24 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     return RunResult(written=final, summary=summary)
 
 
+def _check_estimation(estimation: EstimationSpec, inference: InferenceConfig) -> None:
+    """Settings a mixed-effects model cannot honour (yet), refused before any image is read."""
+    if not estimation.mixed:
+        return
+    if inference.permutation:
+        raise UsageError(
+            f"permutation inference ({', '.join(inference.permutation)}) with the "
+            f"{estimation.estimator} estimator is not available yet: use parametric inference "
+            "(--height-control, --cluster-threshold, --ari) or --estimator ols"
+        )
+    if inference.smoothing_fwhm:
+        raise UsageError(
+            f"--smoothing-fwhm {inference.smoothing_fwhm:g} with the {estimation.estimator} "
+            "estimator: smoothing the effect maps changes their variances in a way the "
+            "first-level variance maps do not describe; smooth at the first level instead"
+        )
+
+
 def plan_analyses(
     spec: ModelSpec, maps: Sequence[InputMap], participants: Any
 ) -> tuple[Analysis, ...]:
@@ -199,7 +228,12 @@ def plan_analyses(
         except (DataError, UsageError) as err:
             where = ", ".join(f"{k} {v}" for k, v in group.items())
             raise type(err)(f"{err} (model for {where})" if where else str(err)) from err
-        analyses.append(Analysis(group, group_maps, design, contrasts, variables))
+        variance_paths = (
+            sibling_paths(group_maps, spec.estimation.variance_from)
+            if spec.estimation.mixed
+            else ()
+        )
+        analyses.append(Analysis(group, group_maps, design, contrasts, variables, variance_paths))
     return tuple(analyses)
 
 
@@ -282,7 +316,10 @@ def _run_analysis(
     )
     log.info("mask: %d voxels", data.data.shape[1])
     _warn_data_findings(data, analysis.maps, where)
-    fit = fit_ols(data.data, analysis.design.matrix)
+    variances = None
+    if spec.estimation.mixed:
+        data, variances = _load_variances(analysis, data, spec.estimation, config, where)
+    fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances)
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)
     written += _write_model_maps(analysis, fit, data, node_dir, writer, config.write_residuals)
@@ -291,11 +328,11 @@ def _run_analysis(
     )
     contrasts_summary, contrast_sections = [], []
     for contrast in analysis.contrasts:
-        result = compute_contrast(fit, contrast.weights, contrast.test)
+        result = fit.contrast(contrast.weights, contrast.test)
         label = group_contrast_label(analysis.input_contrast, contrast.name)
         files, contrast_summary, methods = _write_contrast(
             analysis, contrast, label, result, data, inference, node_dir, entities, writer, view,
-            (jobs or {}).get(contrast.name),
+            (jobs or {}).get(contrast.name), fit.sidecar(),
         )  # fmt: skip
         written += files
         contrasts_summary.append(contrast_summary)
@@ -314,7 +351,7 @@ def _run_analysis(
     sections: list[ReportSection] = []
     if view is not None:
         files, sections = _analysis_report(
-            analysis, where, data, fit.dof, design_info, view, contrast_sections, node_dir
+            analysis, where, data, fit, design_info, view, contrast_sections, node_dir
         )
         written += files
     summary = {
@@ -323,6 +360,7 @@ def _run_analysis(
         "subjects": sorted({str(m.entities["subject"]) for m in analysis.maps}),
         "columns": list(analysis.design.columns),
         "dof": int(fit.dof),
+        "estimator": spec.estimation.estimator,
         "mask_voxels": int(data.data.shape[1]),
         "contrasts": contrasts_summary,
     }
@@ -347,7 +385,7 @@ def _analysis_report(
     analysis: Analysis,
     where: str,
     data: MaskedData,
-    dof: float,
+    fit: FittedModel,
     design_info: tuple[Path, dict[str, Any]],
     view: _ReportView,
     contrast_sections: list[ReportSection],
@@ -361,9 +399,10 @@ def _analysis_report(
     mask = report.mask_figure(data.mask, view.background, data.affine, filename=mask_name)
     facts = (
         ("input maps", str(len(analysis.maps))),
-        ("residual degrees of freedom", f"{dof:g}"),
+        ("residual degrees of freedom", f"{fit.dof:g}"),
         ("mask voxels", f"{int(data.mask.sum()):,}"),
         ("voxels dropped from the mask", f"{data.n_dropped:,}"),
+        *fit.report_facts(),
     )
     sections = report.analysis_sections(
         f"Model for {where}", facts=facts, design_svg=figure_path.read_bytes(),
@@ -450,38 +489,24 @@ def _write_design(
 
 def _write_model_maps(
     analysis: Analysis,
-    fit: GlmFit,
+    fit: FittedModel,
     data: MaskedData,
     node_dir: Path,
     writer: MapWriter,
     residuals: bool,
 ) -> list[Path]:
-    """Model-level maps (no group contrast): R^2 and the residual variance; with
-    ``residuals``, also the residuals and fitted values as 4-D images (one volume per map,
-    in the order of the sidecar's InputMaps)."""
+    """Model-level maps (no group contrast): OLS R^2 and residual variance (with
+    ``residuals`` also the residuals and fitted values as 4-D images, one volume per map in
+    the order of the sidecar's InputMaps); mixed effects: tau^2 (and dof where it varies)."""
     common = {
         "DesignColumns": list(analysis.design.columns),
         "DegreesOfFreedom": [fit.dof],
         "InputMaps": [str(m.path) for m in analysis.maps],
         "Software": {"Name": "bids-group", "Version": __version__, "CodeURL": CODE_URL},
+        **fit.sidecar(),
     }
-    r2_total = "centred on the voxel's mean" if fit.centred_r_squared else (
-        "uncentred (sum of squares: the design does not span the constant)"
-    )  # fmt: skip
-    maps: list[tuple[str, np.ndarray, dict[str, Any]]] = [
-        ("rsquared", fit.r_squared, {"Statistic": "R-squared = 1 - RSS / TSS",
-                                     "TotalSumOfSquares": r2_total}),
-        ("residualvariance", fit.residual_variance,
-         {"Statistic": "residual variance = RSS / residual degrees of freedom"}),
-    ]  # fmt: skip
-    if residuals:
-        predicted = fitted_values(fit, data.data)
-        maps += [
-            ("predicted", predicted, {"Statistic": "fitted values X @ beta"}),
-            ("errorts", data.data - predicted, {"Statistic": "residuals Y - X @ beta"}),
-        ]
     written = []
-    for stat, values, sidecar in maps:
+    for stat, values, sidecar in fit.model_maps(data.data, residuals=residuals):
         path = node_dir / naming.statmap_name(
             contrast=_label(analysis.input_contrast), stat=stat, **analysis.name_entities
         )
@@ -489,6 +514,38 @@ def _write_model_maps(
                       sidecar={**common, **sidecar})  # fmt: skip
         written += [path, path.with_name(naming.sidecar_name(path.name))]
     return written
+
+
+def _load_variances(
+    analysis: Analysis,
+    data: MaskedData,
+    estimation: EstimationSpec,
+    config: RunConfig,
+    where: str,
+) -> tuple[MaskedData, np.ndarray]:
+    """The first-level variances at the mask's voxels; voxels where too few maps have a usable
+    variance for the design are removed from the mask (counted in a warning)."""
+    values = load_on_mask(analysis.variance_paths, data, resample=config.resample,
+                          n_jobs=config.n_jobs,
+                          what=f"stat-{estimation.variance_from} map")  # fmt: skip
+    variances = to_variance(values, data.data, estimation.variance_from)
+    keep = mixed_estimable(data.data, variances, analysis.design.matrix)
+    if not keep.all():
+        n_out = int(np.count_nonzero(~keep))
+        if not keep.any():
+            raise DataError(
+                f"{where}: no voxel has enough maps with a positive, finite variance for the "
+                f"design ({analysis.design.matrix.shape[1]} columns); check the "
+                f"stat-{estimation.variance_from} maps, e.g. {analysis.variance_paths[0]}"
+            )
+        log.warning(
+            "%s: %d of %d mask voxels have too few maps with a usable first-level variance "
+            "(positive and finite) for the design: removed from the mask",
+            where, n_out, keep.size,
+        )  # fmt: skip
+        data = data.restricted(keep)
+        variances = variances[:, keep]
+    return data, variances
 
 
 def _label(input_contrast: str | None) -> str | None:
@@ -507,6 +564,7 @@ def _write_contrast(
     writer: MapWriter,
     view: _ReportView | None = None,
     permutation: PermutationJob | None = None,
+    estimator: Mapping[str, Any] | None = None,
 ) -> tuple[list[Path], dict[str, Any], list[report.MethodReport]]:
     """Every output of one contrast: maps, thresholded map and table, ARI, permutation
     inference (with a ``permutation`` job), figures.
@@ -523,6 +581,7 @@ def _write_contrast(
         "DegreesOfFreedom": list(result.dof),
         "InputMaps": [str(m.path) for m in analysis.maps],
         "Software": {"Name": "bids-group", "Version": __version__, "CodeURL": CODE_URL},
+        **(estimator or {}),
     }
     out = _ContrastOutput(node_dir, label, entities, data, writer, common, result.dof)
     written = _write_contrast_maps(out, result, two_sided)

@@ -92,7 +92,17 @@ _CONTRAST_KEYS = ("Name", "ConditionList", "Weights", "Test", "Description")
 _DUMMY_KEYS = ("Test", "Contrasts", "Conditions", "Description")
 _EDGE_KEYS = ("Source", "Destination", "Filter", "Description")
 _LEVELS = ("Run", "Session", "Subject", "Dataset")
-_SOFTWARE_KEYS = ("Inference", "ContrastLabels")
+_SOFTWARE_KEYS = ("Inference", "ContrastLabels", "Estimator", "VarianceFrom", "Adjustment")
+#: Model estimators: OLS on the effects (``Type: glm``) or, with the first-level variances
+#: (``Type: meta``), a mixed-effects estimator of :mod:`bids_group.mixed_effects`.
+ESTIMATORS: tuple[str, ...] = ("ols", "fe", "dl", "hedges", "ml", "reml")
+#: Default estimator of ``Type: meta`` (FLAME1's).
+DEFAULT_META_ESTIMATOR = "reml"
+#: Where a map's first-level variance comes from: its ``stat-variance`` sibling, a
+#: ``stat-se`` sibling (squared) or a ``stat-t`` sibling (``(effect / t)^2``, as AFNI 3dMEMA).
+VARIANCE_SOURCES: tuple[str, ...] = ("variance", "se", "t")
+#: Small-sample adjustments of the mixed-effects t / F (see :mod:`bids_group.mixed_effects`).
+ADJUSTMENTS: tuple[str, ...] = ("none", "knapp-hartung", "knapp-hartung-floor")
 _HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", "none")
 
 
@@ -148,6 +158,30 @@ class InferenceDefaults:
 
 
 @dataclass(frozen=True)
+class EstimationSpec:
+    """How the model is fitted: ``Model.Type`` and ``Software.bids-group.Estimator`` etc.
+
+    Attributes
+    ----------
+    estimator : {"ols", "fe", "dl", "hedges", "ml", "reml"}
+        ``ols`` for ``Type: glm``; a mixed-effects estimator (default ``reml``) for
+        ``Type: meta``.
+    variance_from : {"variance", "se", "t"}
+        The sibling map (``stat-<variance_from>``) that gives each effect map's variance.
+    adjustment : {"none", "knapp-hartung", "knapp-hartung-floor"}
+    """
+
+    estimator: str = "ols"
+    variance_from: str = "variance"
+    adjustment: str = "none"
+
+    @property
+    def mixed(self) -> bool:
+        """True for a mixed-effects (meta) estimator, which needs first-level variances."""
+        return self.estimator != "ols"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """The validated dataset-level model.
 
@@ -190,6 +224,7 @@ class ModelSpec:
     contrasts: tuple[ContrastSpec, ...]
     dummy_contrasts: tuple[str, ...] | None
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
+    estimation: EstimationSpec = field(default_factory=EstimationSpec)
     raw: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
     description: str | None = None
@@ -697,11 +732,16 @@ def _parse_group_by(raw: Any, where: str) -> tuple[str, ...]:
     return tuple(raw)
 
 
-def _parse_model(raw: Any, where: str) -> tuple[tuple[str, ...], InferenceDefaults]:
+def _parse_model(raw: Any, where: str) -> tuple[tuple[str, ...], InferenceDefaults, EstimationSpec]:
     raw = _mapping(raw, where, "Model")
     _check_keys(raw, _MODEL_KEYS, ("Type", "X"), where)
-    if str(raw["Type"]).lower() != "glm":
-        raise _fail(f"{where}.Type", f"only 'glm' is supported, got {raw['Type']!r}")
+    model_type = str(raw["Type"]).lower()
+    if model_type not in ("glm", "meta"):
+        raise _fail(
+            f"{where}.Type",
+            f"{raw['Type']!r} is not supported: use glm (OLS on the effect maps) or meta "
+            "(mixed effects with the first-level variances)",
+        )
     if "Formula" in raw:
         raise _fail(
             f"{where}.Formula",
@@ -722,7 +762,41 @@ def _parse_model(raw: Any, where: str) -> tuple[tuple[str, ...], InferenceDefaul
     if not x:
         raise _fail(f"{where}.X", "X is empty: list at least one column (1 for the intercept)")
     inference = _parse_software(raw.get("Software", {}), f"{where}.Software")
-    return x, inference
+    estimation = _parse_estimation(model_type, raw.get("Software", {}), f"{where}.Software")
+    return x, inference, estimation
+
+
+def _parse_estimation(model_type: str, software: Any, where: str) -> EstimationSpec:
+    """``Type`` plus ``Software.bids-group.{Estimator, VarianceFrom, Adjustment}``."""
+    block = software.get(SOFTWARE_KEY, {}) if isinstance(software, Mapping) else {}
+    where = f"{where}.{SOFTWARE_KEY}"
+    default = DEFAULT_META_ESTIMATOR if model_type == "meta" else "ols"
+    values = {}
+    for key, name, allowed in (
+        ("Estimator", "estimator", ESTIMATORS),
+        ("VarianceFrom", "variance_from", VARIANCE_SOURCES),
+        ("Adjustment", "adjustment", ADJUSTMENTS),
+    ):
+        if key in block:
+            value = str(block[key]).lower()
+            if value not in allowed:
+                raise _fail(f"{where}.{key}", f"{block[key]!r} is not one of {', '.join(allowed)}")
+            values[name] = value
+    estimator = values.get("estimator", default)
+    if model_type == "glm" and estimator != "ols":
+        raise _fail(
+            f"{where}.Estimator",
+            f"{estimator} is a mixed-effects estimator: set Model.Type to meta (Type glm is OLS)",
+        )
+    if model_type == "meta" and estimator == "ols":
+        raise _fail(f"{where}.Estimator", "ols ignores the variances: use Type glm for OLS")
+    if estimator == "ols" and set(values) - {"estimator"}:
+        raise _fail(where, "VarianceFrom and Adjustment only apply to Type meta")
+    return EstimationSpec(
+        estimator=estimator,
+        variance_from=values.get("variance_from", "variance"),
+        adjustment=values.get("adjustment", "none"),
+    )
 
 
 def _dataset_node(nodes: Any, where: str) -> tuple[int, Mapping[str, Any]]:
@@ -806,7 +880,7 @@ def parse_spec(data: Any, *, source: Path | str | None = None) -> ModelSpec:
     if "Edges" in data:
         _check_edges(data["Edges"], data["Nodes"], f"{fname}: Edges")
     group_by = _parse_group_by(node["GroupBy"], f"{where}.GroupBy")
-    x, inference = _parse_model(node["Model"], f"{where}.Model")
+    x, inference, estimation = _parse_model(node["Model"], f"{where}.Model")
     transformations: tuple[dict[str, Any], ...] = ()
     if node.get("Transformations") is not None:
         transformations = _parse_transformations(
@@ -832,6 +906,7 @@ def parse_spec(data: Any, *, source: Path | str | None = None) -> ModelSpec:
         contrasts=contrasts,
         dummy_contrasts=dummy,
         inference=inference,
+        estimation=estimation,
         raw=data,
         source=Path(source) if source is not None else None,
         description=data.get("Description"),
@@ -1035,8 +1110,12 @@ def resolved_model_dict(spec: ModelSpec, *, x_columns: Sequence[str] | None = No
     labels.update({d: to_label(d) for d in dummies if not set("*?[") & set(d)})
     if labels:
         software["ContrastLabels"] = labels
+    if spec.estimation.mixed:
+        software["Estimator"] = spec.estimation.estimator
+        software["VarianceFrom"] = spec.estimation.variance_from
+        software["Adjustment"] = spec.estimation.adjustment
     model: dict[str, Any] = {
-        "Type": "glm",
+        "Type": "meta" if spec.estimation.mixed else "glm",
         "X": [_x_out(n) for n in (x_columns if x_columns is not None else spec.x)],
     }
     if software:

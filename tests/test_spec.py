@@ -231,7 +231,7 @@ MALFORMED = {
     "X empty": (_set((*N0, "Model", "X"), []), ["X is empty"]),
     "X duplicate": (_set((*N0, "Model", "X"), ["a", "a"]), ["'a' more than once"]),
     "X zero": (_set((*N0, "Model", "X"), [0, "a"]), ["Model.X[0]", "leave out 1"]),
-    "model type": (_set((*N0, "Model", "Type"), "meta"), ["only 'glm'"]),
+    "model type": (_set((*N0, "Model", "Type"), "glmm"), ["use glm", "or meta"]),
     "formula": (_set((*N0, "Model", "Formula"), "y ~ 1"), ["formulas are not supported"]),
     "model key typo": (_set((*N0, "Model", "Softwear"), {}), ["did you mean 'Software'"]),
     "weights length": (_set((*C0, "Weights"), [1, -1, 0]),

@@ -35,6 +35,8 @@ Statistics (``stat-<stat>``), see :data:`STATS`:
 ``residualvariance``  residual variance ``RSS / dof`` of the model (model-level map)
 ``errorts``           residuals, one volume per input map (``--write-residuals``; nilearn's name)
 ``predicted``         fitted values, one volume per input map (``--write-residuals``)
+``tau2``              between-subject variance of a mixed-effects model (model-level map)
+``dof``               residual degrees of freedom per voxel, where they differ (model-level)
 ====================  =================================================================
 
 ``desc`` labels of thresholded maps, built by :func:`desc_label` (``method`` -> label):
@@ -86,6 +88,8 @@ STATS: Mapping[str, str] = {
     "residualvariance": "residual variance of the model (RSS / residual degrees of freedom)",
     "errorts": "residuals of the model, one volume per input map",
     "predicted": "fitted values of the model, one volume per input map",
+    "tau2": "between-subject variance tau^2 of a mixed-effects model",
+    "dof": "residual degrees of freedom per voxel",
 }
 
 #: ``desc-`` labels of thresholded maps (see the module docstring for the table).

@@ -1,0 +1,179 @@
+"""One interface over the model estimators, so the pipeline does not care which one runs.
+
+:func:`fit_model` fits OLS (:mod:`bids_group.glm`) or a mixed-effects model with known
+first-level variances (:mod:`bids_group.mixed_effects`) and returns a :class:`FittedModel`:
+its contrasts as :class:`~bids_group.contrasts.ContrastResult`, its model-level maps and
+what the report and the sidecars say about it. A new estimator plugs in here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import special
+
+from bids_group.contrasts import ContrastResult, compute_contrast
+from bids_group.glm import GlmFit, fit_ols, fitted_values
+from bids_group.mixed_effects import MixedFit, fit_mixed, mixed_contrast
+from bids_group.spec import EstimationSpec
+
+log = logging.getLogger(__name__)
+
+#: Full names of the estimators, for sidecars and the report.
+ESTIMATOR_NAMES = {
+    "ols": "ordinary least squares",
+    "fe": "fixed effects (inverse-variance weighted least squares, tau^2 = 0)",
+    "dl": "mixed effects, DerSimonian-Laird tau^2",
+    "hedges": "mixed effects, Hedges tau^2",
+    "ml": "mixed effects, maximum-likelihood tau^2",
+    "reml": "mixed effects, restricted maximum-likelihood tau^2 (FLAME1's estimate)",
+}
+
+
+@dataclass(frozen=True)
+class FittedModel:
+    """A fitted model, whatever the estimator.
+
+    Attributes
+    ----------
+    estimation : EstimationSpec
+    dof : float
+        Nominal residual degrees of freedom (n - rank X); with a mixed-effects model a voxel
+        where some maps were excluded has fewer (see ``dof_map``).
+    ols : GlmFit or None
+    mixed : MixedFit or None
+    """
+
+    estimation: EstimationSpec
+    dof: float
+    ols: GlmFit | None = None
+    mixed: MixedFit | None = None
+
+    def contrast(self, weights: np.ndarray, test: str) -> ContrastResult:
+        """The t or F contrast ``weights`` at every voxel."""
+        if self.ols is not None:
+            return compute_contrast(self.ols, weights, test)
+        assert self.mixed is not None
+        result = mixed_contrast(self.mixed, weights, test, self.estimation.adjustment)
+        dof = (self.dof,) if test == "t" else (result.df1, self.dof)
+        # Two-sided p from z, which has the same tail probability as t at each voxel's own
+        # dof (computed once, precisely, by mixed_contrast).
+        return ContrastResult(
+            stat_type=result.stat_type,
+            effect=result.effect,
+            variance=result.variance,
+            stat=result.stat,
+            p=result.p,
+            z=result.z,
+            dof=dof,
+            p_two_sided=2.0 * special.ndtr(-np.abs(result.z)),
+        )
+
+    @property
+    def dof_varies(self) -> bool:
+        """True when some voxel has fewer degrees of freedom than the nominal ones."""
+        return self.mixed is not None and bool(np.any(self.mixed.dof < self.dof))
+
+    def sidecar(self) -> dict[str, Any]:
+        """What every map's sidecar says about the estimator."""
+        info: dict[str, Any] = {"Estimator": ESTIMATOR_NAMES[self.estimation.estimator]}
+        if self.mixed is not None:
+            info["VarianceFrom"] = f"stat-{self.estimation.variance_from} maps"
+            info["Adjustment"] = self.estimation.adjustment
+            info["DegreesOfFreedomPerVoxel"] = (
+                "k - p with k the maps valid at the voxel (see the stat-dof map)"
+                if self.dof_varies
+                else "n - p at every voxel"
+            )
+        return info
+
+    def model_maps(
+        self, data: np.ndarray, *, residuals: bool
+    ) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
+        """Model-level maps: (stat, in-mask values, sidecar) for each.
+
+        OLS: R^2 and the residual variance (with ``residuals``, also the residuals and the
+        fitted values, 4-D). Mixed effects: tau^2 (and the per-voxel dof when it varies).
+        """
+        if self.ols is not None:
+            fit = self.ols
+            total = "centred on the voxel's mean" if fit.centred_r_squared else (
+                "uncentred (sum of squares: the design does not span the constant)"
+            )  # fmt: skip
+            maps = [
+                ("rsquared", fit.r_squared, {"Statistic": "R-squared = 1 - RSS / TSS",
+                                             "TotalSumOfSquares": total}),
+                ("residualvariance", fit.residual_variance,
+                 {"Statistic": "residual variance = RSS / residual degrees of freedom"}),
+            ]  # fmt: skip
+            if residuals:
+                predicted = fitted_values(fit, data)
+                maps += [
+                    ("predicted", predicted, {"Statistic": "fitted values X @ beta"}),
+                    ("errorts", data - predicted, {"Statistic": "residuals Y - X @ beta"}),
+                ]
+            return maps
+        assert self.mixed is not None
+        maps = [
+            ("tau2", self.mixed.tau2,
+             {"Statistic": "between-subject variance tau^2 of the mixed-effects model"}),
+        ]  # fmt: skip
+        if self.dof_varies:
+            maps.append(("dof", self.mixed.dof, {"Statistic": "residual degrees of freedom"}))
+        return maps
+
+    def report_facts(self) -> tuple[tuple[str, str], ...]:
+        """Facts about the fit for the report's model section."""
+        facts = [("estimator", ESTIMATOR_NAMES[self.estimation.estimator])]
+        if self.mixed is not None:
+            tau2 = self.mixed.tau2
+            facts += [
+                ("first-level variances", f"stat-{self.estimation.variance_from} maps"),
+                ("small-sample adjustment", self.estimation.adjustment),
+                ("tau² (median, 95th percentile)",
+                 f"{np.median(tau2):.4g}, {np.percentile(tau2, 95):.4g}; "
+                 f"0 at {np.mean(tau2 == 0):.0%} of voxels"),
+                ("values excluded (variance <= 0 or not finite)",
+                 f"{self.mixed.n_excluded_values:,} at "
+                 f"{self.mixed.n_voxels_with_exclusions:,} voxels"),
+            ]  # fmt: skip
+        return tuple(facts)
+
+
+def fit_model(
+    estimation: EstimationSpec,
+    data: np.ndarray,
+    design: np.ndarray,
+    variances: np.ndarray | None = None,
+) -> FittedModel:
+    """Fit ``data`` (n_maps x n_voxels) on ``design`` with the estimator of ``estimation``.
+
+    ``variances`` (same shape as ``data``) are required by the mixed-effects estimators.
+    Voxels where a mixed-effects model is not estimable must have been removed by the
+    caller (:func:`mixed_estimable`).
+    """
+    if not estimation.mixed:
+        fit = fit_ols(data, design)
+        return FittedModel(estimation, float(fit.dof), ols=fit)
+    if variances is None:
+        raise ValueError("a mixed-effects estimator needs the first-level variances")
+    fit = fit_mixed(data, variances, design, method=estimation.estimator)
+    dof = float(data.shape[0] - np.linalg.matrix_rank(design))
+    if fit.n_voxels_with_exclusions:
+        log.warning(
+            "%d first-level value(s) at %d voxel(s) have a variance that is zero, negative or "
+            "not finite (or a non-finite effect): those maps are left out at those voxels, "
+            "which keep fewer degrees of freedom (stat-dof map)",
+            fit.n_excluded_values,
+            fit.n_voxels_with_exclusions,
+        )
+    return FittedModel(estimation, dof, mixed=fit)
+
+
+def mixed_estimable(data: np.ndarray, variances: np.ndarray, design: np.ndarray) -> np.ndarray:
+    """Voxels where a mixed-effects fit is possible: enough valid maps for the design."""
+    fit = fit_mixed(data, variances, design, method="fe")
+    return np.asarray(fit.estimable, dtype=bool)

@@ -1,0 +1,186 @@
+"""Mixed-effects models through the real CLI, on real first-level maps.
+
+Data: ``../shared/data/real/nimare-pain-crop`` (21 pain studies, beta / varcope / se / t maps of
+10 x 10 x 10 voxels; skipped when absent), laid out as a BIDS derivatives dataset. Oracle:
+PyMARE (the meta-analysis estimators NiMARE uses) called voxel by voxel on the same values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from clicheck import check_failure
+from conftest import make_bids_derivatives, write_description, write_participants
+from scipy import special
+
+from bids_group.cli import main
+from bids_group.distributions import t_sf_and_z
+
+PAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "nimare-pain-crop"
+pytestmark = pytest.mark.skipif(not PAIN.is_dir(), reason=f"{PAIN} is absent")
+
+META = """
+Name: painMeta
+BIDSModelVersion: 1.0.0
+Nodes:
+  - Level: Dataset
+    Name: meta
+    GroupBy: [contrast]
+    Model:
+      Type: meta
+      X: [1]
+      Software:
+        bids-group: {{Estimator: {estimator}, VarianceFrom: {source}}}
+    DummyContrasts: {{Test: t}}
+"""
+
+
+def _run(bids: Path, out: Path, *args: str) -> tuple[int, dict | None, str]:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    logger = logging.getLogger("bids_group")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main([str(bids), str(out), "group", "--json", "-q", "--no-report", *args])
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    summary = json.loads(stdout.getvalue()) if code == 0 else None
+    return code, summary, stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pain(tmp_path_factory) -> Path:
+    """The 21 studies as sub-NN_contrast-pain_stat-{effect,variance,se,t}_statmap links."""
+    root = tmp_path_factory.mktemp("pain") / "ds"
+    write_description(root)
+    kinds = {"beta": "effect", "varcope": "variance", "se": "se", "t": "t"}
+    for n in range(1, 22):
+        folder = root / f"sub-{n:02d}" / "func"
+        folder.mkdir(parents=True)
+        for theirs, stat in kinds.items():
+            link = folder / f"sub-{n:02d}_contrast-pain_stat-{stat}_statmap.nii.gz"
+            link.symlink_to(PAIN / f"pain_{n:02d}_{theirs}.nii.gz")
+    write_participants(
+        root / "participants.tsv", {"participant_id": [f"sub-{n:02d}" for n in range(1, 22)]}
+    )
+    return root
+
+
+def _arrays(pain: Path, mask: Path, stat: str) -> np.ndarray:
+    inside = np.asarray(nib.load(mask).dataobj) > 0
+    rows = []
+    for n in range(1, 22):
+        path = (
+            pain / f"sub-{n:02d}" / "func" / f"sub-{n:02d}_contrast-pain_stat-{stat}_statmap.nii.gz"
+        )
+        rows.append(
+            np.asarray(nib.load(path).dataobj, dtype=np.float64).reshape(inside.shape)[inside]
+        )
+    return np.stack(rows)
+
+
+def _one(summary: dict, ending: str) -> Path:
+    found = [Path(p) for p in summary["files"] if p.endswith(ending)]
+    assert len(found) == 1, (ending, found)
+    return found[0]
+
+
+def _ours(summary: dict, stat: str) -> np.ndarray:
+    mask = _one(summary, "_mask.nii.gz")
+    inside = np.asarray(nib.load(mask).dataobj) > 0
+    return np.asarray(nib.load(_one(summary, f"_stat-{stat}_statmap.nii.gz")).dataobj)[inside]
+
+
+@pytest.mark.parametrize("estimator", ["fe", "dl", "hedges"])
+def test_closed_form_estimators_equal_pymare(pain, tmp_path, estimator):
+    pymare = pytest.importorskip("pymare")
+    model = tmp_path / "model.yaml"
+    model.write_text(META.format(estimator=estimator, source="variance"))
+    code, summary, err = _run(pain, tmp_path / "out", "--model", str(model))
+    assert code == 0, err
+    mask = _one(summary, "_mask.nii.gz")
+    y, v = _arrays(pain, mask, "effect"), _arrays(pain, mask, "variance")
+    ok = np.all(v > 0, axis=0)
+    theirs_cls = {
+        "fe": pymare.estimators.WeightedLeastSquares,
+        "dl": pymare.estimators.DerSimonianLaird,
+        "hedges": pymare.estimators.Hedges,
+    }[estimator]
+    x = np.ones((y.shape[0], 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = theirs_cls(small_sample_correction="wald")
+        est.fit(y=y[:, ok], v=v[:, ok], X=x)
+        stats = est.summary().get_fe_stats()
+        beta = np.ravel(stats["est"])
+        se = np.ravel(stats["se"])
+        tau2 = np.ravel(est.params_["tau2"]) * np.ones(ok.sum())
+    t_theirs = beta / se
+    _, z_theirs = t_sf_and_z(t_theirs, 20.0)  # FLAME1's dof: n - p
+    z = _ours(summary, "z")[ok]
+    effect = _ours(summary, "effect")[ok]
+    np.testing.assert_allclose(effect, beta, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(z, z_theirs, atol=1e-5)
+    np.testing.assert_allclose(_ours(summary, "tau2")[ok], tau2, rtol=1e-5, atol=1e-9)
+    sidecar = json.loads(_one(summary, "contrast-pain_stat-z_statmap.json").read_text())
+    assert sidecar["Estimator"].startswith(
+        {"fe": "fixed", "dl": "mixed", "hedges": "mixed"}[estimator]
+    )
+    assert sidecar["DegreesOfFreedom"] == [20.0]
+
+
+def test_se_and_t_siblings_give_the_same_variances(pain, tmp_path):
+    results = {}
+    for source in ("variance", "se", "t"):
+        model = tmp_path / f"{source}.yaml"
+        model.write_text(META.format(estimator="dl", source=source))
+        code, summary, err = _run(pain, tmp_path / f"out-{source}", "--model", str(model))
+        assert code == 0, err
+        results[source] = _ours(summary, "z")
+    # NIDM's se and t maps are stored in float32 and rounded: agree to float32 precision
+    np.testing.assert_allclose(results["se"], results["variance"], atol=2e-3)
+    np.testing.assert_allclose(results["t"], results["variance"], atol=2e-3)
+
+
+def test_reml_from_the_command_line_and_the_model_written_out(pain, tmp_path):
+    code, summary, err = _run(pain, tmp_path / "out", "--estimator", "reml")
+    assert code == 0, err
+    tau2 = _ours(summary, "tau2")
+    assert np.all(tau2 >= 0) and np.any(tau2 == 0) and np.any(tau2 > 0)
+    written = json.loads(
+        Path(next(p for p in summary["files"] if p.endswith("_smdl.json"))).read_text()
+    )
+    model = written["Nodes"][0]["Model"]
+    assert model["Type"] == "meta"
+    assert model["Software"]["bids-group"]["Estimator"] == "reml"
+    assert summary["analyses"][0]["estimator"] == "reml"
+    # two-sided p from z at each voxel
+    p = _ours(summary, "p")
+    np.testing.assert_allclose(p, 2 * special.ndtr(-np.abs(_ours(summary, "z"))), rtol=1e-5)
+
+
+def test_missing_variance_map_names_the_subject(capsys, tmp_path):
+    ds = make_bids_derivatives(tmp_path / "ds", n_subjects=5, stats=("effect", "variance"))
+    next(ds.glob("sub-03/func/*stat-variance*")).unlink()
+    argv = [ds, tmp_path / "out", "group", "--estimator", "dl"]
+    check_failure(capsys, argv, tmp_path / "out", 65, "sub-03", "stat-variance")
+
+
+def test_permutation_with_mixed_effects_is_refused_before_reading(capsys, tmp_path):
+    ds = make_bids_derivatives(tmp_path / "ds", n_subjects=5, stats=("effect", "variance"))
+    argv = [ds, tmp_path / "out", "group", "--estimator", "reml", "--permutation", "voxel"]
+    check_failure(capsys, argv, tmp_path / "out", 64, "permutation", "reml")
+
+
+def test_variance_options_need_a_mixed_estimator(capsys, tmp_path):
+    ds = make_bids_derivatives(tmp_path / "ds", n_subjects=5)
+    argv = [ds, tmp_path / "out", "group", "--variance-from", "se"]
+    check_failure(capsys, argv, tmp_path / "out", 64, "--variance-from", "--estimator reml")
