@@ -286,16 +286,21 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.argument("fmt", metavar="{spm,fsl}", type=click.Choice(sorted(FOLDER_PATTERNS)))
 @click.argument("source")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--contrast", required=True, help="Contrast label of the maps, e.g. faces.")
+@click.option(
+    "--contrast", required=True, metavar="LABEL", help="Contrast label of the maps, e.g. faces."
+)
 @click.option(
     "--subject-regex",
+    metavar="REGEX",
     default=DEFAULT_SUBJECT_REGEX,
     show_default=True,
     help="Regular expression searched in each path (relative to SOURCE); its first group is the "
     "subject label, e.g. 'subject_(\\d+)'.",
 )
-@click.option("--task", help="Task label added to the names (task-<t>).")
-@click.option("--space", help="Space label added to the names, e.g. MNI152NLin2009cAsym.")
+@click.option("--task", metavar="LABEL", help="Task label added to the names (task-<t>).")
+@click.option(
+    "--space", metavar="LABEL", help="Space label added to the names, e.g. MNI152NLin2009cAsym."
+)
 @click.option("--copy", is_flag=True, help="Copy the NIfTI files instead of linking to them.")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only on stderr.")
 @click.version_option(__version__, "--version", "-V", prog_name="bids-group-import")
@@ -307,7 +312,12 @@ def cli(fmt: str, source: str, out_dir: Path, **options: Any) -> None:
              or a quoted glob such as 'study/subject_*/con_0006.hdr'
     OUT_DIR  the dataset to create (must not exist, or be empty)
 
-    The written files are printed on stdout, one per line.
+    The written files are printed on stdout, one per line. Example:
+
+    \b
+      bids-group-import spm 'study/subject_*/con_0006.hdr' ds --contrast faces \\
+          --subject-regex 'subject_(\\d+)' --space MNI152NLin2009cAsym
+      bids-group ds results group
     """
     log.setLevel(logging.WARNING if options.pop("quiet") else logging.INFO)
     command = click.get_current_context().obj

@@ -39,6 +39,11 @@ def test_committed_descriptor_is_the_generated_one():
     )
 
 
+def test_module_writes_the_descriptor(tmp_path):
+    assert boutiques.main([str(tmp_path / "d.json")]) == 0
+    assert (tmp_path / "d.json").read_text() == boutiques.descriptor_text()
+
+
 def test_every_cli_parameter_is_an_input():
     descriptor = boutiques.build_descriptor()
     ids = {i["id"] for i in descriptor["inputs"]}
