@@ -34,7 +34,12 @@ from bids_group.inference.height import HeightThreshold, height_threshold
 from bids_group.inputs import InputMap, collect_inputs
 from bids_group.labels import group_contrast_label, to_label
 from bids_group.outputs import naming
-from bids_group.outputs.description import write_dataset_description, write_json
+from bids_group.outputs.description import (
+    write_bidsignore,
+    write_dataset_description,
+    write_json,
+    write_readme,
+)
 from bids_group.outputs.figures import design_summary, plot_design_matrix
 from bids_group.outputs.maps import MapWriter, write_mask
 from bids_group.outputs.staging import check_writable, staged_output
@@ -113,6 +118,8 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     _check_estimation(spec.estimation, inference)
     entries = [
         naming.DATASET_DESCRIPTION,
+        naming.README,
+        naming.BIDSIGNORE,
         naming.model_name(to_label(spec.name)),
         naming.node_dir(to_label(spec.node_name)),
     ]
@@ -868,8 +875,10 @@ def _write_run_metadata(
         command=config.command,
     )
     model_path = stage / naming.model_name(to_label(spec.name))
+    readme = write_readme(stage, model_file=model_path.name, pipeline_version=__version__,
+                          code_url=CODE_URL, command=config.command)  # fmt: skip
     # Record X with wildcards expanded when every model has the same columns.
     columns = {a.design.columns for a in analyses}
     x_columns = next(iter(columns)) if len(columns) == 1 else None
     write_json(model_path, resolved_model_dict(spec, x_columns=x_columns))
-    return [Path(description), model_path]
+    return [Path(description), readme, write_bidsignore(stage), model_path]

@@ -1139,7 +1139,9 @@ def resolved_model_dict(spec: ModelSpec, *, x_columns: Sequence[str] | None = No
     if spec.description:
         out["Description"] = spec.description
     if spec.input_filters:
-        out["Input"] = {k: (list(v) if isinstance(v, list | tuple) else v)
+        # The specification's Input is a Filter, entity -> *list* of values (bsmschema rejects a
+        # scalar, which model files may use, as fitlins accepts): write every value as a list.
+        out["Input"] = {k: (list(v) if isinstance(v, list | tuple) else [v])
                         for k, v in spec.input_filters.items()}  # fmt: skip
     out["Nodes"] = [node]
     return json.loads(json.dumps(out))  # proves it is JSON-serialisable, and deep-copies

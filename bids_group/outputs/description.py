@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bids_group.outputs.naming import DATASET_DESCRIPTION
+from bids_group.outputs.naming import BIDSIGNORE, BIDSIGNORE_PATTERNS, DATASET_DESCRIPTION, README
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +180,77 @@ def _doi_and_version(dataset: Path) -> dict[str, str]:
     if isinstance(description.get("Version"), str):
         found["Version"] = description["Version"]
     return found
+
+
+def write_bidsignore(out_dir: Path) -> Path:
+    """Write ``out_dir/.bidsignore`` listing :data:`~bids_group.outputs.naming.BIDSIGNORE_PATTERNS`.
+
+    The group-level statistical derivatives layout (``node-<Node>/contrast-<c>_stat-<s>_statmap``,
+    ``model-<m>_smdl.json``) is the BIDS Stats Models derivatives proposal (BEP041), not yet part
+    of the BIDS specification, so the BIDS validator reports every such file as ``NOT_INCLUDED``
+    (an error). ``.bidsignore`` is the specification's mechanism for files it does not cover
+    yet; the validator then checks ``dataset_description.json`` and the README.
+
+    >>> import tempfile
+    >>> print(write_bidsignore(Path(tempfile.mkdtemp())).read_text(), end="")
+    # Group-level statistical derivatives (BIDS Stats Models derivatives, BEP041): not yet in the
+    # BIDS specification, so the BIDS validator is told to skip them.
+    /node-*
+    /model-*_smdl.json
+    /model-*_report.html
+    """
+    lines = [
+        "# Group-level statistical derivatives (BIDS Stats Models derivatives, BEP041): not yet in"
+        " the",
+        "# BIDS specification, so the BIDS validator is told to skip them.",
+        *BIDSIGNORE_PATTERNS,
+    ]
+    path = Path(out_dir) / BIDSIGNORE
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_readme(
+    out_dir: Path,
+    *,
+    model_file: str,
+    pipeline_version: str,
+    code_url: str,
+    command: str | Sequence[str] | None = None,
+) -> Path:
+    """Write ``out_dir/README.md``: what the folder holds and how it was made.
+
+    A dataset without a README gets a ``README_FILE_MISSING`` warning from the BIDS validator.
+
+    Parameters
+    ----------
+    out_dir : Path
+    model_file : str
+        Name of the resolved model file (``model-<label>_smdl.json``).
+    pipeline_version, code_url : str
+    command : str or sequence of str or None
+        The command line that ran.
+    """
+    lines = [
+        "# Group-level statistics by bids-group",
+        "",
+        f"Made by bids-group {pipeline_version} ({code_url}).",
+    ]
+    if command is not None:
+        line = command if isinstance(command, str) else shlex.join(map(str, command))
+        lines += ["", "Command:", "", f"    {line}"]
+    lines += [
+        "",
+        f"- `{model_file}`: the BIDS Stats Model as run (contrast weights explicit).",
+        "- `node-<Node>/`: per contrast, statistical maps "
+        "`[task-<t>_][space-<s>_]contrast-<c>_stat-<stat>[_desc-<d>]_statmap.nii.gz` with JSON "
+        "sidecars (`stat-effect`, `variance`, `t`/`F`, `z`, `p`; thresholded maps carry "
+        "`desc-<method>`), cluster tables (`_clusters.tsv`), design matrices and analysis masks.",
+        "- `model-<name>_report.html`: the HTML report, when it was written.",
+        "",
+        "`.bidsignore` lists these files for the BIDS validator: their layout (BIDS Stats Models "
+        "derivatives, BEP041) is not yet part of the BIDS specification.",
+    ]
+    path = Path(out_dir) / README
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -3,6 +3,8 @@
 Every name bids-group writes is built here, so the layout has one home::
 
     OUT_DIR/dataset_description.json
+    OUT_DIR/README.md
+    OUT_DIR/.bidsignore
     OUT_DIR/model-<label>_smdl.json
     OUT_DIR/model-<label>_report.html
     OUT_DIR/node-<Node>/[task-<t>_][space-<s>_]contrast-<c>_stat-<stat>[_desc-<d>]_statmap.nii.gz
@@ -121,6 +123,17 @@ REPORT_SUFFIX = "report"
 #: Suffixes of the figures written beside a thresholded map (one PNG each).
 FIGURE_SUFFIXES: tuple[str, ...] = ("slices", "glassbrain")
 DATASET_DESCRIPTION = "dataset_description.json"
+#: The derivative's README (the BIDS validator warns when a dataset has none).
+README = "README.md"
+#: Files the BIDS validator must skip: the statistical-derivatives layout (BEP041) is not yet in
+#: the BIDS specification, see :data:`BIDSIGNORE_PATTERNS`.
+BIDSIGNORE = ".bidsignore"
+#: What ``.bidsignore`` lists: every name above except ``dataset_description.json`` and the README.
+BIDSIGNORE_PATTERNS: tuple[str, ...] = (
+    "/node-*",
+    f"/model-*_{MODEL_SUFFIX}.json",
+    f"/model-*_{REPORT_SUFFIX}.html",
+)
 
 _LABEL_RE = re.compile(r"[A-Za-z0-9]+")
 _EXTENSION_RE = re.compile(r"(\.[A-Za-z0-9]+)+")
