@@ -49,7 +49,7 @@ def _run(bids: Path, out: Path, *args: str) -> tuple[int, dict | None, str]:
     saved = (logger.handlers[:], logger.level, logger.propagate)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main([str(bids), str(out), "group", "--json", "-q", "--no-report", *args])
+            code = main([str(bids), str(out), "group", "--json", "-q", *args])
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
     summary = json.loads(stdout.getvalue()) if code == 0 else None
@@ -104,7 +104,7 @@ def test_closed_form_estimators_equal_pymare(pain, tmp_path, estimator):
     pymare = pytest.importorskip("pymare")
     model = tmp_path / "model.yaml"
     model.write_text(META.format(estimator=estimator, source="variance"))
-    code, summary, err = _run(pain, tmp_path / "out", "--model", str(model))
+    code, summary, err = _run(pain, tmp_path / "out", "--model", str(model), "--no-report")
     assert code == 0, err
     mask = _one(summary, "_mask.nii.gz")
     y, v = _arrays(pain, mask, "effect"), _arrays(pain, mask, "variance")
@@ -142,7 +142,9 @@ def test_se_and_t_siblings_give_the_same_variances(pain, tmp_path):
     for source in ("variance", "se", "t"):
         model = tmp_path / f"{source}.yaml"
         model.write_text(META.format(estimator="dl", source=source))
-        code, summary, err = _run(pain, tmp_path / f"out-{source}", "--model", str(model))
+        code, summary, err = _run(
+            pain, tmp_path / f"out-{source}", "--model", str(model), "--no-report"
+        )
         assert code == 0, err
         results[source] = _ours(summary, "z")
     # NIDM's se and t maps are stored in float32 and rounded: agree to float32 precision
@@ -162,6 +164,11 @@ def test_reml_from_the_command_line_and_the_model_written_out(pain, tmp_path):
     assert model["Type"] == "meta"
     assert model["Software"]["bids-group"]["Estimator"] == "reml"
     assert summary["analyses"][0]["estimator"] == "reml"
+    # the report states the estimator and shows the tau² map
+    page = Path(summary["report"]).read_text(encoding="utf-8")
+    assert "restricted maximum-likelihood" in page and "tau² (median" in page
+    assert "contrast-pain_stat-tau2_slices.png" in page
+    assert _one(summary, "_stat-tau2_glassbrain.png").is_file()
     # two-sided p from z at each voxel
     p = _ours(summary, "p")
     np.testing.assert_allclose(p, 2 * special.ndtr(-np.abs(_ours(summary, "z"))), rtol=1e-5)

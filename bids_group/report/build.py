@@ -392,11 +392,13 @@ def analysis_sections(
     mask: ReportFigure,
     contrasts: Sequence[ReportSection],
     participants: Sequence[str] = (),
+    figures: Sequence[ReportFigure] = (),
 ) -> tuple[ReportSection, ...]:
     """The model of one GroupBy group (design, mask) followed by its contrasts' sections.
 
     The contrasts come as top-level sections (so each has its own entry in the contents).
-    ``participants``: the subjects whose maps the model used (listed in full).
+    ``participants``: the subjects whose maps the model used (listed in full); ``figures``: more
+    figures of the model (e.g. the tau² map of a mixed-effects model).
     """
     cond = design_summary["condition_number"]
     design_facts = (
@@ -411,7 +413,7 @@ def analysis_sections(
         title,
         text=text,
         facts=(*facts, *design_facts),
-        figures=(design, mask),
+        figures=(design, mask, *figures),
         tables=design_tables(design_summary),
     )
     return (model, *contrasts)
