@@ -55,6 +55,7 @@ from bids_group.errors import MissingInputError, SpecError
 from bids_group.expression import ExpressionError, parse_linear
 from bids_group.labels import INTERCEPT, to_label
 from bids_group.transformations import nearest, normalise_instruction
+from bids_group.validation import check_setting
 
 log = logging.getLogger(__name__)
 
@@ -264,18 +265,13 @@ def _column_list(value: Any, where: str, what: str) -> tuple[str, ...]:
 # Inference block
 
 
-def _number(lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
-            open_hi: bool = False, integer: bool = False) -> Callable[[Any, str], Any]:  # fmt: skip
+def _setting(field_name: str) -> Callable[[Any, str], Any]:
+    """Validator of a numeric setting: :func:`bids_group.validation.check_setting`, the same
+    type, finiteness and range checks (and message) as the command line's, naming the file and
+    the key: ``model.yaml: ...Inference.Alpha == nan, must be a finite number > 0 and < 1``."""
+
     def check(value: Any, where: str) -> Any:
-        ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok_type or not math.isfinite(value):
-            kind = "an integer" if integer else "a number"
-            raise _fail(where, f"must be {kind}, got {value!r}")
-        if lo is not None and (value <= lo if open_lo else value < lo):
-            raise _fail(where, f"must be {'>' if open_lo else '>='} {lo}, got {value!r}")
-        if hi is not None and (value >= hi if open_hi else value > hi):
-            raise _fail(where, f"must be {'<' if open_hi else '<='} {hi}, got {value!r}")
-        return int(value) if integer else float(value)
+        return check_setting(value, field_name, where, error=SpecError)
 
     return check
 
@@ -310,7 +306,7 @@ def _thresholds(value: Any, where: str) -> tuple[float, ...]:
     values = value if isinstance(value, list) else [value]
     if not values:
         raise _fail(where, "must list at least one z threshold, e.g. [3.0, 3.5]")
-    positive = _number(0, open_lo=True)
+    positive = _setting("ari_thresholds")
     return tuple(sorted({positive(v, f"{where}[{i}]") for i, v in enumerate(values)}))
 
 
@@ -348,24 +344,15 @@ def cluster_forming_p(value: Any, where: str) -> float:
     A value >= 1 is a height (z or t), not a p-value; it is refused with the conversion rather
     than silently reinterpreted.
     """
-    number = _number(0, open_lo=True)(value, where)
-    if number >= 1:
-        raise _fail(
-            where,
-            f"the cluster-forming threshold is a p-value (0 < p < 0.5, e.g. 0.001), got "
-            f"{value!r}, which looks like a z or t height; z = 3.1 is p = 0.00097 (one-sided)",
-        )
-    if number >= 0.5:
-        raise _fail(where, f"must be a p-value below 0.5 (e.g. 0.001), got {value!r}")
-    return number
+    return float(check_setting(value, "cluster_forming_p", where, error=SpecError))
 
 
 #: Keys of the TFCE mapping: CamelCase key -> validator.
 _TFCE_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "Integration": _choice(TFCE_INTEGRATIONS),
-    "E": _number(0, open_lo=True),
-    "H": _number(0, open_lo=True),
-    "dh": _number(0, open_lo=True),
+    "E": _setting("tfce_e"),
+    "H": _setting("tfce_h"),
+    "dh": _setting("tfce_dh"),
 }
 
 
@@ -392,19 +379,19 @@ def _label_name(value: Any, where: str) -> str:
 #: validator). Names that are not InferenceDefaults attributes go to ``InferenceDefaults.extra``.
 INFERENCE_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "HeightControl": ("height_control", _height_control),
-    "Alpha": ("alpha", _number(0, 1, open_lo=True, open_hi=True)),
-    "Threshold": ("threshold", _number(0)),
-    "ClusterThreshold": ("cluster_threshold", _number(0, integer=True)),
+    "Alpha": ("alpha", _setting("alpha")),
+    "Threshold": ("threshold", _setting("threshold")),
+    "ClusterThreshold": ("cluster_threshold", _setting("cluster_threshold")),
     "TwoSided": ("two_sided", _boolean),
     "Connectivity": ("connectivity", _connectivity),
-    "SmoothingFWHM": ("smoothing_fwhm", _number(0)),
+    "SmoothingFWHM": ("smoothing_fwhm", _setting("smoothing_fwhm")),
     "ARI": ("ari", _boolean),
     "ARIThresholds": ("ari_thresholds", _thresholds),
-    "ARIAlpha": ("ari_alpha", _number(0, 1, open_lo=True, open_hi=True)),
+    "ARIAlpha": ("ari_alpha", _setting("ari_alpha")),
     "Permutation": ("permutation", _permutation_methods),
-    "NPermutations": ("n_perm", _number(1, integer=True)),
-    "Seed": ("seed", _number(0, integer=True)),
-    "PermutationAlpha": ("perm_alpha", _number(0, 1, open_lo=True, open_hi=True)),
+    "NPermutations": ("n_perm", _setting("n_perm")),
+    "Seed": ("seed", _setting("seed")),
+    "PermutationAlpha": ("perm_alpha", _setting("perm_alpha")),
     "ClusterFormingP": ("cluster_forming_p", cluster_forming_p),
     "TFCE": ("tfce", _tfce_settings),
     "PermutationScheme": ("perm_scheme", _choice(PERMUTATION_SCHEMES)),
