@@ -220,6 +220,10 @@ def _run_analysis(
         n_jobs=config.n_jobs,
     )
     log.info("mask: %d voxels", data.data.shape[1])
+    if inference.cluster_threshold > data.data.shape[1]:
+        log.warning("cluster threshold %d voxels > the mask's %d voxels (model for %s): no "
+                    "cluster can survive it", inference.cluster_threshold, data.data.shape[1],
+                    where)  # fmt: skip
     fit = fit_ols(data.data, analysis.design.matrix)
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)

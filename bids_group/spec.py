@@ -55,7 +55,7 @@ from bids_group.errors import MissingInputError, SpecError
 from bids_group.expression import ExpressionError, parse_linear
 from bids_group.labels import INTERCEPT, to_label
 from bids_group.transformations import nearest, normalise_instruction
-from bids_group.validation import check_setting
+from bids_group.validation import MAX_WEIGHT, MIN_WEIGHT, check_setting
 
 log = logging.getLogger(__name__)
 
@@ -557,7 +557,32 @@ def _parse_contrast(raw: Any, where: str) -> ContrastSpec:
         if not row.any():
             sub = f"{where}.Weights" + (f"[{r}]" if weights.shape[0] > 1 else "")
             raise _fail(sub, "all weights are zero")
+    _check_weight_scale(weights, name, f"{where}.Weights")
     return ContrastSpec(name, names, weights, test, expression, description)
+
+
+def _check_weight_scale(weights: np.ndarray, name: str, where: str) -> None:
+    """Refuse weights that are not finite, or whose size is absurd (1e-320, 1e308).
+
+    Such weights are refused rather than normalised. Normalising would leave t, z and p
+    unchanged, but not the effect and variance maps, which are written (float32) with the
+    weights in their sidecars: a weight of 1e308 makes the effect overflow to inf and 1e-320
+    (a denormal) makes it 0 and t = 0/0, while rescaling them silently would write maps of
+    another contrast than the one in the file. Weights that size are typos, so the user is asked.
+    """
+    magnitude = np.abs(weights)
+    bad = ~np.isfinite(weights) | (
+        (magnitude != 0) & ((magnitude < MIN_WEIGHT) | (magnitude > MAX_WEIGHT))
+    )
+    if bad.any():
+        value = float(weights[bad][0])
+        raise _fail(
+            where,
+            f"contrast {name!r} has the weight {value!r}; a weight must be 0 or between "
+            f"{MIN_WEIGHT:g} and {MAX_WEIGHT:g} in absolute value (t, z and p do not depend on "
+            "the scale of the weights, but the effect and variance maps would "
+            "overflow or vanish): rescale the weights, e.g. to 1 and -1",
+        )
 
 
 def _is_expression(text: str) -> bool:

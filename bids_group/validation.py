@@ -91,6 +91,11 @@ def _value_text(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+#: Contrast weights: 0, or an absolute value in [MIN_WEIGHT, MAX_WEIGHT] (see spec.py).
+MIN_WEIGHT = 1e-10
+MAX_WEIGHT = 1e10
+
+
 def _z_hint(value: Any) -> str:
     """A cluster-forming p of 1 or more is a z or t height typed as a p-value."""
     if isinstance(value, int | float) and not isinstance(value, bool) and _finite(value):
