@@ -45,7 +45,7 @@ from bids_group.errors import (
     UnknownLevelError,
     UsageError,
 )
-from bids_group.validation import SETTINGS, check_setting
+from bids_group.validation import SETTINGS, check_setting, read_utf8
 
 log = logging.getLogger("bids_group")
 
@@ -85,9 +85,7 @@ class FilterFile(click.ParamType):
         if not path.is_file():
             raise _MissingPath(f"--bids-filter-file {path}: no such file")
         try:
-            content = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError) as err:
-            self.fail(f"cannot read {path}: {err}", param, ctx)
+            content = json.loads(read_utf8(path, UsageError, " (--bids-filter-file)"))
         except json.JSONDecodeError as err:
             self.fail(
                 f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",

@@ -55,7 +55,7 @@ from bids_group.errors import MissingInputError, SpecError
 from bids_group.expression import ExpressionError, parse_linear
 from bids_group.labels import INTERCEPT, to_label
 from bids_group.transformations import nearest, normalise_instruction
-from bids_group.validation import MAX_WEIGHT, MIN_WEIGHT, check_setting
+from bids_group.validation import MAX_WEIGHT, MIN_WEIGHT, check_setting, read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -880,7 +880,7 @@ def _check_contrast_names(
 
 
 def _load_text(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, SpecError)
     if not text.strip():
         raise SpecError(f"{path.name}: the file is empty")
     if text.lstrip().startswith(("{", "[")):

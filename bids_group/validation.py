@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bids_group.errors import UsageError
@@ -185,3 +186,25 @@ def check_setting(value: Any, field: str, name: str | None = None, **kwargs: Any
 def option_name(field: str) -> str:
     """``n_perm`` -> ``--n-perm``."""
     return "--" + field.replace("_", "-")
+
+
+def read_utf8(path: Path, error: type[Exception], what: str = "") -> str:
+    """The text of ``path``, which must be UTF-8 (a byte-order mark is allowed and dropped).
+
+    Raises ``error`` naming the file, the line and the column of the first byte that is not
+    UTF-8 (e.g. a participants.tsv saved as Latin-1 or UTF-16 by a spreadsheet), and the way out.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise error(f"{path}{what}: cannot read it ({err.strerror or err})") from err
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise error(
+            f"{path}{what}: line {line}, column {column} is not UTF-8 (byte "
+            f"0x{data[err.start]:02x}); save the file as UTF-8 (in a spreadsheet: "
+            "'Save as' > 'Text, tab-separated', encoding UTF-8)"
+        ) from err

@@ -211,3 +211,145 @@ def test_cluster_threshold_larger_than_the_mask_warns(capsys, ds, tmp_path):
     err = _run_warnings(capsys, [ds, tmp_path / "o", "group", "--no-report",
                                  "--cluster-threshold", "100000", "-q"])  # fmt: skip
     assert "WARNING: cluster threshold 100000 voxels > the mask's" in err
+
+
+# ---- missing values spelled otherwise than n/a --------------------------------------------------
+
+AGE_MODEL = """\
+Name: age
+BIDSModelVersion: 1.0.0
+Nodes:
+  - Level: Dataset
+    Name: ageEffect
+    GroupBy: [contrast]
+    TRANSFORMATIONS
+    Model: {Type: glm, X: [1, age]}
+    DummyContrasts: {Test: t}
+"""
+DEMEAN = "Transformations: {Instructions: [{Name: Demean, Input: [age]}]}"
+
+
+def _participants(ds: Path, cell: str) -> None:
+    rows = ["participant_id\tage\tgroup"]
+    for i in range(1, 7):
+        age = cell if i in (2, 5) else str(20 + i)
+        rows.append(f"sub-0{i}\t{age}\t{'patient' if i % 2 else 'control'}")
+    (ds / "participants.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("spelling", ["NA", "nan", "NaN", "N/A", "null", "NULL", "None", "-", "."])
+@pytest.mark.parametrize("transform", [False, True], ids=["in X", "in Demean"])
+def test_missing_value_spelled_otherwise(capsys, ds, out, tmp_path, spelling, transform):
+    _participants(ds, spelling)
+    model = tmp_path / "model.yaml"
+    model.write_text(AGE_MODEL.replace("TRANSFORMATIONS", DEMEAN if transform else ""))
+    args = [ds, out, "group", "--no-report", "--model", model]
+    err = check_failure(capsys, args, out, 65, f"holds {spelling!r}", "sub-02, sub-05",
+                        "BIDS spells a missing value n/a", "'age'")  # fmt: skip
+    assert "Factor" not in err  # the old, wrong advice
+
+
+@pytest.mark.parametrize("cell", ["", " ", "n/a ", " n/a"])
+def test_blank_and_padded_n_a_are_missing_values(capsys, ds, out, tmp_path, cell):
+    _participants(ds, cell)
+    model = tmp_path / "model.yaml"
+    model.write_text(AGE_MODEL.replace("TRANSFORMATIONS", ""))
+    args = [ds, out, "group", "--no-report", "--model", model]
+    check_failure(capsys, args, out, 65, "missing or non-finite values in 'age'", "sub-02")
+
+
+# ---- encodings ---------------------------------------------------------------------------------
+
+
+def test_participants_not_utf8(capsys, ds, out):
+    (ds / "participants.tsv").write_bytes(
+        "participant_id\tsite\nsub-01\tZürich\n".encode("latin-1")
+    )
+    check_failure(capsys, [ds, out, "group", "--no-report"], out, 65, "participants.tsv",
+                  "line 2, column 9 is not UTF-8", "byte 0xfc")  # fmt: skip
+
+
+def test_participants_utf16(capsys, ds, out):
+    (ds / "participants.tsv").write_bytes("participant_id\tage\nsub-01\t20\n".encode("utf-16"))
+    check_failure(capsys, [ds, out, "group", "--no-report"], out, 65, "participants.tsv",
+                  "line 1, column 1 is not UTF-8")  # fmt: skip
+
+
+def test_participants_with_byte_order_mark_is_read(capsys, ds, tmp_path):
+    text = (ds / "participants.tsv").read_text()
+    (ds / "participants.tsv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert main([str(ds), str(tmp_path / "o"), "group", "--no-report", "-q"]) == 0
+    capsys.readouterr()
+
+
+def test_model_not_utf8(capsys, ds, out, tmp_path):
+    model = tmp_path / "model.yaml"
+    model.write_bytes(MODEL.replace("{INFERENCE}", "{}").encode() + b"# caf\xe9\n")
+    check_failure(capsys, [ds, out, "group", "--model", model], out, 64, "model.yaml",
+                  "line 14, column 6 is not UTF-8")  # fmt: skip
+
+
+def test_filter_file_not_utf8(capsys, ds, out, tmp_path):
+    path = tmp_path / "filter.json"
+    path.write_bytes(b'{"task": "f\xe4ces"}')
+    check_failure(capsys, [ds, out, "group", "--bids-filter-file", path], out, 64, "filter.json",
+                  "line 1, column 12 is not UTF-8")  # fmt: skip
+
+
+def test_participants_ragged_rows(capsys, ds, out):
+    (ds / "participants.tsv").write_text("participant_id\tage\nsub-01\t20\t3\t4\n")
+    check_failure(capsys, [ds, out, "group", "--no-report"], out, 65, "participants.tsv",
+                  "line 2 has 4 tab-separated cells but the header has 2")  # fmt: skip
+
+
+def test_participants_empty_file(capsys, ds, out):
+    (ds / "participants.tsv").write_text("")
+    check_failure(capsys, [ds, out, "group", "--no-report"], out, 65, "participants.tsv",
+                  "is empty")  # fmt: skip
+
+
+# ---- maps not named as BIDS statistical derivatives -------------------------------------------
+
+
+def _foreign_layout(root: Path, names: list[str]) -> Path:
+    src = next(make_bids_derivatives(root.parent / "src", n_subjects=1).rglob("*.nii.gz"))
+    root.mkdir()
+    (root / "dataset_description.json").write_text(
+        '{"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "derivative"}'
+    )
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(src.read_bytes())
+    return root
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["sub-01/con_0001.nii", "sub-02/con_0001.nii"], ["sub-01/sub-01_cope1.nii.gz"]],
+    ids=["SPM", "FSL"],
+)
+def test_spm_or_fsl_names_point_to_the_readme(capsys, tmp_path, out, names):
+    root = _foreign_layout(tmp_path / "maps", names)
+    needles = (names[0], "stat-effect_statmap.nii.gz", "Bringing your own first-level maps")
+    err = check_failure(capsys, [root, out, "group"], out, 18, *needles)
+    assert "Change the model Input" not in err  # renaming is the answer, not a filter
+
+
+def test_no_nifti_at_all_reads_cleanly(capsys, tmp_path, out):
+    root = _foreign_layout(tmp_path / "maps", [])
+    err = check_failure(capsys, [root, out, "group"], out, 18, "no file has extension",
+                        "Bringing your own first-level maps")  # fmt: skip
+    assert "with  has" not in err
+
+
+def test_t_maps_only_says_effect_maps_are_fitted(capsys, tmp_path, out):
+    names = ["sub-01/func/sub-01_task-faces_contrast-faces_stat-t_statmap.nii.gz"]
+    root = _foreign_layout(tmp_path / "maps", names)
+    check_failure(capsys, [root, out, "group"], out, 18, "stat values present: t",
+                  "fits effect maps", '{"stat": "t"}')  # fmt: skip
+
+
+def test_participants_duplicate_column(capsys, ds, out):
+    (ds / "participants.tsv").write_text("participant_id\tage\tage\nsub-01\t20\t21\n")
+    check_failure(capsys, [ds, out, "group", "--no-report"], out, 65, "participants.tsv",
+                  "'age' appear more than once")  # fmt: skip
