@@ -16,24 +16,25 @@ are software names. bids-group reads ``Model.Software.bids-group.Inference``::
         bids-group:
           Inference:
             HeightControl: fdr      # fpr | fdr | bonferroni | none
-            Alpha: 0.05             # 0 < Alpha < 1 (with fpr, fdr, bonferroni)
-            Threshold: 3.1          # z threshold (with HeightControl none)
+            Alpha: 0.05             # 1e-10 <= Alpha < 1 (with fpr, fdr, bonferroni)
+            Threshold: 3.1          # z threshold >= 0 (with HeightControl none)
             ClusterThreshold: 10    # minimum cluster size in voxels, integer >= 0
             TwoSided: false
             Connectivity: 6         # 6 | 18 | 26
-            SmoothingFWHM: 8        # mm, >= 0
+            SmoothingFWHM: 8        # mm, 0 to 1000
             ARI: true               # All-Resolution Inference (ARIThresholds, ARIAlpha)
             Permutation: [voxel, cluster, tfce]   # any of them; none = off (default)
-            NPermutations: 10000    # random relabellings beside the unpermuted data, >= 1
-            Seed: 0                 # integer >= 0; same seed, same results
+            NPermutations: 10000    # relabellings beside the unpermuted data, 1 to 10**7
+            Seed: 0                 # integer 0 to 2**32 - 1; same seed, same results
             PermutationAlpha: 0.05  # FWER level of the thresholded permutation maps
             ClusterFormingP: 0.001  # cluster-forming threshold: one-sided p, 0 < p < 0.5
-            TFCE: {Integration: exact, E: 0.5, H: 2}   # exact | fsl | nilearn; dh with fsl
+            TFCE: {Integration: exact, E: 0.5, H: 2}   # exact|fsl|nilearn; 0 < E, H <= 10; dh: fsl
             PermutationScheme: auto # auto | flip (sign flips) | permute (rows)
             ExchangeabilityBlocks: subject   # variable whose values are the blocks
             WholeBlocks: false      # permute blocks as units instead of rows within blocks
 
 The accepted keys live in one table, :data:`INFERENCE_KEYS`; add a row there to accept a new one.
+Numeric values are checked by :func:`bids_group.validation.check_setting`, as the command line's.
 Values from the file are defaults: command-line options override them.
 """
 

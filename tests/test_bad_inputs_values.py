@@ -6,6 +6,7 @@ culprit named, stdout empty, OUT_DIR absent, no staging left, inputs untouched.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,24 @@ def test_participants_duplicate_column(capsys, ds, out):
     (ds / "participants.tsv").write_text("participant_id\tage\tage\nsub-01\t20\t21\n")
     check_failure(capsys, [ds, out, "group", "--no-report"], out, 65, "participants.tsv",
                   "'age' appear more than once")  # fmt: skip
+
+
+def test_millions_of_relabellings_warn(tmp_path, caplog):
+    """More than 10^6 relabellings (not an exhaustive enumeration) is a warning, logged when the
+    permutations are planned, before any image is read (no kernel runs here)."""
+    from bids_group.config import resolve_inference
+    from bids_group.inputs import collect_inputs
+    from bids_group.pipeline import plan_analyses
+    from bids_group.pipeline_permutation import plan_permutations
+    from bids_group.spec import default_spec
+
+    ds = make_bids_derivatives(tmp_path / "big", n_subjects=21, shape=(2, 2, 2))
+    spec = default_spec()
+    inputs = collect_inputs(ds, input_filters=spec.input_filters, group_by=spec.group_by)
+    analyses = plan_analyses(spec, inputs.maps, inputs.participants)
+    for n_perm, warned in ((2_000_000, True), (10_000, False)):
+        caplog.clear()
+        inference = resolve_inference({"permutation": ("voxel",), "n_perm": n_perm}, None)
+        with caplog.at_level(logging.WARNING, logger="bids_group"):
+            plan_permutations(analyses, inference)
+        assert ("2000001 relabellings: the run may take hours" in caplog.text) == warned
