@@ -290,6 +290,22 @@ def test_model_not_utf8(capsys, ds, out, tmp_path):
                   "line 14, column 6 is not UTF-8")  # fmt: skip
 
 
+def test_model_utf16(capsys, ds, out, tmp_path):
+    """Found by the fuzzer: a model saved as UTF-16 was exit 1 (UnicodeDecodeError)."""
+    model = tmp_path / "model.yaml"
+    model.write_bytes(MODEL.replace("{INFERENCE}", "{}").encode("utf-16"))
+    check_failure(capsys, [ds, out, "group", "--model", model], out, 64, "model.yaml",
+                  "line 1, column 1 is not UTF-8 (byte 0xff)")  # fmt: skip
+
+
+def test_model_cut_utf8_sequence(capsys, ds, out, tmp_path):
+    """Found by the fuzzer: a multi-byte character cut in two (exit 1 before)."""
+    model = tmp_path / "model.yaml"
+    model.write_bytes(MODEL.replace("{INFERENCE}", "{}").encode() + "# é".encode()[:-1])
+    check_failure(capsys, [ds, out, "group", "--model", model], out, 64, "model.yaml",
+                  "line 14, column 3 is not UTF-8")  # fmt: skip
+
+
 def test_filter_file_not_utf8(capsys, ds, out, tmp_path):
     path = tmp_path / "filter.json"
     path.write_bytes(b'{"task": "f\xe4ces"}')

@@ -28,7 +28,7 @@ from bids_group.cli import main
 from bids_group.errors import EXIT_CODES
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 FUZZ_SETTINGS = settings(
@@ -151,14 +151,16 @@ def mutated_models(draw: st.DrawFn) -> Any:
     for _ in range(draw(st.integers(1, 4))):
         paths = _paths(model)
         path = draw(st.sampled_from(paths))
-        action = draw(st.sampled_from(["replace", "delete", "add", "inference"]))
-        if action == "inference":
+        action = draw(st.sampled_from(["replace", "delete", "add", "inference", "inference"]))
+        if action == "inference":  # the numeric settings get the most attention
             try:
                 block = model["Nodes"][0]["Model"]["Software"]["bids-group"]["Inference"]
             except (KeyError, IndexError, TypeError):
                 continue
             if isinstance(block, dict):
-                block[draw(st.sampled_from(INFERENCE_KEYS))] = draw(junk)
+                special = st.sampled_from(SPECIAL_INTS + SPECIAL_FLOATS)
+                value = draw(st.one_of(special, scalars, junk))
+                block[draw(st.sampled_from(INFERENCE_KEYS))] = value
             continue
         if not path:
             if action == "replace":
@@ -280,8 +282,27 @@ def _check_run(capsys, args: list[str], out: Path) -> int:
     return code
 
 
+def _with_inference(key: str, value: Any) -> dict[str, Any]:
+    model = copy.deepcopy(VALID_MODEL)
+    model["Nodes"][0]["Model"]["Software"]["bids-group"]["Inference"][key] = value
+    return model
+
+
+#: What the fuzzer found (each was exit 1, "unexpected error"), replayed on every run.
+MODEL_FINDINGS = [
+    _serialise(VALID_MODEL, "yaml").decode().encode("utf-16"),  # UnicodeDecodeError
+    _serialise(VALID_MODEL, "json")[:-3] + b"\xf0\x9f" + b"}]}",  # a cut UTF-8 sequence
+    _serialise(_with_inference("Alpha", 10**400), "yaml"),  # OverflowError in math.isfinite
+    _serialise(_with_inference("NPermutations", 10**400), "json"),
+]
+
+
 @FUZZ_SETTINGS
 @given(document=model_documents())
+@example(document=MODEL_FINDINGS[0])
+@example(document=MODEL_FINDINGS[1])
+@example(document=MODEL_FINDINGS[2])
+@example(document=MODEL_FINDINGS[3])
 def test_any_model_file_runs_or_fails_cleanly(capsys, dataset, tmp_path, document):
     model = tmp_path / "model.yaml"
     model.write_bytes(document)
