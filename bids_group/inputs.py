@@ -223,8 +223,8 @@ def _check_dataset_dir(path: Path, *, what: str) -> Path:
             '(e.g. {"Name": "my study", "BIDSVersion": "1.9.0", "DatasetType": "derivative"})'
         )
     try:
-        content = json.loads(description.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as err:
+        content = json.loads(read_utf8(description, BidsDatasetError))
+    except json.JSONDecodeError as err:
         raise BidsDatasetError(f"{description} is not valid JSON ({err}): fix the file") from err
     if not isinstance(content, dict):
         raise BidsDatasetError(
@@ -622,6 +622,19 @@ def explain_missing_spellings(values: pd.Series, column: str, rows: pd.Series) -
     text = values.dropna().astype(str)
     numeric = pd.to_numeric(text, errors="coerce")
     odd = text[numeric.isna() | text.str.strip().str.lower().isin(MISSING_SPELLINGS)]
+    comma = odd.str.fullmatch(r"\s*[-+]?\d+,\d+\s*")
+    if (
+        not odd.empty
+        and comma.any()
+        and (comma | odd.str.strip().str.lower().isin(MISSING_SPELLINGS)).all()
+    ):
+        examples = ", ".join(repr(v) for v in dict.fromkeys(odd[comma]))
+        labels = list(dict.fromkeys(str(rows[i]) for i in odd[comma].index))
+        who = ", ".join(label if label.startswith("sub-") else f"sub-{label}" for label in labels)
+        return (
+            f"column {column!r} of participants.tsv writes numbers with a decimal comma "
+            f"({examples}, for {who}): write a decimal point (1.5, not 1,5)"
+        )
     if odd.empty or not odd.str.strip().str.lower().isin(MISSING_SPELLINGS).all():
         return None
     spellings = ", ".join(repr(v) for v in dict.fromkeys(odd))

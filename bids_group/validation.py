@@ -203,8 +203,12 @@ def read_utf8(path: Path, error: type[Exception], what: str = "") -> str:
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        how = (
+            " (from a spreadsheet: 'Save as' > tab-separated text, encoding UTF-8)"
+            if Path(path).suffix == ".tsv"
+            else ""
+        )
         raise error(
             f"{path}{what}: line {line}, column {column} is not UTF-8 (byte "
-            f"0x{data[err.start]:02x}); save the file as UTF-8 (in a spreadsheet: "
-            "'Save as' > 'Text, tab-separated', encoding UTF-8)"
+            f"0x{data[err.start]:02x}); save the file as UTF-8{how}"
         ) from err

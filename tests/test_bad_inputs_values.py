@@ -391,3 +391,18 @@ def test_millions_of_relabellings_warn(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="bids_group"):
             plan_permutations(analyses, inference)
         assert ("2000001 relabellings: the run may take hours" in caplog.text) == warned
+
+
+def test_decimal_comma_is_named(capsys, ds, out, tmp_path):
+    _participants(ds, "23,5")
+    model = tmp_path / "model.yaml"
+    model.write_text(AGE_MODEL.replace("TRANSFORMATIONS", ""))
+    args = [ds, out, "group", "--no-report", "--model", model]
+    err = check_failure(capsys, args, out, 65, "decimal comma", "'23,5'", "sub-02, sub-05")
+    assert "Factor" not in err
+
+
+def test_dataset_description_not_utf8(capsys, ds, out):
+    (ds / "dataset_description.json").write_bytes(b'{"Name": "caf\xe9", "BIDSVersion": "1.9.0"}')
+    check_failure(capsys, [ds, out, "group"], out, 16, "dataset_description.json",
+                  "line 1, column 14 is not UTF-8")  # fmt: skip
