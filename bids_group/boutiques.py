@@ -39,6 +39,7 @@ import click
 from bids_group import __version__
 from bids_group.config import ANALYSIS_LEVELS
 from bids_group.errors import EXIT_CODES
+from bids_group.validation import SETTINGS
 
 #: The container image the Dockerfile builds (``docker build -t bids-group .``).
 CONTAINER_IMAGE = "bids-group"
@@ -180,24 +181,34 @@ _KEY_ORDER = (
 )
 
 
+def _number(integer: bool, lo, hi, lo_open: bool, hi_open: bool) -> dict[str, Any]:
+    """A Boutiques Number with its bounds."""
+    out: dict[str, Any] = {"type": "Number"}
+    if integer:
+        out["integer"] = True
+    if lo is not None:
+        out["minimum"] = lo
+        if lo_open:
+            out["exclusive-minimum"] = True
+    if hi is not None:
+        out["maximum"] = hi
+        if hi_open:
+            out["exclusive-maximum"] = True
+    return out
+
+
 def _value_type(param: click.Option) -> dict[str, Any]:
     kind = param.type
     if isinstance(kind, click.Choice):
         return {"type": "String", "value-choices": [str(c) for c in kind.choices]}
+    bounds = SETTINGS.get(getattr(kind, "field", None) or "")
+    if bounds is not None:  # cli.Setting: a number checked by bids_group.validation
+        return _number(bounds.integer, bounds.lo, bounds.hi, bounds.lo_open, bounds.hi_open)
     if isinstance(kind, (click.types.IntParamType, click.types.FloatParamType)):
-        out: dict[str, Any] = {"type": "Number"}
-        if isinstance(kind, click.types.IntParamType):
-            out["integer"] = True
+        integer = isinstance(kind, click.types.IntParamType)
         if isinstance(kind, click.types._NumberRangeBase):
-            if kind.min is not None:
-                out["minimum"] = kind.min
-                if kind.min_open:
-                    out["exclusive-minimum"] = True
-            if kind.max is not None:
-                out["maximum"] = kind.max
-                if kind.max_open:
-                    out["exclusive-maximum"] = True
-        return out
+            return _number(integer, kind.min, kind.max, kind.min_open, kind.max_open)
+        return _number(integer, None, None, False, False)
     is_path = isinstance(kind, click.Path) or kind.name.upper() == "FILE"
     if is_path and param.name not in _WRITTEN_PATHS:
         return {"type": "File"}

@@ -47,6 +47,7 @@ from bids_group.errors import (
 )
 from bids_group.paths import check_run_paths, isolate_caches, scratch_disk_error
 from bids_group.spec import ADJUSTMENTS, ESTIMATORS, VARIANCE_SOURCES
+from bids_group.validation import SETTINGS, check_setting, read_utf8
 
 log = logging.getLogger("bids_group")
 
@@ -90,9 +91,7 @@ class FilterFile(click.ParamType):
         if ctx is not None:  # checked with the other paths (no output may replace it)
             ctx.meta[_FILTER_FILE_KEY] = path
         try:
-            content = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError) as err:
-            self.fail(f"cannot read {path}: {err}", param, ctx)
+            content = json.loads(read_utf8(path, UsageError, " (--bids-filter-file)"))
         except json.JSONDecodeError as err:
             self.fail(
                 f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
@@ -105,6 +104,38 @@ class FilterFile(click.ParamType):
 
 
 _FILTER_FILE_KEY = "bids_group.filter_file"
+
+
+class Setting(click.ParamType):
+    """A numeric option checked by :func:`bids_group.validation.check_setting`: type, finite,
+    range; the message names the option and the accepted range (``--alpha == nan, must be a
+    finite number > 0 and < 1``)."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        self.integer = SETTINGS[field].integer
+        self.name = "INTEGER" if self.integer else "FLOAT"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return check_setting(value, self.field, _option_of(param, self.field))
+        text = str(value).strip()
+        try:
+            number: Any = int(text) if self.integer else float(text)
+        except ValueError:
+            number = text
+        return check_setting(number, self.field, _option_of(param, self.field))
+
+
+def _range(field: str) -> str:
+    """`` [range: 1e-10<=x<1]``: the accepted values, for the help text."""
+    return f" [range: {SETTINGS[field].interval()}]"
+
+
+def _option_of(param: Any, field: str) -> str:
+    """The option as the user knows it (its first long name), e.g. ``--n-perm``."""
+    names = [n for n in getattr(param, "opts", ()) if n.startswith("--")]
+    return names[0] if names else "--" + field.replace("_", "-")
 
 
 class _MissingPath(click.ClickException):
@@ -126,6 +157,8 @@ def _option(*names: str, **kwargs: Any):
         else:  # a --flag/--no-flag pair: click's " /--x" form adds a secondary name only
             primary = changed[0] if changed[0] != parts[0] else " "
             spellings.append(f"{primary}/{changed[1]}" if changed[1] != parts[1] else primary)
+    if isinstance(kwargs.get("type"), Setting):  # the accepted range, as the code checks it
+        kwargs["help"] = kwargs.get("help", "") + _range(kwargs["type"].field)
     return click.option(*spellings, **kwargs)
 
 
@@ -205,7 +238,7 @@ def _underscored(name: str) -> str:
 )
 @_option(
     "--smoothing-fwhm",
-    type=click.FloatRange(min=0),
+    type=Setting("smoothing_fwhm"),
     help="Smooth each map with a Gaussian of this FWHM in mm.",
 )
 @_option(
@@ -215,14 +248,16 @@ def _underscored(name: str) -> str:
 )
 @_option(
     "--alpha",
-    type=float,
+    type=Setting("alpha"),
     help="Significance level for the height control. "
     "[default: 0.001 for fpr, 0.05 for fdr and bonferroni]",
 )
-@_option("--threshold", type=float, help="z threshold, only with --height-control none.")
+@_option(
+    "--threshold", type=Setting("threshold"), help="z threshold, only with --height-control none."
+)
 @_option(
     "--cluster-threshold",
-    type=click.IntRange(min=0),
+    type=Setting("cluster_threshold"),
     help=f"Minimum cluster size in voxels. [default: {DEFAULT_CLUSTER_THRESHOLD}]",
 )
 @_option(
@@ -247,14 +282,14 @@ def _underscored(name: str) -> str:
     "--ari-thresholds",
     "ari_thresholds",
     multiple=True,
-    type=float,
+    type=Setting("ari_thresholds"),
     metavar="Z",
     help="Cluster-forming thresholds of ARI, in z units (> 0): --ari-thresholds 3.0 3.5. "
     f"[default: {' '.join(map(str, DEFAULT_ARI_THRESHOLDS))}]",
 )
 @_option(
     "--ari-alpha",
-    type=float,
+    type=Setting("ari_alpha"),
     help="Level of the ARI bounds. [default: --alpha with fdr or bonferroni, else "
     f"{DEFAULT_ARI_ALPHA}]",
 )
@@ -270,25 +305,25 @@ def _underscored(name: str) -> str:
 )
 @_option(
     "--n-perm",
-    type=int,
+    type=Setting("n_perm"),
     metavar="N",
     help=f"Random relabellings beside the unpermuted data; when 1 + N reaches the number of "
     f"distinct ones, all are enumerated (exact test). [default: {DEFAULT_N_PERM}]",
 )
 @_option(
     "--seed",
-    type=int,
+    type=Setting("seed"),
     help=f"Seed of the relabellings; the same seed gives the same results for any --n-jobs. "
     f"[default: {DEFAULT_SEED}]",
 )
 @_option(
     "--perm-alpha",
-    type=float,
+    type=Setting("perm_alpha"),
     help=f"FWER level of the thresholded permutation maps. [default: {DEFAULT_PERM_ALPHA}]",
 )
 @_option(
     "--cluster-forming-p",
-    type=float,
+    type=Setting("cluster_forming_p"),
     metavar="P",
     help="Cluster-forming threshold of --permutation cluster, as a one-sided uncorrected "
     "p-value, 0 < P < 0.5 (split between the tails when two-sided; z 3.1 is p 0.00097). "
@@ -300,11 +335,15 @@ def _underscored(name: str) -> str:
     help="TFCE: the exact integral, or the presets reproducing FSL randomise (100 fixed steps "
     "of dh = max/100, no dh factor) and nilearn (100 steps per map). [default: exact]",
 )
-@_option("--tfce-e", type=float, help=f"TFCE extent exponent E. [default: {DEFAULT_TFCE_E}]")
-@_option("--tfce-h", type=float, help=f"TFCE height exponent H. [default: {DEFAULT_TFCE_H}]")
+@_option(
+    "--tfce-e", type=Setting("tfce_e"), help=f"TFCE extent exponent E. [default: {DEFAULT_TFCE_E}]"
+)
+@_option(
+    "--tfce-h", type=Setting("tfce_h"), help=f"TFCE height exponent H. [default: {DEFAULT_TFCE_H}]"
+)
 @_option(
     "--tfce-dh",
-    type=float,
+    type=Setting("tfce_dh"),
     help="TFCE step of --tfce-integration fsl. [default: max of the unpermuted map / 100]",
 )
 @_option(
@@ -344,7 +383,7 @@ def _underscored(name: str) -> str:
     "--n-jobs",
     "--nprocs",
     "n_jobs",
-    type=click.IntRange(min=1),
+    type=Setting("n_jobs"),
     default=1,
     show_default=True,
     help="Threads for reading and writing images and for the permutation kernels.",

@@ -20,8 +20,8 @@ from bids_group.spec import (
     TFCE_INTEGRATIONS,
     EstimationSpec,
     InferenceDefaults,
-    cluster_forming_p,
 )
+from bids_group.validation import SETTINGS, check_setting
 
 HeightControl = Literal["fpr", "fdr", "bonferroni", "none"]
 
@@ -165,6 +165,7 @@ def resolve_inference(
         for key in _HEIGHT_SETTINGS:
             merged.pop(key, None)
     merged.update({k: v for k, v in overrides.items() if v is not None})
+    _check_values(merged)
     known = set(InferenceConfig.__dataclass_fields__)
     unknown = sorted(set(merged) - known)
     if unknown:
@@ -187,13 +188,25 @@ def resolve_inference(
     return config
 
 
+def _check_values(settings: Mapping[str, Any]) -> None:
+    """Type, finiteness and range of every numeric setting (:data:`~bids_group.validation.
+    SETTINGS`), named as the command-line option. The model file's values were checked, under
+    their file and key, when it was read; this catches the command line and API callers."""
+    for name, value in settings.items():
+        if name not in SETTINGS or value is None:
+            continue
+        if name == "ari_thresholds":
+            for item in value if isinstance(value, list | tuple) else [value]:
+                check_setting(item, name)
+        else:
+            check_setting(value, name)
+
+
 def _check_inference(config: InferenceConfig) -> None:
     if config.height_control not in HEIGHT_CONTROLS:
         raise UsageError(
             f"height control {config.height_control!r} is not one of {', '.join(HEIGHT_CONTROLS)}"
         )
-    if not 0.0 < config.alpha < 1.0:
-        raise UsageError(f"alpha == {config.alpha}, must be > 0 and < 1")
     if config.height_control == "none" and config.threshold is None:
         raise UsageError(
             "--height-control none needs --threshold (a z value), e.g. --threshold 3.1"
@@ -204,24 +217,16 @@ def _check_inference(config: InferenceConfig) -> None:
             f"{config.height_control}: the threshold is derived from --alpha. "
             "Use --height-control none to give a z threshold yourself."
         )
-    if config.threshold is not None and config.threshold < 0:
-        raise UsageError(f"--threshold == {config.threshold}, must be >= 0 (a z value)")
-    if config.cluster_threshold < 0:
-        raise UsageError(f"--cluster-threshold == {config.cluster_threshold}, must be >= 0 voxels")
     if config.connectivity not in CONNECTIVITIES:
         raise UsageError(
             f"connectivity == {config.connectivity}, must be one of 6 (faces), 18 (edges), "
             "26 (corners)"
         )
-    if not config.ari_thresholds or min(config.ari_thresholds) <= 0:
+    if not config.ari_thresholds:
         raise UsageError(
             f"ARI thresholds {list(config.ari_thresholds)} must be z values > 0, "
             "e.g. --ari-thresholds 3.0 3.5"
         )
-    if not 0.0 < config.ari_alpha < 1.0:
-        raise UsageError(f"ARI alpha == {config.ari_alpha}, must be > 0 and < 1")
-    if config.smoothing_fwhm is not None and config.smoothing_fwhm < 0:
-        raise UsageError(f"--smoothing-fwhm == {config.smoothing_fwhm}, must be >= 0 mm")
 
 
 def _check_permutation(config: InferenceConfig, given: set[str]) -> None:
@@ -242,25 +247,11 @@ def _check_permutation(config: InferenceConfig, given: set[str]) -> None:
                 f"does not do; add --permutation {methods[0]} (or Permutation: [{methods[0]}] "
                 "in the model's inference block)"
             )
-    if isinstance(config.n_perm, bool) or not isinstance(config.n_perm, int) or config.n_perm < 1:
-        raise UsageError(
-            f"--n-perm == {config.n_perm!r}: the number of permutations must be an integer >= 1 "
-            f"(e.g. {DEFAULT_N_PERM})"
-        )
-    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
-        raise UsageError(f"--seed == {config.seed!r}, must be an integer >= 0")
-    if not 0.0 < config.perm_alpha < 1.0:
-        raise UsageError(f"--perm-alpha == {config.perm_alpha}, must be > 0 and < 1")
-    cluster_forming_p(config.cluster_forming_p, "--cluster-forming-p")
     if config.tfce_integration not in TFCE_INTEGRATIONS:
         raise UsageError(
             f"--tfce-integration {config.tfce_integration!r} is not one of "
             f"{', '.join(TFCE_INTEGRATIONS)}"
         )
-    for name in ("tfce_e", "tfce_h", "tfce_dh"):
-        value = getattr(config, name)
-        if value is not None and not value > 0:
-            raise UsageError(f"--{name.replace('_', '-')} == {value}, must be > 0")
     if config.tfce_dh is not None and config.tfce_integration != "fsl":
         raise UsageError(
             f"--tfce-dh {config.tfce_dh} is the fixed step of --tfce-integration fsl; the exact "

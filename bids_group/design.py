@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from bids_group.errors import DataError, SpecError
+from bids_group.inputs import explain_missing_spellings
 from bids_group.labels import INTERCEPT, to_label
 from bids_group.spec import ModelSpec, StatType
 from bids_group.transformations import apply_transformations, expand_names, nearest
@@ -195,6 +196,10 @@ def _column_values(variables: pd.DataFrame, name: str, where: str) -> np.ndarray
     if pd.api.types.is_bool_dtype(series):
         return series.to_numpy(dtype=float)
     if not pd.api.types.is_numeric_dtype(series):
+        rows = variables["subject"] if "subject" in variables.columns else series.index.to_series()
+        missing = explain_missing_spellings(series, name, rows)
+        if missing:
+            raise DataError(f"{where}: {missing}")
         examples = ", ".join(repr(v) for v in series.dropna().unique()[:3])
         raise SpecError(
             f"{where}: column {name!r} is not numeric (values such as {examples}); add a "

@@ -15,6 +15,7 @@ product of two non-constant forms, or a division by one, is rejected as non-line
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -89,6 +90,8 @@ class _Parser:
         form = self._expr()
         if self._peek() is not None:
             raise self._fail(f"unexpected {self._peek()[1]!r}")  # type: ignore[index]
+        if not all(math.isfinite(v) for v in (form.constant, *form.coefs.values())):
+            raise ExpressionError(f"{self.text!r} overflows: its numbers are too large")
         return form
 
     def _expr(self) -> LinearForm:
@@ -132,6 +135,8 @@ class _Parser:
         kind, value, _ = token
         self.index += 1
         if kind == "number":
+            if not math.isfinite(float(value)):
+                raise ExpressionError(f"the number {value} in {self.text!r} is too large")
             return LinearForm({}, float(value))
         if kind == "name":
             return LinearForm({value: 1.0}, 0.0)

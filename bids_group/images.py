@@ -172,7 +172,7 @@ def load_masked_data(
         resample = True
     _check_grids(paths, grids, target, resample=resample, mask_path=mask_path)
 
-    sigma = _sigma(target.affine, smoothing_fwhm)
+    sigma = _sigma(target.affine, smoothing_fwhm, target.shape)
     volumes = _iter_volumes(paths, grids, target, sigma=sigma, n_jobs=n_jobs)
     if user_mask is None:
         data, mask, n_dropped, coverage = _stack_auto_mask(volumes, target.shape, len(paths))
@@ -475,13 +475,28 @@ def _resample(data: np.ndarray, source: _Grid, target: _Grid) -> np.ndarray:
 # --- Smoothing --------------------------------------------------------------------------------
 
 
-def _sigma(affine: np.ndarray, fwhm: float | None) -> np.ndarray | None:
-    """Per-axis Gaussian sigma in voxels, as nilearn.image.smooth_img computes it."""
+def _sigma(
+    affine: np.ndarray, fwhm: float | None, shape: tuple[int, ...] | None = None
+) -> np.ndarray | None:
+    """Per-axis Gaussian sigma in voxels, as nilearn.image.smooth_img computes it.
+
+    A FWHM wider than the field of view (``shape`` x voxel size, on every axis) is valid but
+    almost surely a mistake (mm vs voxels?): it is smoothed as asked, with a warning.
+    """
     if fwhm is None or fwhm == 0:
         return None
-    if fwhm < 0:
-        raise DataError(f"smoothing FWHM == {fwhm}, must be >= 0 mm")
-    return fwhm / (_FWHM_TO_SIGMA * np.asarray(_voxel_size(affine)))
+    if not np.isfinite(fwhm) or fwhm < 0:
+        raise DataError(f"smoothing FWHM == {fwhm}, must be a finite number >= 0 mm")
+    voxel = np.asarray(_voxel_size(affine))
+    if shape is not None:
+        field = np.asarray(shape[:3]) * voxel
+        if fwhm > field.max():
+            log.warning(
+                "smoothing FWHM %g mm is wider than the field of view of the maps (%s mm): "
+                "every map becomes almost flat; was it meant in voxels, or smaller?",
+                fwhm, " x ".join(f"{f:g}" for f in field),
+            )  # fmt: skip
+    return fwhm / (_FWHM_TO_SIGMA * voxel)
 
 
 def smooth_volume(data: np.ndarray, sigma: np.ndarray) -> np.ndarray:

@@ -11,7 +11,9 @@ indexing, so nothing is written into the (possibly read-only) input folders.
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ from bids_group.errors import (
     MissingInputError,
     UsageError,
 )
+from bids_group.validation import read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +226,8 @@ def _check_dataset_dir(path: Path, *, what: str) -> Path:
             '(e.g. {"Name": "my study", "BIDSVersion": "1.9.0", "DatasetType": "derivative"})'
         )
     try:
-        content = json.loads(description.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as err:
+        content = json.loads(read_utf8(description, BidsDatasetError))
+    except json.JSONDecodeError as err:
         raise BidsDatasetError(f"{description} is not valid JSON ({err}): fix the file") from err
     if not isinstance(content, dict):
         raise BidsDatasetError(
@@ -427,6 +430,14 @@ def _get(layout: Any, query: Mapping[str, tuple[Any, ...]]) -> list[Any]:
     return [f for f in files if not Path(f.path).is_dir()]
 
 
+#: README section on naming SPM / FSL maps as BIDS statistical derivatives.
+LAYOUT_HELP = (
+    "name each map sub-<label>/[func/]sub-<label>_[task-<t>_][space-<s>_]contrast-<c>_"
+    "stat-effect_statmap.nii.gz (SPM con_*.nii and FSL cope*.nii.gz are effect maps); "
+    "README section 'Bringing your own first-level maps' shows how"
+)
+
+
 def _explain_empty(layout: Any, query: Mapping[str, tuple[Any, ...]], root: Path) -> str:
     """Name the first filter that empties the selection and the values present before it."""
     applied: dict[str, tuple[Any, ...]] = {}
@@ -442,18 +453,38 @@ def _explain_empty(layout: Any, query: Mapping[str, tuple[Any, ...]], root: Path
         context = ", ".join(f"{k}={_show(v)}" for k, v in applied.items() if k != key)
         wanted = _show(query[key])
         if not before:
-            return f"{root} holds no file at all."
+            return f"{root} holds no file at all: {LAYOUT_HELP}."
+        where = f"In {root}, no file" + (f" with {context}" if context else "")
         if not present:
-            return (
-                f"In {root}, no file among those with {context} has the entity {key!r} "
-                f"(wanted {key}={wanted})."
+            return f"{where} has the entity {key!r} (wanted {key}={wanted})." + _advice(
+                key, query, before, root
             )
-        return (
-            f"In {root}, no file with {context} has {key}={wanted}; {_plural(key)} present: "
-            f"{_listing(present)}. Change the model Input / --bids-filter-file / "
-            "--participant-label accordingly."
+        return f"{where} has {key}={wanted} ({_plural(key)} present: {_listing(present)})." + (
+            _advice(key, query, before, root)
         )
     return f"In {root}, the filters together select nothing."
+
+
+def _advice(key: str, query: Mapping[str, tuple[Any, ...]], before: list[Any], root: Path) -> str:
+    """What to do: rename the files (default selection) or change a filter."""
+    default_selection = query.get("suffix") == (DEFAULT_SUFFIX,)
+    if key in ("extension", "suffix") and default_selection:
+        others = [Path(f.path) for f in before if not f.path.endswith((".json", ".tsv"))]
+        found = ""
+        if others:
+            shown = others[0].relative_to(root) if others[0].is_relative_to(root) else others[0]
+            found = f" (found e.g. {shown}, which is not one)"
+        return (
+            f" bids-group reads BIDS statistical maps{found}: {LAYOUT_HELP}. Other maps (e.g. "
+            "VBM) are selected with a suffix in the model Input or --bids-filter-file."
+        )
+    if key == "stat" and default_selection and query.get("stat") == (DEFAULT_STAT,):
+        return (
+            " bids-group fits effect maps (stat-effect: SPM con_*, FSL cope*); to fit the maps "
+            "present instead, set stat in the model Input or --bids-filter-file (e.g. "
+            '{"stat": "t"}).'
+        )
+    return " Change the model Input / --bids-filter-file / --participant-label accordingly."
 
 
 def _hint_derivatives(bids_dir: Path, deriv_dirs: Sequence[Path]) -> str:
@@ -593,10 +624,46 @@ def read_participants(path: Path) -> pd.DataFrame:
     DataError (65)
         No ``participant_id`` column, duplicate ids, or unreadable file.
     """
+    text = read_utf8(path, DataError)
+    if not text.strip():
+        raise DataError(
+            f"{path} is empty: its first line must be the header, starting with participant_id"
+        )
+    lines = text.splitlines()
+    width = lines[0].count("\t")
+    header = [cell.strip() for cell in lines[0].split("\t")]
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise DataError(
+            f"{path}: column(s) {', '.join(map(repr, twice))} appear more than once in the "
+            "header (line 1); give every column its own name"
+        )
+    for number, line in enumerate(lines[1:], start=2):
+        cells = line.split("\t")
+        if len(cells) > width + 1 and not "".join(cells[width + 1 :]).strip():
+            lines[number - 1] = "\t".join(cells[: width + 1])  # trailing empty cells: dropped
+        elif line.strip() and len(cells) != width + 1:
+            raise DataError(
+                f"{path}: line {number} has {line.count(chr(9)) + 1} tab-separated cells but the "
+                f"header has {width + 1}; every line needs one cell per column (n/a when missing)"
+            )
     try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a", ""])
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"Cannot read {path}: {err}; it must be a tab-separated table") from err
+        table = pd.read_csv(
+            io.StringIO("\n".join(lines)),
+            sep="\t",
+            dtype=str,
+            keep_default_na=False,
+            index_col=False,
+            quoting=csv.QUOTE_NONE,  # BIDS TSV has no quoting: a '"' is a character
+        )
+    except (pd.errors.ParserError, ValueError) as err:
+        detail = str(err).strip().replace("\n", " ")
+        raise DataError(
+            f"{path} is not a valid tab-separated table ({detail}): every line needs as many "
+            "tab-separated cells as the header"
+        ) from err
+    # Cells padded with spaces ("n/a ", " 23") mean what they say without the spaces.
+    table = table.apply(lambda column: column.str.strip()).replace({"n/a": np.nan, "": np.nan})
     table.columns = [str(c).strip() for c in table.columns]
     if "participant_id" not in table.columns:
         raise DataError(
@@ -616,6 +683,48 @@ def read_participants(path: Path) -> pd.DataFrame:
         )
     table.index = pd.Index(labels, name="participant_id")
     return table.apply(_to_numeric_if_possible)
+
+
+#: Other spellings of a missing value (compared stripped and lower-case). BIDS writes ``n/a``;
+#: these are what spreadsheets, R, pandas and databases write instead.
+MISSING_SPELLINGS = frozenset(
+    {"na", "nan", "n/a", "n.a.", "n.a", "null", "none", "nil", "missing", "-", "--", ".", "?",
+     "#n/a", "#na", "nat", "<na>", "undefined", "unknown"}
+)  # fmt: skip
+
+
+def explain_missing_spellings(values: pd.Series, column: str, rows: pd.Series) -> str | None:
+    """Say so when the non-numeric cells of a column meant to be numeric are missing values
+    spelled otherwise than BIDS's ``n/a`` (``NA``, ``nan``, ``null``...); else None.
+
+    ``rows``: the participant label of each cell (same index as ``values``), for the message.
+    """
+    text = values.dropna().astype(str)
+    numeric = pd.to_numeric(text, errors="coerce")
+    odd = text[numeric.isna() | text.str.strip().str.lower().isin(MISSING_SPELLINGS)]
+    comma = odd.str.fullmatch(r"\s*[-+]?\d+,\d+\s*")
+    if (
+        not odd.empty
+        and comma.any()
+        and (comma | odd.str.strip().str.lower().isin(MISSING_SPELLINGS)).all()
+    ):
+        examples = ", ".join(repr(v) for v in dict.fromkeys(odd[comma]))
+        labels = list(dict.fromkeys(str(rows[i]) for i in odd[comma].index))
+        who = ", ".join(label if label.startswith("sub-") else f"sub-{label}" for label in labels)
+        return (
+            f"column {column!r} of participants.tsv writes numbers with a decimal comma "
+            f"({examples}, for {who}): write a decimal point (1.5, not 1,5)"
+        )
+    if odd.empty or not odd.str.strip().str.lower().isin(MISSING_SPELLINGS).all():
+        return None
+    spellings = ", ".join(repr(v) for v in dict.fromkeys(odd))
+    labels = list(dict.fromkeys(str(rows[i]) for i in odd.index))
+    who = ", ".join(label if label.startswith("sub-") else f"sub-{label}" for label in labels)
+    return (
+        f"column {column!r} of participants.tsv holds {spellings} for {who}: BIDS spells a "
+        "missing value n/a (and bids-group never fills covariates in). Write n/a, then fill in "
+        "the values or leave these participants out (--participant-label)"
+    )
 
 
 def _to_numeric_if_possible(column: pd.Series) -> pd.Series:

@@ -322,6 +322,10 @@ def _run_analysis(
         target_voxel_size=config.target_voxel_size,
     )
     log.info("mask: %d voxels", data.data.shape[1])
+    if inference.cluster_threshold > data.data.shape[1]:
+        log.warning("cluster threshold %d voxels > the mask's %d voxels (model for %s): no "
+                    "cluster can survive it", inference.cluster_threshold, data.data.shape[1],
+                    where)  # fmt: skip
     _warn_data_findings(data, analysis.maps, where)
     variances = None
     if spec.estimation.mixed:

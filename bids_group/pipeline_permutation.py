@@ -49,6 +49,7 @@ from bids_group.outputs import permutation as tables
 from bids_group.outputs.tables import write_table
 from bids_group.progress import progress_bar
 from bids_group.report import build as report
+from bids_group.validation import WARN_N_PERM
 
 if TYPE_CHECKING:  # pipeline imports this module
     from bids_group.contrasts import ContrastResult
@@ -106,6 +107,14 @@ def plan_permutations(
                     "contrast %s: %d distinct relabellings, all enumerated (exact test)",
                     contrast.name,
                     plan.n_distinct,
+                )
+            if plan.n_relabellings > WARN_N_PERM:
+                log.warning(
+                    "contrast %s: %d relabellings: the run may take hours (TFCE on a 2 mm brain: "
+                    "~2 h per million on 2 cores) for p-values that 10,000 already give to "
+                    "+-0.002; check --n-perm / NPermutations",
+                    contrast.name,
+                    plan.n_relabellings,
                 )
             if plan.n_relabellings * inference.perm_alpha < 1:
                 log.warning(

@@ -16,24 +16,25 @@ are software names. bids-group reads ``Model.Software.bids-group.Inference``::
         bids-group:
           Inference:
             HeightControl: fdr      # fpr | fdr | bonferroni | none
-            Alpha: 0.05             # 0 < Alpha < 1 (with fpr, fdr, bonferroni)
-            Threshold: 3.1          # z threshold (with HeightControl none)
+            Alpha: 0.05             # 1e-10 <= Alpha < 1 (with fpr, fdr, bonferroni)
+            Threshold: 3.1          # z threshold >= 0 (with HeightControl none)
             ClusterThreshold: 10    # minimum cluster size in voxels, integer >= 0
             TwoSided: false
             Connectivity: 6         # 6 | 18 | 26
-            SmoothingFWHM: 8        # mm, >= 0
+            SmoothingFWHM: 8        # mm, 0 to 1000
             ARI: true               # All-Resolution Inference (ARIThresholds, ARIAlpha)
             Permutation: [voxel, cluster, tfce]   # any of them; none = off (default)
-            NPermutations: 10000    # random relabellings beside the unpermuted data, >= 1
-            Seed: 0                 # integer >= 0; same seed, same results
+            NPermutations: 10000    # relabellings beside the unpermuted data, 1 to 10**7
+            Seed: 0                 # integer 0 to 2**32 - 1; same seed, same results
             PermutationAlpha: 0.05  # FWER level of the thresholded permutation maps
             ClusterFormingP: 0.001  # cluster-forming threshold: one-sided p, 0 < p < 0.5
-            TFCE: {Integration: exact, E: 0.5, H: 2}   # exact | fsl | nilearn; dh with fsl
+            TFCE: {Integration: exact, E: 0.5, H: 2}   # exact|fsl|nilearn; 0 < E, H <= 10; dh: fsl
             PermutationScheme: auto # auto | flip (sign flips) | permute (rows)
             ExchangeabilityBlocks: subject   # variable whose values are the blocks
             WholeBlocks: false      # permute blocks as units instead of rows within blocks
 
 The accepted keys live in one table, :data:`INFERENCE_KEYS`; add a row there to accept a new one.
+Numeric values are checked by :func:`bids_group.validation.check_setting`, as the command line's.
 Values from the file are defaults: command-line options override them.
 """
 
@@ -55,6 +56,7 @@ from bids_group.errors import MissingInputError, SpecError
 from bids_group.expression import ExpressionError, parse_linear
 from bids_group.labels import INTERCEPT, to_label
 from bids_group.transformations import nearest, normalise_instruction
+from bids_group.validation import MAX_WEIGHT, MIN_WEIGHT, check_setting, read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -299,18 +301,13 @@ def _column_list(value: Any, where: str, what: str) -> tuple[str, ...]:
 # Inference block
 
 
-def _number(lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
-            open_hi: bool = False, integer: bool = False) -> Callable[[Any, str], Any]:  # fmt: skip
+def _setting(field_name: str) -> Callable[[Any, str], Any]:
+    """Validator of a numeric setting: :func:`bids_group.validation.check_setting`, the same
+    type, finiteness and range checks (and message) as the command line's, naming the file and
+    the key: ``model.yaml: ...Inference.Alpha == nan, must be a finite number > 0 and < 1``."""
+
     def check(value: Any, where: str) -> Any:
-        ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok_type or not math.isfinite(value):
-            kind = "an integer" if integer else "a number"
-            raise _fail(where, f"must be {kind}, got {value!r}")
-        if lo is not None and (value <= lo if open_lo else value < lo):
-            raise _fail(where, f"must be {'>' if open_lo else '>='} {lo}, got {value!r}")
-        if hi is not None and (value >= hi if open_hi else value > hi):
-            raise _fail(where, f"must be {'<' if open_hi else '<='} {hi}, got {value!r}")
-        return int(value) if integer else float(value)
+        return check_setting(value, field_name, where, error=SpecError)
 
     return check
 
@@ -345,7 +342,7 @@ def _thresholds(value: Any, where: str) -> tuple[float, ...]:
     values = value if isinstance(value, list) else [value]
     if not values:
         raise _fail(where, "must list at least one z threshold, e.g. [3.0, 3.5]")
-    positive = _number(0, open_lo=True)
+    positive = _setting("ari_thresholds")
     return tuple(sorted({positive(v, f"{where}[{i}]") for i, v in enumerate(values)}))
 
 
@@ -383,24 +380,15 @@ def cluster_forming_p(value: Any, where: str) -> float:
     A value >= 1 is a height (z or t), not a p-value; it is refused with the conversion rather
     than silently reinterpreted.
     """
-    number = _number(0, open_lo=True)(value, where)
-    if number >= 1:
-        raise _fail(
-            where,
-            f"the cluster-forming threshold is a p-value (0 < p < 0.5, e.g. 0.001), got "
-            f"{value!r}, which looks like a z or t height; z = 3.1 is p = 0.00097 (one-sided)",
-        )
-    if number >= 0.5:
-        raise _fail(where, f"must be a p-value below 0.5 (e.g. 0.001), got {value!r}")
-    return number
+    return float(check_setting(value, "cluster_forming_p", where, error=SpecError))
 
 
 #: Keys of the TFCE mapping: CamelCase key -> validator.
 _TFCE_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "Integration": _choice(TFCE_INTEGRATIONS),
-    "E": _number(0, open_lo=True),
-    "H": _number(0, open_lo=True),
-    "dh": _number(0, open_lo=True),
+    "E": _setting("tfce_e"),
+    "H": _setting("tfce_h"),
+    "dh": _setting("tfce_dh"),
 }
 
 
@@ -427,19 +415,19 @@ def _label_name(value: Any, where: str) -> str:
 #: validator). Names that are not InferenceDefaults attributes go to ``InferenceDefaults.extra``.
 INFERENCE_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "HeightControl": ("height_control", _height_control),
-    "Alpha": ("alpha", _number(0, 1, open_lo=True, open_hi=True)),
-    "Threshold": ("threshold", _number(0)),
-    "ClusterThreshold": ("cluster_threshold", _number(0, integer=True)),
+    "Alpha": ("alpha", _setting("alpha")),
+    "Threshold": ("threshold", _setting("threshold")),
+    "ClusterThreshold": ("cluster_threshold", _setting("cluster_threshold")),
     "TwoSided": ("two_sided", _boolean),
     "Connectivity": ("connectivity", _connectivity),
-    "SmoothingFWHM": ("smoothing_fwhm", _number(0)),
+    "SmoothingFWHM": ("smoothing_fwhm", _setting("smoothing_fwhm")),
     "ARI": ("ari", _boolean),
     "ARIThresholds": ("ari_thresholds", _thresholds),
-    "ARIAlpha": ("ari_alpha", _number(0, 1, open_lo=True, open_hi=True)),
+    "ARIAlpha": ("ari_alpha", _setting("ari_alpha")),
     "Permutation": ("permutation", _permutation_methods),
-    "NPermutations": ("n_perm", _number(1, integer=True)),
-    "Seed": ("seed", _number(0, integer=True)),
-    "PermutationAlpha": ("perm_alpha", _number(0, 1, open_lo=True, open_hi=True)),
+    "NPermutations": ("n_perm", _setting("n_perm")),
+    "Seed": ("seed", _setting("seed")),
+    "PermutationAlpha": ("perm_alpha", _setting("perm_alpha")),
     "ClusterFormingP": ("cluster_forming_p", cluster_forming_p),
     "TFCE": ("tfce", _tfce_settings),
     "PermutationScheme": ("perm_scheme", _choice(PERMUTATION_SCHEMES)),
@@ -605,7 +593,32 @@ def _parse_contrast(raw: Any, where: str) -> ContrastSpec:
         if not row.any():
             sub = f"{where}.Weights" + (f"[{r}]" if weights.shape[0] > 1 else "")
             raise _fail(sub, "all weights are zero")
+    _check_weight_scale(weights, name, f"{where}.Weights")
     return ContrastSpec(name, names, weights, test, expression, description)
+
+
+def _check_weight_scale(weights: np.ndarray, name: str, where: str) -> None:
+    """Refuse weights that are not finite, or whose size is absurd (1e-320, 1e308).
+
+    Such weights are refused rather than normalised. Normalising would leave t, z and p
+    unchanged, but not the effect and variance maps, which are written (float32) with the
+    weights in their sidecars: a weight of 1e308 makes the effect overflow to inf and 1e-320
+    (a denormal) makes it 0 and t = 0/0, while rescaling them silently would write maps of
+    another contrast than the one in the file. Weights that size are typos, so the user is asked.
+    """
+    magnitude = np.abs(weights)
+    bad = ~np.isfinite(weights) | (
+        (magnitude != 0) & ((magnitude < MIN_WEIGHT) | (magnitude > MAX_WEIGHT))
+    )
+    if bad.any():
+        value = float(weights[bad][0])
+        raise _fail(
+            where,
+            f"contrast {name!r} has the weight {value!r}; a weight must be 0 or between "
+            f"{MIN_WEIGHT:g} and {MAX_WEIGHT:g} in absolute value (t, z and p do not depend on "
+            "the scale of the weights, but the effect and variance maps would "
+            "overflow or vanish): rescale the weights, e.g. to 1 and -1",
+        )
 
 
 def _is_expression(text: str) -> bool:
@@ -943,7 +956,7 @@ def _check_contrast_names(
 
 
 def _load_text(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, SpecError)
     if not text.strip():
         raise SpecError(f"{path.name}: the file is empty")
     if text.lstrip().startswith(("{", "[")):

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from bids_group.errors import DataError, SpecError
+from bids_group.inputs import explain_missing_spellings
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ def _numeric(data: pd.DataFrame, column: str, where: str) -> pd.Series:
     if pd.api.types.is_bool_dtype(series):
         return series.astype(float)
     if not pd.api.types.is_numeric_dtype(series):
+        rows = data["subject"] if "subject" in data.columns else pd.Series(data.index, data.index)
+        missing = explain_missing_spellings(series, column, rows)
+        if missing:
+            raise DataError(f"{where}: {missing}")
         examples = ", ".join(repr(v) for v in series.dropna().unique()[:3])
         raise DataError(
             f"{where}: column {column!r} is not numeric (values such as {examples}); "

@@ -493,7 +493,7 @@ BAD_CASES = {
     "forming p as z": (("--permutation", "cluster", "--cluster-forming-p", "3.1"), 64,
                        "looks like a z or t height"),
     "forming p too big": (("--permutation", "cluster", "--cluster-forming-p", "0.7"), 64,
-                          "below 0.5"),
+                          "> 0 and < 0.5"),
     "setting without method": (("--n-perm", "100",), 64, "add --permutation"),
     "tfce dh without fsl": (("--permutation", "tfce", "--tfce-dh", "0.1"), 64, "--tfce-dh"),
     "permute an intercept": (("--permutation", "voxel", "--perm-scheme", "permute"), 64,
@@ -567,7 +567,7 @@ def test_bad_permutation_input_gets_a_clear_error(bad_input_dataset, tmp_path, c
 def test_bad_model_file_keys(tmp_path, bad_input_dataset):
     bids, _ = bad_input_dataset
     for key, value, message in [
-        ("NPermutations", "0", "must be >= 1"),
+        ("NPermutations", "0", "NPermutations == 0, must be an integer >= 1"),
         ("ClusterFormingP", "3.1", "looks like a z or t height"),
         ("Permutation", "[voxel, tcfe]", "did you mean 'tfce'"),
         ("TFCE", "{Integration: nilearn, dh: 0.1}", "dh is the fixed step"),
