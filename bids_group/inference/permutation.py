@@ -473,10 +473,10 @@ def permutation_test(
         cfg.data.shape[1],
     )
     observed = _observed(cfg, part)
-    engine = _Engine(cfg, part, observed, flip=ex.scheme == "flip")
     threads = numba.get_num_threads()
     numba.set_num_threads(cfg.n_jobs)
     try:
+        engine = _Engine(cfg, part, observed, flip=ex.scheme == "flip")  # runs the identity
         for done, batch in _batches(ex, exhaustive, n_total, cfg.seed, engine.batch_size):
             engine.run_batch(batch)
             if progress is not None:
