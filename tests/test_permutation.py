@@ -370,25 +370,25 @@ def test_sign_flip_kernel_matches_numpy(n_rank, two_sided, write_out, shift):
     t = w[:, 0] * np.sqrt(dof / (ss - (w**2).sum(1)))
     cmp = np.abs(t) if two_sided else t
     thr_t = np.quantile(cmp, 0.7, axis=0)
-    u_of = lambda s: np.sign(s) * s**2 / (dof + s**2)  # noqa: E731
+    v_of = lambda s: np.sign(s) * s**2 / dof  # noqa: E731
     n_bits = _table_bits(n_rows, n_batch, n_rank)
     codes = _flip_codes(signs, n_bits)
     out = np.zeros((n_batch, n_vox), np.float32) if write_out else np.empty((1, 1), np.float32)
     maxima = np.empty(n_batch)
     counts = np.zeros(n_vox, np.int64)
-    ss32 = ss.astype(np.float32)
+    rss_id = ((resid - basis @ (basis.T @ resid)) ** 2).sum(0).astype(np.float32)
     _kernels.flip_table_stats(
-        np.ascontiguousarray(resid, dtype=np.float32),
+        np.ascontiguousarray(resid),
         np.ascontiguousarray(basis),
         codes,
         n_bits,
-        ss32,
-        np.maximum(ss32 * 1e-12, np.float32(1e-30)),
+        rss_id,
+        np.maximum(ss.astype(np.float32) * 1e-12, np.float32(1e-30)),
         1,
         float(dof),
         True,
         two_sided,
-        u_of(thr_t).astype(np.float32),
+        v_of(thr_t).astype(np.float32),
         write_out,
         out,
         maxima,
@@ -415,8 +415,8 @@ n_rows, n_vox, n_batch = 14, 3 * _kernels._SUB + 5, 64
 results = {}
 for n_rank in (1, 2):
     basis = np.linalg.qr(np.c_[np.ones(n_rows), rng.standard_normal((n_rows, n_rank - 1))])[0]
-    resid = rng.standard_normal((n_rows, n_vox)).astype(np.float32)
-    ss = (resid.astype(np.float64) ** 2).sum(0).astype(np.float32)
+    resid = rng.standard_normal((n_rows, n_vox))
+    ss = (resid**2).sum(0).astype(np.float32)
     n_bits = _table_bits(n_rows, n_batch, n_rank)
     codes = _flip_codes(np.where(rng.random((n_batch, n_rows)) < 0.5, -1.0, 1.0), n_bits)
     out = np.zeros((n_batch, n_vox), np.float32)
@@ -427,7 +427,7 @@ for n_rank in (1, 2):
                               np.full(n_vox, 0.2, np.float32), True, out, maxima, counts)
     results.update({f"flip_out{n_rank}": out, f"flip_max{n_rank}": maxima,
                     f"flip_counts{n_rank}": counts})
-    w = rng.standard_normal((n_batch * n_rank, n_vox)).astype(np.float32)
+    w = rng.standard_normal((n_batch * n_rank, n_vox))
     out = np.zeros((n_batch, n_vox), np.float32)
     maxima = np.full(n_batch, -np.inf)
     counts = np.zeros(n_vox, np.int64)

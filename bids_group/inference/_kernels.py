@@ -103,9 +103,12 @@ def fused_stat_max_counts(
 
     Parameters
     ----------
-    w : (n_batch * n_rank, n_tile) float32
+    w : (n_batch * n_rank, n_tile) float64
         Row ``b * n_rank + k`` is the k-th coordinate, in the orthonormal design basis, of the
         relabelled residuals of relabelling ``b``; the first ``n_interest`` span the effect.
+        float64 because the residual sum of squares below is ``ss - ||w||^2``, whose relative
+        error is ~eps * (1 + t^2 / dof): with float32 products, rounding noise from t ~ 100 on
+        (a group swap, which maps t to -t exactly, came out below the tie tolerance).
     ss : (n_tile,) float64
         Sum of squares of the reduced-model residuals (invariant under relabelling).
     rss_floor : (n_tile,) float64
@@ -734,49 +737,58 @@ def batch_tfce(
 # The tables are built in float64 and stored in float32 (each table entry is correctly rounded;
 # the sum over groups has fewer roundings than the float32 matrix product it replaces).
 #
-# The statistic is handled in "u-space": u = N / max(ss - R, floor) with N the interest part
-# (w0 |w0| for t, sum of squares of the q interest coordinates for F) and R the nuisance part of
-# ||w||^2. t = sign(u) sqrt(dof |u| / (1 - |u|)) and F = (dof / q) u / (1 - u) are increasing in
-# u, so maxima and threshold exceedances are found on u and converted once per relabelling.
+# Exact symmetry: flipping every sign maps each table entry to the entry of the complementary
+# code, and the tables are built so that this entry is the exact negative (the upper half of each
+# half-table is the negated lower half, and IEEE rounding is symmetric). The per-group rows are
+# summed in a fixed order, so the all-flipped relabelling gives exactly -w: its statistic is
+# bit-for-bit the negated statistic of the identity, whatever its size.
+#
+# The statistic is handled in "v-space": v = N / rss with N the interest part (w0 |w0| for t, the
+# sum of squares of the q interest coordinates for F), so t = sign(v) sqrt(dof |v|) and
+# F = (dof / q) v are increasing in v: maxima and threshold exceedances are found on v and
+# converted once per relabelling. The residual sum of squares is NOT ``ss - ||w||^2``: for a
+# large statistic ||w||^2 is within a few float32 ulps of ss and the difference is rounding noise
+# (t = 244 with 10 subjects: 1 - ||w||^2/ss = 1.5e-4, 2,500 float32 ulps; the all-flipped t came
+# out 3e-5 below the identity's, and 13% below at t = 1e4). Instead, with w_id the coordinates of
+# the identity (computed from the same tables, so exactly those of the kernel) and rss_id its
+# residual sum of squares (float64, from the residuals themselves),
+#     rss = rss_id + sum_k (w_id,k - w_k)(w_id,k + w_k)          (= ss - ||w||^2 exactly),
+# which is rss_id at the identity and, bit for bit, at the all-flipped relabelling (one factor is
+# exactly 0), and loses no accuracy as rss_id -> 0.
 
 #: Voxels per table tile: the tables of one tile (groups x 2^n_bits rows of _SUB float32) stay
 #: in the core's L2 cache, and each row is a whole number of cache lines.
 _SUB = 128
 #: Voxels per parallel work item (a few tiles; per-item maxima are combined at the end).
 _ITEM = 2048
-#: Smallest 1 - |u| (the relative residual sum of squares), as ``rss_floor`` above.
-_U_FLOOR = 1e-12
 #: Order key below every float32 (the running maximum of an empty set).
 _KEY_NONE = -2147483648
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _u_to_stat(u, is_t, dof, n_interest):
-    a = abs(u)
-    rest = max(1.0 - a, _U_FLOOR)
+def _v_to_stat(v, is_t, dof, n_interest):
+    """t or F (float64) of the v-space value ``v`` (see above)."""
     if is_t:
-        s = np.sqrt(dof * a / rest)
-        return s if u >= 0 else -s
-    return dof / n_interest * u / rest
+        s = np.sqrt(dof * abs(v))
+        return s if v >= 0 else -s
+    return dof / n_interest * v
 
 
 @numba.njit(cache=True, error_model="numpy", boundscheck=False, inline="always")
-def _write_stat(ub, nv, is_t, dof, n_interest, dst):
-    """t or F of ``ub[:nv]`` (u-space) into ``dst``: ``_u_to_stat`` in float32, branch-free, so
-    that the loop vectorises (the maps are float32; u is already float32)."""
-    floor = np.float32(_U_FLOOR)
+def _write_stat(vb, nv, is_t, dof, n_interest, dst):
+    """t or F of ``vb[:nv]`` (v-space) into ``dst``: ``_v_to_stat`` in float32, branch-free, so
+    that the loop vectorises (the maps are float32; v is already float32). Odd in v for t, so
+    that the all-flipped relabelling writes exactly the negated map of the identity."""
     if is_t:
         d = np.float32(dof)
         for i in range(nv):
-            u = ub[i]
-            a = abs(u)
-            s = np.sqrt(d * a / max(np.float32(1.0) - a, floor))
-            dst[i] = s if u >= 0 else -s
+            v = vb[i]
+            s = np.sqrt(d * abs(v))
+            dst[i] = s if v >= 0 else -s
     else:
         scale = np.float32(dof / n_interest)
         for i in range(nv):
-            u = ub[i]
-            dst[i] = scale * u / max(np.float32(1.0) - u, floor)
+            dst[i] = scale * vb[i]
 
 
 @numba.njit(cache=True, inline="always")
@@ -806,7 +818,8 @@ def _flip_tables(resid, basis, v0, nv, n_bits, n_groups, half, tab):
     ``tab[(k * n_groups + g) * 2^n_bits + c, i]`` = sum over the rows j of group g of
     U[r_j, k] * (-1)^(bit j of c) * E[r_j, v0 + i]. Each group's rows are split in two halves,
     whose 2^(bits/2) partial sums are tabulated in float64 (``half``); every table entry is then
-    one float64 addition, correctly rounded to float32.
+    one float64 addition, correctly rounded to float32. The entry of the complementary code
+    (every bit of the group flipped) is exactly the negated entry.
     """
     n_rows = resid.shape[0]
     n_rank = basis.shape[1]
@@ -828,7 +841,9 @@ def _flip_tables(resid, basis, v0, nv, n_bits, n_groups, half, tab):
                     src = resid[first + j]
                     for i in range(nv):
                         base[i] += wgt * np.float64(src[v0 + i])
-                for c in range(1, 1 << n_h):
+                n_c = 1 << n_h
+                # lower half (top bit clear): each code from the one without its lowest bit
+                for c in range(1, n_c >> 1):
                     j = 0
                     while not (c >> j) & 1:
                         j += 1
@@ -840,6 +855,13 @@ def _flip_tables(resid, basis, v0, nv, n_bits, n_groups, half, tab):
                         dst[i] = prev[i] - wgt * np.float64(src[v0 + i])
                     for i in range(nv, _SUB):
                         dst[i] = 0.0
+                # upper half: the complementary code negated, exactly (see above)
+                if n_h > 0:
+                    for c in range(n_c >> 1, n_c):
+                        src = part[(n_c - 1) ^ c]
+                        dst = part[c]
+                        for i in range(_SUB):
+                            dst[i] = -src[i]
             row0 = (k * n_groups + g) * n_tab
             lo, hi = half[0], half[1]
             for ch in range(1 << (nb - n_lo)):
@@ -903,47 +925,57 @@ def _accumulate(tab, codes, b, base, n_tab, n, a):
 
 
 @numba.njit(cache=True, error_model="numpy", boundscheck=False)
-def _flip_tile_t(tab, codes, n_tab, two_sided, inv, thr, nv, a, ub, cnt, key_max):
+def _flip_tile_t(tab, codes, zero, n_tab, two_sided, rss_id, floor_t, thr, nv, a, w_id, vb, cnt,
+                 key_max):  # fmt: skip
     """Fast path of ``_flip_tile``: one interest column, no nuisance, no map written.
 
     The last group's row, the statistic, the exceedance count and the order key are one pass.
+    ``zero`` (1, n_groups) are the codes of the identity, whose w is summed exactly as every
+    relabelling's (same rows, same order).
     """
     n_batch, n_groups = codes.shape
     last = n_groups - 1
-    ubi = ub.view(np.int32)
+    vbi = vb.view(np.int32)
+    _accumulate(tab, zero, 0, 0, n_tab, last, a)
+    row = _table_row(tab, zero, 0, 0, n_tab, last)
+    for i in range(_SUB):
+        w_id[i] = a[i] + row[i]
     for b in range(n_batch):
         _accumulate(tab, codes, b, 0, n_tab, last, a)
         row = _table_row(tab, codes, b, 0, n_tab, last)
         if two_sided:
             for i in range(_SUB):
                 w = a[i] + row[i]
-                u = w * w * inv[i]
-                ub[i] = u
-                cnt[i] += np.int32(u >= thr[i])
+                rss = max(rss_id[i] + (w_id[i] - w) * (w_id[i] + w), floor_t[i])
+                v = w * w / rss
+                vb[i] = v
+                cnt[i] += np.int32(v >= thr[i])
         else:
             for i in range(_SUB):
                 w = a[i] + row[i]
-                u = w * abs(w) * inv[i]
-                ub[i] = u
-                cnt[i] += np.int32(u >= thr[i])
-        key_max[b] = max(key_max[b], _key_max(ubi, nv))
+                rss = max(rss_id[i] + (w_id[i] - w) * (w_id[i] + w), floor_t[i])
+                v = w * abs(w) / rss
+                vb[i] = v
+                cnt[i] += np.int32(v >= thr[i])
+        key_max[b] = max(key_max[b], _key_max(vbi, nv))
 
 
 @numba.njit(cache=True, error_model="numpy", boundscheck=False)
 def _flip_tile(
     tab,
     codes,
+    zero,
     n_tab,
     n_interest,
     is_t,
     two_sided,
-    inv,
-    ss_t,
+    rss_id,
     floor_t,
     thr,
     nv,
     acc,
-    ub,
+    w_id,
+    vb,
     cnt,
     key_max,
     write_out,
@@ -958,39 +990,43 @@ def _flip_tile(
     """
     n_rank = acc.shape[0]
     if n_rank == 1 and is_t and not write_out:
-        _flip_tile_t(tab, codes, n_tab, two_sided, inv, thr, nv, acc[0], ub, cnt, key_max)
+        _flip_tile_t(tab, codes, zero, n_tab, two_sided, rss_id, floor_t, thr, nv, acc[0],
+                     w_id[0], vb, cnt, key_max)  # fmt: skip
         return
     n_batch, n_groups = codes.shape
-    ubi = ub.view(np.int32)
+    vbi = vb.view(np.int32)
+    for k in range(n_rank):
+        _accumulate(tab, zero, 0, k * n_groups * n_tab, n_tab, n_groups, w_id[k])
     for b in range(n_batch):
         for k in range(n_rank):
             _accumulate(tab, codes, b, k * n_groups * n_tab, n_tab, n_groups, acc[k])
         if n_rank == 1:
             a = acc[0]
+            wi = w_id[0]
             for i in range(_SUB):
                 w = a[i]
-                ub[i] = w * abs(w) * inv[i] if is_t else w * w * inv[i]
+                rss = max(rss_id[i] + (wi[i] - w) * (wi[i] + w), floor_t[i])
+                vb[i] = (w * abs(w) if is_t else w * w) / rss
         else:
             for i in range(_SUB):
                 num = np.float32(0.0)
-                rest = np.float32(0.0)
+                rss = rss_id[i]
                 for k in range(n_rank):
                     w = acc[k, i]
+                    rss += (w_id[k, i] - w) * (w_id[k, i] + w)
                     if k < n_interest:
                         num += w * w
-                    else:
-                        rest += w * w
                 if is_t:
                     num = acc[0, i] * abs(acc[0, i])
-                ub[i] = num / max(ss_t[i] - rest, floor_t[i])
+                vb[i] = num / max(rss, floor_t[i])
         if write_out:
-            _write_stat(ub, nv, is_t, dof, n_interest, out[b, v0 : v0 + nv])
+            _write_stat(vb, nv, is_t, dof, n_interest, out[b, v0 : v0 + nv])
         if two_sided:
             for i in range(_SUB):
-                ub[i] = abs(ub[i])
+                vb[i] = abs(vb[i])
         for i in range(_SUB):
-            cnt[i] += np.int32(ub[i] >= thr[i])
-        key_max[b] = max(key_max[b], _key_max(ubi, nv))
+            cnt[i] += np.int32(vb[i] >= thr[i])
+        key_max[b] = max(key_max[b], _key_max(vbi, nv))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -999,13 +1035,13 @@ def flip_table_stats(
     basis,
     codes,
     n_bits,
-    ss,
-    ss_floor,
+    rss_id,
+    rss_floor,
     n_interest,
     dof,
     is_t,
     two_sided,
-    u_threshold,
+    v_threshold,
     write_out,
     out,
     maxima,
@@ -1015,17 +1051,18 @@ def flip_table_stats(
 
     Parameters
     ----------
-    resid : (n_rows, n_voxels) float32
+    resid : (n_rows, n_voxels) float64 (or float32)
         Freedman-Lane residuals E (C-contiguous).
     basis : (n_rows, n_rank) float64
         Orthonormal design basis U, interest first.
     codes : (n_batch, n_groups) int64
         Bit j of ``codes[b, g]`` set = row ``g * n_bits + j`` flipped in relabelling b.
-    ss, ss_floor : (n_voxels,) float32
-        ||E||^2 per voxel and the smallest residual sum of squares allowed.
-    u_threshold : (n_voxels,) float32
-        Observed statistic minus the tie tolerance, mapped to u; ``counts[v]`` gains the
-        relabellings with u (|u| if ``two_sided``) >= it.
+    rss_id, rss_floor : (n_voxels,) float32
+        Residual sum of squares of the full model fitted to E (the identity), and the smallest
+        residual sum of squares allowed (> 0: a zero voxel gives 0, not NaN).
+    v_threshold : (n_voxels,) float32
+        Observed statistic minus the tie tolerance, mapped to v; ``counts[v]`` gains the
+        relabellings with v (|v| if ``two_sided``) >= it.
     write_out : bool
         Write the statistic into ``out`` (n_batch, n_voxels) float32 (for spatial inference).
     maxima : (n_batch,) float64
@@ -1038,13 +1075,14 @@ def flip_table_stats(
     n_half = 1 << ((n_bits + 1) // 2)
     n_items = (n_vox + _ITEM - 1) // _ITEM
     item_key = np.empty((n_items, n_batch), np.int32)
+    zero = np.zeros((1, n_groups), np.int64)
     for it in numba.prange(n_items):
         tab = np.empty((n_rank * n_groups * n_tab, _SUB), np.float32)
         half = np.empty((2, n_half, _SUB), np.float64)
         acc = np.empty((n_rank, _SUB), np.float32)
-        ub = np.empty(_SUB, np.float32)
-        inv = np.zeros(_SUB, np.float32)
-        ss_t = np.ones(_SUB, np.float32)
+        w_id = np.empty((n_rank, _SUB), np.float32)
+        vb = np.empty(_SUB, np.float32)
+        rss_t = np.ones(_SUB, np.float32)
         floor_t = np.ones(_SUB, np.float32)
         thr = np.empty(_SUB, np.float32)
         cnt = np.empty(_SUB, np.int32)
@@ -1059,24 +1097,24 @@ def flip_table_stats(
                 cnt[i] = 0
                 thr[i] = np.inf  # padding voxels (i >= nv) never count
             for i in range(nv):
-                thr[i] = u_threshold[v0 + i]
-                ss_t[i] = ss[v0 + i]
-                floor_t[i] = ss_floor[v0 + i]
-                inv[i] = np.float32(1.0) / max(ss[v0 + i], ss_floor[v0 + i])
+                thr[i] = v_threshold[v0 + i]
+                rss_t[i] = rss_id[v0 + i]
+                floor_t[i] = rss_floor[v0 + i]
             _flip_tile(
                 tab,
                 codes,
+                zero,
                 n_tab,
                 n_interest,
                 is_t,
                 two_sided,
-                inv,
-                ss_t,
+                rss_t,
                 floor_t,
                 thr,
                 nv,
                 acc,
-                ub,
+                w_id,
+                vb,
                 cnt,
                 key_max,
                 write_out,
@@ -1092,4 +1130,4 @@ def flip_table_stats(
         for it in range(n_items):
             key = max(key, item_key[it, b])
         bits[0] = _order_key(key)
-        maxima[b] = _u_to_stat(np.float64(bits.view(np.float32)[0]), is_t, dof, n_interest)
+        maxima[b] = _v_to_stat(np.float64(bits.view(np.float32)[0]), is_t, dof, n_interest)

@@ -22,10 +22,17 @@ general linear model", NeuroImage 92:381-397; "W14" below):
 p-values: ``p = #{null >= observed} / N`` where the null has N = 1 + n_perm entries, the first
 being the unpermuted data (W14 eq. 5 with the identity counted: ``(1 + #{random >= obs}) /
 (1 + n_perm)``). When ``1 + n_perm`` reaches the number of distinct relabellings, all of them are
-enumerated instead (exact test) and N is that number. Permuted statistics are computed in
-float32 and the observed ones in float64; null values within ``TIE_RTOL`` (relative) of the
-observed count as >=, so rounding can only make p larger, and exact ties (e.g. flipping every
-sign in a two-sided test) stay ties.
+enumerated instead (exact test) and N is that number.
+
+Ties: the observed statistics are float64; every entry of the null distributions, the first
+(unpermuted) one included, is what the engine computes (statistic maps in float32, from float64
+products, or from sign-flip tables whose all-flipped entries are the exact negatives). A
+relabelling that is an exact symmetry of the identity (flipping every sign, two-sided) therefore
+gives a bit-equal entry, at any size of the statistic. An observed value is compared as the
+smaller of its float64 value and the engine's value for the identity, less ``TIE_RTOL``
+(relative), so rounding can only make p larger. The engine's residual sum of squares is kept
+accurate when the fit is near perfect (large statistics), where ``ss - ||w||^2`` in float32 was
+rounding noise.
 """
 
 from __future__ import annotations
@@ -62,8 +69,15 @@ SPATIAL_FLIP_BYTES = 128 * 1024 * 1024
 BATCH_FLIP_VOXEL = 4096
 #: Largest subset-sum tables of one voxel tile (half of a 512 KiB L2 cache per core).
 TABLE_BYTES = 384 * 1024
-#: Target number of float32 elements of one (batch x voxel-tile) product (~4 MB, cache-sized).
-TILE_ELEMENTS = 1 << 20
+#: Target size in bytes of one (batch x voxel-tile) product (cache-sized).
+TILE_BYTES = 4 << 20
+#: Row permutations: the products are float32 unless their rounding could reach half the tie
+#: tolerance. The relative error of a permuted residual sum of squares ``ss - ||w||^2`` is about
+#: eps * ss / rss (measured: <= 2 eps ss / rss over 1e5 voxel-permutations, 10 to 200 rows), so
+#: that of t is <= ~eps * ss / rss, and ss / rss = 1 + t^2 / dof (1 + q F / dof) grows with the
+#: statistic: 10 rows, t = 100 gives 1.5e-4 > TIE_RTOL (a group swap, t -> -t exactly, missed
+#: its tie). The largest observed ratio decides (t > ~13 with 8 dof, > ~28 with 38).
+PRODUCT_RTOL = TIE_RTOL / 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,10 +473,10 @@ def permutation_test(
         cfg.data.shape[1],
     )
     observed = _observed(cfg, part)
-    engine = _Engine(cfg, part, observed, flip=ex.scheme == "flip")
     threads = numba.get_num_threads()
     numba.set_num_threads(cfg.n_jobs)
     try:
+        engine = _Engine(cfg, part, observed, flip=ex.scheme == "flip")  # runs the identity
         for done, batch in _batches(ex, exhaustive, n_total, cfg.seed, engine.batch_size):
             engine.run_batch(batch)
             if progress is not None:
@@ -673,86 +687,131 @@ class _Engine:
             resid -= q_z @ (q_z.T @ resid)
         self.ss = np.einsum("rv,rv->v", resid, resid)
         self.rss_floor = np.maximum(self.ss * 1e-12, np.finfo(np.float64).tiny)
-        self.resid = np.ascontiguousarray(resid, dtype=np.float32)
+        self.rss_id = _residual_ss(resid, part.basis)
+        self.resid = resid
         self.basis = part.basis
         rank = part.basis.shape[1]
-        self.tile = max(256, min(n_vox, TILE_ELEMENTS // (self.batch_size * rank)))
-        cmp_obs = np.abs(obs.stat) if cfg.two_sided else obs.stat
-        self.cmp_obs = cmp_obs
-        self.threshold = cmp_obs - TIE_RTOL * np.maximum(np.abs(cmp_obs), 1.0)
+        self.dtype = _product_dtype(self.ss, np.maximum(self.rss_id, self.rss_floor))
+        itemsize = np.dtype(self.dtype).itemsize
+        self.tile = max(256, min(n_vox, TILE_BYTES // (itemsize * self.batch_size * rank)))
         if flip:
-            self._init_flip(cmp_obs)
+            self._init_flip()
         # contiguous voxel tiles of the residuals, so each product reads one dense block
         self.tile_starts = [] if flip else list(range(0, n_vox, self.tile))
         self.resid_tiles = [
-            np.ascontiguousarray(self.resid[:, s : s + self.tile]) for s in self.tile_starts
+            np.ascontiguousarray(self.resid[:, s : s + self.tile], dtype=self.dtype)
+            for s in self.tile_starts
         ]
         del self.resid
-        self.counts = np.ones(n_vox, dtype=np.int64)  # the identity always counts
-        self.maxima = [float(np.max(cmp_obs))]
-        if obs.clusters is not None:
-            self.max_size = [int(obs.clusters[1].max(initial=0))]
-            self.max_mass = [float(obs.clusters[2].max(initial=0.0))]
-        if obs.tfce is not None:
-            t_cmp = np.abs(obs.tfce) if cfg.two_sided else obs.tfce
-            self.tfce_cmp = t_cmp
-            self.tfce_threshold = t_cmp - TIE_RTOL * np.maximum(np.abs(t_cmp), 1.0)
-            self.tfce_counts = np.ones(n_vox, dtype=np.int64)
-            self.tfce_max = [float(np.max(t_cmp))]
-            self.extent_pow = tfce_mod.extent_powers(n_vox, obs.tfce_params.e)
+        self._identity(np.abs(obs.stat) if cfg.two_sided else obs.stat)
 
-    def _init_flip(self, cmp_obs: np.ndarray) -> None:
+    def _identity(self, cmp_obs: np.ndarray) -> None:
+        """Run the identity through the engine, like any relabelling, and set the comparisons.
+
+        Every entry of the null distributions, the first (unpermuted) included, is what the
+        engine computes, so a relabelling that is an exact symmetry of the identity (flipping
+        every sign, two-sided) gives a bit-equal entry whatever the size of the statistic. An
+        observed value is compared as the smaller of its float64 value and the engine's value
+        for the identity, less the tie tolerance: rounding can only make p larger.
+        """
+        cfg, obs = self.cfg, self.obs
+        n_rows, n_vox = cfg.data.shape
+        ident = exch.Relabellings(np.arange(n_rows, dtype=np.int64)[None, :], np.ones((1, n_rows)))
+        stat = np.empty((1, n_vox), dtype=np.float32)
+        maxima = np.full(1, -np.inf)
+        no_threshold = np.full(n_vox, np.inf)
+        self._stats(ident, stat, maxima, no_threshold, np.zeros(n_vox, np.int64))
+        id_cmp = np.abs(stat[0], dtype=np.float64) if cfg.two_sided else stat[0].astype(np.float64)
+        self.cmp_obs = np.minimum(cmp_obs, id_cmp)
+        self.threshold = _tie_threshold(self.cmp_obs)
+        if self.flip:
+            self.v_threshold = _v_threshold(self.threshold, cfg.stat_type, self.part)
+        self.counts = np.ones(n_vox, dtype=np.int64)  # the identity always counts
+        self.maxima = maxima.tolist()
+        if obs.clusters is not None:
+            msize = np.zeros(1, dtype=np.int64)
+            mmass = np.zeros(1, dtype=np.float64)
+            g = cfg.graph
+            _kernels.batch_cluster_max(
+                stat, obs.height, cfg.two_sided, g.fwd_ptr, g.fwd_idx, msize, mmass
+            )
+            self.max_size, self.max_mass = msize.tolist(), mmass.tolist()
+            _, sizes, masses, _, _ = obs.clusters
+            self.size_cmp = np.minimum(sizes, msize[0]).astype(np.float64)
+            self.mass_cmp = np.minimum(masses, mmass[0])
+        if obs.tfce is not None:
+            self.extent_pow = tfce_mod.extent_powers(n_vox, obs.tfce_params.e)
+            tf = np.zeros((1, n_vox), dtype=np.float32)
+            tmax = np.zeros(1)
+            tfce_mod.batch_tfce(
+                stat, obs.tfce_params, cfg.two_sided, cfg.graph, tf, tmax, self.extent_pow
+            )
+            t_obs = np.abs(obs.tfce) if cfg.two_sided else obs.tfce
+            t_id = np.abs(tf[0], dtype=np.float64) if cfg.two_sided else tf[0].astype(np.float64)
+            self.tfce_cmp = np.minimum(t_obs, t_id)
+            self.tfce_threshold = _tie_threshold(self.tfce_cmp)
+            self.tfce_counts = np.ones(n_vox, dtype=np.int64)
+            self.tfce_max = tmax.tolist()
+
+    def _init_flip(self) -> None:
         """State of the subset-sum-table kernel (sign flips only; see ``_kernels``)."""
         n_rows = self.resid.shape[0]
-        self.flip_resid = self.resid  # (n_rows, n_voxels) float32, C-contiguous
-        self.flip_ss = self.ss.astype(np.float32)
+        self.flip_resid = np.ascontiguousarray(self.resid)  # (n_rows, n_voxels) float64
+        self.flip_rss = self.rss_id.astype(np.float32)
         tiny = np.finfo(np.float32).tiny
         self.flip_floor = np.maximum(self.ss * 1e-12, tiny).astype(np.float32)
-        self.u_threshold = _u_threshold(self.threshold, self.cfg.stat_type, self.part)
         self.n_bits = _table_bits(n_rows, self.batch_size, self.basis.shape[1])
 
     def _projection(self, batch: exch.Relabellings) -> np.ndarray:
-        """(n_batch * rank, n_rows) float32 matrix M with M @ E = U' P E for each relabelling."""
+        """(n_batch * rank, n_rows) matrix M (``self.dtype``) with M @ E = U' P E for each
+        relabelling."""
         n_b, n = batch.perm.shape
         rank = self.basis.shape[1]
         m = np.zeros((n_b, rank, n))
         rows = np.arange(n_b)[:, None]
         m[rows, :, batch.perm] = batch.signs[:, :, None] * self.basis[None, :, :]
-        return np.ascontiguousarray(m.reshape(n_b * rank, n), dtype=np.float32)
+        return np.ascontiguousarray(m.reshape(n_b * rank, n), dtype=self.dtype)
 
     def run_batch(self, batch: exch.Relabellings) -> None:
         n_b = len(batch)
         n_vox = self.cfg.data.shape[1]
         maxima = np.full(n_b, -np.inf)
         full = self._buffer("_full", n_b, n_vox) if self.spatial else None
-        if self.flip:
-            self._flip_stats(batch, full, maxima)
-        else:
-            self._product_stats(batch, full, maxima)
+        self._stats(batch, full, maxima, self.threshold, self.counts)
         self.maxima.extend(maxima.tolist())
         if full is not None:
             self._spatial(full)
 
-    def _flip_stats(self, batch: exch.Relabellings, full, maxima) -> None:
+    def _stats(self, batch: exch.Relabellings, full, maxima, threshold, counts) -> None:
+        if self.flip:
+            self._flip_stats(batch, full, maxima, threshold, counts)
+        else:
+            self._product_stats(batch, full, maxima, threshold, counts)
+
+    def _flip_stats(self, batch: exch.Relabellings, full, maxima, threshold, counts) -> None:
+        if threshold is getattr(self, "threshold", None):
+            v_threshold = self.v_threshold
+        else:
+            v_threshold = _v_threshold(threshold, self.cfg.stat_type, self.part)
         _kernels.flip_table_stats(
             self.flip_resid,
             np.ascontiguousarray(self.basis),
             _flip_codes(batch.signs, self.n_bits),
             self.n_bits,
-            self.flip_ss,
+            self.flip_rss,
             self.flip_floor,
             self.part.n_interest,
             float(self.part.dof),
             self.cfg.stat_type == "t",
             self.cfg.two_sided,
-            self.u_threshold,
+            v_threshold,
             full is not None,
             full if full is not None else np.empty((1, 1), np.float32),
             maxima,
-            self.counts,
+            counts,
         )
 
-    def _product_stats(self, batch: exch.Relabellings, full, maxima) -> None:
+    def _product_stats(self, batch: exch.Relabellings, full, maxima, threshold, counts) -> None:
         cfg, part = self.cfg, self.part
         n_b = len(batch)
         proj = self._projection(batch)
@@ -774,11 +833,11 @@ class _Engine:
                 float(part.dof),
                 cfg.stat_type == "t",
                 cfg.two_sided,
-                self.threshold,
+                threshold,
                 start,
                 out,
                 maxima,
-                self.counts,
+                counts,
             )
 
     def _buffer(self, name: str, n_b: int, n_vox: int) -> np.ndarray:
@@ -840,8 +899,8 @@ class _Engine:
                 masses=masses,
                 signs=signs,
                 peaks=peaks,
-                p_fwe_size=_fwe_p(sizes.astype(np.float64), null_size.astype(np.float64), 0.0),
-                p_fwe_mass=_fwe_p(masses, null_mass, TIE_RTOL),
+                p_fwe_size=_fwe_p(self.size_cmp, null_size.astype(np.float64), 0.0),
+                p_fwe_mass=_fwe_p(self.mass_cmp, null_mass, TIE_RTOL),
                 null_max_size=null_size,
                 null_max_mass=null_mass,
             )
@@ -873,23 +932,51 @@ class _Engine:
         )
 
 
-def _u_threshold(threshold: np.ndarray, stat_type: StatType, part: DesignPartition) -> np.ndarray:
-    """Thresholds on the statistic mapped to the kernels' u scale, rounded down to float32.
+def _tie_threshold(observed: np.ndarray) -> np.ndarray:
+    """Observed value less the tie tolerance: null values >= it count (TIE_RTOL, relative)."""
+    return observed - TIE_RTOL * np.maximum(np.abs(observed), 1.0)
 
-    t = sign(u) sqrt(dof |u| / (1 - |u|)) and F = (dof / q) u / (1 - u) are increasing in u, so
-    ``stat >= thr`` iff ``u >= u(thr)``; rounding down keeps ties counted (p can only grow).
+
+def _v_threshold(threshold: np.ndarray, stat_type: StatType, part: DesignPartition) -> np.ndarray:
+    """Thresholds on the statistic mapped to the flip kernel's v scale, rounded down to float32.
+
+    t = sign(v) sqrt(dof |v|) and F = (dof / q) v are increasing in v, so ``stat >= thr`` iff
+    ``v >= v(thr)``; rounding down keeps ties counted (p can only grow). v is t^2 / dof, so
+    the relative tolerance survives the mapping at any size (it did not on the former u =
+    t^2 / (t^2 + dof) scale: for t >~ 100, u(thr) and u(obs) were the same float32).
     """
     thr = np.asarray(threshold, dtype=np.float64)
     dof = float(part.dof)
     with np.errstate(invalid="ignore", over="ignore"):
         if stat_type == "t":
-            u = np.sign(thr) * thr**2 / (thr**2 + dof)
-            u = np.where(np.isinf(thr), np.sign(thr) * np.inf, u)
+            v = np.sign(thr) * (thr / dof) * thr
         else:
-            qt = thr * part.n_interest
-            u = np.where(np.isinf(thr), np.inf, qt / (dof + qt))
-    u32 = u.astype(np.float32)
-    return np.where(u32 > u, np.nextafter(u32, np.float32(-np.inf)), u32).astype(np.float32)
+            v = thr * (part.n_interest / dof)
+        v = np.where(np.isinf(thr), thr, v)
+    v32 = v.astype(np.float32)
+    return np.where(v32 > v, np.nextafter(v32, np.float32(-np.inf)), v32).astype(np.float32)
+
+
+def _product_dtype(ss: np.ndarray, rss: np.ndarray) -> type:
+    """float32 for the row-permutation products, unless rounding could reach PRODUCT_RTOL.
+
+    >>> _product_dtype(np.array([2.0]), np.array([1.0])).__name__
+    'float32'
+    >>> _product_dtype(np.array([1e4]), np.array([1.0])).__name__  # t = 100 sqrt(dof)
+    'float64'
+    """
+    fit = float(np.max(ss / rss, initial=1.0))
+    return np.float64 if 2 * np.finfo(np.float32).eps * fit > PRODUCT_RTOL else np.float32
+
+
+def _residual_ss(resid: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Residual sum of squares of the full model fitted to each column of ``resid`` (float64),
+    from the residuals themselves (accurate however good the fit)."""
+    out = np.empty(resid.shape[1])
+    for start in range(0, resid.shape[1], _PARAMETRIC_TILE):
+        y = resid[:, start : start + _PARAMETRIC_TILE]
+        out[start : start + _PARAMETRIC_TILE] = np.sum((y - basis @ (basis.T @ y)) ** 2, axis=0)
+    return out
 
 
 def _flip_codes(signs: np.ndarray, n_bits: int) -> np.ndarray:
