@@ -116,7 +116,7 @@ class MixedFit:
     rwr : ndarray of shape (n_voxels,), float64
         Weighted residual sum of squares ``r'Wr`` at ``tau2`` (Cochran's Q at ``tau2``).
     n_used : ndarray of shape (n_voxels,), int
-        Valid maps ``k`` at each voxel.
+        Valid maps ``k`` at each voxel (also where not estimable).
     dof : ndarray of shape (n_voxels,), float64
         ``k - p`` (FLAME1's dof); NaN where not estimable.
     estimable : ndarray of shape (n_voxels,), bool
@@ -312,7 +312,7 @@ def fit_mixed(
             effects[:, sl].T, variances[:, sl].T, ok[:, sl].T, est[sl], design, code, n_grid, 0.0,
             out, sl,
         )  # fmt: skip
-    n_used = out[4]
+    n_used = ok.sum(axis=0)
     dof = np.where(est, n_used - p, np.nan).astype(np.float64)
     n_excluded = int(ok.size - np.count_nonzero(ok))
     fit = MixedFit(
