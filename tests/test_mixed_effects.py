@@ -334,10 +334,71 @@ def test_bad_arguments():
     with pytest.raises(UsageError):
         fit_mixed(y, v, x, "paule-mandel")
     with pytest.raises(UsageError):
-        fit_mixed(y, v, x, "reml", groups=np.arange(15) % 2)
+        fit_mixed(y, v, x, "reml", groups=np.arange(14) % 2)
     fit = fit_mixed(y, v, x, "dl")
     with pytest.raises(UsageError):
         mixed_contrast(fit, [1.0, 0.0], adjustment="hksj")
+
+
+# ---------------------------------------------------------------------------------------------
+# Variance groups
+# ---------------------------------------------------------------------------------------------
+
+
+def _np_grouped_loglik(tau2_by_group, y, v, x, groups, reml):
+    """Joint (not factorised) ML/REML log-likelihood with tau^2 per group, plain numpy."""
+    w = 1.0 / (v + tau2_by_group[groups])
+    a = x.T @ (w[:, None] * x)
+    beta = np.linalg.solve(a, x.T @ (w * y))
+    r = y - x @ beta
+    ll = -0.5 * (np.log(v + tau2_by_group[groups]).sum() + (w * r * r).sum())
+    return ll - 0.5 * np.linalg.slogdet(a)[1] if reml else ll
+
+
+@pytest.mark.parametrize("method", LIKELIHOOD)
+def test_variance_groups_joint_optimum(method):
+    """Two variance groups, group means and a group-specific covariate: our (tau2_1, tau2_2)
+    is at least as good as every point of a 41 x 41 grid (0 and log-spaced values) of the
+    *joint* likelihood, and a local refinement by scipy does not improve on it."""
+    rng = np.random.default_rng(5)
+    groups = np.repeat([0, 1], [10, 12])
+    x = np.column_stack([groups == 0, groups == 1, (groups == 1) * rng.normal(size=22)])
+    v = rng.uniform(0.3, 3.0, (22, 12))
+    y = (x @ [1.0, 2.0, 0.5])[:, None] + rng.normal(size=(22, 12)) * np.sqrt(
+        v + np.where(groups, 4, 0.2)[:, None]
+    )
+    reml = method == "reml"
+    fit = fit_mixed(y, v, x.astype(float), method, groups=groups)
+    assert fit.group_labels == (0, 1) and fit.tau2.shape == (2, 12)
+    np.testing.assert_array_equal(fit.dof, 22 - 3)
+    grid = np.concatenate([[0.0], np.geomspace(1e-3, 100.0, 40)])
+    for j in range(12):
+        ours = _np_grouped_loglik(fit.tau2[:, j], y[:, j], v[:, j], x, groups, reml)
+        best = max(
+            _np_grouped_loglik(np.array([a, b]), y[:, j], v[:, j], x, groups, reml)
+            for a in grid
+            for b in grid
+        )
+        assert ours >= best - 1e-9
+        res = optimize.minimize(
+            lambda t, yj=y[:, j], vj=v[:, j]: (
+                -_np_grouped_loglik(np.abs(t), yj, vj, x, groups, reml)
+            ),
+            fit.tau2[:, j] + 1e-3,
+            method="Nelder-Mead",
+            options={"xatol": 1e-10, "fatol": 1e-13},
+        )
+        assert ours >= -res.fun - 1e-9
+    c = mixed_contrast(fit, [1.0, -1.0, 0.0])
+    assert np.isfinite(c.z).all()
+
+
+def test_variance_groups_need_a_separable_design():
+    groups = np.repeat([0, 1], [6, 6])
+    x = np.column_stack([np.ones(12), np.arange(12.0)])
+    y, v = np.ones((12, 2)), np.ones((12, 2))
+    with pytest.raises(UsageError, match="separable"):
+        fit_mixed(y, v, x, "reml", groups=groups)
 
 
 # ---------------------------------------------------------------------------------------------
