@@ -242,8 +242,8 @@ def _check_fit_inputs(effects, variances, design, method) -> None:
         )
 
 
-def _fit_block(yt, vt, ok, est, design, code, n_grid, tau2_fixed, out, sl) -> None:
-    beta, cov, tau2, rwr, n_used = out
+def _fit_block(yt, vt, ok, est, design, code, n_grid, out, sl) -> None:
+    beta, cov, tau2, rwr = out
     kern.fit_voxels(
         np.ascontiguousarray(yt, dtype=np.float64),
         np.ascontiguousarray(vt, dtype=np.float64),
@@ -252,12 +252,11 @@ def _fit_block(yt, vt, ok, est, design, code, n_grid, tau2_fixed, out, sl) -> No
         design,
         code,
         n_grid,
-        tau2_fixed,
+        0.0,
         beta[:, sl],
         cov[:, :, sl],
         tau2[sl],
         rwr[sl],
-        n_used[sl],
     )
 
 
@@ -315,15 +314,12 @@ def fit_mixed(
         np.full((p, p, n_vox), np.nan),
         np.full(n_vox, np.nan),
         np.full(n_vox, np.nan),
-        np.zeros(n_vox, dtype=np.int64),
     )
     code = _METHOD_CODES[method]
     for start in range(0, n_vox, _BLOCK_VOXELS):
         sl = slice(start, min(start + _BLOCK_VOXELS, n_vox))
-        _fit_block(
-            effects[:, sl].T, variances[:, sl].T, ok[:, sl].T, est[sl], design, code, n_grid, 0.0,
-            out, sl,
-        )  # fmt: skip
+        blocks = (effects[:, sl].T, variances[:, sl].T, ok[:, sl].T, est[sl])
+        _fit_block(*blocks, design, code, n_grid, out, sl)
     n_used = ok.sum(axis=0)
     dof = np.where(est, n_used - p, np.nan).astype(np.float64)
     n_excluded = int(ok.size - np.count_nonzero(ok))
