@@ -476,6 +476,75 @@ def _compact(yt, vt, ok, x, j, y, v, xv):
     return k
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _grid_scores_general(yb, vb, okb, x, reml, tgrid, scores, wbuf):
+    """:func:`_grid_scores_one_column` for a design of ``p`` columns: the sums over maps run
+    across voxels (SIMD), the p x p solves per voxel, in the order of :func:`_derivatives`."""
+    n_maps, n_b = yb.shape
+    p = x.shape[1]
+    amat = np.empty((p, p, n_b))
+    bmat = np.empty((p, p, n_b))
+    bvec = np.empty((p, n_b))
+    sw = np.empty(n_b)
+    uu = np.empty(n_b)
+    chol = np.empty((p, p))
+    tmp = np.empty(p)
+    beta = np.empty((p, n_b))
+    z = np.empty((2, p))
+    bcol = np.empty(p)
+    for g in range(tgrid.shape[0]):
+        t = tgrid[g]
+        amat[:] = 0.0
+        bmat[:] = 0.0
+        bvec[:] = 0.0
+        sw[:] = 0.0
+        uu[:] = 0.0
+        for i in range(n_maps):
+            yi, vi, oki, wi = yb[i], vb[i], okb[i], wbuf[i]
+            for j in range(n_b):
+                wi[j] = oki[j] / (vi[j] + t[j])
+                sw[j] += wi[j]
+            for c in range(p):
+                xc = x[i, c]
+                for j in range(n_b):
+                    wx = wi[j] * xc
+                    bvec[c, j] += wx * yi[j]
+                for m in range(c + 1):
+                    xm = x[i, m]
+                    for j in range(n_b):
+                        amat[c, m, j] += wi[j] * xc * xm
+                        bmat[c, m, j] += wi[j] * wi[j] * xc * xm
+        for j in range(n_b):
+            for c in range(p):
+                tmp[c] = bvec[c, j]
+                for m in range(c + 1):
+                    chol[c, m] = amat[c, m, j]
+            _cholesky(chol, p)
+            _forward(chol, tmp, p, z[0])
+            _backward(chol, z[0], p, z[1])
+            for c in range(p):
+                beta[c, j] = z[1, c]
+            trace = 0.0
+            if reml:
+                for c in range(p):
+                    for m in range(p):
+                        bcol[m] = bmat[max(c, m), min(c, m), j]
+                    _forward(chol, bcol, p, z[0])
+                    _backward(chol, z[0], p, z[1])
+                    trace += z[1, c]
+            scores[g, j] = -trace  # completed below
+        for i in range(n_maps):
+            yi, wi = yb[i], wbuf[i]
+            for j in range(n_b):
+                r = yi[j]
+                for c in range(p):
+                    r -= x[i, c] * beta[c, j]
+                u = wi[j] * r
+                uu[j] += u * u
+        for j in range(n_b):
+            scores[g, j] = 0.5 * (uu[j] - (sw[j] + scores[g, j]))
+
+
 #: Voxels per parallel work item (one set of work arrays each; one vectorised grid block).
 _CHUNK = 256
 
@@ -496,7 +565,7 @@ def _workspace(n_maps, p):
 
 @numba.njit(cache=True, error_model="numpy")
 def _block_grid(yt, vt, ok, estimable, x, j0, j1, reml, n_grid, ws, y, v, xv):
-    """Grids and scores of voxels ``j0:j1`` (one-column design), vectorised across voxels.
+    """Grids and scores of voxels ``j0:j1``, vectorised across voxels.
 
     Returns ``(tgrid, scores, use)``: (n_grid, B), (n_grid, B), (B,) with ``use`` False where
     tau^2 is 0 outright or the voxel is not estimable.
@@ -520,8 +589,11 @@ def _block_grid(yt, vt, ok, estimable, x, j0, j1, reml, n_grid, ws, y, v, xv):
                 vb[i, jj] = vt[j, i]
                 okb[i, jj] = 1.0
     wbuf = np.empty((n_maps, n_b))
-    acc = np.empty((5, n_b))
-    _grid_scores_one_column(yb, vb, okb, x[:, 0], reml, tgrid, scores, wbuf, acc)
+    if x.shape[1] == 1:
+        acc = np.empty((5, n_b))
+        _grid_scores_one_column(yb, vb, okb, x[:, 0], reml, tgrid, scores, wbuf, acc)
+    else:
+        _grid_scores_general(yb, vb, okb, x, reml, tgrid, scores, wbuf)
     return tgrid, scores, use
 
 
@@ -550,7 +622,7 @@ def _fit_chunk(yt, vt, ok, estimable, x, method, n_grid, fixed_tau2, j0, j1, out
     likelihood = method == ML or method == REML
     reml = method == REML
     tcol, scol = np.empty(n_grid), np.empty(n_grid)
-    block = likelihood and p == 1
+    block = likelihood
     if block:
         data = (yt, vt, ok, estimable, x)
         tgrid, scores, use = _block_grid(*data, j0, j1, reml, n_grid, ws, y, v, xv)
