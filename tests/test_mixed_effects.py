@@ -33,6 +33,18 @@ PYMARE_REML_WRONG = [
     (46, 41, 27), (47, 46, 36), (47, 48, 38), (48, 95, 37), (49, 92, 30), (50, 92, 55),
     (51, 37, 29), (51, 59, 53), (53, 31, 25), (67, 40, 27), (78, 49, 41),
 ]  # fmt: skip
+#: The same with the software covariate (intercept + SPM indicator): 41 voxels.
+PYMARE_REML_WRONG_SOFTWARE = [
+    (11, 47, 39), (30, 58, 22), (33, 52, 31), (33, 65, 27), (34, 51, 55), (35, 50, 44),
+    (35, 56, 46), (36, 39, 57), (37, 40, 35), (39, 45, 38), (39, 47, 38), (41, 62, 50),
+    (44, 36, 33), (45, 17, 30), (45, 43, 34), (45, 47, 67), (46, 19, 29), (47, 48, 39),
+    (47, 85, 56), (48, 46, 37), (49, 87, 41), (50, 36, 35), (50, 53, 48), (51, 92, 51),
+    (53, 80, 58), (54, 22, 23), (54, 46, 59), (56, 18, 37), (56, 33, 42), (56, 49, 54),
+    (57, 93, 45), (60, 44, 69), (62, 28, 58), (65, 47, 30), (65, 52, 52), (65, 54, 56),
+    (66, 56, 51), (70, 51, 31), (73, 52, 28), (74, 51, 34), (76, 66, 38),
+]  # fmt: skip
+#: SPM studies (1 to 10) vs FSL studies (11 to 21), from pain21's participants.tsv.
+SOFTWARE = np.r_[np.ones(10), np.zeros(11)]
 CLOSED_FORMS = ["fe", "dl", "hedges"]
 LIKELIHOOD = ["ml", "reml"]
 
@@ -59,7 +71,7 @@ def synthetic():
 @pytest.fixture(scope="module")
 def pain21():
     """(y, v, X, ijk) of pain21 at a sample of voxels with all 21 variances positive, the
-    voxels of PYMARE_REML_WRONG first."""
+    voxels of PYMARE_REML_WRONG first, then those of PYMARE_REML_WRONG_SOFTWARE."""
     if not (PAIN21 / "mask.nii.gz").exists():
         pytest.skip(f"pain21 not found at {PAIN21}")
     nib = pytest.importorskip("nibabel")
@@ -73,7 +85,7 @@ def pain21():
     ijk = np.argwhere(mask)
     positive = np.flatnonzero((v > 0).all(axis=0))
     lookup = {tuple(c): i for i, c in enumerate(ijk.tolist())}
-    wrong = np.array([lookup[c] for c in PYMARE_REML_WRONG])
+    wrong = np.array([lookup[c] for c in PYMARE_REML_WRONG + PYMARE_REML_WRONG_SOFTWARE])
     rng = np.random.default_rng(21)
     sample = np.setdiff1d(rng.choice(positive, 4000, replace=False), wrong)
     cols = np.concatenate([wrong, sample])
@@ -180,6 +192,7 @@ def test_closed_forms_match_pymare_synthetic(method, synthetic):
 def test_closed_forms_match_pymare_pain21(method, pain21):
     y, v, x, _ = pain21
     _check_closed_form(method, y, v, x, [1.0])
+    _check_closed_form(method, y, v, np.column_stack([x, SOFTWARE]), [0.0, 1.0])
 
 
 def _likelihood_parity(method, y, v, x, contrast):
@@ -213,6 +226,7 @@ def test_likelihood_matches_pymare_synthetic(method, synthetic):
 def test_likelihood_matches_pymare_pain21(method, pain21):
     y, v, x, _ = pain21
     _likelihood_parity(method, y, v, x, [1.0])
+    _likelihood_parity(method, y, v, np.column_stack([x, SOFTWARE]), [0.0, 1.0])
 
 
 def test_pymare_reml_lands_on_a_worse_local_maximum_on_pain21(pain21):
@@ -235,6 +249,27 @@ def test_pymare_reml_lands_on_a_worse_local_maximum_on_pain21(pain21):
     assert (gains > 1e-6).sum() >= 1
     assert (gains > 1e-6).sum() >= 25  # PyMARE 0.0.13: 29 voxels of 192,885
     assert dz[gains > 1e-6].max() > 0.5  # the optimum matters for inference (|dz| ~1.2)
+
+
+def test_pymare_reml_worse_with_the_software_covariate(pain21):
+    """The same with a two-column design (intercept + software): PyMARE's REML is on the lower
+    maximum at these voxels; ours is higher (independent numpy likelihood) and is the optimum
+    of the full brute-force search."""
+    y, v, x, _ = pain21
+    first = len(PYMARE_REML_WRONG)
+    cols = slice(first, first + len(PYMARE_REML_WRONG_SOFTWARE))
+    y, v, x = y[:, cols], v[:, cols], np.column_stack([x, SOFTWARE])
+    fit = fit_mixed(y, v, x, "reml")
+    tau2, kh = _pymare("reml", y, v, x, "knapp-hartung")
+    gains = np.array(
+        [np.subtract(*_np_loglik(np.array([fit.tau2[j], tau2[j]]), y[:, j], v[:, j], x, True))
+         for j in range(y.shape[1])]
+    )  # fmt: skip
+    assert (gains > 1e-6).sum() >= 35  # PyMARE 0.0.13: 41 voxels of 192,885
+    for j in np.flatnonzero(gains > 1e-6)[:10]:
+        assert _brute_force_tau2(y[:, j], v[:, j], x, True) == pytest.approx(fit.tau2[j], rel=1e-6)
+    dz = np.abs(mixed_contrast(fit, [0.0, 1.0], adjustment="knapp-hartung").z - kh["z"][1])
+    assert dz[gains > 1e-6].max() > 1.0  # |dz| up to 2.4 for the software effect
 
 
 # ---------------------------------------------------------------------------------------------
