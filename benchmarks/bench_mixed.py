@@ -12,8 +12,11 @@ parity (max |dz| and max relative tau^2 error where both optima agree) and the n
 where PyMARE's likelihood optimum is lower than ours. Also ours on the whole mask (259,353
 voxels, maps with zero variance excluded per voxel).
 
+``--design software`` adds the SPM/FSL indicator of pain21's participants.tsv (studies 1-10 are
+SPM) as a second column; z is then that column's.
+
 Run: ``python benchmarks/bench_mixed.py [--data ../shared/data/real/pain21]
-[--methods fe dl hedges ml reml] [--no-memory] [--threads N]``.
+[--methods fe dl hedges ml reml] [--design intercept|software] [--no-memory] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -44,16 +47,18 @@ def load_pain21(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ours(method: str, y: np.ndarray, v: np.ndarray, x: np.ndarray):
-    """Fit and a Knapp-Hartung t contrast on the first column: (tau2, z, fit)."""
+    """Fit and a Knapp-Hartung t contrast on the last column: (tau2, z, fit)."""
     from bids_group.mixed_effects import fit_mixed, mixed_contrast
 
     fit = fit_mixed(y, v, x, method)
     adjustment = "none" if method == "fe" else "knapp-hartung"
-    return fit.tau2, mixed_contrast(fit, [1.0], adjustment=adjustment).z, fit
+    weights = np.eye(x.shape[1])[-1]
+    return fit.tau2, mixed_contrast(fit, weights, adjustment=adjustment).z, fit
 
 
 def pymare(method: str, y: np.ndarray, v: np.ndarray, x: np.ndarray):
-    """PyMARE's estimator and its fe stats: (tau2, z); Knapp-Hartung except for WLS (Wald)."""
+    """PyMARE's estimator and its fe stats (last column): (tau2, z); Knapp-Hartung except for
+    WLS (Wald)."""
     from pymare import estimators as est
 
     if method == "fe":
@@ -66,7 +71,7 @@ def pymare(method: str, y: np.ndarray, v: np.ndarray, x: np.ndarray):
             "reml": lambda: est.VarianceBasedLikelihoodEstimator("REML"),
         }[method]()
         model.fit(y=y, v=v, X=x)
-    z = model.summary().get_fe_stats()["z"][0]
+    z = model.summary().get_fe_stats()["z"][-1]
     return np.ravel(model.params_["tau2"]) * np.ones(y.shape[1]), z
 
 
@@ -118,6 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--design", choices=["intercept", "software"], default="intercept")
     parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc runs")
     parser.add_argument("--threads", type=int, default=None, help="numba threads (ours)")
     args = parser.parse_args()
@@ -131,8 +137,10 @@ def main() -> None:
     y = y_all[:, positive].astype(np.float64)
     v = v_all[:, positive].astype(np.float64)
     x = np.ones((21, 1))
+    if args.design == "software":
+        x = np.column_stack([x, np.r_[np.ones(10), np.zeros(11)]])
     print(f"pain21: {y_all.shape[1]} mask voxels, {y.shape[1]} with all variances positive")
-    print(f"numba threads: {numba.get_num_threads()}")
+    print(f"numba threads: {numba.get_num_threads()}; design: {args.design}")
     ours(args.methods[0], y[:, :10], v[:, :10], x)  # compile (or load the cache) first
     memory = not args.no_memory
     for method in args.methods:
