@@ -30,9 +30,13 @@ Given ``tau^2`` the fixed effects are weighted least squares with ``w_i = 1 / (v
     which the score is provably negative; in every grid cell where the score turns from positive
     to non-positive, its root (Newton safeguarded by bisection, to ``1e-13`` relative); the
     candidate (those roots, and 0 when the score there is not positive) with the highest
-    likelihood wins. The restricted likelihood can have two local maxima (at ~3,000 of pain21's
-    voxels); a local search from one starting value can end on the lower one. ``tau^2`` is
-    exactly 0 when the best grid point is 0 and the score there is not positive.
+    likelihood wins (``tau^2`` is exactly 0 when that is the candidate 0). The restricted
+    likelihood can have two local maxima (at ~3,000 of pain21's voxels); a local search from one
+    starting value can end on the lower one (PyMARE 0.0.13's REML does at 29 of pain21's
+    voxels). The grid misses only a maximum/minimum pair inside one grid cell (adjacent points
+    ~1.3x apart with the default 48 points on pain21); on pain21 (ML and REML) 32 points already
+    give the optimum of a 2,000-point search at every voxel, 24 points miss one voxel. The grid's
+    scores are computed for blocks of voxels at once (SIMD across voxels), the roots per voxel.
 
 Input policy (zero, negative or non-finite variances; non-finite effects). A map is *excluded
 at that voxel* when its effect is not finite or its variance is not finite or below the
@@ -49,7 +53,9 @@ Jonkman 2002), not floored at 1, as metafor's ``test="knha"`` and PyMARE's defau
 ``"knapp-hartung-floor"`` uses ``max(q, 1)`` (metafor's ``test="adhoc"``), which only widens.
 PyMARE equivalents: its ``small_sample_correction="knapp-hartung"`` gives our
 ``adjustment="knapp-hartung"`` exactly (t on ``k - p``); its ``"wald"`` gives our statistic with
-a normal reference, so FLAME1's z is ``t_to_z(pymare_stat, k - p)``.
+a normal reference, so FLAME1's z is ``t_to_z(pymare_stat, k - p)``. Where ``r'Wr`` is exactly 0
+(the effects lie in the column space of X, e.g. all equal) ``q = 0`` and the Knapp-Hartung t is
+undefined (inf or NaN), as in PyMARE; the default (``"none"``) is finite there.
 
 Variance groups (one ``tau^2`` per group, as FLAME's variance groups): supported when the design
 is *separable* by group, i.e. every column is non-zero in the rows of one group only (group
