@@ -378,8 +378,9 @@ def _pick(tcol, scol, y, v, x, k, reml, ws):
 
 @numba.njit(cache=True, error_model="numpy")
 def _likelihood_tau2(y, v, x, k, reml, ws, tcol, scol):
-    """Global maximiser of the ML/REML log-likelihood over tau^2 >= 0, one voxel:
-    :func:`_grid_points`, the score at each, then :func:`_pick`."""
+    """Global maximiser of the ML/REML log-likelihood over tau^2 >= 0, one voxel at a time:
+    :func:`_grid_points`, the score at each (:func:`_derivatives`), then :func:`_pick`. The
+    reference for the vectorised grid of :func:`fit_voxels` (see :func:`tau2_per_voxel`)."""
     if not _grid_points(y, v, x, k, reml, ws, tcol):
         return 0.0
     for g in range(tcol.shape[0]):
@@ -621,9 +622,7 @@ def _fit_chunk(yt, vt, ok, estimable, x, method, n_grid, fixed_tau2, j0, j1, out
     chol, b, tmp, resid, w, z = ws
     likelihood = method == ML or method == REML
     reml = method == REML
-    tcol, scol = np.empty(n_grid), np.empty(n_grid)
-    block = likelihood
-    if block:
+    if likelihood:
         data = (yt, vt, ok, estimable, x)
         tgrid, scores, use = _block_grid(*data, j0, j1, reml, n_grid, ws, y, v, xv)
     else:
@@ -636,11 +635,9 @@ def _fit_chunk(yt, vt, ok, estimable, x, method, n_grid, fixed_tau2, j0, j1, out
             t = fixed_tau2
         elif not likelihood:
             t = _moments_tau2(method, y, v, xv, k, ws)
-        elif block:
+        else:
             jj = j - j0
             t = _pick(tgrid[:, jj], scores[:, jj], y, v, xv, k, reml, ws) if use[jj] else 0.0
-        else:
-            t = _likelihood_tau2(y, v, xv, k, reml, ws, tcol, scol)
         _, rwr[j], _ = _wls(t, y, v, xv, k, chol, b, tmp, resid, w, False)
         tau2[j] = t
         _store(j, p, ws, beta, cov)
@@ -678,3 +675,17 @@ def loglik_voxels(yt, vt, ok, x, tau2, reml, out):
         for j in range(c * _CHUNK, min((c + 1) * _CHUNK, n_vox)):
             k = _compact(yt, vt, ok, x, j, y, v, xv)
             out[j] = _loglik(tau2[j], y, v, xv, k, reml, ws)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def tau2_per_voxel(yt, vt, ok, estimable, x, reml, n_grid, out):
+    """ML/REML tau^2 by the one-voxel-at-a-time search (:func:`_likelihood_tau2`); a reference
+    for tests of the vectorised grid. Arguments as :func:`fit_voxels`."""
+    n_maps, p = x.shape
+    y, v, xv, ws = _workspace(n_maps, p)
+    tcol, scol = np.empty(n_grid), np.empty(n_grid)
+    for j in range(yt.shape[0]):
+        out[j] = np.nan
+        if estimable[j]:
+            k = _compact(yt, vt, ok, x, j, y, v, xv)
+            out[j] = _likelihood_tau2(y, v, xv, k, reml, ws, tcol, scol)
