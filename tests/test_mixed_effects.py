@@ -338,6 +338,21 @@ def test_vectorised_grid_is_bitwise_the_per_voxel_search(method, n_cols, synthet
     np.testing.assert_array_equal(fit.tau2, ref)
 
 
+@pytest.mark.parametrize("method", CLOSED_FORMS + LIKELIHOOD)
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_units_do_not_matter(method, scale, synthetic):
+    """Effects times c and variances times c^2: tau^2 times c^2, the same z (the search grid is
+    relative to the data's own scale)."""
+    y, v, x = synthetic
+    y, v = y[:, :300], v[:, :300]
+    fit = fit_mixed(y, v, x, method)
+    scaled = fit_mixed(y * scale, v * scale**2, x, method)
+    np.testing.assert_allclose(scaled.tau2, fit.tau2 * scale**2, rtol=1e-9, atol=0)
+    z = mixed_contrast(fit, [0.0, 1.0], adjustment="knapp-hartung").z
+    z_scaled = mixed_contrast(scaled, [0.0, 1.0], adjustment="knapp-hartung").z
+    np.testing.assert_allclose(z_scaled, z, rtol=0, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # Input policy
 # ---------------------------------------------------------------------------------------------
