@@ -137,9 +137,9 @@ def _loglik(tau2, y, v, x, k, reml, ws):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _score_one_column(tau2, y, v, x, k, reml, w):
-    """The score of :func:`_derivatives` for a one-column design (the common one-sample case),
-    as two tight loops."""
+def _derivatives_one_column(tau2, y, v, x, k, reml, w, second):
+    """:func:`_derivatives` for a one-column design (the common one-sample case) in two
+    tight loops: with ``A = sum w x^2``, ``q_i = x_i^2 / A``."""
     a = 0.0
     b = 0.0
     sum_w = 0.0
@@ -154,10 +154,30 @@ def _score_one_column(tau2, y, v, x, k, reml, w):
         sum_w2x2 += wx * wx
     beta = b / a
     uu = 0.0
+    if not second:
+        for i in range(k):
+            u = w[i] * (y[i] - x[i, 0] * beta)
+            uu += u * u
+        return 0.5 * (uu - (sum_w - sum_w2x2 / a if reml else sum_w)), 0.0
+    wuu = 0.0
+    wux = 0.0
+    sum_w2 = 0.0
+    sum_w3x2 = 0.0
     for i in range(k):
-        u = w[i] * (y[i] - x[i, 0] * beta)
+        wi = w[i]
+        u = wi * (y[i] - x[i, 0] * beta)
         uu += u * u
-    return 0.5 * (uu - (sum_w - sum_w2x2 / a if reml else sum_w))
+        wuu += wi * u * u
+        wux += wi * u * x[i, 0]
+        sum_w2 += wi * wi
+        sum_w3x2 += wi * wi * wi * x[i, 0] * x[i, 0]
+    upu = wuu - wux * wux / a
+    if reml:
+        m = sum_w2x2 / a
+        tr_p = sum_w - m
+        tr_pp = sum_w2 - 2.0 * sum_w3x2 / a + m * m
+        return 0.5 * (uu - tr_p), 0.5 * tr_pp - upu
+    return 0.5 * (uu - sum_w), 0.5 * sum_w2 - upu
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -168,8 +188,8 @@ def _derivatives(tau2, y, v, x, k, reml, ws, second=True):
     """
     chol, beta, tmp, resid, w, z = ws
     p = x.shape[1]
-    if p == 1 and not second:
-        return _score_one_column(tau2, y, v, x, k, reml, w), 0.0
+    if p == 1:
+        return _derivatives_one_column(tau2, y, v, x, k, reml, w, second)
     _wls(tau2, y, v, x, k, chol, beta, tmp, resid, w, False)
     uu = 0.0
     sum_w = 0.0
@@ -293,42 +313,123 @@ def _root(a, b, sa, sb, y, v, x, k, reml, ws):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _likelihood_tau2(y, v, x, k, reml, n_grid, ws):
-    """Global maximiser of the ML/REML log-likelihood over tau^2 >= 0.
+def _better(best, best_ll, n_cand, cand, y, v, x, k, reml, ws):
+    """Keep the better of the best candidate so far and ``cand`` (ties: the earlier, smaller
+    tau^2); log-likelihoods are computed only from the second candidate on."""
+    if n_cand == 0:
+        return cand, best_ll, 1
+    if np.isnan(best_ll):
+        best_ll = _loglik(best, y, v, x, k, reml, ws)
+    ll = _loglik(cand, y, v, x, k, reml, ws)
+    if ll > best_ll:
+        return cand, ll, n_cand + 1
+    return best, best_ll, n_cand + 1
 
-    The score is evaluated at 0 and at ``n_grid - 1`` points log-spaced from
-    ``1e-3 v_min`` to the bound of :func:`_upper_bound` (where it is negative).
-    Candidates: 0 when the score there is not positive (tau^2 exactly 0), and every root of
-    the score in a grid cell where it changes from positive to non-positive, i.e. every local
-    maximum that the grid resolves. The candidate with the highest log-likelihood wins (ties:
-    the smaller tau^2).
+
+@numba.njit(cache=True, error_model="numpy")
+def _grid_points(y, v, x, k, reml, ws, tcol):
+    """Fill ``tcol`` (n_grid,) with the voxel's search grid; False when tau^2 is 0 outright.
+
+    0, then ``n_grid - 1`` points log-spaced from ``1e-3 v_min`` to the bound of
+    :func:`_upper_bound` (beyond which the score is negative). When the bound is below
+    ``1e-3 v_min`` the likelihood is quadratic to ~1e-3 on [0, bound]: the grid is 0 and the
+    bound (repeated).
     """
+    n_grid = tcol.shape[0]
     bound, vmin = _upper_bound(y, v, x, k, reml, ws)
     if not bound > 0.0:
-        return 0.0
+        return False
     lo = 1e-3 * vmin
-    if bound <= lo:  # the likelihood is quadratic to ~1e-3 on [0, bound]: no inner point
-        n_grid = 2
-    ratio = np.log(bound / lo) / max(n_grid - 2, 1)
-    best, best_ll = 0.0, -np.inf
-    prev_t = 0.0
-    prev_s, _ = _derivatives(0.0, y, v, x, k, reml, ws, False)
-    if prev_s <= 0.0:
-        best_ll = _loglik(0.0, y, v, x, k, reml, ws)
+    tcol[0] = 0.0
+    if bound <= lo:
+        for g in range(1, n_grid):
+            tcol[g] = bound
+        return True
+    factor = np.exp(np.log(bound / lo) / (n_grid - 2))
+    t = lo / factor
     for g in range(1, n_grid):
-        t = bound if g == n_grid - 1 else lo * np.exp(ratio * (g - 1))
-        s, _ = _derivatives(t, y, v, x, k, reml, ws, False)
-        if prev_s > 0.0 and s <= 0.0:
-            r = _root(prev_t, t, prev_s, s, y, v, x, k, reml, ws)
-            ll = _loglik(r, y, v, x, k, reml, ws)
-            if ll > best_ll:
-                best, best_ll = r, ll
-        prev_t, prev_s = t, s
-    if prev_s > 0.0:  # beyond the bound's guarantee only by rounding
-        ll = _loglik(prev_t, y, v, x, k, reml, ws)
-        if ll > best_ll:
-            best = prev_t
+        t = bound if g == n_grid - 1 else t * factor
+        tcol[g] = t
+    return True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _pick(tcol, scol, y, v, x, k, reml, ws):
+    """Global maximiser from the scores ``scol`` at the grid ``tcol``.
+
+    Candidates: 0 when the score there is not positive (tau^2 exactly 0), and the root of the
+    score in every grid cell where it turns from positive to non-positive, i.e. every local
+    maximum that the grid resolves. The candidate with the highest log-likelihood wins (ties:
+    the smaller tau^2); the log-likelihood (k logs) is evaluated only when there are two.
+    """
+    n_grid = tcol.shape[0]
+    best, best_ll, n_cand = 0.0, np.nan, 0
+    if scol[0] <= 0.0:
+        n_cand = 1
+    for g in range(1, n_grid):
+        if scol[g - 1] > 0.0 and scol[g] <= 0.0 and tcol[g] > tcol[g - 1]:
+            r = _root(tcol[g - 1], tcol[g], scol[g - 1], scol[g], y, v, x, k, reml, ws)
+            best, best_ll, n_cand = _better(best, best_ll, n_cand, r, y, v, x, k, reml, ws)
+    if scol[n_grid - 1] > 0.0:  # beyond the bound's guarantee only by rounding
+        t = tcol[n_grid - 1]
+        best, best_ll, n_cand = _better(best, best_ll, n_cand, t, y, v, x, k, reml, ws)
     return best
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _likelihood_tau2(y, v, x, k, reml, ws, tcol, scol):
+    """Global maximiser of the ML/REML log-likelihood over tau^2 >= 0, one voxel at a time:
+    :func:`_grid_points`, the score at each (:func:`_derivatives`), then :func:`_pick`. The
+    reference for the vectorised grid of :func:`fit_voxels` (see :func:`tau2_per_voxel`)."""
+    if not _grid_points(y, v, x, k, reml, ws, tcol):
+        return 0.0
+    for g in range(tcol.shape[0]):
+        scol[g], _ = _derivatives(tcol[g], y, v, x, k, reml, ws, False)
+    return _pick(tcol, scol, y, v, x, k, reml, ws)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grid_scores_one_column(yb, vb, okb, x0, reml, tgrid, scores, wbuf, acc):
+    """Scores at every grid point of a block of voxels, one-column design, vectorised across
+    voxels (the innermost loops run over voxels: SIMD without reordering any sum).
+
+    ``yb, vb, okb``: (n_maps, B) with 0/1 ``okb`` (invalid entries y = 0, v = 1, weight 0);
+    ``tgrid, scores``: (n_grid, B). The sums run over the maps in the same order as
+    :func:`_derivatives_one_column` (with exact zeros for excluded maps), so the scores are
+    bitwise those of the per-voxel path.
+    """
+    n_maps, n_b = yb.shape
+    a, b, sw, sw2x2, uu = acc[0], acc[1], acc[2], acc[3], acc[4]
+    for g in range(tgrid.shape[0]):
+        t = tgrid[g]
+        for j in range(n_b):
+            a[j] = 0.0
+            b[j] = 0.0
+            sw[j] = 0.0
+            sw2x2[j] = 0.0
+            uu[j] = 0.0
+        for i in range(n_maps):
+            xi = x0[i]
+            yi, vi, oki, wi = yb[i], vb[i], okb[i], wbuf[i]
+            for j in range(n_b):
+                w = oki[j] / (vi[j] + t[j])
+                wi[j] = w
+                wx = w * xi
+                a[j] += wx * xi
+                b[j] += wx * yi[j]
+                sw[j] += w
+                sw2x2[j] += wx * wx
+        for j in range(n_b):
+            b[j] = b[j] / a[j]  # beta
+        for i in range(n_maps):
+            xi = x0[i]
+            yi, wi = yb[i], wbuf[i]
+            for j in range(n_b):
+                u = wi[j] * (yi[j] - xi * b[j])
+                uu[j] += u * u
+        for j in range(n_b):
+            tr = sw[j] - sw2x2[j] / a[j] if reml else sw[j]
+            scores[g, j] = 0.5 * (uu[j] - tr)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -376,7 +477,76 @@ def _compact(yt, vt, ok, x, j, y, v, xv):
     return k
 
 
-#: Voxels per parallel work item (one set of work arrays each).
+@numba.njit(cache=True, error_model="numpy")
+def _grid_scores_general(yb, vb, okb, x, reml, tgrid, scores, wbuf):
+    """:func:`_grid_scores_one_column` for a design of ``p`` columns: the sums over maps run
+    across voxels (SIMD), the p x p solves per voxel, in the order of :func:`_derivatives`."""
+    n_maps, n_b = yb.shape
+    p = x.shape[1]
+    amat = np.empty((p, p, n_b))
+    bmat = np.empty((p, p, n_b))
+    bvec = np.empty((p, n_b))
+    sw = np.empty(n_b)
+    uu = np.empty(n_b)
+    chol = np.empty((p, p))
+    tmp = np.empty(p)
+    beta = np.empty((p, n_b))
+    z = np.empty((2, p))
+    bcol = np.empty(p)
+    for g in range(tgrid.shape[0]):
+        t = tgrid[g]
+        amat[:] = 0.0
+        bmat[:] = 0.0
+        bvec[:] = 0.0
+        sw[:] = 0.0
+        uu[:] = 0.0
+        for i in range(n_maps):
+            yi, vi, oki, wi = yb[i], vb[i], okb[i], wbuf[i]
+            for j in range(n_b):
+                wi[j] = oki[j] / (vi[j] + t[j])
+                sw[j] += wi[j]
+            for c in range(p):
+                xc = x[i, c]
+                for j in range(n_b):
+                    wx = wi[j] * xc
+                    bvec[c, j] += wx * yi[j]
+                for m in range(c + 1):
+                    xm = x[i, m]
+                    for j in range(n_b):
+                        amat[c, m, j] += wi[j] * xc * xm
+                        bmat[c, m, j] += wi[j] * wi[j] * xc * xm
+        for j in range(n_b):
+            for c in range(p):
+                tmp[c] = bvec[c, j]
+                for m in range(c + 1):
+                    chol[c, m] = amat[c, m, j]
+            _cholesky(chol, p)
+            _forward(chol, tmp, p, z[0])
+            _backward(chol, z[0], p, z[1])
+            for c in range(p):
+                beta[c, j] = z[1, c]
+            trace = 0.0
+            if reml:
+                for c in range(p):
+                    for m in range(p):
+                        bcol[m] = bmat[max(c, m), min(c, m), j]
+                    _forward(chol, bcol, p, z[0])
+                    _backward(chol, z[0], p, z[1])
+                    trace += z[1, c]
+            scores[g, j] = -trace  # completed below
+        for i in range(n_maps):
+            yi, wi = yb[i], wbuf[i]
+            for j in range(n_b):
+                r = yi[j]
+                for c in range(p):
+                    r -= x[i, c] * beta[c, j]
+                u = wi[j] * r
+                uu[j] += u * u
+        for j in range(n_b):
+            scores[g, j] = 0.5 * (uu[j] - (sw[j] + scores[g, j]))
+
+
+#: Voxels per parallel work item (one set of work arrays each; one vectorised grid block).
 _CHUNK = 256
 
 
@@ -395,57 +565,104 @@ def _workspace(n_maps, p):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fit_one(y, v, xv, k, method, n_grid, fixed_tau2, ws):
-    """tau^2 of one voxel by ``method``, then WLS there (results left in ``ws``)."""
-    p = xv.shape[1]
-    if method == FE:
-        t = fixed_tau2
-    elif method == DL or method == HEDGES:
-        t = _moments_tau2(method, y, v, xv, k, ws) if k > p else 0.0
+def _block_grid(yt, vt, ok, estimable, x, j0, j1, reml, n_grid, ws, y, v, xv):
+    """Grids and scores of voxels ``j0:j1``, vectorised across voxels.
+
+    Returns ``(tgrid, scores, use)``: (n_grid, B), (n_grid, B), (B,) with ``use`` False where
+    tau^2 is 0 outright or the voxel is not estimable.
+    """
+    n_b, n_maps = j1 - j0, yt.shape[1]
+    tgrid = np.zeros((n_grid, n_b))
+    scores = np.empty((n_grid, n_b))
+    use = np.zeros(n_b, dtype=np.bool_)
+    yb = np.zeros((n_maps, n_b))
+    vb = np.ones((n_maps, n_b))
+    okb = np.zeros((n_maps, n_b))
+    for jj in range(n_b):
+        j = j0 + jj
+        if not estimable[j]:
+            continue
+        k = _compact(yt, vt, ok, x, j, y, v, xv)
+        use[jj] = _grid_points(y, v, xv, k, reml, ws, tgrid[:, jj])
+        for i in range(n_maps):
+            if ok[j, i]:
+                yb[i, jj] = yt[j, i]
+                vb[i, jj] = vt[j, i]
+                okb[i, jj] = 1.0
+    wbuf = np.empty((n_maps, n_b))
+    if x.shape[1] == 1:
+        acc = np.empty((5, n_b))
+        _grid_scores_one_column(yb, vb, okb, x[:, 0], reml, tgrid, scores, wbuf, acc)
     else:
-        t = _likelihood_tau2(y, v, xv, k, method == REML, n_grid, ws)
+        _grid_scores_general(yb, vb, okb, x, reml, tgrid, scores, wbuf)
+    return tgrid, scores, use
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _store(j, p, ws, beta, cov):
+    """beta and cov = A^-1 = L'^-1 L^-1 (column by column) of voxel ``j`` from ``ws``."""
     chol, b, tmp, resid, w, z = ws
-    _, r, _ = _wls(t, y, v, xv, k, chol, b, tmp, resid, w, False)
-    return t, r
+    for col in range(p):
+        for a in range(p):
+            tmp[a] = 1.0 if a == col else 0.0
+        _forward(chol, tmp, p, z[0])
+        _backward(chol, z[0], p, z[1])
+        for a in range(p):
+            cov[a, col, j] = z[1, a]
+    for a in range(p):
+        beta[a, j] = b[a]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fit_chunk(yt, vt, ok, estimable, x, method, n_grid, fixed_tau2, j0, j1, out):
+    """Fit voxels ``j0:j1``; see :func:`fit_voxels`."""
+    beta, cov, tau2, rwr = out
+    n_maps, p = x.shape
+    y, v, xv, ws = _workspace(n_maps, p)
+    chol, b, tmp, resid, w, z = ws
+    likelihood = method == ML or method == REML
+    reml = method == REML
+    if likelihood:
+        data = (yt, vt, ok, estimable, x)
+        tgrid, scores, use = _block_grid(*data, j0, j1, reml, n_grid, ws, y, v, xv)
+    else:
+        tgrid, scores, use = np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1, dtype=np.bool_)
+    for j in range(j0, j1):
+        if not estimable[j]:
+            continue
+        k = _compact(yt, vt, ok, x, j, y, v, xv)
+        if method == FE:
+            t = fixed_tau2
+        elif not likelihood:
+            t = _moments_tau2(method, y, v, xv, k, ws)
+        else:
+            jj = j - j0
+            t = _pick(tgrid[:, jj], scores[:, jj], y, v, xv, k, reml, ws) if use[jj] else 0.0
+        _, rwr[j], _ = _wls(t, y, v, xv, k, chol, b, tmp, resid, w, False)
+        tau2[j] = t
+        _store(j, p, ws, beta, cov)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def fit_voxels(yt, vt, ok, estimable, x, method, n_grid, fixed_tau2, beta, cov, tau2, rwr, n_used):
+def fit_voxels(yt, vt, ok, estimable, x, method, n_grid, fixed_tau2, beta, cov, tau2, rwr):
     """Fit every voxel: tau^2 by ``method``, then WLS at that tau^2.
 
     Parameters
     ----------
     yt, vt : (n_voxels, n_maps) float64
     ok : (n_voxels, n_maps) bool, the valid maps at each voxel
-    estimable : (n_voxels,) bool, voxels to fit (others are left as NaN)
+    estimable : (n_voxels,) bool, voxels to fit (others are left as NaN); k > p there
     x : (n_maps, p) float64
     method : int, one of FE, DL, HEDGES, ML, REML
     n_grid : int, grid points for ML/REML
     fixed_tau2 : float, tau^2 for FE (0 for fixed effects)
-    beta, cov, tau2, rwr, n_used : outputs (p, V), (p, p, V), (V,), (V,), (V,) int
+    beta, cov, tau2, rwr : outputs (p, V), (p, p, V), (V,), (V,)
     """
-    n_vox, n_maps = yt.shape
-    p = x.shape[1]
+    n_vox = yt.shape[0]
+    out = (beta, cov, tau2, rwr)
     for c in numba.prange((n_vox + _CHUNK - 1) // _CHUNK):
-        y, v, xv, ws = _workspace(n_maps, p)
-        chol, b, tmp, resid, w, z = ws
-        for j in range(c * _CHUNK, min((c + 1) * _CHUNK, n_vox)):
-            n_used[j] = 0
-            if not estimable[j]:
-                continue
-            k = _compact(yt, vt, ok, x, j, y, v, xv)
-            n_used[j] = k
-            tau2[j], rwr[j] = _fit_one(y, v, xv, k, method, n_grid, fixed_tau2, ws)
-            # cov = A^-1 = L'^-1 L^-1, column by column
-            for col in range(p):
-                for a in range(p):
-                    tmp[a] = 1.0 if a == col else 0.0
-                _forward(chol, tmp, p, z[0])
-                _backward(chol, z[0], p, z[1])
-                for a in range(p):
-                    cov[a, col, j] = z[1, a]
-            for a in range(p):
-                beta[a, j] = b[a]
+        j0, j1 = c * _CHUNK, min((c + 1) * _CHUNK, n_vox)
+        _fit_chunk(yt, vt, ok, estimable, x, method, n_grid, fixed_tau2, j0, j1, out)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -458,3 +675,17 @@ def loglik_voxels(yt, vt, ok, x, tau2, reml, out):
         for j in range(c * _CHUNK, min((c + 1) * _CHUNK, n_vox)):
             k = _compact(yt, vt, ok, x, j, y, v, xv)
             out[j] = _loglik(tau2[j], y, v, xv, k, reml, ws)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def tau2_per_voxel(yt, vt, ok, estimable, x, reml, n_grid, out):
+    """ML/REML tau^2 by the one-voxel-at-a-time search (:func:`_likelihood_tau2`); a reference
+    for tests of the vectorised grid. Arguments as :func:`fit_voxels`."""
+    n_maps, p = x.shape
+    y, v, xv, ws = _workspace(n_maps, p)
+    tcol, scol = np.empty(n_grid), np.empty(n_grid)
+    for j in range(yt.shape[0]):
+        out[j] = np.nan
+        if estimable[j]:
+            k = _compact(yt, vt, ok, x, j, y, v, xv)
+            out[j] = _likelihood_tau2(y, v, xv, k, reml, ws, tcol, scol)

@@ -30,9 +30,13 @@ Given ``tau^2`` the fixed effects are weighted least squares with ``w_i = 1 / (v
     which the score is provably negative; in every grid cell where the score turns from positive
     to non-positive, its root (Newton safeguarded by bisection, to ``1e-13`` relative); the
     candidate (those roots, and 0 when the score there is not positive) with the highest
-    likelihood wins. The restricted likelihood can have two local maxima (at ~3,000 of pain21's
-    voxels); a local search from one starting value can end on the lower one. ``tau^2`` is
-    exactly 0 when the best grid point is 0 and the score there is not positive.
+    likelihood wins (``tau^2`` is exactly 0 when that is the candidate 0). The restricted
+    likelihood can have two local maxima (at ~3,000 of pain21's voxels); a local search from one
+    starting value can end on the lower one (PyMARE 0.0.13's REML does at 29 of pain21's
+    voxels). The grid misses only a maximum/minimum pair inside one grid cell (adjacent points
+    ~1.3x apart with the default 48 points on pain21); on pain21 (ML and REML) 32 points already
+    give the optimum of a 2,000-point search at every voxel, 24 points miss one voxel. The grid's
+    scores are computed for blocks of voxels at once (SIMD across voxels), the roots per voxel.
 
 Input policy (zero, negative or non-finite variances; non-finite effects). A map is *excluded
 at that voxel* when its effect is not finite or its variance is not finite or below the
@@ -49,10 +53,19 @@ Jonkman 2002), not floored at 1, as metafor's ``test="knha"`` and PyMARE's defau
 ``"knapp-hartung-floor"`` uses ``max(q, 1)`` (metafor's ``test="adhoc"``), which only widens.
 PyMARE equivalents: its ``small_sample_correction="knapp-hartung"`` gives our
 ``adjustment="knapp-hartung"`` exactly (t on ``k - p``); its ``"wald"`` gives our statistic with
-a normal reference, so FLAME1's z is ``t_to_z(pymare_stat, k - p)``.
+a normal reference, so FLAME1's z is ``t_to_z(pymare_stat, k - p)``. Where ``r'Wr`` is exactly 0
+(the effects lie in the column space of X, e.g. all equal) ``q = 0`` and the Knapp-Hartung t is
+undefined (inf or NaN), as in PyMARE; the default (``"none"``) is finite there.
 
-Variance groups (one ``tau^2`` per group, FLAME's ``--runmode`` with several groups) are not
-implemented yet: ``groups`` must be None.
+Variance groups (one ``tau^2`` per group, as FLAME's variance groups): supported when the design
+is *separable* by group, i.e. every column is non-zero in the rows of one group only (group
+means, group-specific covariates: FLAME's usual multi-group designs). The (restricted)
+likelihood then factorises (``X'WX`` is block diagonal), so each group is fitted on its own rows
+and columns with its own ``tau^2_g`` (the global optimum of each factor is the joint global
+optimum); ``beta`` and ``Cov(beta)`` (block diagonal) are assembled, and ``dof = k - p`` overall.
+A voxel is estimable when every group is (``k_g - p_g >= 1``, full rank within the group).
+Designs with a column shared by several groups (e.g. a common covariate) need a joint search
+over all ``tau^2_g`` and are not implemented yet (UsageError).
 
 References
 ----------
@@ -111,12 +124,13 @@ class MixedFit:
         WLS coefficients at the estimated ``tau2``.
     cov_beta : ndarray of shape (p, p, n_voxels), float64
         ``(X'WX)^-1`` (model-based; Knapp-Hartung scaling is applied by the contrast).
-    tau2 : ndarray of shape (n_voxels,), float64
-        Between-map variance (exactly 0 at the boundary).
+    tau2 : ndarray of shape (n_voxels,) or (n_groups, n_voxels), float64
+        Between-map variance (exactly 0 at the boundary); one row per variance group when
+        ``groups`` was given (in the order of ``group_labels``).
     rwr : ndarray of shape (n_voxels,), float64
         Weighted residual sum of squares ``r'Wr`` at ``tau2`` (Cochran's Q at ``tau2``).
     n_used : ndarray of shape (n_voxels,), int
-        Valid maps ``k`` at each voxel.
+        Valid maps ``k`` at each voxel (also where not estimable).
     dof : ndarray of shape (n_voxels,), float64
         ``k - p`` (FLAME1's dof); NaN where not estimable.
     estimable : ndarray of shape (n_voxels,), bool
@@ -127,6 +141,8 @@ class MixedFit:
         Voxels with at least one excluded map.
     n_not_estimable : int
         Voxels with all outputs NaN.
+    group_labels : tuple
+        The variance groups (sorted), or () without groups.
     """
 
     method: str
@@ -140,6 +156,7 @@ class MixedFit:
     n_excluded_values: int
     n_voxels_with_exclusions: int
     n_not_estimable: int
+    group_labels: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -210,11 +227,9 @@ def _estimable(ok: np.ndarray, design: np.ndarray) -> np.ndarray:
     return good[inverse.ravel()]
 
 
-def _check_fit_inputs(effects, variances, design, method, groups) -> None:
+def _check_fit_inputs(effects, variances, design, method) -> None:
     if method not in _METHOD_CODES:
         raise UsageError(f"Unknown estimator {method!r}: use one of {sorted(_METHOD_CODES)}.")
-    if groups is not None:
-        raise UsageError("Variance groups (one tau^2 per group) are not implemented yet.")
     if effects.ndim != 2 or effects.shape != variances.shape:
         raise DataError(
             f"effects {effects.shape} and variances {variances.shape} must be the same "
@@ -233,8 +248,8 @@ def _check_fit_inputs(effects, variances, design, method, groups) -> None:
         )
 
 
-def _fit_block(yt, vt, ok, est, design, code, n_grid, tau2_fixed, out, sl) -> None:
-    beta, cov, tau2, rwr, n_used = out
+def _fit_block(yt, vt, ok, est, design, code, n_grid, out, sl) -> None:
+    beta, cov, tau2, rwr = out
     kern.fit_voxels(
         np.ascontiguousarray(yt, dtype=np.float64),
         np.ascontiguousarray(vt, dtype=np.float64),
@@ -243,12 +258,11 @@ def _fit_block(yt, vt, ok, est, design, code, n_grid, tau2_fixed, out, sl) -> No
         design,
         code,
         n_grid,
-        tau2_fixed,
+        0.0,
         beta[:, sl],
         cov[:, :, sl],
         tau2[sl],
         rwr[sl],
-        n_used[sl],
     )
 
 
@@ -272,8 +286,9 @@ def fit_mixed(
         Design matrix, full column rank.
     method : {"wls", "fe", "dl", "hedges", "ml", "reml"}
         Estimator of tau^2 ("wls" and "fe" are the same: tau^2 = 0).
-    groups : None
-        Variance groups; not implemented yet (must be None).
+    groups : ndarray of shape (n_maps,), optional
+        Variance-group label of each map: one ``tau^2`` per group. The design must be separable
+        by group (see the module docstring).
     n_grid : int
         Grid points of the ML/REML global search (>= 8).
 
@@ -284,16 +299,18 @@ def fit_mixed(
     Raises
     ------
     UsageError
-        Unknown method, groups given, n_grid too small.
+        Unknown method, n_grid too small, a design not separable by the variance groups.
     DataError
         Inconsistent shapes, non-finite or rank-deficient design.
     """
     effects = np.asarray(effects)
     variances = np.asarray(variances)
     design = np.ascontiguousarray(design, dtype=np.float64)
-    _check_fit_inputs(effects, variances, design, method, groups)
+    _check_fit_inputs(effects, variances, design, method)
     if n_grid < 8:
         raise UsageError(f"n_grid must be at least 8, got {n_grid}.")
+    if groups is not None:
+        return _fit_groups(effects, variances, design, method, np.asarray(groups), n_grid)
     n_maps, n_vox = effects.shape
     p = design.shape[1]
     ok = valid_values(effects, variances)
@@ -303,16 +320,13 @@ def fit_mixed(
         np.full((p, p, n_vox), np.nan),
         np.full(n_vox, np.nan),
         np.full(n_vox, np.nan),
-        np.zeros(n_vox, dtype=np.int64),
     )
     code = _METHOD_CODES[method]
     for start in range(0, n_vox, _BLOCK_VOXELS):
         sl = slice(start, min(start + _BLOCK_VOXELS, n_vox))
-        _fit_block(
-            effects[:, sl].T, variances[:, sl].T, ok[:, sl].T, est[sl], design, code, n_grid, 0.0,
-            out, sl,
-        )  # fmt: skip
-    n_used = out[4]
+        blocks = (effects[:, sl].T, variances[:, sl].T, ok[:, sl].T, est[sl])
+        _fit_block(*blocks, design, code, n_grid, out, sl)
+    n_used = ok.sum(axis=0)
     dof = np.where(est, n_used - p, np.nan).astype(np.float64)
     n_excluded = int(ok.size - np.count_nonzero(ok))
     fit = MixedFit(
@@ -337,6 +351,60 @@ def fit_mixed(
             fit.n_not_estimable,
         )
     return fit
+
+
+def _group_columns(design: np.ndarray, groups: np.ndarray) -> tuple[list, list[np.ndarray]]:
+    """Labels and, per label, the design columns that are non-zero in its rows only."""
+    if groups.shape != (design.shape[0],):
+        raise UsageError(f"groups must have one label per map ({design.shape[0]}).")
+    labels = sorted(set(groups.tolist()))
+    nonzero = np.stack([(design[groups == g] != 0).any(axis=0) for g in labels])  # (G, p)
+    shared = np.flatnonzero(nonzero.sum(axis=0) > 1)
+    if shared.size:
+        raise UsageError(
+            f"Design column(s) {shared.tolist()} are non-zero in several variance groups: "
+            "one tau^2 per group is implemented only for designs separable by group (group "
+            "means, group-specific covariates)."
+        )
+    cols = [np.flatnonzero(row) for row in nonzero]
+    empty = [g for g, c in zip(labels, cols, strict=True) if c.size == 0]
+    if empty:
+        raise UsageError(f"Variance group(s) {empty} have no design column of their own.")
+    return labels, cols
+
+
+def _fit_groups(effects, variances, design, method, groups, n_grid) -> MixedFit:
+    """One fit per variance group (separable design), assembled into one MixedFit."""
+    labels, cols = _group_columns(design, groups)
+    p, n_vox = design.shape[1], effects.shape[1]
+    beta = np.full((p, n_vox), np.nan)
+    cov = np.zeros((p, p, n_vox))
+    fits = []
+    for g, c in zip(labels, cols, strict=True):
+        rows = groups == g
+        sub = design[np.ix_(rows, c)]
+        fit = fit_mixed(effects[rows], variances[rows], sub, method, None, n_grid)
+        beta[c] = fit.beta
+        cov[np.ix_(c, c)] = fit.cov_beta
+        fits.append(fit)
+    est = np.logical_and.reduce([f.estimable for f in fits])
+    beta[:, ~est] = np.nan
+    cov[:, :, ~est] = np.nan
+    n_used = sum(f.n_used for f in fits)
+    return MixedFit(
+        method=fits[0].method,
+        beta=beta,
+        cov_beta=cov,
+        tau2=np.where(est, np.stack([f.tau2 for f in fits]), np.nan),
+        rwr=np.where(est, sum(f.rwr for f in fits), np.nan),
+        n_used=n_used,
+        dof=np.where(est, n_used - p, np.nan).astype(np.float64),
+        estimable=est,
+        n_excluded_values=sum(f.n_excluded_values for f in fits),
+        n_voxels_with_exclusions=int(np.count_nonzero(~valid_values(effects, variances).all(0))),
+        n_not_estimable=int(n_vox - np.count_nonzero(est)),
+        group_labels=tuple(labels),
+    )
 
 
 def log_likelihood(
