@@ -23,13 +23,11 @@ from typing import Any
 import pytest
 import yaml
 from conftest import make_bids_derivatives
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from bids_group.cli import main
 from bids_group.errors import EXIT_CODES
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 #: 60 model files (most fail fast) and 40 participants.tsv (more of them run the whole pipeline):
 #: ~14 s of CPU in all; under a minute of wall time with a load average of 7 on 2 cores.
