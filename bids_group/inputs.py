@@ -551,6 +551,12 @@ def read_participants(path: Path) -> pd.DataFrame:
         )
     lines = text.splitlines()
     width = lines[0].count("\t")
+    separator = next((sep for sep in (",", ";") if width == 0 and sep in lines[0]), None)
+    if separator is not None:
+        raise DataError(
+            f"{path}: the header (line 1) is separated by {separator!r}, not tabs; BIDS "
+            "participants.tsv is tab-separated (save as tab-separated text)"
+        )
     header = [cell.strip() for cell in lines[0].split("\t")]
     twice = sorted({name for name in header if header.count(name) > 1})
     if twice:

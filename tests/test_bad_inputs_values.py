@@ -406,3 +406,10 @@ def test_dataset_description_not_utf8(capsys, ds, out):
     (ds / "dataset_description.json").write_bytes(b'{"Name": "caf\xe9", "BIDSVersion": "1.9.0"}')
     check_failure(capsys, [ds, out, "group"], out, 16, "dataset_description.json",
                   "line 1, column 14 is not UTF-8")  # fmt: skip
+
+
+@pytest.mark.parametrize("separator", [",", ";"])
+def test_participants_comma_separated(capsys, ds, out, separator):
+    (ds / "participants.tsv").write_text(f"participant_id{separator}age\nsub-01{separator}20\n")
+    check_failure(capsys, [ds, out, "group", "--no-report"], out, 65, "participants.tsv",
+                  f"separated by {separator!r}, not tabs")  # fmt: skip
