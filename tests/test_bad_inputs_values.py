@@ -413,3 +413,19 @@ def test_participants_comma_separated(capsys, ds, out, separator):
     (ds / "participants.tsv").write_text(f"participant_id{separator}age\nsub-01{separator}20\n")
     check_failure(capsys, [ds, out, "group", "--no-report"], out, 65, "participants.tsv",
                   f"separated by {separator!r}, not tabs")  # fmt: skip
+
+
+def test_factor_level_that_looks_missing_warns(capsys, ds, tmp_path):
+    text = (ds / "participants.tsv").read_text().replace("patient", "NA", 1)
+    (ds / "participants.tsv").write_text(text)
+    model = tmp_path / "model.yaml"
+    model.write_text(
+        "Name: groups\nBIDSModelVersion: 1.0.0\nNodes:\n  - Level: Dataset\n    Name: groups\n"
+        "    GroupBy: [contrast]\n"
+        "    Transformations: {Instructions: [{Name: Factor, Input: [group]}]}\n"
+        "    Model: {Type: glm, X: ['group.*']}\n    DummyContrasts: {Test: t}\n"
+    )
+    err = _run_warnings(capsys, [ds, tmp_path / "o", "group", "--no-report", "-q",
+                                 "--model", model])  # fmt: skip
+    assert "Transformations.Instructions[0]: Factor(group) makes a level of 'NA' (sub-02)" in err
+    assert "BIDS spells a missing value n/a" in err
