@@ -429,3 +429,12 @@ def test_factor_level_that_looks_missing_warns(capsys, ds, tmp_path):
                                  "--model", model])  # fmt: skip
     assert "Transformations.Instructions[0]: Factor(group) makes a level of 'NA' (sub-02)" in err
     assert "BIDS spells a missing value n/a" in err
+
+
+def test_model_with_a_control_character(capsys, ds, out, tmp_path):
+    """Found by the fuzzer: PyYAML's message for a control character spans two lines."""
+    model = tmp_path / "model.yaml"
+    model.write_bytes(b"\x1fnull\n...\n")
+    err = check_failure(capsys, [ds, out, "group", "--model", model], out, 64, "model.yaml",
+                        "line 1, column 1: the character U+001F is not allowed")  # fmt: skip
+    assert len(err.splitlines()) == 1

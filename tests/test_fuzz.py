@@ -273,7 +273,10 @@ def _check_run(capsys, args: list[str], out: Path) -> int:
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err, captured.err
     assert code in EXIT_CODES and code != 1, (code, captured.err)
-    errors = [line for line in captured.err.splitlines() if line.startswith("bids-group: error")]
+    lines = captured.err.splitlines()
+    # one line per message: every line is a log record or click's usage line
+    assert all(line.startswith(("bids-group", "Usage:")) for line in lines), captured.err
+    errors = [line for line in lines if line.startswith("bids-group: error")]
     if code == 0:
         assert errors == [], captured.err
     else:
@@ -294,6 +297,7 @@ MODEL_FINDINGS = [
     _serialise(VALID_MODEL, "json")[:-3] + b"\xf0\x9f" + b"}]}",  # a cut UTF-8 sequence
     _serialise(_with_inference("Alpha", 10**400), "yaml"),  # OverflowError in math.isfinite
     _serialise(_with_inference("NPermutations", 10**400), "json"),
+    b"\x1fnull\n...\n",  # a control character: PyYAML's message spanned two lines
 ]
 
 
@@ -303,6 +307,7 @@ MODEL_FINDINGS = [
 @example(document=MODEL_FINDINGS[1])
 @example(document=MODEL_FINDINGS[2])
 @example(document=MODEL_FINDINGS[3])
+@example(document=MODEL_FINDINGS[4])
 def test_any_model_file_runs_or_fails_cleanly(capsys, dataset, tmp_path, document):
     model = tmp_path / "model.yaml"
     model.write_bytes(document)
