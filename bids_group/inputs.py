@@ -621,7 +621,8 @@ MISSING_SPELLINGS = frozenset(
 
 def explain_missing_spellings(values: pd.Series, column: str, rows: pd.Series) -> str | None:
     """Say so when the non-numeric cells of a column meant to be numeric are missing values
-    spelled otherwise than BIDS's ``n/a`` (``NA``, ``nan``, ``null``...); else None.
+    spelled otherwise than BIDS's ``n/a`` (``NA``, ``nan``, ``null``...) or numbers written
+    with a decimal comma (``23,5``); else None (the caller then says the column is not numeric).
 
     ``rows``: the participant label of each cell (same index as ``values``), for the message.
     """
