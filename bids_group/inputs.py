@@ -631,6 +631,12 @@ def read_participants(path: Path) -> pd.DataFrame:
         )
     lines = text.splitlines()
     width = lines[0].count("\t")
+    separator = next((sep for sep in (",", ";") if width == 0 and sep in lines[0]), None)
+    if separator is not None:
+        raise DataError(
+            f"{path}: the header (line 1) is separated by {separator!r}, not tabs; BIDS "
+            "participants.tsv is tab-separated (save as tab-separated text)"
+        )
     header = [cell.strip() for cell in lines[0].split("\t")]
     twice = sorted({name for name in header if header.count(name) > 1})
     if twice:
@@ -695,7 +701,8 @@ MISSING_SPELLINGS = frozenset(
 
 def explain_missing_spellings(values: pd.Series, column: str, rows: pd.Series) -> str | None:
     """Say so when the non-numeric cells of a column meant to be numeric are missing values
-    spelled otherwise than BIDS's ``n/a`` (``NA``, ``nan``, ``null``...); else None.
+    spelled otherwise than BIDS's ``n/a`` (``NA``, ``nan``, ``null``...) or numbers written
+    with a decimal comma (``23,5``); else None (the caller then says the column is not numeric).
 
     ``rows``: the participant label of each cell (same index as ``values``), for the message.
     """

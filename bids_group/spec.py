@@ -972,8 +972,22 @@ def _load_text(path: Path) -> Any:
         mark = err.problem_mark or err.context_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{path.name}: YAML syntax error{at}: {err.problem or err}") from err
+    except yaml.reader.ReaderError as err:  # a control character: no mark, a 2-line message
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        raise SpecError(
+            f"{path.name}: line {line}, column {column}: the character {_codepoint(err.character)} "
+            "is not allowed in YAML (control characters other than tab and newline); remove it"
+        ) from err
     except yaml.YAMLError as err:
-        raise SpecError(f"{path.name}: YAML syntax error: {err}") from err
+        detail = " ".join(str(err).split())  # one line
+        raise SpecError(f"{path.name}: YAML syntax error: {detail}") from err
+
+
+def _codepoint(character: Any) -> str:
+    """``U+001F`` for a character or its code (yaml gives either)."""
+    code = character if isinstance(character, int) else ord(str(character)[:1] or "\0")
+    return f"U+{code:04X}"
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -141,6 +141,7 @@ def _factor(data, inputs, outputs, where, *, Constraint, RefLevel, Sep):  # noqa
         missing = series.isna()
         levels = sorted(series[~missing].unique())
         names = [_level_name(level) for level in levels]
+        _warn_missing_levels(series, column, data, where)
         ref = None
         if Constraint != "none" and len(levels) > 1:
             ref = names[0] if RefLevel is None else str(RefLevel)
@@ -162,6 +163,26 @@ def _factor(data, inputs, outputs, where, *, Constraint, RefLevel, Sep):  # noqa
             out.insert(position, f"{column}{Sep}{name}", values)
             position += 1
     return out
+
+
+#: Factor levels that are almost surely a missing value spelled otherwise than BIDS's n/a (not
+#: "none" or "-", which can be real categories).
+_MISSING_LEVELS = frozenset({"na", "nan", "n/a", "null", "nil", "#n/a", "<na>", "nat", "missing"})
+
+
+def _warn_missing_levels(series: pd.Series, column: str, data: pd.DataFrame, where: str) -> None:
+    """A level like 'NA' becomes a group of its own: say so (a warning: it may be a real one)."""
+    text = series.dropna().astype(str).str.strip()
+    odd = text[text.str.lower().isin(_MISSING_LEVELS)]
+    if odd.empty:
+        return
+    rows = data["subject"] if "subject" in data.columns else pd.Series(data.index, data.index)
+    who = ", ".join(dict.fromkeys(f"sub-{rows[i]}" for i in odd.index))
+    log.warning(
+        "%s: Factor(%s) makes a level of %s (%s); BIDS spells a missing value n/a, which "
+        "bids-group refuses to fill in. If it is a real category, ignore this warning",
+        where, column, ", ".join(repr(v) for v in dict.fromkeys(odd)), who,
+    )  # fmt: skip
 
 
 def _demean(data, inputs, outputs, where):

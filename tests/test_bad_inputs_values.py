@@ -406,3 +406,35 @@ def test_dataset_description_not_utf8(capsys, ds, out):
     (ds / "dataset_description.json").write_bytes(b'{"Name": "caf\xe9", "BIDSVersion": "1.9.0"}')
     check_failure(capsys, [ds, out, "group"], out, 16, "dataset_description.json",
                   "line 1, column 14 is not UTF-8")  # fmt: skip
+
+
+@pytest.mark.parametrize("separator", [",", ";"])
+def test_participants_comma_separated(capsys, ds, out, separator):
+    (ds / "participants.tsv").write_text(f"participant_id{separator}age\nsub-01{separator}20\n")
+    check_failure(capsys, [ds, out, "group", "--no-report"], out, 65, "participants.tsv",
+                  f"separated by {separator!r}, not tabs")  # fmt: skip
+
+
+def test_factor_level_that_looks_missing_warns(capsys, ds, tmp_path):
+    text = (ds / "participants.tsv").read_text().replace("patient", "NA", 1)
+    (ds / "participants.tsv").write_text(text)
+    model = tmp_path / "model.yaml"
+    model.write_text(
+        "Name: groups\nBIDSModelVersion: 1.0.0\nNodes:\n  - Level: Dataset\n    Name: groups\n"
+        "    GroupBy: [contrast]\n"
+        "    Transformations: {Instructions: [{Name: Factor, Input: [group]}]}\n"
+        "    Model: {Type: glm, X: ['group.*']}\n    DummyContrasts: {Test: t}\n"
+    )
+    err = _run_warnings(capsys, [ds, tmp_path / "o", "group", "--no-report", "-q",
+                                 "--model", model])  # fmt: skip
+    assert "Transformations.Instructions[0]: Factor(group) makes a level of 'NA' (sub-02)" in err
+    assert "BIDS spells a missing value n/a" in err
+
+
+def test_model_with_a_control_character(capsys, ds, out, tmp_path):
+    """Found by the fuzzer: PyYAML's message for a control character spans two lines."""
+    model = tmp_path / "model.yaml"
+    model.write_bytes(b"\x1fnull\n...\n")
+    err = check_failure(capsys, [ds, out, "group", "--model", model], out, 64, "model.yaml",
+                        "line 1, column 1: the character U+001F is not allowed")  # fmt: skip
+    assert len(err.splitlines()) == 1
