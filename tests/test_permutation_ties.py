@@ -41,15 +41,15 @@ SEED, N_RANDOM = 6, 700
 T_LEVELS = [10.0, 100.0, 1e3, 1e4]
 
 
-def _volumes(t: float, seed: int = 0) -> np.ndarray:
-    """(N_SUB, *SHAPE) float32 maps, positive everywhere, one-sample t from 0.9 t to t."""
+def _volumes(t: float, seed: int = 0, n: int = N_SUB, positive: bool = True) -> np.ndarray:
+    """(n, *SHAPE) float32 maps, positive everywhere, one-sample t from 0.9 t to t."""
     rng = np.random.default_rng(seed)
-    z = rng.standard_normal((N_SUB, *SHAPE))
+    z = rng.standard_normal((n, *SHAPE))
     z -= z.mean(0)
     z /= z.std(0, ddof=1)
     target = t * (1.0 - 0.1 * rng.random(SHAPE))
-    vols = (z + target / np.sqrt(N_SUB)).astype(np.float32)
-    assert vols.min() > 0
+    vols = (z + target / np.sqrt(n)).astype(np.float32)
+    assert vols.min() > 0 or not positive
     return vols
 
 
@@ -248,3 +248,68 @@ def test_group_swap_ties_with_row_permutations(t):
     np.testing.assert_array_equal(res.p_fwe, 2 / 252)
     top = np.sort(res.null_max_stat)[::-1]
     assert top[1] == pytest.approx(top[0], rel=5e-6) and top[2] < 0.5 * top[0]
+
+
+@pytest.mark.parametrize("t", T_LEVELS)
+@pytest.mark.parametrize("design", ["t", "F", "t-covariate", "F-covariate"])
+def test_all_flipped_ties_voxel_level_only(t, design):
+    """Voxel level only, where the kernel writes no map (t: its fast path; F or a nuisance
+    covariate: the general one): the all-flipped entry is the identity's, bit for bit, and
+    p = 2/1024 at every voxel (F = t^2 is unchanged by flipping every sign)."""
+    vols = _volumes(t, seed=2)
+    x = np.ones((N_SUB, 1))
+    contrast = [[1.0]]
+    if design.endswith("covariate"):
+        x = np.c_[x, np.linspace(-1.0, 1.0, N_SUB)]
+        contrast = [[1.0, 0.0]]
+    stat_type = design[0]
+    res = permutation_test(
+        vols.reshape(N_SUB, -1),
+        x,
+        contrast,
+        stat_type=stat_type,
+        n_perm=1023,
+        two_sided=stat_type == "t",
+        seed=0,
+    )
+    assert res.exhaustive and res.n_relabellings == 1024
+    last = int(np.flatnonzero((_signs(True) == -1).all(1))[0])
+    null = res.null_max_stat
+    assert null[last] == null[0]
+    assert np.sum(null >= null[0]) == 2
+    np.testing.assert_array_equal(res.p_uncorrected, 2 / 1024)
+    np.testing.assert_array_equal(res.p_fwe, 2 / 1024)
+
+
+@pytest.mark.parametrize("t", T_LEVELS)
+@pytest.mark.parametrize("n_rank", [1, 2])
+def test_flip_kernel_paths_sum_alike(t, n_rank):
+    """The engine runs the identity with its map written (the kernel's general path) and, at
+    voxel level only, the other sign flips without (for t with no nuisance: the fast path).
+    With 40 rows in 8 table groups, both paths must add the groups in the same order: the
+    all-flipped maximum equals the identity's bit for bit either way, and its map is exactly
+    the negated map."""
+    from bids_group.inference import _kernels
+    from bids_group.inference.permutation import _flip_codes, _residual_ss
+
+    n_rows, n_bits = 40, 5
+    vols = _volumes(t, seed=3, n=n_rows, positive=False).reshape(n_rows, -1).astype(np.float64)
+    x = np.c_[np.ones(n_rows), np.linspace(-1.0, 1.0, n_rows)][:, :n_rank]
+    q = np.linalg.qr(x)[0]
+    basis = np.ascontiguousarray(q * np.sign(q[0]))
+    resid = vols - basis[:, 1:] @ (basis[:, 1:].T @ vols)  # Freedman-Lane residuals
+    rss_id = _residual_ss(resid, basis).astype(np.float32)
+    floor = np.maximum((resid**2).sum(0) * 1e-12, 1e-30).astype(np.float32)
+    codes = _flip_codes(np.array([np.ones(n_rows), -np.ones(n_rows)]), n_bits)
+    assert codes.shape == (2, 8)
+    maxima = {}
+    for write_out in (True, False):
+        out = np.zeros((2, resid.shape[1]), np.float32)
+        maxima[write_out] = np.empty(2)
+        no_count = np.full(resid.shape[1], np.inf, np.float32)
+        _kernels.flip_table_stats(resid, basis, codes, n_bits, rss_id, floor, 1,
+                                  float(n_rows - n_rank), True, True, no_count, write_out, out,
+                                  maxima[write_out], np.zeros(out.shape[1], np.int64))  # fmt: skip
+        if write_out:
+            np.testing.assert_array_equal(out[1], -out[0])
+    assert len({*maxima[True].tolist(), *maxima[False].tolist()}) == 1, maxima

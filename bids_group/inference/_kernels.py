@@ -924,6 +924,17 @@ def _accumulate(tab, codes, b, base, n_tab, n, a):
         _sum_rows(a, g0 > 0, m, r0, r1, r2, r3)
 
 
+@numba.njit(cache=True, error_model="numpy", boundscheck=False, inline="always")
+def _coords(tab, codes, b, base, n_tab, n_groups, a):
+    """``a`` = the coordinate of relabelling b: the rows of groups 0 .. n - 2, then the last
+    group's row added, in the order of the fast path ``_flip_tile_t`` (so every path, and the
+    identity, round alike)."""
+    _accumulate(tab, codes, b, base, n_tab, n_groups - 1, a)
+    row = _table_row(tab, codes, b, base, n_tab, n_groups - 1)
+    for i in range(_SUB):
+        a[i] = a[i] + row[i]
+
+
 @numba.njit(cache=True, error_model="numpy", boundscheck=False)
 def _flip_tile_t(tab, codes, zero, n_tab, two_sided, rss_id, floor_t, thr, nv, a, w_id, vb, cnt,
                  key_max):  # fmt: skip
@@ -936,10 +947,7 @@ def _flip_tile_t(tab, codes, zero, n_tab, two_sided, rss_id, floor_t, thr, nv, a
     n_batch, n_groups = codes.shape
     last = n_groups - 1
     vbi = vb.view(np.int32)
-    _accumulate(tab, zero, 0, 0, n_tab, last, a)
-    row = _table_row(tab, zero, 0, 0, n_tab, last)
-    for i in range(_SUB):
-        w_id[i] = a[i] + row[i]
+    _coords(tab, zero, 0, 0, n_tab, n_groups, w_id)
     for b in range(n_batch):
         _accumulate(tab, codes, b, 0, n_tab, last, a)
         row = _table_row(tab, codes, b, 0, n_tab, last)
@@ -996,10 +1004,10 @@ def _flip_tile(
     n_batch, n_groups = codes.shape
     vbi = vb.view(np.int32)
     for k in range(n_rank):
-        _accumulate(tab, zero, 0, k * n_groups * n_tab, n_tab, n_groups, w_id[k])
+        _coords(tab, zero, 0, k * n_groups * n_tab, n_tab, n_groups, w_id[k])
     for b in range(n_batch):
         for k in range(n_rank):
-            _accumulate(tab, codes, b, k * n_groups * n_tab, n_tab, n_groups, acc[k])
+            _coords(tab, codes, b, k * n_groups * n_tab, n_tab, n_groups, acc[k])
         if n_rank == 1:
             a = acc[0]
             wi = w_id[0]

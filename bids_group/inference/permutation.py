@@ -25,14 +25,14 @@ being the unpermuted data (W14 eq. 5 with the identity counted: ``(1 + #{random 
 enumerated instead (exact test) and N is that number.
 
 Ties: the observed statistics are float64; every entry of the null distributions, the first
-(unpermuted) one included, is what the engine computes (statistic maps in float32, from float64
-products, or from sign-flip tables whose all-flipped entries are the exact negatives). A
-relabelling that is an exact symmetry of the identity (flipping every sign, two-sided) therefore
-gives a bit-equal entry, at any size of the statistic. An observed value is compared as the
-smaller of its float64 value and the engine's value for the identity, less ``TIE_RTOL``
-(relative), so rounding can only make p larger. The engine's residual sum of squares is kept
-accurate when the fit is near perfect (large statistics), where ``ss - ||w||^2`` in float32 was
-rounding noise.
+(unpermuted) one included, is what the engine computes (float32 statistic maps; sign flips from
+subset-sum tables whose all-flipped entries are the exact negatives, row permutations from
+float32 products, or float64 ones when the statistic is large, see PRODUCT_RTOL). A relabelling
+that is an exact symmetry of the identity (flipping every sign, two-sided) therefore gives a
+bit-equal entry, at any size of the statistic. An observed value is compared as the smaller of
+its float64 value and the engine's value for the identity, less ``TIE_RTOL`` (relative), so
+rounding can only make p larger. The engine's residual sum of squares stays accurate when the
+fit is near perfect (large statistics), where ``ss - ||w||^2`` in float32 was rounding noise.
 """
 
 from __future__ import annotations
