@@ -387,7 +387,8 @@ def test_image_permutation_uses_the_precompiled_kernels(image, dataset):
     the seed's files (numba rewrites a kernel's index when it compiles). Outputs as the host's."""
     seed = image.env["BIDS_GROUP_NUMBA_SEED"]
     out = dataset.parent / "out"
-    args = ["group", "--permutation", "voxel", "--n-perm", "100", "--no-report", "-q"]
+    methods = ["--permutation", "voxel", "cluster", "tfce", "--n-perm", "100"]
+    args = ["group", *methods, "--no-report", "-q"]
     c = image.container()
     try:
         t0 = time.perf_counter()
