@@ -227,3 +227,16 @@ def test_relative_or_unset_seed_is_ignored(tmp_path, seed, monkeypatch):
     monkeypatch.delenv(_numba_cache.SEED_ENV)
     _numba_cache._copy_seed(tmp_path / "cache", source)
     assert not any((tmp_path / "cache").iterdir())
+
+
+def test_unreadable_seed_is_skipped_without_error(tmp_path, seed, monkeypatch):
+    """Importing the kernels must not fail because of the seed (root reads any file, so the
+    read error is simulated); no partial copy is left behind."""
+    sub, source = seed
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    _numba_cache._copy_seed(tmp_path / "cache", source)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]

@@ -156,18 +156,22 @@ def _copy_seed(cache_dir: Path, source_file: str) -> None:
     ):
         log.debug("%s=%s ignored: it is not a folder only root or you can change", SEED_ENV, seed)
         return
-    files = [
-        p
-        for p in sorted(source.iterdir())
-        if p.suffix in (".nbi", ".nbc") and _unchangeable_by_others(p, directory=False)
-    ]
     try:
+        files = [
+            p
+            for p in sorted(source.iterdir())
+            if p.suffix in (".nbi", ".nbc") and _unchangeable_by_others(p, directory=False)
+        ]
         target.mkdir(mode=0o700, exist_ok=True)
         for p in sorted(files, key=lambda p: p.suffix == ".nbi"):  # data first, then indexes
             with tempfile.NamedTemporaryFile(dir=target, delete=False) as copy:
-                copy.write(p.read_bytes())
+                try:
+                    copy.write(p.read_bytes())
+                except OSError:
+                    os.unlink(copy.name)
+                    raise
             os.replace(copy.name, target / p.name)
-    except OSError as exc:
+    except OSError as exc:  # e.g. an unreadable seed: the kernels are compiled as before
         log.debug("could not copy the pre-compiled kernels from %s: %s", source, exc)
         return
     log.debug("copied %d pre-compiled kernel files from %s to %s", len(files), source, target)
