@@ -67,6 +67,10 @@ for path in /etc/ssl/certs/ca-certificates.crt /etc/pip.conf /etc/xdg/pip \
   /opt/wheels /opt/pypi /opt/pypi-more; do
   [ -e "$path" ] && volumes+=(-v "$path:$path:ro")
 done
+previous=$(buildah images --quiet --no-trunc "$IMAGE" 2> /dev/null || true)
 run buildah bud --isolation chroot "${volumes[@]}" --build-arg "BASE=$BASE_IMAGE" -t "$IMAGE" .
+if [ -n "$previous" ] && [ "$previous" != "$(buildah images --quiet --no-trunc "$IMAGE")" ]; then
+  buildah rmi "$previous" > /dev/null 2>&1 || true # the image this build replaced, if unused
+fi
 size=$(buildah images --format '{{.Size}}' "$IMAGE" | head -n 1)
 step "built $IMAGE ($size) in $((SECONDS - start)) s"
