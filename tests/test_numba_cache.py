@@ -128,3 +128,115 @@ def test_read_only_source_folder_redirects_numba(blocker, no_home, monkeypatch):
     monkeypatch.setattr(numba.config, "CACHE_DIR", "")
     _numba_cache.ensure_writable_cache(str(blocker / "kernels.py"))
     assert numba.config.CACHE_DIR == str(no_home / f"bids-group-numba-{UID}")
+
+
+# The kernels pre-compiled into a read-only folder of the image (BIDS_GROUP_NUMBA_SEED, see the
+# Dockerfile) are copied into an empty cache; tests/test_container.py checks it in the image.
+
+
+@pytest.fixture
+def seed(tmp_path, blocker, monkeypatch) -> tuple[Path, str]:
+    """A seed folder laid out as numba's cache for ``source``, a kernels file in a folder where
+    nothing can be written (a read-only install), set in the env; an empty cache folder."""
+    from numba.core.caching import _CacheLocator
+
+    source = str(blocker / "kernels.py")
+    (tmp_path / "cache").mkdir(mode=0o700)
+    folder = tmp_path / "seed"
+    sub = folder / _CacheLocator.get_suitable_cache_subpath(source)
+    sub.mkdir(parents=True)
+    (sub / "kernels.f-1.py311.nbi").write_bytes(b"index")
+    (sub / "kernels.f-1.py311.1.nbc").write_bytes(b"code")
+    (sub / "notes.txt").write_text("not numba's")
+    for p in [folder, sub, *sub.iterdir()]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    monkeypatch.setenv(_numba_cache.SEED_ENV, str(folder))
+    yield sub, source
+    for p in [folder, sub]:
+        p.chmod(0o755)
+
+
+def test_seed_is_copied_into_an_empty_cache(tmp_path, seed):
+    sub, source = seed
+    _numba_cache._copy_seed(tmp_path / "cache", source)
+    target = tmp_path / "cache" / sub.name
+    assert sorted(p.name for p in target.iterdir()) == [
+        "kernels.f-1.py311.1.nbc",
+        "kernels.f-1.py311.nbi",
+    ]
+    assert (target / "kernels.f-1.py311.1.nbc").read_bytes() == b"code"
+    assert all(p.stat().st_mode & 0o077 == 0 for p in [target, *target.iterdir()])
+
+
+def test_seed_never_replaces_the_users_own_cache(tmp_path, seed):
+    sub, source = seed
+    mine = tmp_path / "cache" / sub.name
+    mine.mkdir(parents=True)
+    (mine / "kernels.f-1.py311.nbi").write_bytes(b"my index")
+    _numba_cache._copy_seed(tmp_path / "cache", source)
+    assert sorted(p.name for p in mine.iterdir()) == ["kernels.f-1.py311.nbi"]
+    assert (mine / "kernels.f-1.py311.nbi").read_bytes() == b"my index"
+
+
+@pytest.mark.parametrize("where", ["seed", "kernels", "file"])
+def test_seed_others_could_change_is_not_used(tmp_path, seed, where):
+    """Code that another user could have written is never copied (and so never run)."""
+    sub, source = seed
+    target = {"seed": sub.parent, "kernels": sub, "file": sub / "kernels.f-1.py311.1.nbc"}[where]
+    target.chmod(target.stat().st_mode | 0o022)
+    _numba_cache._copy_seed(tmp_path / "cache", source)
+    copied = {p.name for p in (tmp_path / "cache").rglob("*")}
+    assert "kernels.f-1.py311.1.nbc" not in copied
+    if where != "file":
+        assert not copied
+
+
+def test_seed_symlinks_are_not_followed(tmp_path, seed):
+    sub, source = seed
+    sub.chmod(0o755)
+    (tmp_path / "elsewhere.nbc").write_bytes(b"planted")
+    (sub / "kernels.g-9.py311.1.nbc").symlink_to(tmp_path / "elsewhere.nbc")
+    sub.chmod(0o555)
+    _numba_cache._copy_seed(tmp_path / "cache", source)
+    assert not (tmp_path / "cache" / sub.name / "kernels.g-9.py311.1.nbc").exists()
+    assert (tmp_path / "cache" / sub.name / "kernels.f-1.py311.nbi").is_file()
+
+
+def test_read_only_install_starts_from_the_seed(seed, no_home, monkeypatch):
+    """The image's case: read-only install, no home; the fallback folder gets the seed."""
+    sub, source = seed
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    _numba_cache.ensure_writable_cache(source)
+    cache = Path(numba.config.CACHE_DIR)
+    assert cache == no_home / f"bids-group-numba-{UID}"
+    assert (cache / sub.name / "kernels.f-1.py311.nbi").read_bytes() == b"index"
+
+
+def test_a_cache_folder_set_by_the_user_starts_from_the_seed(tmp_path, seed, monkeypatch):
+    sub, source = seed
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "cache"))
+    _numba_cache.ensure_writable_cache(source)
+    assert (tmp_path / "cache" / sub.name / "kernels.f-1.py311.1.nbc").read_bytes() == b"code"
+
+
+def test_relative_or_unset_seed_is_ignored(tmp_path, seed, monkeypatch):
+    sub, source = seed
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(_numba_cache.SEED_ENV, "seed")
+    _numba_cache._copy_seed(tmp_path / "cache", source)
+    monkeypatch.delenv(_numba_cache.SEED_ENV)
+    _numba_cache._copy_seed(tmp_path / "cache", source)
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_unreadable_seed_is_skipped_without_error(tmp_path, seed, monkeypatch):
+    """Importing the kernels must not fail because of the seed (root reads any file, so the
+    read error is simulated); no partial copy is left behind."""
+    sub, source = seed
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    _numba_cache._copy_seed(tmp_path / "cache", source)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]

@@ -10,6 +10,11 @@ are defined and, only in that case, points numba at a folder that is writable.
 
 The fallback is private: numba's cache holds pickles and machine code that are loaded and run,
 so a folder that another user could have created, replaced or written is never used.
+
+An image can ship the kernels pre-compiled: ``BIDS_GROUP_NUMBA_SEED`` names a read-only folder
+laid out as a ``NUMBA_CACHE_DIR`` (the Dockerfile fills it at build time). numba does not read
+a folder it cannot write, so when the cache folder in use holds no kernels of this install yet,
+the seed's are copied into it; only a seed that no one but root or this user can change is used.
 """
 
 from __future__ import annotations
@@ -116,6 +121,62 @@ def _fallback_folder() -> Path:
     return run_only
 
 
+SEED_ENV = "BIDS_GROUP_NUMBA_SEED"
+
+
+def _unchangeable_by_others(path: Path, directory: bool) -> bool:
+    """``path`` is a real folder/regular file owned by root or this user that nobody else
+    may write."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    kind = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    return kind and st.st_uid in (_uid(), 0) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _copy_seed(cache_dir: Path, source_file: str) -> None:
+    """Copy the pre-compiled kernels of ``source_file`` from ``$BIDS_GROUP_NUMBA_SEED`` into
+    ``cache_dir`` when it has none yet (see the module docstring)."""
+    seed = os.environ.get(SEED_ENV, "")
+    if not seed or _uid() is None or not os.path.isabs(seed):
+        return
+    try:
+        from numba.core.caching import _CacheLocator
+    except ImportError:  # numba reorganised: no copy, the kernels are compiled as before
+        return
+    subpath = _CacheLocator.get_suitable_cache_subpath(source_file)  # as numba names it
+    source, target = Path(seed) / subpath, cache_dir / subpath
+    if any(target.glob("*.nbi")):
+        return  # the user's own cache: never overwritten
+    if not (
+        _unchangeable_by_others(source, directory=True)
+        and _unchangeable_by_others(Path(seed), directory=True)
+        and all(_trusted_parent(parent) for parent in Path(seed).absolute().parents)
+    ):
+        log.debug("%s=%s ignored: it is not a folder only root or you can change", SEED_ENV, seed)
+        return
+    try:
+        files = [
+            p
+            for p in sorted(source.iterdir())
+            if p.suffix in (".nbi", ".nbc") and _unchangeable_by_others(p, directory=False)
+        ]
+        target.mkdir(mode=0o700, exist_ok=True)
+        for p in sorted(files, key=lambda p: p.suffix == ".nbi"):  # data first, then indexes
+            with tempfile.NamedTemporaryFile(dir=target, delete=False) as copy:
+                try:
+                    copy.write(p.read_bytes())
+                except OSError:
+                    os.unlink(copy.name)
+                    raise
+            os.replace(copy.name, target / p.name)
+    except OSError as exc:  # e.g. an unreadable seed: the kernels are compiled as before
+        log.debug("could not copy the pre-compiled kernels from %s: %s", source, exc)
+        return
+    log.debug("copied %d pre-compiled kernel files from %s to %s", len(files), source, target)
+
+
 def ensure_writable_cache(source_file: str) -> None:
     """Make sure numba can cache the kernels of ``source_file``; see the module docstring.
 
@@ -124,6 +185,7 @@ def ensure_writable_cache(source_file: str) -> None:
     """
     chosen = numba.config.CACHE_DIR
     if chosen and _writable(Path(chosen)):
+        _copy_seed(Path(chosen), source_file)
         return
     if _writable(Path(source_file).parent / "__pycache__"):
         return
@@ -133,3 +195,4 @@ def ensure_writable_cache(source_file: str) -> None:
     else:
         log.debug("the install is read-only: numba caches the compiled kernels in %s", folder)
     numba.config.CACHE_DIR = str(folder)
+    _copy_seed(folder, source_file)
