@@ -231,7 +231,7 @@ def _underscored(name: str) -> str:
 )
 @_option(
     "--target-voxel-size",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Setting("target_voxel_size"),
     metavar="MM",
     help="Resample every map (and --mask) to isotropic voxels of this size before fitting, "
     "over the same field of view (nilearn's target_affine / target_shape).",

@@ -33,6 +33,8 @@ AFFINE_ATOL = 1e-4
 MAP_RESAMPLING_ORDER = 3
 #: How many offending files an error or warning lists.
 _MAX_LISTED_COVERAGE = 3
+#: Largest grid --target-voxel-size may make: 100 million voxels is 400 MB per float32 map.
+MAX_TARGET_VOXELS = 100_000_000
 _MAX_LISTED = 5
 _FWHM_TO_SIGMA = np.sqrt(8.0 * np.log(2.0))
 
@@ -194,15 +196,14 @@ def load_on_mask(
     paths: Sequence[Path],
     data: MaskedData,
     *,
-    resample: bool = False,
     n_jobs: int = 1,
     what: str = "map",
 ) -> np.ndarray:
     """Read more maps at the voxels of an existing mask, e.g. the variances of the effects.
 
-    The maps must be on the grid of ``data`` (or are resampled to it with ``resample``, as in
-    :func:`load_masked_data`). Nothing is dropped: non-finite values are returned as they are,
-    for the caller's policy.
+    The maps must be on the grid of ``data`` (they are not resampled: an interpolated variance
+    is not the variance of the interpolated effect). Nothing is dropped: non-finite values are
+    returned as they are, for the caller's policy.
 
     Parameters
     ----------
@@ -221,10 +222,10 @@ def load_on_mask(
     target = _Grid(tuple(int(n) for n in data.mask.shape), data.affine)
     grids = [_read_grid(p) for p in paths]
     off = [p for p, g in zip(paths, grids, strict=True) if not g.same_as(target)]
-    if off and not resample:
+    if off:
         raise DataError(
             f"{len(off)} {what}(s) are not on the grid of the effect maps ({target.describe()}), "
-            f"e.g. {off[0]}. Use --resample to resample them to that grid"
+            f"e.g. {off[0]}: each must be on the grid of its effect map"
         )
     indices = _fortran_indices_in_c_order(data.mask)
     out = np.empty((len(paths), indices.size), dtype=np.float32)
@@ -431,7 +432,14 @@ def target_grid(reference: _Grid, voxel_size: float) -> _Grid:
     affine[:3, :3] = directions * voxel_size
     affine[:3, 3] = reference.affine[:3, 3]
     shape = np.ceil(np.asarray(reference.shape) * old_sizes / voxel_size - 1e-9).astype(int)
-    return _Grid(tuple(int(n) for n in np.maximum(shape, 1)), affine)
+    shape = np.maximum(shape, 1)
+    if np.prod(shape.astype(float)) > MAX_TARGET_VOXELS:
+        raise UsageError(
+            f"--target-voxel-size {voxel_size:g} mm makes a grid of "
+            f"{' x '.join(str(n) for n in shape)} voxels over {reference.describe()}: more than "
+            f"{MAX_TARGET_VOXELS:,} voxels per map; choose a larger voxel size"
+        )
+    return _Grid(tuple(int(n) for n in shape), affine)
 
 
 def _resample_mask(mask: np.ndarray, source: _Grid, target: _Grid) -> np.ndarray:

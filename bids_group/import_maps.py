@@ -26,6 +26,7 @@ bad data, 66 missing source, 18 nothing matched, 73 OUT_DIR not empty).
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -227,8 +228,11 @@ def _check_out_dir(out_dir: Path, source: str) -> None:
         raise OutputError(f"the parent of OUT_DIR {out_dir} does not exist")
     magic = [i for i, p in enumerate(Path(source).parts) if glob.has_magic(p)]
     root = Path(*Path(source).parts[: magic[0]]) if magic else Path(source)
-    root = root.resolve()
-    resolved = out_dir.resolve()
+    try:
+        root, resolved = root.resolve(), out_dir.resolve()
+    except (RuntimeError, OSError) as err:  # a link loop (RuntimeError before Python 3.13)
+        message = f"cannot follow the links of {source} or {out_dir}: {err}"
+        raise MissingInputError(message) from None
     if resolved == root or root in resolved.parents:
         raise UsageError(
             f"OUT_DIR {out_dir} lies inside SOURCE {root}: bids-group-import never writes into "
@@ -245,9 +249,11 @@ def _place(path: Path, folder: Path, subject: str, stat: str, contrast: str,
         target = folder / map_name(subject, contrast=contrast, stat=stat, task=task,
                                    space=space, extension=".nii.gz")  # fmt: skip
         try:
-            nib.Nifti1Image.from_image(nib.load(path)).to_filename(target)
+            image = nib.Nifti1Image.from_image(nib.load(path))
+            image.get_fdata()  # read now: a read error is the source's, not the disk's
         except Exception as err:  # nibabel raises many types for unreadable images
             raise DataError(f"cannot convert {path} to NIfTI: {err}") from err
+        image.to_filename(target)  # a write error (full disk) stays an OSError: exit 73
         return target
     extension = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
     target = folder / map_name(subject, contrast=contrast, stat=stat, task=task, space=space,
@@ -349,8 +355,33 @@ def main(argv: list[str] | None = None) -> int:
     except BidsGroupError as err:
         click.echo(f"bids-group-import: error: {err}", err=True)
         return err.exit_code
+    except OSError as err:
+        if err.errno not in _WRITE_ERRNOS:
+            return _unexpected(err)
+        where = f" ({err.filename})" if err.filename else ""
+        click.echo(
+            f"bids-group-import: error: cannot write{where}: {os.strerror(err.errno)}; free "
+            "space or choose another OUT_DIR (nothing was left behind)",
+            err=True,
+        )
+        return OutputError.exit_code
+    except Exception as err:  # a bug: one line, not a traceback
+        return _unexpected(err)
     finally:
         log.removeHandler(handler)
+
+
+#: errno values that only a write raises: the disk's fault, not the user's input (exit 73).
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+
+
+def _unexpected(err: Exception) -> int:
+    click.echo(
+        f"bids-group-import: unexpected error ({type(err).__name__}: {err}). This is a bug; "
+        "please report it.",
+        err=True,
+    )
+    return 1
 
 
 def console_main() -> None:

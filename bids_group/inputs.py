@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -629,7 +630,8 @@ def read_participants(path: Path) -> pd.DataFrame:
         raise DataError(
             f"{path} is empty: its first line must be the header, starting with participant_id"
         )
-    lines = text.splitlines()
+    # Only real line ends: str.splitlines also splits on U+2028, \x0b, \x1c... inside cells.
+    lines = re.split(r"\r\n|\r|\n", text.removesuffix("\n").removesuffix("\r"))
     width = lines[0].count("\t")
     separator = next((sep for sep in (",", ";") if width == 0 and sep in lines[0]), None)
     if separator is not None:

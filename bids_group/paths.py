@@ -191,7 +191,7 @@ def check_run_paths(
     OutputError (73)
         OUT_DIR or the work folder cannot be created (a component is a file, a name too long).
     """
-    bids = _resolve(bids_dir)
+    bids = _resolve(bids_dir, "BIDS_DIR")
     if not bids.exists():
         raise MissingInputError(f"BIDS_DIR {bids} does not exist")
     if not bids.is_dir():
@@ -202,7 +202,7 @@ def check_run_paths(
         "--bids-filter-file": (filter_file, "a JSON file"),
     }
     resolved_files = {name: _input_file(path, name, kind) for name, (path, kind) in files.items()}
-    derivs = tuple(_resolve(p) for p in derivatives)
+    derivs = tuple(_resolve(p, "--derivatives") for p in derivatives)
     for path in derivs:
         if not path.exists():
             raise MissingInputError(f"--derivatives {path}: no such folder")
@@ -210,8 +210,8 @@ def check_run_paths(
             raise MissingInputError(
                 f"--derivatives {path} is a file; expected a folder (a BIDS derivatives dataset)"
             )
-    out = _resolve(out_dir)
-    work = _resolve(work_dir) if work_dir is not None else None
+    out = _resolve(out_dir, "OUT_DIR", output=True)
+    work = _resolve(work_dir, "-w", output=True) if work_dir is not None else None
     read = _read_datasets(bids, derivs)
     _check_apart(out, "OUT_DIR", read, bids)
     check_creatable(out, "OUT_DIR")
@@ -238,14 +238,23 @@ def check_run_paths(
     )
 
 
-def _resolve(path: Path) -> Path:
-    return Path(path).expanduser().resolve()
+def _resolve(path: Path, option: str, *, output: bool = False) -> Path:
+    """Absolute path with links followed; a link loop is the user's, named (not a crash:
+    ``Path.resolve`` raises RuntimeError on Python < 3.13, OSError ELOOP after)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as err:
+        error = OutputError if output else MissingInputError
+        raise error(
+            f"{option} {path}: cannot follow its symbolic links ({err}); a link points back "
+            "to itself or to a folder above it"
+        ) from None
 
 
 def _input_file(path: Path | None, option: str, kind: str) -> Path | None:
     if path is None:
         return None
-    resolved = _resolve(path)
+    resolved = _resolve(path, option)
     if resolved.is_dir():
         raise MissingInputError(f"{option} {path} is a folder; expected {kind}")
     if not resolved.is_file():

@@ -115,7 +115,7 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     spec = load_spec(config.model) if config.model else default_spec()
     inference = resolve_inference(config.inference_overrides, spec.inference)
     spec = replace(spec, estimation=resolve_estimation(spec.estimation, config))
-    _check_estimation(spec.estimation, inference)
+    _check_estimation(spec.estimation, inference, config)
     entries = [
         naming.DATASET_DESCRIPTION,
         naming.README,
@@ -185,10 +185,22 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     return RunResult(written=final, summary=summary)
 
 
-def _check_estimation(estimation: EstimationSpec, inference: InferenceConfig) -> None:
+def _check_estimation(
+    estimation: EstimationSpec, inference: InferenceConfig, config: RunConfig
+) -> None:
     """Settings a mixed-effects model cannot honour (yet), refused before any image is read."""
     if not estimation.mixed:
         return
+    resampling = "--target-voxel-size" if config.target_voxel_size else (
+        "--resample" if config.resample else None
+    )  # fmt: skip
+    if resampling:
+        raise UsageError(
+            f"{resampling} with the {estimation.estimator} estimator: interpolating the effect "
+            "maps changes their variances in a way the first-level variance maps do not "
+            "describe (and interpolated variances can turn negative); resample at the first "
+            "level instead"
+        )
     if inference.permutation:
         raise UsageError(
             f"permutation inference ({', '.join(inference.permutation)}) with the "
@@ -267,8 +279,13 @@ def _warn_incomplete_groups(
             )  # fmt: skip
 
 
-def _warn_data_findings(data: MaskedData, maps: Sequence[InputMap], where: str) -> None:
-    """Outlier or all-zero maps, voxels without variance: WARNINGs naming maps or counting."""
+def _warn_data_findings(
+    data: MaskedData, maps: Sequence[InputMap], where: str, *, ols: bool = True
+) -> None:
+    """Outlier or all-zero maps, voxels without variance: WARNINGs naming maps or counting.
+
+    Constant voxels are only a problem for OLS (zero residual variance); a mixed-effects model
+    weighs them by their first-level variances."""
     found = check_masked_data(data.data)
     for index, largest in found.outliers:
         log.warning(
@@ -289,7 +306,7 @@ def _warn_data_findings(data: MaskedData, maps: Sequence[InputMap], where: str) 
             "than the maps' coverage?",
             where, found.all_zero_voxels, data.data.shape[1],
         )  # fmt: skip
-    if found.constant_voxels:
+    if found.constant_voxels and ols:
         log.warning(
             "%s: %d of %d mask voxels have the same value in every map: with no variance "
             "between maps their t is the effect over a tiny floor (huge); exclude them with "
@@ -326,7 +343,7 @@ def _run_analysis(
         log.warning("cluster threshold %d voxels > the mask's %d voxels (model for %s): no "
                     "cluster can survive it", inference.cluster_threshold, data.data.shape[1],
                     where)  # fmt: skip
-    _warn_data_findings(data, analysis.maps, where)
+    _warn_data_findings(data, analysis.maps, where, ols=not spec.estimation.mixed)
     variances = None
     if spec.estimation.mixed:
         data, variances = _load_variances(analysis, data, spec.estimation, config, where)
@@ -548,8 +565,7 @@ def _load_variances(
 ) -> tuple[MaskedData, np.ndarray]:
     """The first-level variances at the mask's voxels; voxels where too few maps have a usable
     variance for the design are removed from the mask (counted in a warning)."""
-    values = load_on_mask(analysis.variance_paths, data, resample=config.resample,
-                          n_jobs=config.n_jobs,
+    values = load_on_mask(analysis.variance_paths, data, n_jobs=config.n_jobs,
                           what=f"stat-{estimation.variance_from} map")  # fmt: skip
     variances = to_variance(values, data.data, estimation.variance_from)
     keep = mixed_estimable(data.data, variances, analysis.design.matrix)

@@ -30,6 +30,9 @@ WARN_N_PERM = 1_000_000
 #: Largest smoothing FWHM (mm). No brain is a metre wide; larger values are a unit mistake and
 #: make scipy's Gaussian kernel as wide as memory allows (a crash, not an answer).
 MAX_SMOOTHING_FWHM = 1000.0
+#: Smallest --target-voxel-size: below it, a whole-brain grid has billions of voxels (the
+#: images.target_grid check also caps the grid's voxel count).
+MIN_TARGET_VOXEL_SIZE = 0.25
 #: Largest seed: numpy's legacy RandomState and nilearn's random_state take seeds < 2**32.
 MAX_SEED = 2**32 - 1
 #: Largest cluster size threshold (voxels): the labelling code counts voxels in int32.
@@ -123,6 +126,7 @@ SETTINGS: dict[str, Bounds] = {
     "threshold": Bounds(lo=0, unit="(z)"),
     "cluster_threshold": Bounds(integer=True, lo=0, hi=MAX_CLUSTER_THRESHOLD, unit="voxels"),
     "smoothing_fwhm": Bounds(lo=0, hi=MAX_SMOOTHING_FWHM, unit="mm"),
+    "target_voxel_size": Bounds(lo=MIN_TARGET_VOXEL_SIZE, hi=MAX_SMOOTHING_FWHM, unit="mm"),
     "ari_thresholds": Bounds(lo=0, lo_open=True, unit="(z)"),
     "ari_alpha": _PROBABILITY,
     "n_perm": Bounds(integer=True, lo=1, hi=MAX_N_PERM),

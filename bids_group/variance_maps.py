@@ -75,8 +75,8 @@ def sibling_paths(maps: Sequence[InputMap], stat: str) -> tuple[Path, ...]:
 
 def to_variance(values: np.ndarray, effects: np.ndarray, source: str) -> np.ndarray:
     """Variances from the sibling values: as they are, squared standard errors, or
-    ``(effect / t)^2`` (AFNI 3dMEMA's conversion). Non-finite results (t = 0) stay non-finite
-    for the fit's input policy, which excludes them and counts them.
+    ``(effect / t)^2`` (AFNI 3dMEMA's conversion). Non-finite results (t = 0, a negative
+    standard error) are non-finite for the fit's input policy, which excludes and counts them.
 
     >>> to_variance(np.array([[2.0, 0.0]]), np.array([[4.0, 1.0]]), "t")
     array([[ 4., inf]])
@@ -84,8 +84,8 @@ def to_variance(values: np.ndarray, effects: np.ndarray, source: str) -> np.ndar
     values = np.asarray(values, dtype=np.float64)
     if source == "variance":
         return values
-    if source == "se":
-        return values**2
+    if source == "se":  # a negative standard error is broken: excluded like a bad variance
+        return np.where(values >= 0, values**2, np.nan)
     if source == "t":
         with np.errstate(divide="ignore", invalid="ignore"):
             return (np.asarray(effects, dtype=np.float64) / values) ** 2

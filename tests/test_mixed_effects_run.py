@@ -25,7 +25,6 @@ from bids_group.cli import main
 from bids_group.distributions import t_sf_and_z
 
 PAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "nimare-pain-crop"
-pytestmark = pytest.mark.skipif(not PAIN.is_dir(), reason=f"{PAIN} is absent")
 
 META = """
 Name: painMeta
@@ -59,6 +58,8 @@ def _run(bids: Path, out: Path, *args: str) -> tuple[int, dict | None, str]:
 @pytest.fixture(scope="module")
 def pain(tmp_path_factory) -> Path:
     """The 21 studies as sub-NN_contrast-pain_stat-{effect,variance,se,t}_statmap links."""
+    if not PAIN.is_dir():
+        pytest.skip(f"{PAIN} is absent")
     root = tmp_path_factory.mktemp("pain") / "ds"
     write_description(root)
     kinds = {"beta": "effect", "varcope": "variance", "se": "se", "t": "t"}
@@ -191,3 +192,28 @@ def test_variance_options_need_a_mixed_estimator(capsys, tmp_path):
     ds = make_bids_derivatives(tmp_path / "ds", n_subjects=5)
     argv = [ds, tmp_path / "out", "group", "--variance-from", "se"]
     check_failure(capsys, argv, tmp_path / "out", 64, "--variance-from", "--estimator reml")
+
+
+def test_reml_on_synthetic_maps_with_excluded_values(tmp_path):
+    """Without the shared data: a REML run end to end; a zero and a negative variance are left
+    out at their voxels only (counted, a stat-dof map written), a negative standard error too."""
+    ds = make_bids_derivatives(tmp_path / "ds", n_subjects=6, stats=("effect", "variance"))
+    variance = next(ds.glob("sub-02/func/*stat-variance*"))
+    values = np.asarray(nib.load(variance).dataobj, dtype=np.float32)
+    values[0, 0, :2] = [0.0, -1.0]
+    nib.Nifti1Image(values, nib.load(variance).affine).to_filename(variance)
+    code, summary, err = _run(ds, tmp_path / "out", "--estimator", "reml", "--no-report")
+    assert code == 0, err
+    assert "2 first-level value(s) at 2 voxel(s)" in err
+    dof = _ours(summary, "dof")
+    assert sorted(set(dof.tolist())) == [4.0, 5.0] and np.count_nonzero(dof == 4) == 2
+    assert np.all(np.isfinite(_ours(summary, "z")))
+    sidecar = json.loads(_one(summary, "contrast-faces_stat-z_statmap.json").read_text())
+    assert "stat-dof" in sidecar["DegreesOfFreedomPerVoxel"]
+
+
+def test_negative_standard_error_is_excluded():
+    from bids_group.variance_maps import to_variance
+
+    out = to_variance(np.array([[-2.0, 3.0]]), np.zeros((1, 2)), "se")
+    assert np.isnan(out[0, 0]) and out[0, 1] == 9.0

@@ -1,0 +1,98 @@
+"""Regression tests for what an independent review of the issue-12 change found, each through
+the real CLI: links that loop on the command line, --target-voxel-size out of range, mixed
+effects with resampling, a participants.tsv cell holding a Unicode line separator, and
+bids-group-import on a link loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from clicheck import check_failure
+from conftest import make_bids_derivatives
+
+from bids_group.cli import main
+from bids_group.import_maps import main as import_main
+
+
+@pytest.fixture
+def ds(tmp_path):
+    return make_bids_derivatives(tmp_path / "ds", n_subjects=5, stats=("effect", "variance"))
+
+
+@pytest.fixture
+def loop(tmp_path):
+    link = tmp_path / "loop"
+    link.symlink_to(link)  # points at itself
+    return link
+
+
+@pytest.mark.parametrize(
+    ("where", "code"), [("bids_dir", 66), ("out_dir", 73), ("model", 66), ("work_dir", 73)]
+)
+def test_a_link_loop_on_the_command_line_is_named(capsys, ds, tmp_path, loop, where, code):
+    out = tmp_path / "out"
+    argv = {
+        "bids_dir": [loop, out, "group"],
+        "out_dir": [ds, loop / "out", "group"],
+        "model": [ds, out, "group", "--model", loop],
+        "work_dir": [ds, out, "group", "-w", loop / "w"],
+    }[where]
+    err = check_failure(capsys, argv, out, code, "symbolic links", str(loop))
+    assert "unexpected error" not in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-2", "0.1"])
+def test_target_voxel_size_out_of_range(capsys, ds, tmp_path, value):
+    out = tmp_path / "out"
+    check_failure(capsys, [ds, out, "group", "--target-voxel-size", value], out, 64,
+                  "--target-voxel-size", ">= 0.25")  # fmt: skip
+
+
+def test_target_grid_too_large_is_refused(capsys, tmp_path):
+    big = make_bids_derivatives(tmp_path / "big", n_subjects=3, shape=(200, 200, 200))
+    out = tmp_path / "out"
+    check_failure(capsys, [big, out, "group", "--target-voxel-size", "0.25"], out, 64,
+                  "--target-voxel-size 0.25", "choose a larger voxel size")  # fmt: skip
+
+
+@pytest.mark.parametrize("option", [["--target-voxel-size", "3"], ["--resample"]])
+def test_mixed_effects_refuse_resampling(capsys, ds, tmp_path, option):
+    out = tmp_path / "out"
+    check_failure(capsys, [ds, out, "group", "--estimator", "reml", *option], out, 64,
+                  option[0], "variances")  # fmt: skip
+
+
+def test_participants_cell_with_a_unicode_line_separator(capsys, tmp_path):
+    ds = make_bids_derivatives(tmp_path / "ds", n_subjects=4)
+    path = ds / "participants.tsv"
+    lines = path.read_text().splitlines()
+    lines = [lines[0] + "\tnotes"] + [line + "\tx" for line in lines[1:]]
+    lines[1] = lines[1][:-1] + "left\u2028handed"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main([str(ds), str(tmp_path / "out"), "group", "-q", "--no-report"]) == 0
+
+
+def test_import_on_a_link_loop_is_an_error_not_a_bug(capsys, tmp_path, loop):
+    code = import_main(["spm", str(loop), str(tmp_path / "out"), "--contrast", "faces"])
+    err = capsys.readouterr().err
+    assert code in (64, 66) and "unexpected error" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_constant_voxels_are_not_called_huge_for_mixed_effects(tmp_path):
+    import nibabel as nib
+
+    ds = make_bids_derivatives(tmp_path / "ds", n_subjects=6, stats=("effect", "variance"))
+    for path in ds.glob("sub-*/func/*stat-effect*"):
+        data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+        data[0, 0, :3] = 1.5
+        nib.Nifti1Image(data, nib.load(path).affine).to_filename(path)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(ds), str(tmp_path / "out"), "group", "--estimator", "reml", "-q",
+                     "--no-report"])  # fmt: skip
+    assert code == 0, err.getvalue()
+    assert "same value in every map" not in err.getvalue()
