@@ -243,10 +243,14 @@ def test_rerun_needs_overwrite(capsys, dataset, tmp_path):
     stale = next(out_dir.glob("node-*")) / "stale_statmap.nii.gz"
     stale.write_bytes(b"old")
     args = ["--participant-label", "01", "--participant-label", "02", "--participant-label", "03"]
+    before = _snapshot(out_dir, dir_mtimes=False)
+    code, out, err = _run(capsys, dataset, out_dir, "group", "--overwrite", *args, *NO_REPORT)
+    assert code == 73 and "would delete 1 file" in err and "stale_statmap" in err
+    assert _snapshot(out_dir, dir_mtimes=False) == before  # --overwrite deletes nothing else
+    stale.unlink()
     code, out, err = _run(capsys, dataset, out_dir, "group", "--overwrite", *args, *NO_REPORT)
     assert code == 0, err
     assert user_file.read_text() == "keep me"  # unrelated files are left alone
-    assert not stale.exists()  # a node folder is replaced as a whole
     (design_path,) = out_dir.rglob("*_design.tsv")
     assert list(pd.read_csv(design_path, sep="\t")["subject"]) == ["sub-01", "sub-02", "sub-03"]
     assert {Path(p) for p in out.splitlines()} == _files_under(out_dir) - {user_file}

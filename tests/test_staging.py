@@ -102,15 +102,28 @@ def test_entries_none_means_any_visible_content(tmp_path, existing):
     check_writable(empty, overwrite=False)
 
 
-def test_overwrite_replaces_our_entries_whole_and_nothing_else(existing):
+def test_overwrite_replaces_results_of_the_same_names_and_nothing_else(existing):
+    (existing / "node-group" / "contrast-stale_stat-t_statmap.nii.gz").unlink()
+    (existing / "node-group" / "contrast-a_stat-t_statmap.nii.gz").write_text("old")
     with staged_output(existing, overwrite=True) as stage:
         write_results(stage)
     assert snapshot(existing) == {
         "dataset_description.json": b'{"Name": "new"}',
         "node-group": None,
-        "node-group/contrast-a_stat-t_statmap.nii.gz": b"new",  # the stale map is gone
+        "node-group/contrast-a_stat-t_statmap.nii.gz": b"new",
         "notes.txt": b"mine",
     }
+
+
+def test_overwrite_never_deletes_a_file_the_run_does_not_write(existing):
+    """A node folder holding other files (a user's, another model's, a contrast no longer in
+    the model) is not replaced: that would delete them. OUT_DIR stays exactly as it was."""
+    before = snapshot(existing)
+    with pytest.raises(OutputError, match="would delete 1 file.*contrast-stale_stat-t"):
+        with staged_output(existing, overwrite=True) as stage:
+            write_results(stage)
+    assert snapshot(existing) == before
+    assert not [p for p in existing.iterdir() if p.name.startswith(".")]  # no stage left
 
 
 @pytest.mark.parametrize("error", [ValueError("bad"), KeyboardInterrupt(), SystemExit(1)])
@@ -124,6 +137,7 @@ def test_existing_out_dir_exactly_as_before_on_error(existing, error):
 
 
 def test_failure_while_moving_into_place_is_rolled_back(existing, monkeypatch):
+    (existing / "node-group" / "contrast-stale_stat-t_statmap.nii.gz").unlink()  # not lost
     before = snapshot(existing)
     real_rename = os.rename
     calls = []

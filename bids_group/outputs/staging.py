@@ -259,6 +259,7 @@ class StagedOutput:
                 f"output folder {self.out_dir} already contains {', '.join(clashes)}; "
                 "use --overwrite to replace them"
             )
+        _check_nothing_else_lost(stage, self.out_dir, clashes)
         backup = stage / f"{TMP_MARKER}old"  # inside the stage: deleted with it on failure
         backup.mkdir()
         done: list[str] = []
@@ -283,6 +284,28 @@ class StagedOutput:
                 os.rename(target, stage / name)
             if name in clashes and (backup / name).exists():
                 os.rename(backup / name, target)
+
+
+def _check_nothing_else_lost(stage: Path, out_dir: Path, clashes: list[str]) -> None:
+    """--overwrite replaces results of the same names, nothing else: a folder being replaced
+    (``node-<Node>``) may not hold files the new run does not write (a user's notes, another
+    model's results, results of contrasts no longer in the model), which would be deleted."""
+    lost: list[str] = []
+    for name in clashes:
+        old, new = out_dir / name, stage / name
+        if old.is_dir() and not old.is_symlink():
+            kept = {p.relative_to(new) for p in new.rglob("*")} if new.is_dir() else set()
+            lost += [
+                str(Path(name) / p.relative_to(old))
+                for p in sorted(old.rglob("*"))
+                if not p.is_dir() and p.relative_to(old) not in kept
+            ]
+    if lost:
+        shown = ", ".join(lost[:5]) + (f", ... ({len(lost)} in all)" if len(lost) > 5 else "")
+        raise OutputError(
+            f"--overwrite would delete {len(lost)} file(s) in {out_dir} that this run does not "
+            f"write: {shown}. Move them away or choose another OUT_DIR; nothing was changed"
+        )
 
 
 def _raised_by_a_writer(exc: BaseException) -> bool:
