@@ -247,6 +247,7 @@ def plan_analyses(
         except (DataError, UsageError) as err:
             where = ", ".join(f"{k} {v}" for k, v in group.items())
             raise type(err)(f"{err} (model for {where})" if where else str(err)) from err
+        _warn_zero_rows(design, group_maps, group)
         variance_paths = (
             sibling_paths(group_maps, spec.estimation.variance_from)
             if spec.estimation.mixed
@@ -254,6 +255,36 @@ def plan_analyses(
         )
         analyses.append(Analysis(group, group_maps, design, contrasts, variables, variance_paths))
     return tuple(analyses)
+
+
+def _warn_zero_rows(design: Design, maps: Sequence[InputMap], group: Mapping[str, Any]) -> None:
+    """Maps left out by the cell-means coding of a Factor: with one 0/1 column per level in X
+    and no intercept, a map whose level is not in X (e.g. a group written NA) has zeros in all
+    of them and is modelled by the other columns only, silently. Say so, naming the subjects.
+    (With an intercept, zeros are the reference level and fine.)"""
+    columns = list(design.columns)
+    if "intercept" in columns:
+        return
+    matrix = design.matrix
+    prefixes = {c.split(".", 1)[0] for c in columns if "." in c}
+    for prefix in sorted(prefixes):
+        index = [i for i, c in enumerate(columns) if c.startswith(prefix + ".")]
+        block = matrix[:, index]
+        if len(index) < 2 or not np.isin(block, (0.0, 1.0)).all():
+            continue
+        total = block.sum(axis=1)
+        missing = np.flatnonzero(total == 0)
+        if total.max() != 1 or not missing.size:
+            continue
+        where = ", ".join(f"{k} {v}" for k, v in group.items()) or "all maps"
+        who = ", ".join(f"sub-{maps[i].entities['subject']}" for i in missing[:10])
+        more = f", ... ({missing.size} in all)" if missing.size > 10 else ""
+        log.warning(
+            "%s: %s%s have no %s.* column of X set (their level of %r is not in X: %s); "
+            "they are modelled by the other columns only. Add their level to X or leave them "
+            "out (--participant-label, or a filter)",
+            where, who, more, prefix, prefix, ", ".join(columns[i] for i in index),
+        )  # fmt: skip
 
 
 def _warn_incomplete_groups(
@@ -272,8 +303,8 @@ def _warn_incomplete_groups(
             listed = ", ".join(f"sub-{s}" for s in missing[:10])
             more = f", ... ({len(missing)} in all)" if len(missing) > 10 else ""
             log.warning(
-                "%s: no map for %s, who have maps for other %s; the model for %s uses %d of "
-                "%d subjects",
+                "%s: no map for %s, who have maps for other values of %s; the model for %s "
+                "uses %d of %d subjects",
                 where, listed + more, "/".join(group_by), where, len(subjects[key]),
                 len(everyone),
             )  # fmt: skip

@@ -143,3 +143,37 @@ def test_automatic_mask_names_the_map_that_covers_least(tmp_path):
     _edit_maps(ds, crop)
     _, stderr, page = _run(ds, tmp_path / "out")
     _assert_warned(stderr, page, "84 more voxels excluded", "sub-05_task-faces", "(75.0%)")
+
+
+def test_a_factor_level_missing_from_x_is_named(tmp_path):
+    """Cell-means coding (no intercept): a group written NA is a level of its own, not in X, so
+    that subject's group columns are all zero; the run says so (found by a new-user trial)."""
+    ds = make_bids_derivatives(
+        tmp_path / "ds",
+        n_subjects=6,
+        participants={"group": ["patient", "control", "patient", "NA", "control", "patient"]},
+    )
+    model = tmp_path / "model.yaml"
+    model.write_text(
+        """
+Name: cellMeans
+BIDSModelVersion: 1.0.0
+Nodes:
+  - Level: Dataset
+    Name: groups
+    GroupBy: [contrast]
+    Transformations:
+      Transformer: pybids-transforms-v1
+      Instructions:
+        - Name: Factor
+          Input: [group]
+    Model: {Type: glm, X: [group.patient, group.control]}
+    Contrasts:
+      - Name: patientGtControl
+        ConditionList: [group.patient, group.control]
+        Weights: [1, -1]
+        Test: t
+"""
+    )
+    _, stderr, page = _run(ds, tmp_path / "out", "--model", str(model))
+    _assert_warned(stderr, page, "sub-04 have no group.* column of X set")
