@@ -746,7 +746,14 @@ class _Engine:
             tfce_mod.batch_tfce(
                 stat, obs.tfce_params, cfg.two_sided, cfg.graph, tf, tmax, self.extent_pow
             )
-            t_obs = np.abs(obs.tfce) if cfg.two_sided else obs.tfce
+            # The FSL preset's steps are discontinuous: a voxel at the top step (h = 100 dh =
+            # the map's max) counts or not depending on one rounding, so the float64 map and
+            # the engine's (float32 statistic) can differ by a whole step there. Its written map
+            # is then the engine's, which its null distribution was made with.
+            self.tfce_map = (
+                tf[0].astype(np.float64) if obs.tfce_params.integration == "fsl" else obs.tfce
+            )
+            t_obs = np.abs(self.tfce_map) if cfg.two_sided else self.tfce_map
             t_id = np.abs(tf[0], dtype=np.float64) if cfg.two_sided else tf[0].astype(np.float64)
             self.tfce_cmp = np.minimum(t_obs, t_id)
             self.tfce_threshold = _tie_threshold(self.tfce_cmp)
@@ -909,7 +916,7 @@ class _Engine:
             tfce_res = TfceInference(
                 params=obs.tfce_params,
                 connectivity=cfg.graph.connectivity,
-                tfce=obs.tfce,
+                tfce=self.tfce_map,
                 p_uncorrected=self.tfce_counts / n_total,
                 p_fwe=_fwe_p(self.tfce_cmp, null_tfce, TIE_RTOL),
                 null_max=null_tfce,
