@@ -32,6 +32,8 @@ from pathlib import Path
 
 from bids_group.errors import MissingInputError, OutputError, UsageError
 
+#: Longest file name (bytes) of common file systems (ext4, xfs, tmpfs, NTFS in UTF-16 units).
+_NAME_MAX = 255
 #: errno -> (cause, advice) of the messages of :func:`disk_error`.
 _CAUSES: dict[int, tuple[str, str]] = {
     errno.ENOSPC: ("no space left on device", "free space or choose another {what}"),
@@ -67,6 +69,15 @@ def disk_error(exc: OSError, folder: Path, what: str = "OUT_DIR") -> OutputError
     cause, advice = _CAUSES.get(
         exc.errno or 0, ((exc.strerror or str(exc)).lower(), "choose another {what}")
     )
+    name = Path(str(exc.filename)).name if exc.filename else ""
+    if exc.errno == errno.ENAMETOOLONG and len(os.fsencode(name)) > _NAME_MAX:
+        # The folder is not to blame: one file name (made of the model's, node's or
+        # contrast's names) is longer than a file system allows.
+        return OutputError(
+            f"cannot write in {folder}: the output file name {name[:60]}... is "
+            f"{len(os.fsencode(name))} bytes, more than the {_NAME_MAX} a file system allows; "
+            "shorten the model, node or contrast names in the model file"
+        )
     return OutputError(f"cannot write in {folder}: {cause}; {advice.format(what=what)}")
 
 

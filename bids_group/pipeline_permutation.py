@@ -495,8 +495,12 @@ def _facts(perm, method, alpha, critical, n_surviving) -> tuple[tuple[str, str],
             1,
             (
                 "cluster-forming threshold",
-                f"p < {c.forming_p:g} ({perm.stat_type} > {c.height:.4g})"
-                + (" per tail" if perm.two_sided else ""),
+                (
+                    f"p < {c.forming_p:g} two-sided ({c.forming_p / 2:g} per tail: "
+                    f"|{perm.stat_type}| > {c.height:.4g})"
+                    if perm.two_sided
+                    else f"p < {c.forming_p:g} ({perm.stat_type} > {c.height:.4g})"
+                ),
             ),
         )
     if method.key == "permTfce":

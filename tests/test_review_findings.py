@@ -120,3 +120,18 @@ def test_fsl_tfce_map_agrees_with_its_null_distribution(tmp_path):
     assert top == pytest.approx(null["max_tfce"].iloc[0], rel=1e-6)
     logp = nib.load(glob.glob(f"{out}/node-*/*contrast-faces_stat-logp_desc-permTfce_*.nii.gz")[0])
     assert 10 ** -np.nanmax(np.asarray(logp.dataobj)) == pytest.approx(2 / 51, rel=1e-5)
+
+
+def test_a_file_name_too_long_names_the_model_not_out_dir(capsys, tmp_path):
+    ds = make_bids_derivatives(tmp_path / "ds", n_subjects=4)
+    model = tmp_path / "model.yaml"
+    model.write_text(
+        "Name: longModel\nBIDSModelVersion: 1.0.0\nNodes:\n  - Level: Dataset\n    Name: grp\n"
+        "    GroupBy: [contrast]\n    Model: {Type: glm, X: [1]}\n    Contrasts:\n"
+        f"      - {{Name: {'a' * 240}, ConditionList: [1], Weights: [1], Test: t}}\n"
+    )
+    out = tmp_path / "out"
+    argv = [ds, out, "group", "--model", model, "--no-report"]
+    needles = ("more than the 255", "shorten the model, node or contrast names")
+    err = check_failure(capsys, argv, out, 73, *needles)
+    assert "shorter OUT_DIR" not in err
