@@ -234,6 +234,22 @@ def _format_rhs(involved: list[tuple[str, float]], lead: str) -> str:
     return text[2:] if text.startswith("+ ") else text or "0"
 
 
+def _check_infinite_inputs(variables: pd.DataFrame, spec: ModelSpec, where: str) -> None:
+    """An infinite covariate value, named before a transformation (Demean, Scale) spreads it
+    to every row and the message would blame every subject."""
+    used = set(spec.x)
+    for step in spec.transformations:
+        used.update(str(c) for c in step.get("Input", ()) or ())
+    for name in sorted(used & set(variables.columns)):
+        values = pd.to_numeric(variables[name], errors="coerce").to_numpy(dtype=float)
+        bad = np.isinf(values)
+        if bad.any():
+            raise DataError(
+                f"{where}: infinite value(s) in {name!r} for {_row_ids(variables, bad)}; fix "
+                "them in participants.tsv (n/a for a missing value)"
+            )
+
+
 def build_design(spec: ModelSpec, variables: pd.DataFrame) -> Design:
     """Apply the transformations and build X.
 
@@ -260,6 +276,7 @@ def build_design(spec: ModelSpec, variables: pd.DataFrame) -> Design:
     """
     source = spec.source.name if spec.source is not None else "model"
     where = _where(spec)
+    _check_infinite_inputs(variables, spec, where)
     transformed = apply_transformations(variables, spec.transformations, source=source)
     transformed = transformed.reset_index(drop=True)
     columns = _expand_x(spec, list(transformed.columns))

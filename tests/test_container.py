@@ -315,7 +315,7 @@ VOLATILE = [
 
 def assert_same_outputs(host: Path, container: Path, paths: dict[str, str]) -> None:
     """Same files; NIfTI (header and data, uncompressed), tables and figures byte-identical;
-    JSON and HTML identical once the paths are mapped and VOLATILE is blanked."""
+    JSON, HTML and the README identical once the paths are mapped and VOLATILE is blanked."""
     files = sorted(str(p.relative_to(host)) for p in host.rglob("*") if p.is_file())
     assert files == sorted(
         str(p.relative_to(container)) for p in container.rglob("*") if p.is_file()
@@ -325,7 +325,7 @@ def assert_same_outputs(host: Path, container: Path, paths: dict[str, str]) -> N
         a, b = host / name, container / name
         if name.endswith((".nii", ".nii.gz")):
             assert nifti_bytes(a) == nifti_bytes(b), f"{name}: the NIfTI files differ"
-        elif name.endswith((".json", ".html")):
+        elif name.endswith((".json", ".html", ".md")):  # README.md records the command too
             text = a.read_text()
             for here, there in sorted(paths.items(), key=lambda kv: -len(kv[0])):
                 text = text.replace(here, there)

@@ -135,3 +135,19 @@ def test_a_file_name_too_long_names_the_model_not_out_dir(capsys, tmp_path):
     needles = ("more than the 255", "shorten the model, node or contrast names")
     err = check_failure(capsys, argv, out, 73, *needles)
     assert "shorter OUT_DIR" not in err
+
+
+def test_an_infinite_covariate_names_its_subject_not_everyone(capsys, tmp_path):
+    ds = make_bids_derivatives(
+        tmp_path / "ds", n_subjects=5, participants={"age": [20, 30, "inf", 40, 50]}
+    )
+    model = tmp_path / "model.yaml"
+    model.write_text(
+        "Name: age\nBIDSModelVersion: 1.0.0\nNodes:\n  - Level: Dataset\n    Name: age\n"
+        "    GroupBy: [contrast]\n    Transformations:\n      Transformer: pybids-transforms-v1\n"
+        "      Instructions:\n        - {Name: Demean, Input: [age]}\n"
+        "    Model: {Type: glm, X: [1, age]}\n    DummyContrasts: {Test: t}\n"
+    )
+    out = tmp_path / "out"
+    err = check_failure(capsys, [ds, out, "group", "--model", model], out, 65, "'age'", "sub-03")
+    assert "sub-01" not in err
