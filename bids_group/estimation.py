@@ -17,7 +17,7 @@ from scipy import special
 
 from bids_group.contrasts import ContrastResult, compute_contrast
 from bids_group.glm import GlmFit, fit_ols, fitted_values
-from bids_group.mixed_effects import MixedFit, fit_mixed, mixed_contrast
+from bids_group.mixed_effects import MixedFit, estimable_voxels, fit_mixed, mixed_contrast
 from bids_group.spec import EstimationSpec
 
 log = logging.getLogger(__name__)
@@ -175,5 +175,4 @@ def fit_model(
 
 def mixed_estimable(data: np.ndarray, variances: np.ndarray, design: np.ndarray) -> np.ndarray:
     """Voxels where a mixed-effects fit is possible: enough valid maps for the design."""
-    fit = fit_mixed(data, variances, design, method="fe")
-    return np.asarray(fit.estimable, dtype=bool)
+    return estimable_voxels(data, variances, design)

@@ -701,6 +701,12 @@ MISSING_SPELLINGS = frozenset(
 )  # fmt: skip
 
 
+def _who(rows: Any, index: Iterable[Any]) -> str:
+    """``sub-01, sub-03``: the participants of ``rows`` at ``index``, once each."""
+    labels = dict.fromkeys(str(rows[i]) for i in index)
+    return ", ".join(label if label.startswith("sub-") else f"sub-{label}" for label in labels)
+
+
 def explain_missing_spellings(values: pd.Series, column: str, rows: pd.Series) -> str | None:
     """Say so when the non-numeric cells of a column meant to be numeric are missing values
     spelled otherwise than BIDS's ``n/a`` (``NA``, ``nan``, ``null``...) or numbers written
@@ -718,8 +724,7 @@ def explain_missing_spellings(values: pd.Series, column: str, rows: pd.Series) -
         and (comma | odd.str.strip().str.lower().isin(MISSING_SPELLINGS)).all()
     ):
         examples = ", ".join(repr(v) for v in dict.fromkeys(odd[comma]))
-        labels = list(dict.fromkeys(str(rows[i]) for i in odd[comma].index))
-        who = ", ".join(label if label.startswith("sub-") else f"sub-{label}" for label in labels)
+        who = _who(rows, odd[comma].index)
         return (
             f"column {column!r} of participants.tsv writes numbers with a decimal comma "
             f"({examples}, for {who}): write a decimal point (1.5, not 1,5)"
@@ -727,8 +732,7 @@ def explain_missing_spellings(values: pd.Series, column: str, rows: pd.Series) -
     if odd.empty or not odd.str.strip().str.lower().isin(MISSING_SPELLINGS).all():
         return None
     spellings = ", ".join(repr(v) for v in dict.fromkeys(odd))
-    labels = list(dict.fromkeys(str(rows[i]) for i in odd.index))
-    who = ", ".join(label if label.startswith("sub-") else f"sub-{label}" for label in labels)
+    who = _who(rows, odd.index)
     return (
         f"column {column!r} of participants.tsv holds {spellings} for {who}: BIDS spells a "
         "missing value n/a (and bids-group never fills covariates in). Write n/a, then fill in "

@@ -210,6 +210,12 @@ def valid_values(effects: np.ndarray, variances: np.ndarray) -> np.ndarray:
         return np.isfinite(effects) & np.isfinite(variances) & (variances >= _MIN_VARIANCE)
 
 
+def estimable_voxels(effects: np.ndarray, variances: np.ndarray, design: np.ndarray) -> np.ndarray:
+    """Voxels :func:`fit_mixed` can estimate: enough valid maps (see :func:`valid_values`) for
+    the design, on which it has full column rank. Cheap: no fit."""
+    return _estimable(valid_values(effects, variances), np.asarray(design, dtype=np.float64))
+
+
 def _estimable(ok: np.ndarray, design: np.ndarray) -> np.ndarray:
     """Voxels whose valid maps leave >= 1 dof and a full-rank X (one check per pattern)."""
     n_maps, p = design.shape
