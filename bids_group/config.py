@@ -184,8 +184,21 @@ def resolve_inference(
         merged["permutation"] = tuple(m for m in PERMUTATION_METHODS if m in merged["permutation"])
     config = replace(InferenceConfig(), **merged)
     _check_inference(config)
-    _check_permutation(config, given=set(k for k, v in overrides.items() if v is not None))
+    given = {k for k, v in overrides.items() if v is not None}
+    _check_permutation(config, given=given)
+    _check_ari(config, given=given)
     return config
+
+
+def _check_ari(config: InferenceConfig, given: set[str]) -> None:
+    """--ari-alpha / --ari-thresholds without ARI would silently do nothing: refused."""
+    for name in sorted(given & {"ari_alpha", "ari_thresholds"}):
+        if not config.ari:
+            option = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{option} only applies to All-Resolution Inference, which this run does not "
+                "do; add --ari (or ARI: true in the model's inference block)"
+            )
 
 
 def _check_values(settings: Mapping[str, Any]) -> None:

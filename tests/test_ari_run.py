@@ -144,9 +144,11 @@ def test_ari_alpha_resolution():
     assert resolve_inference({}, None).ari_alpha == 0.05  # fpr's 0.001 is not reused
     fdr = resolve_inference({"height_control": "fdr", "alpha": 0.1}, None)
     assert fdr.ari_alpha == 0.1
-    own = resolve_inference({"height_control": "fdr", "ari_alpha": 0.2}, None)
+    own = resolve_inference({"height_control": "fdr", "ari": True, "ari_alpha": 0.2}, None)
     assert own.ari_alpha == 0.2
+    with pytest.raises(UsageError, match="--ari-alpha only applies to All-Resolution"):
+        resolve_inference({"ari_alpha": 0.2}, None)  # would silently do nothing
     from_file = resolve_inference({}, InferenceDefaults(ari=True, ari_thresholds=(4.0, 3.0)))
     assert from_file.ari and from_file.ari_thresholds == (3.0, 4.0)
     with pytest.raises(UsageError, match="--ari-thresholds == -1.0, must be"):
-        resolve_inference({"ari_thresholds": (-1.0,)}, None)
+        resolve_inference({"ari": True, "ari_thresholds": (-1.0,)}, None)
