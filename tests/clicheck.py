@@ -85,3 +85,33 @@ def check_failure(capsys, argv: list, out_dir: Path, code: int, *needles: str) -
     assert staging_leftovers(out_dir) == []
     assert input_snapshot(inputs) == before_inputs, "an input file was changed"
     return captured.err
+
+
+def run_cli(bids: Path, out: Path, *args: str) -> tuple[int, str, str]:
+    """Run ``bids-group BIDS OUT group --json -q ARGS`` in-process; (exit code, stdout, stderr).
+
+    :func:`bids_group.cli.main` configures logging for a process; the caller's logging (pytest's
+    caplog) is put back afterwards.
+    """
+    import contextlib
+    import io
+    import logging
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    logger = logging.getLogger("bids_group")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main([str(bids), str(out), "group", "--json", "-q", *map(str, args)])
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def run_ok(bids: Path, out: Path, *args: str) -> tuple[dict, str]:
+    """:func:`run_cli` that must succeed; (the ``--json`` summary, stderr)."""
+    import json
+
+    code, stdout, stderr = run_cli(bids, out, *args)
+    assert code == 0, stderr
+    return json.loads(stdout), stderr

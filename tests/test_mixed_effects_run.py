@@ -7,21 +7,17 @@ PyMARE (the meta-analysis estimators NiMARE uses) called voxel by voxel on the s
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from clicheck import check_failure
+from clicheck import check_failure, run_cli
 from conftest import make_bids_derivatives, write_description, write_participants
 from scipy import special
 
-from bids_group.cli import main
 from bids_group.distributions import t_sf_and_z
 
 PAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "nimare-pain-crop"
@@ -43,16 +39,8 @@ Nodes:
 
 
 def _run(bids: Path, out: Path, *args: str) -> tuple[int, dict | None, str]:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    logger = logging.getLogger("bids_group")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main([str(bids), str(out), "group", "--json", "-q", *args])
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
-    summary = json.loads(stdout.getvalue()) if code == 0 else None
-    return code, summary, stderr.getvalue()
+    code, stdout, stderr = run_cli(bids, out, *args)
+    return code, json.loads(stdout) if code == 0 else None, stderr
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ on the same files, mask and design; and numpy's least squares for what nilearn d
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import warnings
 from pathlib import Path
 
@@ -18,9 +15,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from clicheck import run_ok
 from conftest import make_bids_derivatives
-
-from bids_group.cli import main
 
 CELL_MEANS = """
 Name: cellMeans
@@ -48,16 +44,7 @@ NO_CONSTANT = CELL_MEANS.replace("X: [group.patient, group.control, age]", "X: [
 
 
 def _run(bids: Path, out: Path, *args: str) -> dict:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    logger = logging.getLogger("bids_group")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main([str(bids), str(out), "group", "--json", "-q", "--no-report", *args])
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
-    assert code == 0, stderr.getvalue()
-    return json.loads(stdout.getvalue())
+    return run_ok(bids, out, "--no-report", *args)[0]
 
 
 def _one(summary: dict, ending: str) -> Path:

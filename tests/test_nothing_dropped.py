@@ -6,34 +6,20 @@ Every case runs the real CLI on a real tiny BIDS dataset and the run still succe
 
 from __future__ import annotations
 
-import contextlib
 import html
-import io
-import json
-import logging
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from clicheck import run_ok
 from conftest import make_bids_derivatives, write_map, write_participants
-
-from bids_group.cli import main
 
 
 def _run(bids: Path, out: Path, *args: str) -> tuple[dict, str, str]:
     """Run the CLI; return the --json summary, stderr and the report's text."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    logger = logging.getLogger("bids_group")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main([str(bids), str(out), "group", "--json", "-q", *args])
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
-    assert code == 0, stderr.getvalue()
-    summary = json.loads(stdout.getvalue())
+    summary, stderr = run_ok(bids, out, *args)
     page = html.unescape(Path(summary["report"]).read_text(encoding="utf-8"))
-    return summary, stderr.getvalue(), page
+    return summary, stderr, page
 
 
 def _warnings_block(page: str) -> str:

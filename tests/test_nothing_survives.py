@@ -10,18 +10,14 @@ instead of empty figures.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from clicheck import run_cli
 from conftest import map_name, write_description, write_map, write_participants
-
-from bids_group.cli import main
 
 N_SUBJECTS = 10
 SHAPE = (10, 10, 10)
@@ -65,18 +61,6 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _run(bids: Path, out: Path, *args: str) -> tuple[int, str, str]:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    logger = logging.getLogger("bids_group")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main([str(bids), str(out), "group", "--json", "-q", *args])
-    finally:  # main() configures logging; leave other tests' caplog working
-        logger.handlers[:], logger.level, logger.propagate = saved
-    return code, stdout.getvalue(), stderr.getvalue()
-
-
 def _thresholded_maps(files: list[Path]) -> list[Path]:
     """The maps that hold only what survived: thresholded z maps and the ARI TDP map."""
     return [
@@ -95,7 +79,7 @@ def _thresholded_maps(files: list[Path]) -> list[Path]:
 def test_every_method_gives_a_normal_result(datasets, tmp_path, method, truth, report, sided):
     out = tmp_path / "out"
     args = [*METHODS[method], f"--{report}", f"--{sided}"]
-    code, stdout, stderr = _run(datasets[truth], out, *args)
+    code, stdout, stderr = run_cli(datasets[truth], out, *args)
     assert code == 0, stderr
     assert "Traceback" not in stderr and "unexpected error" not in stderr
     summary = json.loads(stdout)
@@ -137,7 +121,7 @@ def test_every_method_gives_a_normal_result(datasets, tmp_path, method, truth, r
 
 
 def test_nothing_survives_line_names_the_criterion_and_the_peak(datasets, tmp_path):
-    code, stdout, stderr = _run(datasets["nothing"], tmp_path / "out", "--height-control", "fdr")
+    code, stdout, stderr = run_cli(datasets["nothing"], tmp_path / "out", "--height-control", "fdr")
     assert code == 0, stderr
     page = Path(json.loads(stdout)["report"]).read_text(encoding="utf-8")
     line = page.split("Nothing survives", 1)[1].split("</p>", 1)[0]

@@ -13,20 +13,16 @@ odd under a global sign flip), with scipy.ndimage clusters and the float64 TFCE 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import logging
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from clicheck import run_ok
 from conftest import map_name, write_description, write_map, write_participants
 from scipy import ndimage, stats
 
-from bids_group.cli import main
 from bids_group.inference import exchangeability as exch
 from bids_group.inference import tfce as tfce_mod
 from bids_group.inference.permutation import design_exchangeability, permutation_test
@@ -65,16 +61,7 @@ def _dataset(root: Path, vols: np.ndarray) -> Path:
 
 
 def _run(bids: Path, out: Path, *args: str) -> dict:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    logger = logging.getLogger("bids_group")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main([str(bids), str(out), "group", "--json", "-q", "--no-report", *args])
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
-    assert code == 0, stderr.getvalue()
-    return json.loads(stdout.getvalue())
+    return run_ok(bids, out, "--no-report", *args)[0]
 
 
 def _find(summary: dict, suffix: str) -> Path:
