@@ -66,13 +66,16 @@ def check_masked_data(data: np.ndarray) -> DataFindings:
     data = np.asarray(data)
     if data.size == 0:
         return DataFindings()
-    largest = np.max(np.abs(data), axis=1).astype(np.float64)
+    # One map at a time: no full-size temporary (the data can be most of the memory used).
+    largest = np.array([np.max(np.abs(row)) for row in data], dtype=np.float64)
     median_max = float(np.median(largest))
     outliers: tuple[tuple[int, float], ...] = ()
     if median_max > 0:
         flagged = np.flatnonzero(largest > OUTLIER_FACTOR * median_max)
         outliers = tuple((int(i), float(largest[i])) for i in flagged)
-    constant = np.all(data == data[:1], axis=0)
+    constant = np.ones(data.shape[1], dtype=bool)
+    for row in data[1:]:
+        constant &= row == data[0]
     all_zero = constant & (data[0] == 0)
     return DataFindings(
         outliers=outliers,

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import special
 
 from bids_group.contrasts import ContrastResult, compute_contrast
 from bids_group.glm import GlmFit, fit_ols, fitted_values
-from bids_group.mixed_effects import MixedFit, estimable_voxels, fit_mixed, mixed_contrast
 from bids_group.spec import EstimationSpec
+
+if TYPE_CHECKING:  # mixed_effects imports numba (~50 MB, ~0.2 s): only when a model needs it
+    from bids_group.mixed_effects import MixedFit
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class FittedModel:
         if self.ols is not None:
             return compute_contrast(self.ols, weights, test)
         assert self.mixed is not None
+        from bids_group.mixed_effects import mixed_contrast
+
         result = mixed_contrast(self.mixed, weights, test, self.estimation.adjustment)
         dof = (self.dof,) if test == "t" else (result.df1, self.dof)
         # Two-sided p from z, which has the same tail probability as t at each voxel's own
@@ -160,6 +164,8 @@ def fit_model(
         return FittedModel(estimation, float(fit.dof), ols=fit)
     if variances is None:
         raise ValueError("a mixed-effects estimator needs the first-level variances")
+    from bids_group.mixed_effects import fit_mixed
+
     fit = fit_mixed(data, variances, design, method=estimation.estimator)
     dof = float(data.shape[0] - np.linalg.matrix_rank(design))
     if fit.n_voxels_with_exclusions:
@@ -175,4 +181,6 @@ def fit_model(
 
 def mixed_estimable(data: np.ndarray, variances: np.ndarray, design: np.ndarray) -> np.ndarray:
     """Voxels where a mixed-effects fit is possible: enough valid maps for the design."""
+    from bids_group.mixed_effects import estimable_voxels
+
     return estimable_voxels(data, variances, design)
