@@ -760,8 +760,9 @@ def _write_height(
         if len(table)
         else 0
     )
-    log.info("contrast %s: z threshold %.3f (%s), %d voxel(s) survive, %d cluster(s)",
-             out.label, threshold.z_threshold, inference.height_control, n_surviving,
+    log.info("contrast %s: %s (%s), %d voxel(s) survive, %d cluster(s)", out.label,
+             f"z threshold {threshold.z_threshold:.3f}" if np.isfinite(threshold.z_threshold)
+             else "no z threshold (nothing passes)", inference.height_control, n_surviving,
              n_clusters)  # fmt: skip
     finite = bool(np.isfinite(threshold.z_threshold))
     summary = {

@@ -166,11 +166,14 @@ def height_threshold(
         n_tests=n_tests,
         p_threshold=p_thr,
     )
+    rule = f"{method} alpha={alpha:g}" if alpha is not None else f"{method} (a given z)"
+    bound = f"{'|z|' if two_sided else 'z'} >= {z_thr:.4g}" if np.isfinite(z_thr) else (
+        "no voxel can pass"
+    )  # fmt: skip
     log.info(
-        "height threshold %s alpha=%s: z >= %.4g (%d of %d voxels)",
-        method,
-        alpha,
-        z_thr,
+        "height threshold %s: %s (%d of %d voxels)",
+        rule,
+        bound,
         int(result.survivors(z).sum()),
         n_tests,
     )
