@@ -460,7 +460,7 @@ def _explain_empty(layout: Any, query: Mapping[str, tuple[Any, ...]], root: Path
             return f"{where} has the entity {key!r} (wanted {key}={wanted})." + _advice(
                 key, query, before, root
             )
-        return f"{where} has {key}={wanted} ({_plural(key)} present: {_listing(present)})." + (
+        return f"{where} has {key}={wanted} ({_plural(key)} present: {listing(present)})." + (
             _advice(key, query, before, root)
         )
     return f"In {root}, the filters together select nothing."
@@ -494,7 +494,7 @@ def _hint_derivatives(bids_dir: Path, deriv_dirs: Sequence[Path]) -> str:
     found = sorted(p.name for p in (bids_dir / "derivatives").iterdir() if p.is_dir())
     return (
         f" The maps may be in a derivatives folder: pass --derivatives "
-        f"{bids_dir / 'derivatives'}/<name> (found: {_listing(found)})."
+        f"{bids_dir / 'derivatives'}/<name> (found: {listing(found)})."
     )
 
 
@@ -509,7 +509,8 @@ def _plural(entity: str) -> str:
     )
 
 
-def _listing(values: Sequence[str]) -> str:
+def listing(values: Sequence[str]) -> str:
+    """``a, b, c``, cut after the first ten: ``a, ..., j, ... (12 in all)`` (for messages)."""
     values = list(values)
     head = ", ".join(values[:_MAX_LISTED])
     return head + (f", ... ({len(values)} in all)" if len(values) > _MAX_LISTED else "")
@@ -533,7 +534,7 @@ def _check_labels_have_maps(labels: tuple[str, ...] | None, maps: Sequence[Input
         raise EmptySelectionError(
             f"--participant-label {', '.join(missing)}: no selected map for "
             f"{'this subject' if len(missing) == 1 else 'these subjects'} (subjects with maps: "
-            f"{_listing(sorted(have))}); remove the label(s) or check the filters"
+            f"{listing(sorted(have))}); remove the label(s) or check the filters"
         )
 
 
@@ -587,14 +588,14 @@ def _warn_unmatched_participants(
         log.warning(
             "%s has no row for %d of the %d subjects with maps (%s): their participant "
             "variables are n/a; add a row per subject (n/a for unknown values)",
-            path, len(no_row), len(with_maps), _listing([f"sub-{s}" for s in no_row]),
+            path, len(no_row), len(with_maps), listing([f"sub-{s}" for s in no_row]),
         )  # fmt: skip
     wanted = rows if labels is None else rows & set(labels)
     no_map = sorted(wanted - with_maps)
     if no_map:
         log.warning(
             "%d participant(s) of %s have no selected map and are not analysed: %s",
-            len(no_map), path, _listing([f"sub-{s}" for s in no_map]),
+            len(no_map), path, listing([f"sub-{s}" for s in no_map]),
         )  # fmt: skip
 
 

@@ -31,7 +31,7 @@ from bids_group.inference.clusters import (
     cluster_table_metadata,
 )
 from bids_group.inference.height import HeightThreshold, height_threshold
-from bids_group.inputs import InputMap, collect_inputs
+from bids_group.inputs import InputMap, collect_inputs, listing
 from bids_group.labels import group_contrast_label, to_label
 from bids_group.outputs import naming
 from bids_group.outputs.description import (
@@ -277,13 +277,12 @@ def _warn_zero_rows(design: Design, maps: Sequence[InputMap], group: Mapping[str
         if total.max() != 1 or not missing.size:
             continue
         where = ", ".join(f"{k} {v}" for k, v in group.items()) or "all maps"
-        who = ", ".join(f"sub-{maps[i].entities['subject']}" for i in missing[:10])
-        more = f", ... ({missing.size} in all)" if missing.size > 10 else ""
+        who = listing([f"sub-{maps[i].entities['subject']}" for i in missing])
         log.warning(
-            "%s: %s%s have no %s.* column of X set (their level of %r is not in X: %s); "
+            "%s: %s have no %s.* column of X set (their level of %r is not in X: %s); "
             "they are modelled by the other columns only. Add their level to X or leave them "
             "out (--participant-label, or a filter)",
-            where, who, more, prefix, prefix, ", ".join(columns[i] for i in index),
+            where, who, prefix, prefix, ", ".join(columns[i] for i in index),
         )  # fmt: skip
 
 
@@ -300,12 +299,11 @@ def _warn_incomplete_groups(
         missing = sorted(everyone - subjects[key])
         if missing:
             where = ", ".join(f"{e} {v}" for e, v in zip(group_by, key, strict=True))
-            listed = ", ".join(f"sub-{s}" for s in missing[:10])
-            more = f", ... ({len(missing)} in all)" if len(missing) > 10 else ""
+            listed = listing([f"sub-{s}" for s in missing])
             log.warning(
                 "%s: no map for %s, who have maps for other values of %s; the model for %s "
                 "uses %d of %d subjects",
-                where, listed + more, "/".join(group_by), where, len(subjects[key]),
+                where, listed, "/".join(group_by), where, len(subjects[key]),
                 len(everyone),
             )  # fmt: skip
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_group.errors import DataError
-from bids_group.inputs import InputMap
+from bids_group.inputs import InputMap, listing
 
 _STAT_RE = re.compile(r"(^|_)stat-[A-Za-z0-9]+(_)")
 _NIFTI_EXTENSIONS = (".nii.gz", ".nii")
@@ -63,10 +63,9 @@ def sibling_paths(maps: Sequence[InputMap], stat: str) -> tuple[Path, ...]:
         else:
             missing.append((input_map, candidates[0]))
     if missing:
-        subjects = ", ".join(f"sub-{m.entities['subject']}" for m, _ in missing[:10])
-        more = f" ... ({len(missing)} in all)" if len(missing) > 10 else ""
+        subjects = listing([f"sub-{m.entities['subject']}" for m, _ in missing])
         raise DataError(
-            f"no stat-{stat} map beside the effect map of {subjects}{more}: expected e.g. "
+            f"no stat-{stat} map beside the effect map of {subjects}: expected e.g. "
             f"{missing[0][1]}. A mixed-effects model needs each map's first-level variance "
             "(VarianceFrom: variance, se or t in the model's Software.bids-group block)"
         )
