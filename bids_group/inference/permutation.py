@@ -667,8 +667,191 @@ def _batches(ex, exhaustive, n_total, seed, batch_size):
 # ---------------------------------------------------------------------------------------------
 
 
-class _Engine:
-    """Accumulates null maxima and exceedance counts over batches (internal, not a value)."""
+class NullEngine:
+    """Accumulates null maxima and exceedance counts over batches of relabellings.
+
+    The statistic maps of a batch come from :meth:`_stats`, which a subclass defines (the OLS
+    engine below; the mixed-effects one in :mod:`bids_group.inference.mixed_permutation`);
+    everything else (the identity, thresholds and ties, cluster and TFCE maxima, the result) is
+    shared. Subclasses set ``cfg``, ``obs``, ``spatial`` and ``batch_size``, then call
+    :meth:`_identity` once. Internal: not a value, not thread-safe.
+    """
+
+    cfg: _Config
+    obs: _Observed
+    spatial: bool
+    batch_size: int
+    threshold: np.ndarray
+
+    def _stats(self, batch: exch.Relabellings, full, maxima, threshold, counts) -> None:
+        """Statistic maps of ``batch``: fill ``maxima`` (n_batch,) with each map's max (of |.|
+        when two-sided), add 1 to ``counts`` where a map's value is >= ``threshold`` and, when
+        ``full`` (n_batch, n_voxels) float32 is given, write the maps into it."""
+        raise NotImplementedError
+
+    def _threshold_set(self) -> None:
+        """Hook called once the comparison thresholds are known (after the identity)."""
+
+    def _result_dof(self) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def _result_stat_type(self) -> str:
+        return self.cfg.stat_type
+
+    def _identity(self, cmp_obs: np.ndarray) -> None:
+        """Run the identity through the engine, like any relabelling, and set the comparisons.
+
+        Every entry of the null distributions, the first (unpermuted) included, is what the
+        engine computes, so a relabelling that is an exact symmetry of the identity (flipping
+        every sign, two-sided) gives a bit-equal entry whatever the size of the statistic. An
+        observed value is compared as the smaller of its float64 value and the engine's value
+        for the identity, less the tie tolerance: rounding can only make p larger.
+        """
+        cfg, obs = self.cfg, self.obs
+        n_rows, n_vox = cfg.data.shape
+        ident = exch.Relabellings(np.arange(n_rows, dtype=np.int64)[None, :], np.ones((1, n_rows)))
+        stat = np.empty((1, n_vox), dtype=np.float32)
+        maxima = np.full(1, -np.inf)
+        no_threshold = np.full(n_vox, np.inf)
+        self._stats(ident, stat, maxima, no_threshold, np.zeros(n_vox, np.int64))
+        id_cmp = np.abs(stat[0], dtype=np.float64) if cfg.two_sided else stat[0].astype(np.float64)
+        self.cmp_obs = np.minimum(cmp_obs, id_cmp)
+        self.threshold = _tie_threshold(self.cmp_obs)
+        self._threshold_set()
+        self.counts = np.ones(n_vox, dtype=np.int64)  # the identity always counts
+        self.maxima = maxima.tolist()
+        if obs.clusters is not None:
+            msize = np.zeros(1, dtype=np.int64)
+            mmass = np.zeros(1, dtype=np.float64)
+            g = cfg.graph
+            _kernels.batch_cluster_max(
+                stat, obs.height, cfg.two_sided, g.fwd_ptr, g.fwd_idx, msize, mmass
+            )
+            self.max_size, self.max_mass = msize.tolist(), mmass.tolist()
+            _, sizes, masses, _, _ = obs.clusters
+            self.size_cmp = np.minimum(sizes, msize[0]).astype(np.float64)
+            self.mass_cmp = np.minimum(masses, mmass[0])
+        if obs.tfce is not None:
+            self.extent_pow = tfce_mod.extent_powers(n_vox, obs.tfce_params.e)
+            tf = np.zeros((1, n_vox), dtype=np.float32)
+            tmax = np.zeros(1)
+            tfce_mod.batch_tfce(
+                stat, obs.tfce_params, cfg.two_sided, cfg.graph, tf, tmax, self.extent_pow
+            )
+            # The FSL preset's steps are discontinuous: a voxel at the top step (h = 100 dh =
+            # the map's max) counts or not depending on one rounding, so the float64 map and
+            # the engine's (float32 statistic) can differ by a whole step there. Its written map
+            # is then the engine's, which its null distribution was made with.
+            self.tfce_map = (
+                tf[0].astype(np.float64) if obs.tfce_params.integration == "fsl" else obs.tfce
+            )
+            t_obs = np.abs(self.tfce_map) if cfg.two_sided else self.tfce_map
+            t_id = np.abs(tf[0], dtype=np.float64) if cfg.two_sided else tf[0].astype(np.float64)
+            self.tfce_cmp = np.minimum(t_obs, t_id)
+            self.tfce_threshold = _tie_threshold(self.tfce_cmp)
+            self.tfce_counts = np.ones(n_vox, dtype=np.int64)
+            self.tfce_max = tmax.tolist()
+
+    def run_batch(self, batch: exch.Relabellings) -> None:
+        n_b = len(batch)
+        n_vox = self.cfg.data.shape[1]
+        maxima = np.full(n_b, -np.inf)
+        full = self._buffer("_full", n_b, n_vox) if self.spatial else None
+        self._stats(batch, full, maxima, self.threshold, self.counts)
+        self.maxima.extend(maxima.tolist())
+        if full is not None:
+            self._spatial(full)
+
+    def _buffer(self, name: str, n_b: int, n_vox: int) -> np.ndarray:
+        """A (n_b, n_vox) float32 scratch array, allocated once per run: a fresh array of
+        ~100 MB per batch costs more in page faults than the statistics written into it."""
+        buf = getattr(self, name, None)
+        if buf is None or buf.shape[0] < n_b:
+            buf = np.empty((max(n_b, self.batch_size), n_vox), dtype=np.float32)
+            setattr(self, name, buf)
+        return buf[:n_b]
+
+    def _spatial(self, full: np.ndarray) -> None:
+        cfg = self.cfg
+        n_b, n_vox = full.shape
+        g = cfg.graph
+        if self.obs.height is not None:
+            msize = np.zeros(n_b, dtype=np.int64)
+            mmass = np.zeros(n_b, dtype=np.float64)
+            _kernels.batch_cluster_max(
+                full, self.obs.height, cfg.two_sided, g.fwd_ptr, g.fwd_idx, msize, mmass
+            )
+            self.max_size.extend(msize.tolist())
+            self.max_mass.extend(mmass.tolist())
+        if self.obs.tfce is not None:
+            params = self.obs.tfce_params
+            tf = self._buffer("_tf", n_b, n_vox)
+            tmax = np.zeros(n_b)
+            tfce_mod.batch_tfce(
+                full,
+                params,
+                cfg.two_sided,
+                g,
+                tf,
+                tmax,
+                self.extent_pow,
+                threshold=self.tfce_threshold,
+                counts=self.tfce_counts,
+            )
+            self.tfce_max.extend(tmax.tolist())
+
+    def result(self, ex: exch.Exchangeability, n_total: int, exhaustive: bool):
+        cfg, obs = self.cfg, self.obs
+        null_max = np.asarray(self.maxima)
+        dof = self._result_dof()
+        clusters = tfce_res = None
+        if obs.clusters is not None:
+            labels, sizes, masses, signs, peaks = obs.clusters
+            null_size = np.asarray(self.max_size, dtype=np.int64)
+            null_mass = np.asarray(self.max_mass)
+            clusters = ClusterInference(
+                forming_p=cfg.cluster_forming_p,
+                height=obs.height,
+                labels=labels,
+                sizes=sizes,
+                masses=masses,
+                signs=signs,
+                peaks=peaks,
+                p_fwe_size=_fwe_p(self.size_cmp, null_size.astype(np.float64), 0.0),
+                p_fwe_mass=_fwe_p(self.mass_cmp, null_mass, TIE_RTOL),
+                null_max_size=null_size,
+                null_max_mass=null_mass,
+            )
+        if obs.tfce is not None:
+            null_tfce = np.asarray(self.tfce_max)
+            tfce_res = TfceInference(
+                params=obs.tfce_params,
+                connectivity=cfg.graph.connectivity,
+                tfce=self.tfce_map,
+                p_uncorrected=self.tfce_counts / n_total,
+                p_fwe=_fwe_p(self.tfce_cmp, null_tfce, TIE_RTOL),
+                null_max=null_tfce,
+            )
+        return PermutationResult(
+            stat_type=self._result_stat_type(),
+            stat=obs.stat,
+            dof=dof,
+            two_sided=cfg.two_sided,
+            scheme=ex.scheme,
+            whole_blocks=ex.whole_blocks,
+            n_relabellings=n_total,
+            exhaustive=exhaustive,
+            seed=cfg.seed,
+            p_uncorrected=self.counts / n_total,
+            p_fwe=_fwe_p(self.cmp_obs, null_max, TIE_RTOL),
+            null_max_stat=null_max,
+            clusters=clusters,
+            tfce=tfce_res,
+        )
+
+
+class _Engine(NullEngine):
+    """The OLS engine: Freedman-Lane residuals, projections and fused kernels."""
 
     def __init__(self, cfg: _Config, part: DesignPartition, obs: _Observed, *, flip: bool):
         self.cfg, self.part, self.obs = cfg, part, obs
@@ -705,60 +888,15 @@ class _Engine:
         del self.resid
         self._identity(np.abs(obs.stat) if cfg.two_sided else obs.stat)
 
-    def _identity(self, cmp_obs: np.ndarray) -> None:
-        """Run the identity through the engine, like any relabelling, and set the comparisons.
-
-        Every entry of the null distributions, the first (unpermuted) included, is what the
-        engine computes, so a relabelling that is an exact symmetry of the identity (flipping
-        every sign, two-sided) gives a bit-equal entry whatever the size of the statistic. An
-        observed value is compared as the smaller of its float64 value and the engine's value
-        for the identity, less the tie tolerance: rounding can only make p larger.
-        """
-        cfg, obs = self.cfg, self.obs
-        n_rows, n_vox = cfg.data.shape
-        ident = exch.Relabellings(np.arange(n_rows, dtype=np.int64)[None, :], np.ones((1, n_rows)))
-        stat = np.empty((1, n_vox), dtype=np.float32)
-        maxima = np.full(1, -np.inf)
-        no_threshold = np.full(n_vox, np.inf)
-        self._stats(ident, stat, maxima, no_threshold, np.zeros(n_vox, np.int64))
-        id_cmp = np.abs(stat[0], dtype=np.float64) if cfg.two_sided else stat[0].astype(np.float64)
-        self.cmp_obs = np.minimum(cmp_obs, id_cmp)
-        self.threshold = _tie_threshold(self.cmp_obs)
+    def _threshold_set(self) -> None:
         if self.flip:
-            self.v_threshold = _v_threshold(self.threshold, cfg.stat_type, self.part)
-        self.counts = np.ones(n_vox, dtype=np.int64)  # the identity always counts
-        self.maxima = maxima.tolist()
-        if obs.clusters is not None:
-            msize = np.zeros(1, dtype=np.int64)
-            mmass = np.zeros(1, dtype=np.float64)
-            g = cfg.graph
-            _kernels.batch_cluster_max(
-                stat, obs.height, cfg.two_sided, g.fwd_ptr, g.fwd_idx, msize, mmass
-            )
-            self.max_size, self.max_mass = msize.tolist(), mmass.tolist()
-            _, sizes, masses, _, _ = obs.clusters
-            self.size_cmp = np.minimum(sizes, msize[0]).astype(np.float64)
-            self.mass_cmp = np.minimum(masses, mmass[0])
-        if obs.tfce is not None:
-            self.extent_pow = tfce_mod.extent_powers(n_vox, obs.tfce_params.e)
-            tf = np.zeros((1, n_vox), dtype=np.float32)
-            tmax = np.zeros(1)
-            tfce_mod.batch_tfce(
-                stat, obs.tfce_params, cfg.two_sided, cfg.graph, tf, tmax, self.extent_pow
-            )
-            # The FSL preset's steps are discontinuous: a voxel at the top step (h = 100 dh =
-            # the map's max) counts or not depending on one rounding, so the float64 map and
-            # the engine's (float32 statistic) can differ by a whole step there. Its written map
-            # is then the engine's, which its null distribution was made with.
-            self.tfce_map = (
-                tf[0].astype(np.float64) if obs.tfce_params.integration == "fsl" else obs.tfce
-            )
-            t_obs = np.abs(self.tfce_map) if cfg.two_sided else self.tfce_map
-            t_id = np.abs(tf[0], dtype=np.float64) if cfg.two_sided else tf[0].astype(np.float64)
-            self.tfce_cmp = np.minimum(t_obs, t_id)
-            self.tfce_threshold = _tie_threshold(self.tfce_cmp)
-            self.tfce_counts = np.ones(n_vox, dtype=np.int64)
-            self.tfce_max = tmax.tolist()
+            self.v_threshold = _v_threshold(self.threshold, self.cfg.stat_type, self.part)
+
+    def _result_dof(self) -> tuple[float, ...]:
+        part = self.part
+        if self.cfg.stat_type == "t":
+            return (float(part.dof),)
+        return (float(part.n_interest), float(part.dof))
 
     def _init_flip(self) -> None:
         """State of the subset-sum-table kernel (sign flips only; see ``_kernels``)."""
@@ -778,16 +916,6 @@ class _Engine:
         rows = np.arange(n_b)[:, None]
         m[rows, :, batch.perm] = batch.signs[:, :, None] * self.basis[None, :, :]
         return np.ascontiguousarray(m.reshape(n_b * rank, n), dtype=self.dtype)
-
-    def run_batch(self, batch: exch.Relabellings) -> None:
-        n_b = len(batch)
-        n_vox = self.cfg.data.shape[1]
-        maxima = np.full(n_b, -np.inf)
-        full = self._buffer("_full", n_b, n_vox) if self.spatial else None
-        self._stats(batch, full, maxima, self.threshold, self.counts)
-        self.maxima.extend(maxima.tolist())
-        if full is not None:
-            self._spatial(full)
 
     def _stats(self, batch: exch.Relabellings, full, maxima, threshold, counts) -> None:
         if self.flip:
@@ -846,97 +974,6 @@ class _Engine:
                 maxima,
                 counts,
             )
-
-    def _buffer(self, name: str, n_b: int, n_vox: int) -> np.ndarray:
-        """A (n_b, n_vox) float32 scratch array, allocated once per run: a fresh array of
-        ~100 MB per batch costs more in page faults than the statistics written into it."""
-        buf = getattr(self, name, None)
-        if buf is None or buf.shape[0] < n_b:
-            buf = np.empty((max(n_b, self.batch_size), n_vox), dtype=np.float32)
-            setattr(self, name, buf)
-        return buf[:n_b]
-
-    def _spatial(self, full: np.ndarray) -> None:
-        cfg = self.cfg
-        n_b, n_vox = full.shape
-        g = cfg.graph
-        if self.obs.height is not None:
-            msize = np.zeros(n_b, dtype=np.int64)
-            mmass = np.zeros(n_b, dtype=np.float64)
-            _kernels.batch_cluster_max(
-                full, self.obs.height, cfg.two_sided, g.fwd_ptr, g.fwd_idx, msize, mmass
-            )
-            self.max_size.extend(msize.tolist())
-            self.max_mass.extend(mmass.tolist())
-        if self.obs.tfce is not None:
-            params = self.obs.tfce_params
-            tf = self._buffer("_tf", n_b, n_vox)
-            tmax = np.zeros(n_b)
-            tfce_mod.batch_tfce(
-                full,
-                params,
-                cfg.two_sided,
-                g,
-                tf,
-                tmax,
-                self.extent_pow,
-                threshold=self.tfce_threshold,
-                counts=self.tfce_counts,
-            )
-            self.tfce_max.extend(tmax.tolist())
-
-    def result(self, ex: exch.Exchangeability, n_total: int, exhaustive: bool):
-        cfg, part, obs = self.cfg, self.part, self.obs
-        null_max = np.asarray(self.maxima)
-        dof = (
-            (float(part.dof),)
-            if cfg.stat_type == "t"
-            else (float(part.n_interest), float(part.dof))
-        )
-        clusters = tfce_res = None
-        if obs.clusters is not None:
-            labels, sizes, masses, signs, peaks = obs.clusters
-            null_size = np.asarray(self.max_size, dtype=np.int64)
-            null_mass = np.asarray(self.max_mass)
-            clusters = ClusterInference(
-                forming_p=cfg.cluster_forming_p,
-                height=obs.height,
-                labels=labels,
-                sizes=sizes,
-                masses=masses,
-                signs=signs,
-                peaks=peaks,
-                p_fwe_size=_fwe_p(self.size_cmp, null_size.astype(np.float64), 0.0),
-                p_fwe_mass=_fwe_p(self.mass_cmp, null_mass, TIE_RTOL),
-                null_max_size=null_size,
-                null_max_mass=null_mass,
-            )
-        if obs.tfce is not None:
-            null_tfce = np.asarray(self.tfce_max)
-            tfce_res = TfceInference(
-                params=obs.tfce_params,
-                connectivity=cfg.graph.connectivity,
-                tfce=self.tfce_map,
-                p_uncorrected=self.tfce_counts / n_total,
-                p_fwe=_fwe_p(self.tfce_cmp, null_tfce, TIE_RTOL),
-                null_max=null_tfce,
-            )
-        return PermutationResult(
-            stat_type=cfg.stat_type,
-            stat=obs.stat,
-            dof=dof,
-            two_sided=cfg.two_sided,
-            scheme=ex.scheme,
-            whole_blocks=ex.whole_blocks,
-            n_relabellings=n_total,
-            exhaustive=exhaustive,
-            seed=cfg.seed,
-            p_uncorrected=self.counts / n_total,
-            p_fwe=_fwe_p(self.cmp_obs, null_max, TIE_RTOL),
-            null_max_stat=null_max,
-            clusters=clusters,
-            tfce=tfce_res,
-        )
 
 
 def _tie_threshold(observed: np.ndarray) -> np.ndarray:
