@@ -689,3 +689,85 @@ def tau2_per_voxel(yt, vt, ok, estimable, x, reml, n_grid, out):
         if estimable[j]:
             k = _compact(yt, vt, ok, x, j, y, v, xv)
             out[j] = _likelihood_tau2(y, v, xv, k, reml, ws, tcol, scol)
+
+
+#: Adjustment codes of :func:`relabelled_stats`.
+ADJ_NONE, ADJ_KH, ADJ_KH_FLOOR = 0, 1, 2
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _contrast_stat(beta, cov, rwr, jj, cmat, scale, m_buf, e_buf, z_buf):
+    """t (one row) or F = e' M^-1 e / q of contrast ``cmat`` at voxel ``jj`` of a chunk,
+    ``M = scale C Cov(beta) C'``; NaN where M is not positive definite."""
+    q, p = cmat.shape
+    for r in range(q):
+        e = 0.0
+        for a in range(p):
+            e += cmat[r, a] * beta[a, jj]
+        e_buf[r] = e
+        for s in range(r + 1):
+            acc = 0.0
+            for a in range(p):
+                for b in range(p):
+                    acc += cmat[r, a] * cov[a, b, jj] * cmat[s, b]
+            m_buf[r, s] = acc * scale
+    if q == 1:
+        return e_buf[0] / np.sqrt(m_buf[0, 0])
+    if np.isnan(_cholesky(m_buf, q)):
+        return np.nan
+    _forward(m_buf, e_buf, q, z_buf)
+    f = 0.0
+    for r in range(q):
+        f += z_buf[r] * z_buf[r]
+    return f / q
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def relabelled_stats(rt, ft, vt, ok, x, method, n_grid, signs, perms, cmat, adj, out):
+    """The contrast's t or F of the full model refitted to relabelled data, every voxel.
+
+    For relabelling ``b`` the data at voxel ``j`` are ``signs[b, i] * rt[j, perms[b, i]] +
+    ft[j, i]`` (Freedman-Lane: reduced-model residuals relabelled, its fitted values added), fitted
+    as :func:`fit_voxels` does (tau^2 re-estimated by ``method``), then the contrast ``cmat``
+    (q, p) with the adjustment ``adj`` (ADJ_*). Every voxel must be estimable.
+
+    Parameters
+    ----------
+    rt, ft, vt : (n_voxels, n_maps) float64
+    ok : (n_voxels, n_maps) bool
+    signs : (n_batch, n_maps) float64; perms : (n_batch, n_maps) int64
+    out : (n_batch, n_voxels) float64
+    """
+    n_vox, n_maps = rt.shape
+    p = x.shape[1]
+    q = cmat.shape[0]
+    n_b = signs.shape[0]
+    for c in numba.prange((n_vox + _CHUNK - 1) // _CHUNK):
+        j0, j1 = c * _CHUNK, min((c + 1) * _CHUNK, n_vox)
+        m = j1 - j0
+        yt = np.empty((m, n_maps))
+        est = np.ones(m, dtype=np.bool_)
+        beta, cov = np.empty((p, m)), np.empty((p, p, m))
+        tau2, rwr = np.empty(m), np.empty(m)
+        chunk = (beta, cov, tau2, rwr)
+        m_buf, e_buf, z_buf = np.empty((q, q)), np.empty(q), np.empty(q)
+        dof = np.empty(m)
+        for jj in range(m):
+            k = 0
+            for i in range(n_maps):
+                if ok[j0 + jj, i]:
+                    k += 1
+            dof[jj] = k - p
+        for b in range(n_b):
+            for jj in range(m):
+                for i in range(n_maps):
+                    yt[jj, i] = signs[b, i] * rt[j0 + jj, perms[b, i]] + ft[j0 + jj, i]
+            _fit_chunk(yt, vt[j0:j1], ok[j0:j1], est, x, method, n_grid, 0.0, 0, m, chunk)
+            for jj in range(m):
+                scale = 1.0
+                if adj != ADJ_NONE:
+                    scale = rwr[jj] / dof[jj]
+                    if adj == ADJ_KH_FLOOR and scale < 1.0:
+                        scale = 1.0
+                out[b, j0 + jj] = _contrast_stat(beta, cov, rwr, jj, cmat, scale, m_buf, e_buf,
+                                                 z_buf)  # fmt: skip

@@ -528,3 +528,57 @@ def _f_stat(effect: np.ndarray, ccov: np.ndarray, df1: float) -> np.ndarray:
         e = effect[:, good].T
         out[good] = np.einsum("vi,vij,vj->v", e, m_inv, e) / df1
     return out
+
+
+_ADJUSTMENT_CODES = {
+    "none": kern.ADJ_NONE,
+    "knapp-hartung": kern.ADJ_KH,
+    "knapp-hartung-floor": kern.ADJ_KH_FLOOR,
+}
+
+
+class RelabelledFits:
+    """Refits of one mixed-effects model to relabelled data, for permutation inference.
+
+    The data of a relabelling (signs ``s``, row order ``perm``) are ``s * E[perm] + H`` (``E``,
+    ``H``: residuals and fitted values of a reduced model, see
+    :mod:`bids_group.inference.mixed_permutation`); each is fitted exactly as :func:`fit_mixed`
+    does (tau^2 re-estimated) and the contrast's t or F computed as :func:`mixed_contrast` does,
+    in one compiled pass over voxel chunks per batch (no full-size temporary per relabelling).
+
+    Parameters
+    ----------
+    residuals, fitted, variances : ndarray of shape (n_maps, n_voxels)
+    ok : ndarray of shape (n_maps, n_voxels), bool
+        The valid values (:func:`valid_values` of the original data); every voxel estimable.
+    design : ndarray of shape (n_maps, p)
+    method, adjustment, n_grid
+        As :func:`fit_mixed` and :func:`mixed_contrast`.
+    contrast : ndarray of shape (q, p)
+        Full row rank (t when q = 1, else F).
+    """
+
+    def __init__(self, residuals, fitted, variances, ok, design, method: Method, contrast,
+                 adjustment: Adjustment = "none", n_grid: int = DEFAULT_N_GRID):  # fmt: skip
+        if method not in _METHOD_CODES or adjustment not in _ADJUSTMENT_CODES:
+            raise UsageError(f"Unknown estimator {method!r} or adjustment {adjustment!r}.")
+        self._rt = np.ascontiguousarray(np.asarray(residuals, dtype=np.float64).T)
+        self._ft = np.ascontiguousarray(np.asarray(fitted, dtype=np.float64).T)
+        self._vt = np.ascontiguousarray(np.where(ok, variances, 1.0).T, dtype=np.float64)
+        self._ok = np.ascontiguousarray(np.asarray(ok, dtype=bool).T)
+        self._design = np.ascontiguousarray(design, dtype=np.float64)
+        self._contrast = np.ascontiguousarray(np.atleast_2d(contrast), dtype=np.float64)
+        self._codes = (_METHOD_CODES[method], _ADJUSTMENT_CODES[adjustment])
+        self._n_grid = n_grid
+        self.dof = (self._ok.sum(axis=1) - design.shape[1]).astype(np.float64)
+
+    def stats(self, signs: np.ndarray, perms: np.ndarray) -> np.ndarray:
+        """t or F, (n_batch, n_voxels) float64, for relabellings ``signs``/``perms`` (n_batch,
+        n_maps)."""
+        out = np.empty((signs.shape[0], self._rt.shape[0]))
+        method, adj = self._codes
+        kern.relabelled_stats(self._rt, self._ft, self._vt, self._ok, self._design, method,
+                              self._n_grid, np.ascontiguousarray(signs, dtype=np.float64),
+                              np.ascontiguousarray(perms, dtype=np.int64), self._contrast, adj,
+                              out)  # fmt: skip
+        return out

@@ -45,7 +45,12 @@ from bids_group.outputs.maps import MapWriter, write_mask
 from bids_group.outputs.staging import check_writable, staged_output
 from bids_group.outputs.tables import write_table
 from bids_group.paths import isolate_caches
-from bids_group.pipeline_permutation import PermutationJob, plan_permutations, write_permutation
+from bids_group.pipeline_permutation import (
+    MixedInputs,
+    PermutationJob,
+    plan_permutations,
+    write_permutation,
+)
 from bids_group.report import build as report
 from bids_group.report.html import ReportSection, write_report
 from bids_group.spec import (
@@ -137,7 +142,7 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
         group_by=spec.group_by,
     )
     analyses = plan_analyses(spec, inputs.maps, inputs.participants)
-    plans = plan_permutations(analyses, inference)
+    plans = plan_permutations(analyses, inference, mixed=spec.estimation.mixed)
     log.info(
         "%d map(s) of %d participant(s); %d model(s) to fit",
         len(inputs.maps),
@@ -201,11 +206,12 @@ def _check_estimation(
             "describe (and interpolated variances can turn negative); resample at the first "
             "level instead"
         )
-    if inference.permutation:
+    if inference.permutation and inference.perm_scheme == "permute":
         raise UsageError(
-            f"permutation inference ({', '.join(inference.permutation)}) with the "
-            f"{estimation.estimator} estimator is not available yet: use parametric inference "
-            "(--height-control, --cluster-threshold, --ari) or --estimator ols"
+            f"--perm-scheme permute with the {estimation.estimator} estimator: the maps' errors "
+            "have unequal variances (first-level variance + tau^2), so rows are not "
+            "exchangeable; mixed-effects permutation inference flips signs (--perm-scheme auto "
+            "or flip)"
         )
     if inference.smoothing_fwhm:
         raise UsageError(
@@ -376,6 +382,8 @@ def _run_analysis(
     variances = None
     if spec.estimation.mixed:
         data, variances = _load_variances(analysis, data, spec.estimation, config, where)
+        mixed = MixedInputs(variances, spec.estimation.estimator, spec.estimation.adjustment)
+        jobs = {name: replace(job, mixed=mixed) for name, job in (jobs or {}).items()}
     fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances)
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)

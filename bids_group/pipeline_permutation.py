@@ -68,9 +68,12 @@ REFERENCES = (
 
 
 def plan_permutations(
-    analyses: Sequence[Analysis], inference: InferenceConfig
+    analyses: Sequence[Analysis], inference: InferenceConfig, *, mixed: bool = False
 ) -> dict[tuple[int, str], PermutationPlan]:
     """Validate the exchangeability of every contrast before any image is read.
+
+    ``mixed``: a mixed-effects model, whose relabellings are sign flips (see
+    :mod:`bids_group.inference.mixed_permutation`).
 
     Returns
     -------
@@ -95,7 +98,7 @@ def plan_permutations(
                     analysis.design.matrix,
                     contrast.weights,
                     n_perm=inference.n_perm,
-                    scheme=inference.perm_scheme,
+                    scheme="flip" if mixed else inference.perm_scheme,
                     blocks=blocks,
                     whole_blocks=inference.whole_blocks,
                 )
@@ -131,6 +134,15 @@ def plan_permutations(
 
 
 @dataclass(frozen=True)
+class MixedInputs:
+    """What a mixed-effects permutation test refits in every relabelling."""
+
+    variances: np.ndarray  # (n_maps, n_voxels), on the analysis mask
+    method: str
+    adjustment: str
+
+
+@dataclass(frozen=True)
 class PermutationJob:
     """What the permutation step of one contrast needs beside the contrast's outputs."""
 
@@ -138,6 +150,7 @@ class PermutationJob:
     design: np.ndarray
     n_jobs: int
     progress: bool
+    mixed: MixedInputs | None = None
 
 
 @dataclass(frozen=True)
@@ -163,12 +176,13 @@ def write_permutation(
 ) -> tuple[list[Path], dict[str, Any], list[report.MethodReport]]:
     """Run the permutation test of one contrast and write everything it produced."""
     perm = _run(out, contrast, result, inference, job, two_sided)
-    drift = float(np.max(np.abs(perm.stat - result.stat))) if perm.stat.size else 0.0
-    scale = max(1.0, float(np.max(np.abs(result.stat)))) if result.stat.size else 1.0
+    parametric = result.z if perm.stat_type == "z" else result.stat
+    drift = float(np.max(np.abs(perm.stat - parametric))) if perm.stat.size else 0.0
+    scale = max(1.0, float(np.max(np.abs(parametric)))) if parametric.size else 1.0
     if drift > 1e-6 * scale:  # the partition makes them equal; anything else is a bug
         raise RuntimeError(f"permutation statistic differs from the parametric one by {drift}")
-    settings = _settings(perm, inference, job.plan)
-    null_path = out.name(naming.null_distribution_name, stat=result.stat_type)
+    settings = _settings(perm, inference, job)
+    null_path = out.name(naming.null_distribution_name, stat=perm.stat_type)
     write_table(
         null_path,
         tables.null_distribution_table(perm),
@@ -226,8 +240,7 @@ def write_permutation(
 
 
 def _run(out, contrast, result, inference, job, two_sided) -> PermutationResult:
-    from bids_group.inference.permutation import permutation_test  # numba: only when used
-    from bids_group.inference.tfce import TfceParams
+    from bids_group.inference.tfce import TfceParams  # numba: only when used
 
     methods = inference.permutation
     params = None
@@ -240,33 +253,50 @@ def _run(out, contrast, result, inference, job, two_sided) -> PermutationResult:
         )
     label = f"contrast {out.label}: {job.plan.n_relabellings:,} relabellings"
     log.info("%s (%s; %s)", label, job.plan.scheme, ", ".join(methods))
+    options = {
+        "stat_type": result.stat_type,
+        "n_perm": inference.n_perm,
+        "two_sided": two_sided,
+        "mask": out.data.mask,
+        "cluster_forming_p": inference.cluster_forming_p if "cluster" in methods else None,
+        "tfce": "tfce" in methods,
+        "tfce_params": params,
+        "connectivity": inference.connectivity,
+        "blocks": job.plan.blocks,
+        "whole_blocks": inference.whole_blocks,
+        "seed": inference.seed,
+        "n_jobs": job.n_jobs,
+    }
     with progress_bar(label, enabled=job.progress) as progress:
+        if job.mixed is not None:
+            from bids_group.inference.mixed_permutation import mixed_permutation_test
+
+            return mixed_permutation_test(
+                out.data.data, job.mixed.variances, job.design, contrast.weights,
+                method=job.mixed.method, adjustment=job.mixed.adjustment, progress=progress,
+                **options,
+            )  # fmt: skip
+        from bids_group.inference.permutation import permutation_test
+
         return permutation_test(
-            out.data.data,
-            job.design,
-            contrast.weights,
-            stat_type=result.stat_type,
-            n_perm=inference.n_perm,
-            two_sided=two_sided,
-            mask=out.data.mask,
-            cluster_forming_p=inference.cluster_forming_p if "cluster" in methods else None,
-            tfce="tfce" in methods,
-            tfce_params=params,
-            connectivity=inference.connectivity,
-            scheme=inference.perm_scheme,
-            blocks=job.plan.blocks,
-            whole_blocks=inference.whole_blocks,
-            seed=inference.seed,
-            n_jobs=job.n_jobs,
-            progress=progress,
-        )
+            out.data.data, job.design, contrast.weights, scheme=inference.perm_scheme,
+            progress=progress, **options,
+        )  # fmt: skip
 
 
-def _settings(perm: PermutationResult, inference: InferenceConfig, plan: PermutationPlan):
+#: How nuisance is handled, per kind of model.
+_NUISANCE = {
+    "ols": "Freedman-Lane, design partitioned after Beckmann et al. (2001)",
+    "mixed": "Freedman-Lane with the reduced mixed-effects model X C_u (C_u: null space of the "
+    "contrast) fitted by the same estimator; tau^2 re-estimated in every relabelling",
+}
+
+
+def _settings(perm: PermutationResult, inference: InferenceConfig, job: PermutationJob):
     settings: dict[str, Any] = {
         "Methods": list(inference.permutation),
         "Scheme": {"flip": "sign flipping", "permute": "row permutation"}[perm.scheme],
-        "NuisanceMethod": "Freedman-Lane, design partitioned after Beckmann et al. (2001)",
+        "NuisanceMethod": _NUISANCE["mixed" if job.mixed is not None else "ols"],
         "Relabellings": perm.n_relabellings,
         "RelabellingsAsked": 1 + inference.n_perm,
         "Exact": perm.exhaustive,
@@ -280,6 +310,11 @@ def _settings(perm: PermutationResult, inference: InferenceConfig, plan: Permuta
         "Software": "bids-group",
         "References": list(REFERENCES),
     }
+    if job.mixed is not None:
+        settings["Statistic"] = (
+            f"z: the mixed-effects ({job.mixed.method}) t or F converted with each voxel's "
+            "degrees of freedom, in every relabelling"
+        )
     if perm.clusters is not None:
         settings["ClusterFormingThreshold"] = {
             "PValue": perm.clusters.forming_p,
@@ -520,7 +555,7 @@ def _write_cluster_table(out, perm, result, settings) -> tuple[list[Path], tuple
     frame = tables.cluster_inference_table(
         perm.clusters, perm.stat, result.z, out.data.mask, out.data.affine
     )
-    path = out.name(naming.clusters_name, stat=result.stat_type, desc="permCluster")
+    path = out.name(naming.clusters_name, stat=perm.stat_type, desc="permCluster")
     meta: Mapping[str, Any] = {
         **tables.CLUSTER_COLUMNS,
         "Permutation": settings,

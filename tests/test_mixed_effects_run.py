@@ -170,10 +170,54 @@ def test_missing_variance_map_names_the_subject(capsys, tmp_path):
     check_failure(capsys, argv, tmp_path / "out", 65, "sub-03", "stat-variance")
 
 
-def test_permutation_with_mixed_effects_is_refused_before_reading(capsys, tmp_path):
+def test_row_permutation_with_mixed_effects_is_refused_before_reading(capsys, tmp_path):
     ds = make_bids_derivatives(tmp_path / "ds", n_subjects=5, stats=("effect", "variance"))
-    argv = [ds, tmp_path / "out", "group", "--estimator", "reml", "--permutation", "voxel"]
-    check_failure(capsys, argv, tmp_path / "out", 64, "permutation", "reml")
+    argv = [ds, tmp_path / "out", "group", "--estimator", "reml", "--permutation", "voxel",
+            "--perm-scheme", "permute"]  # fmt: skip
+    check_failure(capsys, argv, tmp_path / "out", 64, "--perm-scheme permute", "reml",
+                  "not exchangeable")  # fmt: skip
+
+
+@pytest.mark.parametrize("estimator", ["dl", "reml"])
+def test_permutation_on_mixed_effects_through_the_cli(pain, tmp_path, estimator):
+    """voxel, cluster and TFCE FWER on the mixed-effects z of the 21 real studies: the files are
+    those of a direct call of the engine on the values the run read (same seed), the unpermuted
+    statistic is the run's parametric z, and the null files say z."""
+    from bids_group.inference.mixed_permutation import mixed_permutation_test
+    from bids_group.inference.tfce import TfceParams
+
+    model = tmp_path / "meta.yaml"
+    model.write_text(META.format(estimator=estimator, source="variance"))
+    code, summary, err = _run(pain, tmp_path / "out", "--model", model, "--permutation",
+                              "voxel", "cluster", "tfce", "--n-perm", "99", "--seed", "7",
+                              "--cluster-forming-p", "0.01")  # fmt: skip
+    assert code == 0, err
+    mask = _one(summary, "_mask.nii.gz")
+    inside = np.asarray(nib.load(mask).dataobj) > 0
+    y, v = _arrays(pain, mask, "effect"), _arrays(pain, mask, "variance")
+    direct = mixed_permutation_test(
+        y.astype(np.float32), v.astype(np.float32), np.ones((21, 1)), np.ones(1),
+        method=estimator, n_perm=99, two_sided=True, mask=inside, cluster_forming_p=0.01,
+        tfce=True, tfce_params=TfceParams(), seed=7,
+    )  # fmt: skip
+    np.testing.assert_allclose(direct.stat, _ours(summary, "z"), rtol=1e-5, atol=1e-5)
+    logp = {
+        "permVoxel": direct.p_fwe,
+        "permUncorrected": direct.p_uncorrected,
+        "permTfce": direct.tfce.p_fwe,
+        "permClusterSize": direct.clusters.p_fwe_size_map(),
+    }
+    for desc, p in logp.items():
+        path = _one(summary, f"_stat-logp_desc-{desc}_statmap.nii.gz")
+        ours = np.asarray(nib.load(path).dataobj, dtype=np.float64)[inside]
+        np.testing.assert_allclose(ours, -np.log10(p), rtol=1e-5, atol=1e-6, err_msg=desc)
+    null = _one(summary, "_stat-z_nulldist.tsv")
+    sidecar = json.loads(null.with_suffix(".json").read_text())
+    assert "tau^2 re-estimated" in json.dumps(sidecar)
+    assert sidecar["Scheme"] == "sign flipping" and sidecar["Statistic"].startswith("z")
+    assert direct.n_relabellings == 100 and direct.null_max_stat[0] == pytest.approx(
+        np.abs(direct.stat).max(), rel=1e-6
+    )
 
 
 def test_variance_options_need_a_mixed_estimator(capsys, tmp_path):

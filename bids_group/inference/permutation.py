@@ -54,6 +54,8 @@ from bids_group.inference import tfce as tfce_mod
 log = logging.getLogger(__name__)
 
 StatType = Literal["t", "F"]
+#: The statistic a permutation result refers to: t or F (OLS), z (mixed effects).
+NullStatType = Literal["t", "F", "z"]
 ProgressCallback = Callable[[int, int], None]
 
 #: Relative tolerance under which a permuted value counts as a tie with the observed one.
@@ -168,9 +170,10 @@ class PermutationResult:
 
     Attributes
     ----------
-    stat_type : {"t", "F"}
+    stat_type : {"t", "F", "z"}
     stat : ndarray of shape (n_voxels,), float64
-        The observed statistic: equals the parametric t or F of the full model.
+        The observed statistic: equals the parametric t or F of the full model (z for mixed
+        effects, see :mod:`bids_group.inference.mixed_permutation`).
     dof : tuple of float
         (dof,) for t, (q, dof) for F.
     two_sided : bool
@@ -193,7 +196,7 @@ class PermutationResult:
     tfce : TfceInference or None
     """
 
-    stat_type: StatType
+    stat_type: NullStatType
     stat: np.ndarray
     dof: tuple[float, ...]
     two_sided: bool
@@ -591,9 +594,14 @@ class _Observed:
 
 def _observed(cfg: _Config, part: DesignPartition) -> _Observed:
     stat = parametric_stat(cfg.data, part, cfg.stat_type)
-    height = clusters = tfce_map = params = None
-    if cfg.cluster_forming_p is not None:
-        height = _cluster_height(cfg, part)
+    height = _cluster_height(cfg, part) if cfg.cluster_forming_p is not None else None
+    return observed_maps(cfg, stat, height)
+
+
+def observed_maps(cfg: _Config, stat: np.ndarray, height: float | None) -> _Observed:
+    """The observed statistic's clusters (at ``height``, when given) and TFCE, as ``cfg`` asks."""
+    clusters = tfce_map = params = None
+    if height is not None:
         clusters = _observed_clusters(stat, height, cfg.two_sided, cfg.graph)
     if cfg.tfce_params is not None:
         params = cfg.tfce_params
@@ -695,7 +703,7 @@ class NullEngine:
     def _result_dof(self) -> tuple[float, ...]:
         raise NotImplementedError
 
-    def _result_stat_type(self) -> str:
+    def _result_stat_type(self) -> NullStatType:
         return self.cfg.stat_type
 
     def _identity(self, cmp_obs: np.ndarray) -> None:
