@@ -237,6 +237,14 @@ def _underscored(name: str) -> str:
     "over the same field of view (nilearn's target_affine / target_shape).",
 )
 @_option(
+    "--min-coverage",
+    type=Setting("min_coverage"),
+    metavar="F|N",
+    help="Per-voxel missing data: analyse every voxel where at least this fraction (<= 1) or "
+    "number (> 1) of the maps have data, each on its own maps with its own dof (stat-nmaps "
+    "and stat-dof maps). Default: only voxels where every map has data.",
+)
+@_option(
     "--smoothing-fwhm",
     type=Setting("smoothing_fwhm"),
     help="Smooth each map with a Gaussian of this FWHM in mm.",
@@ -486,6 +494,7 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         mask=paths.mask,
         resample=options["resample"],
         target_voxel_size=options["target_voxel_size"],
+        min_coverage=options["min_coverage"],
         estimator=options["estimator"],
         variance_from=options["variance_from"],
         adjustment=options["adjustment"],

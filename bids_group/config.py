@@ -123,6 +123,8 @@ class RunConfig:
     resample: bool = False
     #: Resample every map to an isotropic grid of this voxel size (mm) before fitting.
     target_voxel_size: float | None = None
+    #: Per-voxel missing data: the fraction (<= 1) or number (> 1) of maps a voxel needs.
+    min_coverage: float | None = None
     inference_overrides: Mapping[str, Any] = field(default_factory=dict)
     n_jobs: int = 1
     work_dir: Path | None = None

@@ -67,7 +67,11 @@ def check_masked_data(data: np.ndarray) -> DataFindings:
     if data.size == 0:
         return DataFindings()
     # One map at a time: no full-size temporary (the data can be most of the memory used).
-    largest = np.array([np.max(np.abs(row)) for row in data], dtype=np.float64)
+    # NaN: a map without data at a voxel (per-voxel missing data, --min-coverage)
+    largest = np.array(
+        [np.max(np.abs(row), where=~np.isnan(row), initial=0.0) for row in data],
+        dtype=np.float64,
+    )
     median_max = float(np.median(largest))
     outliers: tuple[tuple[int, float], ...] = ()
     if median_max > 0:

@@ -47,12 +47,22 @@ class FittedModel:
         where some maps were excluded has fewer (see ``dof_map``).
     ols : GlmFit or None
     mixed : MixedFit or None
+        A mixed-effects fit, or (with ``missing``) OLS on the maps present at each voxel.
+    missing : bool
+        Per-voxel missing data (``--min-coverage``) with OLS: ``mixed`` holds the fit with unit
+        weights and tau^2 = 0, whose covariance the contrasts scale by ``RSS / (k - p)``
+        (Knapp-Hartung's factor with unit weights), which is exactly OLS on the k maps present.
     """
 
     estimation: EstimationSpec
     dof: float
     ols: GlmFit | None = None
     mixed: MixedFit | None = None
+    missing: bool = False
+    #: Maps with data at each voxel (``missing`` only), for the stat-nmaps map.
+    n_maps: np.ndarray | None = None
+    #: Whether the design spans the constant vector (R^2 centred; ``missing`` only).
+    spans_constant: bool = True
 
     def contrast(self, weights: np.ndarray, test: str) -> ContrastResult:
         """The t or F contrast ``weights`` at every voxel."""
@@ -61,7 +71,8 @@ class FittedModel:
         assert self.mixed is not None
         from bids_group.mixed_effects import mixed_contrast
 
-        result = mixed_contrast(self.mixed, weights, test, self.estimation.adjustment)
+        adjustment = "knapp-hartung" if self.missing else self.estimation.adjustment
+        result = mixed_contrast(self.mixed, weights, test, adjustment)
         dof = (self.dof,) if test == "t" else (result.df1, self.dof)
         # Two-sided p from z, which has the same tail probability as t at each voxel's own
         # dof (computed once, precisely, by mixed_contrast).
@@ -84,7 +95,12 @@ class FittedModel:
     def sidecar(self) -> dict[str, Any]:
         """What every map's sidecar says about the estimator."""
         info: dict[str, Any] = {"Estimator": ESTIMATOR_NAMES[self.estimation.estimator]}
-        if self.mixed is not None:
+        if self.missing:
+            info["MissingData"] = (
+                "per voxel (--min-coverage): each voxel is fitted on the maps with data there; "
+                "degrees of freedom k - p (stat-dof map), maps per voxel in the stat-nmaps map"
+            )
+        elif self.mixed is not None:
             info["VarianceFrom"] = f"stat-{self.estimation.variance_from} maps"
             info["Adjustment"] = self.estimation.adjustment
             info["DegreesOfFreedomPerVoxel"] = (
@@ -121,6 +137,8 @@ class FittedModel:
                 ]
             return maps
         assert self.mixed is not None
+        if self.missing:
+            return self._missing_maps(data)
         maps = [
             ("tau2", self.mixed.tau2,
              {"Statistic": "between-subject variance tau^2 of the mixed-effects model"}),
@@ -129,10 +147,39 @@ class FittedModel:
             maps.append(("dof", self.mixed.dof, {"Statistic": "residual degrees of freedom"}))
         return maps
 
+    def _missing_maps(self, data: np.ndarray) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
+        """OLS with per-voxel missing data: R^2, residual variance, maps and dof per voxel."""
+        fit = self.mixed
+        assert fit is not None and self.n_maps is not None
+        if self.spans_constant:
+            mean = np.nanmean(data, axis=0)
+            total = np.nansum((data - mean) ** 2, axis=0)
+        else:
+            total = np.nansum(np.asarray(data, dtype=np.float64) ** 2, axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r_squared = np.where(total > 0, 1.0 - fit.rwr / total, 0.0)
+        kind = "centred on the voxel's mean" if self.spans_constant else "uncentred"
+        return [
+            ("rsquared", r_squared, {"Statistic": "R-squared = 1 - RSS / TSS on the maps with "
+                                     "data at the voxel", "TotalSumOfSquares": kind}),
+            ("residualvariance", fit.rwr / fit.dof,
+             {"Statistic": "residual variance = RSS / (k - p), k maps with data at the voxel"}),
+            ("nmaps", self.n_maps.astype(np.float64),
+             {"Statistic": "number of input maps with data at the voxel"}),
+            ("dof", fit.dof, {"Statistic": "residual degrees of freedom k - p"}),
+        ]  # fmt: skip
+
     def report_facts(self) -> tuple[tuple[str, str], ...]:
         """Facts about the fit for the report's model section."""
         facts = [("estimator", ESTIMATOR_NAMES[self.estimation.estimator])]
-        if self.mixed is not None:
+        if self.missing and self.n_maps is not None:
+            n = self.n_maps
+            facts += [
+                ("maps per voxel (min, median, max)",
+                 f"{int(n.min())}, {np.median(n):g}, {int(n.max())}"),
+                ("voxels missing some map", f"{int(np.count_nonzero(n < n.max())):,}"),
+            ]  # fmt: skip
+        elif self.mixed is not None:
             tau2 = self.mixed.tau2
             facts += [
                 ("first-level variances", f"stat-{self.estimation.variance_from} maps"),
@@ -159,6 +206,8 @@ def fit_model(
     Voxels where a mixed-effects model is not estimable must have been removed by the
     caller (:func:`mixed_estimable`).
     """
+    if not estimation.mixed and np.isnan(data).any():  # --min-coverage: OLS per voxel
+        return _fit_ols_missing(estimation, data, design)
     if not estimation.mixed:
         fit = fit_ols(data, design)
         return FittedModel(estimation, float(fit.dof), ols=fit)
@@ -177,6 +226,21 @@ def fit_model(
             fit.n_voxels_with_exclusions,
         )
     return FittedModel(estimation, dof, mixed=fit)
+
+
+def _fit_ols_missing(
+    estimation: EstimationSpec, data: np.ndarray, design: np.ndarray
+) -> FittedModel:
+    """OLS on the maps present at each voxel (NaN: missing), see :class:`FittedModel`."""
+    from bids_group.mixed_effects import fit_mixed
+
+    units = np.where(np.isnan(data), np.nan, 1.0)
+    fit = fit_mixed(data, units, design, method="fe")
+    dof = float(data.shape[0] - np.linalg.matrix_rank(design))
+    ones = np.ones((design.shape[0], 1))
+    spans = bool(np.allclose(design @ np.linalg.lstsq(design, ones, rcond=None)[0], ones))
+    return FittedModel(estimation, dof, mixed=fit, missing=True, n_maps=fit.n_used,
+                       spans_constant=spans)  # fmt: skip
 
 
 def mixed_estimable(data: np.ndarray, variances: np.ndarray, design: np.ndarray) -> np.ndarray:

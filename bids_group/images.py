@@ -106,6 +106,7 @@ def load_masked_data(
     smoothing_fwhm: float | None = None,
     n_jobs: int = 1,
     target_voxel_size: float | None = None,
+    min_maps: int | None = None,
 ) -> MaskedData:
     """Read maps as float32, check/resample grids, build the mask, smooth, and mask.
 
@@ -143,6 +144,11 @@ def load_masked_data(
         size in mm before anything else, as nilearn's ``target_affine``/``target_shape``: the
         grid keeps the reference grid's orientation, origin and field of view
         (:func:`target_grid`). Maps are resampled as with ``resample`` (cubic splines).
+    min_maps : int, optional
+        Per-voxel missing data (coverage): the mask is the voxels (of ``mask_path``, or of any
+        map) where at least ``min_maps`` maps have data (finite and non-zero; finite with
+        ``mask_path``), and a map without data at a mask voxel is NaN there. None: every map
+        must have data at every mask voxel (the intersection; today's default).
 
     Returns
     -------
@@ -176,7 +182,10 @@ def load_masked_data(
 
     sigma = _sigma(target.affine, smoothing_fwhm, target.shape)
     volumes = _iter_volumes(paths, grids, target, sigma=sigma, n_jobs=n_jobs)
-    if user_mask is None:
+    if min_maps is not None:
+        data, mask, n_dropped = _stack_coverage(volumes, target.shape, len(paths), min_maps,
+                                                user_mask)  # fmt: skip
+    elif user_mask is None:
         data, mask, n_dropped, coverage = _stack_auto_mask(volumes, target.shape, len(paths))
         _log_auto_mask(int(mask.sum()), n_dropped, coverage, paths)
     else:
@@ -661,6 +670,46 @@ def _stack_auto_mask(
     n_union = int(union.sum())
     coverage = support_sizes / max(n_union, 1)
     return data, mask, n_union - candidate.size, coverage
+
+
+def _stack_coverage(
+    volumes: Iterator[_Volume],
+    shape: tuple[int, int, int],
+    n_maps: int,
+    min_maps: int,
+    user_mask: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mask = voxels where at least ``min_maps`` maps have data; NaN where a map has none.
+
+    Returns the data, the mask, and the number of voxels with data in some map (inside
+    ``user_mask`` when given) but fewer than ``min_maps``.
+    """
+    allowed = None if user_mask is None else user_mask.ravel(order="F")
+    counts = np.zeros(int(np.prod(shape)), dtype=np.int32)
+    kept: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, Fortran indices, values)
+    for volume in volumes:
+        valid = volume.support if allowed is None else volume.finite & allowed
+        where = np.flatnonzero(valid)
+        counts[where] += 1
+        kept.append((volume.index, where, volume.data[where]))
+    mask = _mask_from_fortran_indices(np.flatnonzero(counts >= min_maps), shape)
+    in_c_order = _fortran_indices_in_c_order(mask)
+    column = np.full(counts.size, -1, dtype=np.int64)
+    column[in_c_order] = np.arange(in_c_order.size)
+    data = np.full((n_maps, in_c_order.size), np.nan, dtype=np.float32)
+    for row, where, values in kept:
+        cols = column[where]
+        inside = cols >= 0
+        data[row, cols[inside]] = values[inside]
+    some = counts > 0 if allowed is None else allowed
+    n_dropped = int(np.count_nonzero(some)) - in_c_order.size
+    n_partial = int(np.count_nonzero(np.isnan(data).any(axis=0)))
+    log.info(
+        "Coverage mask: %d voxels where at least %d of the %d maps have data (%d of them miss "
+        "some map and are fitted on the maps they have; %d voxels with fewer maps excluded)",
+        in_c_order.size, min_maps, n_maps, n_partial, n_dropped,
+    )  # fmt: skip
+    return data, mask, n_dropped
 
 
 def _stack_user_mask(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bids_group import CODE_URL, __version__
+from bids_group import CODE_URL, __version__, coverage
 from bids_group.config import InferenceConfig, RunConfig, resolve_estimation, resolve_inference
 from bids_group.contrasts import ContrastResult
 from bids_group.data_checks import check_masked_data
@@ -121,6 +121,7 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     inference = resolve_inference(config.inference_overrides, spec.inference)
     spec = replace(spec, estimation=resolve_estimation(spec.estimation, config))
     _check_estimation(spec.estimation, inference, config)
+    _check_coverage_options(config, inference)
     entries = [
         naming.DATASET_DESCRIPTION,
         naming.README,
@@ -142,6 +143,9 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
         group_by=spec.group_by,
     )
     analyses = plan_analyses(spec, inputs.maps, inputs.participants)
+    if config.min_coverage is not None:  # each model's count, checked before reading
+        for analysis in analyses:
+            _coverage_count(config, analysis)
     plans = plan_permutations(analyses, inference, mixed=spec.estimation.mixed)
     log.info(
         "%d map(s) of %d participant(s); %d model(s) to fit",
@@ -188,6 +192,26 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     summary["seconds"] = round(time.perf_counter() - started, 3)
     log.info("done in %.1f s: %d files in %s", summary["seconds"], len(final), config.out_dir)
     return RunResult(written=final, summary=summary)
+
+
+def _check_coverage_options(config: RunConfig, inference: InferenceConfig) -> None:
+    """Settings per-voxel missing data cannot honour, refused before any image is read."""
+    if config.min_coverage is None:
+        return
+    reason = coverage.refused_with(permutation=bool(inference.permutation),
+                                   smoothing=bool(inference.smoothing_fwhm),
+                                   residuals=config.write_residuals)  # fmt: skip
+    if reason:
+        raise UsageError(f"--min-coverage with {reason}")
+
+
+def _coverage_count(config: RunConfig, analysis: Analysis) -> int | None:
+    """Maps a voxel of ``analysis`` needs (``--min-coverage``), or None (every map)."""
+    if config.min_coverage is None:
+        return None
+    where = ", ".join(f"{k} {v}" for k, v in analysis.group.items()) or "the dataset"
+    return coverage.min_maps(config.min_coverage, len(analysis.maps),
+                             analysis.design.matrix.shape[1], where)  # fmt: skip
 
 
 def _check_estimation(
@@ -372,6 +396,7 @@ def _run_analysis(
         smoothing_fwhm=inference.smoothing_fwhm,
         n_jobs=config.n_jobs,
         target_voxel_size=config.target_voxel_size,
+        min_maps=_coverage_count(config, analysis),
     )
     log.info("mask: %d voxels", data.data.shape[1])
     if inference.cluster_threshold > data.data.shape[1]:
@@ -380,6 +405,8 @@ def _run_analysis(
                     where)  # fmt: skip
     _warn_data_findings(data, analysis.maps, where, ols=not spec.estimation.mixed)
     variances = None
+    if config.min_coverage is not None and not spec.estimation.mixed:
+        data = _estimable_coverage(analysis, data, where)
     if spec.estimation.mixed:
         data, variances = _load_variances(analysis, data, spec.estimation, config, where)
         mixed = MixedInputs(variances, spec.estimation.estimator, spec.estimation.adjustment)
@@ -470,16 +497,21 @@ def _analysis_report(
         *fit.report_facts(),
     )
     extra: tuple = ()
-    if fit.mixed is not None:  # the between-subject variance, as the report promises
+    if fit.mixed is not None:  # tau^2 (mixed effects) or the maps per voxel (coverage)
         label = _label(analysis.input_contrast)
-        names = tuple(naming.figure_name(contrast=label, stat="tau2", kind=kind,
+        stat, values, text, shown = (
+            ("nmaps", fit.n_maps, "maps with data per voxel", "maps per voxel")
+            if fit.missing
+            else ("tau2", fit.mixed.tau2, "between-subject variance tau²", "tau² > 0")
+        )
+        names = tuple(naming.figure_name(contrast=label, stat=stat, kind=kind,
                                          **analysis.name_entities)
                       for kind in naming.FIGURE_SUFFIXES)  # fmt: skip
-        tau2 = np.zeros(data.mask.shape)
-        tau2[data.mask] = fit.mixed.tau2
-        extra = view.figures(tau2, threshold=None, label="tau²", names=names,
-                             title=f"Between-subject variance tau² ({where})",
-                             shown="tau² > 0")  # fmt: skip
+        volume = np.zeros(data.mask.shape)
+        volume[data.mask] = values
+        extra = view.figures(volume, threshold=None, label=shown.split(" ")[0], names=names,
+                             title=f"{text[0].upper()}{text[1:]} ({where})",
+                             shown=shown)  # fmt: skip
     sections = report.analysis_sections(
         f"Model for {where}", facts=facts, design_svg=figure_path.read_bytes(),
         design_filename=figure_path.name, design_summary=summary, mask=mask,
@@ -591,6 +623,23 @@ def _write_model_maps(
                       sidecar={**common, **sidecar})  # fmt: skip
         written += [path, path.with_name(naming.sidecar_name(path.name))]
     return written
+
+
+def _estimable_coverage(analysis: Analysis, data: MaskedData, where: str) -> MaskedData:
+    """Drop the voxels where the maps present leave the design without residual dof or rank
+    deficient (e.g. every map of one group missing), counted in a warning."""
+    units = np.where(np.isnan(data.data), np.nan, 1.0)
+    keep = mixed_estimable(data.data, units, analysis.design.matrix)
+    if keep.all():
+        return data
+    if not keep.any():
+        raise DataError(f"{where}: no voxel of the coverage mask has maps that can fit the design")
+    log.warning(
+        "%s: %d of %d coverage-mask voxels removed: the maps with data there leave the design "
+        "rank deficient (e.g. every map of one group missing)",
+        where, int(np.count_nonzero(~keep)), keep.size,
+    )  # fmt: skip
+    return data.restricted(keep)
 
 
 def _load_variances(

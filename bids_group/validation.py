@@ -127,6 +127,7 @@ SETTINGS: dict[str, Bounds] = {
     "cluster_threshold": Bounds(integer=True, lo=0, hi=MAX_CLUSTER_THRESHOLD, unit="voxels"),
     "smoothing_fwhm": Bounds(lo=0, hi=MAX_SMOOTHING_FWHM, unit="mm"),
     "target_voxel_size": Bounds(lo=MIN_TARGET_VOXEL_SIZE, hi=MAX_SMOOTHING_FWHM, unit="mm"),
+    "min_coverage": Bounds(lo=0, lo_open=True, unit="(fraction <= 1, or a count of maps)"),
     "ari_thresholds": Bounds(lo=0, lo_open=True, unit="(z)"),
     "ari_alpha": _PROBABILITY,
     "n_perm": Bounds(integer=True, lo=1, hi=MAX_N_PERM),

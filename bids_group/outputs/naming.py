@@ -39,6 +39,7 @@ Statistics (``stat-<stat>``), see :data:`STATS`:
 ``predicted``         fitted values, one volume per input map (``--write-residuals``)
 ``tau2``              between-subject variance of a mixed-effects model (model-level map)
 ``dof``               residual degrees of freedom per voxel, where they differ (model-level)
+``nmaps``             input maps with data at the voxel (``--min-coverage``; model-level)
 ====================  =================================================================
 
 ``desc`` labels of thresholded maps, built by :func:`desc_label` (``method`` -> label):
@@ -92,6 +93,7 @@ STATS: Mapping[str, str] = {
     "predicted": "fitted values of the model, one volume per input map",
     "tau2": "between-subject variance tau^2 of a mixed-effects model",
     "dof": "residual degrees of freedom per voxel",
+    "nmaps": "number of input maps with data at the voxel (per-voxel missing data)",
 }
 
 #: ``desc-`` labels of thresholded maps (see the module docstring for the table).
