@@ -111,15 +111,42 @@ def resample(
     """
     # target voxel -> world -> source voxel
     to_source = np.linalg.inv(np.asarray(source_affine, float)) @ np.asarray(target_affine, float)
+    shape = tuple(int(n) for n in shape[:3])
+    picks = _voxel_picks(to_source, shape)
+    if picks is not None:
+        return _take(np.asarray(volume, dtype=np.float64), picks, shape)
     return ndimage.affine_transform(
         np.asarray(volume, dtype=np.float64),
         to_source[:3, :3],
         offset=to_source[:3, 3],
-        output_shape=tuple(int(n) for n in shape[:3]),
+        output_shape=shape,
         order=order,
         mode="constant",
         cval=0.0,
     )
+
+
+def _voxel_picks(to_source: np.ndarray, shape: tuple[int, int, int]) -> list[np.ndarray] | None:
+    """Source index of each target index along each axis, when every target voxel centre is a
+    source voxel centre on an axis-aligned grid (the MNI 2 mm grid in any axis order of signs,
+    or a subsampling of it); else None."""
+    linear = to_source[:3, :3]
+    scale, offset = np.diag(linear), to_source[:3, 3]
+    aligned = np.allclose(linear, np.diag(scale), atol=1e-6)
+    if not aligned or not np.allclose(
+        np.r_[scale, offset], np.rint(np.r_[scale, offset]), atol=1e-6
+    ):
+        return None
+    return [np.rint(scale[a] * np.arange(shape[a]) + offset[a]).astype(int) for a in range(3)]
+
+
+def _take(volume: np.ndarray, picks: list[np.ndarray], shape: tuple[int, int, int]) -> np.ndarray:
+    """``volume`` at the picked indices, 0 where a pick falls outside it (exact trilinear values
+    at voxel centres, without interpolating: the common MNI grids cost an index, not a spline)."""
+    inside = [(p >= 0) & (p < n) for p, n in zip(picks, volume.shape, strict=True)]
+    out = np.zeros(shape, dtype=np.float64)
+    out[np.ix_(*inside)] = volume[np.ix_(*[p[k] for p, k in zip(picks, inside, strict=True)])]
+    return out
 
 
 def template_on_grid(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -84,16 +84,42 @@ def test_resample_puts_a_template_point_at_its_mm_coordinate():
     assert 0.4 < left.mean() < 0.6
 
 
-def test_resample_matches_nilearn_on_an_oblique_grid():
-    image = pytest.importorskip("nilearn.image")
-    tpl = load_template()
+def _oblique() -> np.ndarray:
     angle = np.deg2rad(10)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
                          [0, 0, 1]])  # fmt: skip
     affine = np.eye(4)
     affine[:3, :3] = rotation @ np.diag([3.0, -3.0, 3.5])
     affine[:3, 3] = [-85, 100, -60]
-    shape = (60, 70, 45)
+    return affine
+
+
+GRIDS = {
+    # interpolated: rotated, anisotropic, y flipped
+    "oblique": (_oblique(), (60, 70, 45)),
+    # on template voxel centres (indexed, not interpolated): FSL's LAS 2 mm grid...
+    "fsl-2mm": (
+        np.array([[-2.0, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]]),
+        (91, 109, 91),
+    ),  # fmt: skip
+    # ... and a 4 mm grid reaching beyond the template on every side
+    "wide-4mm": (
+        np.array([[4.0, 0, 0, -110], [0, 4, 0, -150], [0, 0, -4, 130], [0, 0, 0, 1]]),
+        (57, 68, 60),
+    ),  # fmt: skip
+    # axis-aligned but between template voxel centres (interpolated)
+    "shifted-3mm": (
+        np.array([[3.0, 0, 0, -91], [0, 3, 0, -125.5], [0, 0, 3, -70], [0, 0, 0, 1]]),
+        (60, 72, 60),
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_resample_matches_nilearn(grid):
+    image = pytest.importorskip("nilearn.image")
+    tpl = load_template()
+    affine, shape = GRIDS[grid]
     target = nib.Nifti1Image(np.zeros(shape, np.float32), affine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
