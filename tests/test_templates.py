@@ -195,3 +195,26 @@ def test_cli_report_caption_names_the_background(bids_derivatives, tmp_path, spa
     assert captions.pop().startswith(expected)
     silhouette = "the MNI152 template's brain" if space else "the analysis mask"
     assert f"Silhouette: {silhouette}." in page
+
+
+REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real"
+
+
+@pytest.mark.parametrize(
+    ("folder", "expected"),
+    [
+        # FSL's MNI 2 mm brain mask (6th generation): mostly in the 2009a template's brain
+        ("pain21", "Background: the MNI152 template"),
+        # NiMARE's 10-voxel crop keeps the full-grid affine: it sits at the corner of the box
+        ("nimare-pain-crop", "only 0% of the analysis mask lies in the MNI152 template's brain"),
+    ],
+)
+def test_real_masks_in_mni_space(folder, expected):
+    path = REAL / folder / "mask.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"real data absent: {path}")
+    img = nib.load(path)
+    mask = np.asarray(img.dataobj).reshape(img.shape[:3]) > 0
+    data = np.ones((2, int(mask.sum())))
+    background = report_background(data, mask, img.affine, space="MNI152NLin6Asym")
+    assert expected in background.note
