@@ -17,7 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     BIDS_GROUP_NUMBA_SEED=/usr/local/share/bids-group/numba
 
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml README.md LICENSE NOTICE ./
 COPY bids_group ./bids_group
 COPY examples/ds-faces ./examples/ds-faces
 COPY configs/two_sample_age.yaml configs/one_sample.yaml ./configs/

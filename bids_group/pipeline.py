@@ -415,9 +415,12 @@ def _run_analysis(
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)
     written += _write_model_maps(analysis, fit, data, node_dir, writer, config.write_residuals)
-    view = (
-        _ReportView(data, report.background_volume(data.data, data.mask)) if config.report else None
-    )
+    view = None
+    if config.report:
+        background = report.report_background(
+            data.data, data.mask, data.affine, space=entities.get("space")
+        )
+        view = _ReportView(data, background)
     contrasts_summary, contrast_sections = [], []
     for contrast in analysis.contrasts:
         result = fit.contrast(contrast.weights, contrast.test)
@@ -461,10 +464,10 @@ def _run_analysis(
 
 @dataclass(frozen=True)
 class _ReportView:
-    """What the figures of one analysis share: its data grid and the background volume."""
+    """What the figures of one analysis share: its data grid and the background."""
 
     data: MaskedData
-    background: np.ndarray
+    background: report.Background
 
     def figures(self, volume, *, threshold, label, title, names, vmax=None, shown=None) -> tuple:
         return report.map_figures(volume, self.data.affine, mask=self.data.mask,

@@ -20,17 +20,17 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from bids_group.templates import TEMPLATE_SPACE, template_on_grid
+
 SEED = 20240601
 N_SUBJECTS = 20
 TASK = "faces"
 SPACE = "MNI152NLin2009cAsym"
 CONTRASTS = ("faces", "scrambled")
-#: 4 mm grid covering the MNI box (RAS, origin at voxel (22.5, 31.5, 18)).
+#: 4 mm grid: every other voxel of the 2 mm MNI grid of the template shipped with bids-group
+#: (RAS, voxel centres at x = -90..86, y = -126..86, z = -72..104 mm).
 SHAPE = (45, 54, 45)
 AFFINE = np.array([[4.0, 0, 0, -90.0], [0, 4.0, 0, -126.0], [0, 0, 4.0, -72.0], [0, 0, 0, 1.0]])
-#: Brain-shaped support: an ellipsoid (centre and semi-axes in mm); zeros outside.
-BRAIN_CENTER_MM = (0.0, -18.0, 10.0)
-BRAIN_SEMI_AXES_MM = (68.0, 86.0, 60.0)
 #: Noise: white noise smoothed with a Gaussian of this FWHM, then scaled to unit SD.
 NOISE_FWHM_MM = 10.0
 NOISE_SD = 1.0
@@ -83,9 +83,8 @@ def _world_coordinates() -> np.ndarray:
 
 
 def brain_mask() -> np.ndarray:
-    xyz = _world_coordinates()
-    r2 = sum(((xyz[a] - BRAIN_CENTER_MM[a]) / BRAIN_SEMI_AXES_MM[a]) ** 2 for a in range(3))
-    return r2 <= 1.0
+    """The brain mask of the shipped MNI152 template on the grid (zeros outside it)."""
+    return template_on_grid(AFFINE, SHAPE)[1]
 
 
 def blob(center_mm: tuple[float, float, float]) -> np.ndarray:
@@ -211,14 +210,17 @@ Made by `examples/make_example_dataset.py` (seed {SEED}); re-running it rewrites
   `group` ({n_patients} `patient`, {N_SUBJECTS - n_patients} `control`); no missing values.
 * `sub-XX/func/sub-XX_task-{TASK}_space-{SPACE}_contrast-<c>_stat-effect_statmap.nii.gz`:
   one effect (beta) map per subject and contrast, `<c>` in {{{", ".join(CONTRASTS)}}}.
-* Grid: {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} voxels of 4 mm, RAS, origin (-90, -126, -72) mm
-  ("MNI-like": the space label is nominal, the grid is not a real template's).
-* Support: an ellipsoid (centre {BRAIN_CENTER_MM} mm, semi-axes {BRAIN_SEMI_AXES_MM} mm),
-  {int(brain_mask().sum())} voxels; exactly 0 outside.
+* Grid: {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} voxels of 4 mm, RAS, origin (-90, -126, -72) mm: every
+  other voxel of the 2 mm MNI grid.
+* Support: the brain mask of the MNI152 template shipped with bids-group ({TEMPLATE_SPACE}, ICBM
+  2009a nonlinear symmetric; its licence is in bids-group's NOTICE) sampled on that grid,
+  {int(brain_mask().sum())} voxels; exactly 0 outside. The space label {SPACE} names the
+  template family the coordinates below refer to (the 2009a and 2009c templates differ by a few
+  millimetres at most).
 
 ## How the maps were made
 value = sum of true effects + noise, where the noise is white Gaussian noise smoothed with a
-{NOISE_FWHM_MM:g} mm FWHM Gaussian and scaled to SD {NOISE_SD:g} inside the ellipsoid
+{NOISE_FWHM_MM:g} mm FWHM Gaussian and scaled to SD {NOISE_SD:g} inside the brain mask
 (independent per subject and contrast). Values keep {KEPT_MANTISSA_BITS} significant bits
 (truncated: relative error < 1e-3) so the files compress. Every effect is a Gaussian blob of
 {BLOB_FWHM_MM:g} mm FWHM whose peak value is `amplitude x covariate`:
@@ -226,6 +228,10 @@ value = sum of true effects + noise, where the noise is white Gaussian noise smo
 | region | contrasts | centre (mm) | amplitude | covariate |
 |---|---|---|---|---|
 {effect_rows}
+
+The fusiform and amygdala centres lie in the template's grey matter; the midline centres (early
+visual, medial prefrontal) lie between the two medial walls, so each of those blobs covers the
+grey matter of both hemispheres. Signal and noise are 0 outside the brain mask.
 
 So a one-sample t-test of `faces` finds early visual cortex and both fusiform areas; the
 `patient - control` contrast finds the right amygdala (faces only); `age` (centred) finds a

@@ -87,3 +87,30 @@ def test_true_effects_are_recovered(generator):
         # noise SD 1: SE of the mean ~0.23, of the group difference ~0.46, of the slope ~0.02
         tolerance = {"1": 0.8, "patient": 1.5, "age_c": 0.06}[effect.covariate]
         assert abs(estimate - effect.amplitude) < tolerance, effect.name
+
+
+def test_support_is_the_mni_brain_and_effects_sit_in_grey_matter(generator):
+    """Oracle: nilearn's own copies of the ICBM 2009a brain and grey-matter templates (1 mm)."""
+    datasets = pytest.importorskip("nilearn.datasets")
+    import warnings
+
+    import nibabel as nib
+    from nilearn.image import resample_to_img
+
+    target = nib.Nifti1Image(np.zeros(generator.SHAPE, np.float32), generator.AFFINE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        brain = resample_to_img(datasets.load_mni152_brain_mask(resolution=1), target,
+                                interpolation="nearest", force_resample=True,
+                                copy_header=True).get_fdata() > 0  # fmt: skip
+        grey = datasets.load_mni152_gm_template(resolution=1)
+    ours = generator.brain_mask()
+    assert np.mean(ours == brain) > 0.99 and (ours & brain).sum() > 0.95 * brain.sum()
+    gm = np.asarray(grey.dataobj, dtype=np.float64)
+    offsets = np.indices((13, 13, 13)).reshape(3, -1).T - 6  # 1 mm voxels within 6 mm
+    offsets = offsets[np.linalg.norm(offsets, axis=1) <= 6]
+    for effect in generator.EFFECTS:
+        centre = np.linalg.solve(grey.affine, [*effect.center_mm, 1.0])[:3].round().astype(int)
+        near = tuple((centre + offsets).T)
+        # midline centres lie between the medial walls: grey matter within 6 mm
+        assert gm[near].max() > 0.7, effect.name

@@ -54,7 +54,7 @@ def test_report_is_written_listed_and_self_contained(example_run):
         assert imread(io.BytesIO(png.read_bytes())).shape[1] > 300
         assert png.name in page  # the report names the file of each figure
     # the content a reader needs
-    for text in ("two_sample_age", "patientGtControl", "condition number", "23,040 voxels",
+    for text in ("two_sample_age", "patientGtControl", "condition number", "29,472 voxels",
                  "|z| &gt; 3.09", "true_discoveries", "Model as run", "numpy"):  # fmt: skip
         assert text in page, text
     assert page.count("<img ") == len(pngs) + len(summary["analyses"])  # + design SVGs

@@ -5,9 +5,11 @@ objects; the pipeline calls them as results come and hands the sections to
 :func:`report_content`. The only writers are :func:`write_figures` (the PNG files beside the
 maps) and :func:`bids_group.report.html.write_report`.
 
-Background of the brain figures: the **mean of the absolute values of the input maps** over the
-mask (:func:`background_volume`). It needs no template download and shows the analysed volume
-itself; the signed mean is useless as a background since positive and negative effects cancel.
+Background of the brain figures (:func:`report_background`): the MNI152 template shipped with the
+package (:mod:`bids_group.templates`) when the maps are in an MNI152 space and the analysis mask
+lies in the template's brain; otherwise the **mean of the absolute values of the input maps** over
+the mask (:func:`background_volume`), which shows the analysed volume itself (the signed mean is
+useless as a background since positive and negative effects cancel). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -28,14 +30,13 @@ import pandas as pd
 from bids_group.images import unmask
 from bids_group.report.html import ReportContent, ReportFigure, ReportSection, ReportTable
 from bids_group.report.raster import glass_brain_png, mask_png, slices_png
+from bids_group.templates import TEMPLATE_SPACE, mni_space, template_on_grid
 
 log = logging.getLogger(__name__)
 
-#: Stated under the brain figures and in the README.
-BACKGROUND_NOTE = (
-    "Background: mean of |input maps| over the analysis mask (computed from the data; no "
-    "template is downloaded)."
-)
+#: The template is the background only if at least this share of the analysis mask lies in its
+#: brain (a space label alone does not prove that the grid is in MNI millimetres).
+MIN_MASK_IN_TEMPLATE = 0.5
 #: Cluster tables longer than this are cut in the report (the TSV has every row).
 MAX_TABLE_ROWS = 40
 #: Packages whose versions the report lists.
@@ -109,6 +110,70 @@ def background_volume(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return unmask(np.abs(data).mean(axis=0, dtype=np.float64), mask)
 
 
+@dataclass(frozen=True)
+class Background:
+    """What the brain figures of one analysis are drawn over, and the caption that says so.
+
+    Attributes
+    ----------
+    volume : ndarray of shape (nx, ny, nz)
+        Grey levels of the slices and mask figures, on the data grid (0: black).
+    outline : ndarray of shape (nx, ny, nz), bool
+        The glass brain's silhouette.
+    note : str
+        The caption's sentence on the background, e.g. ``"Background: the MNI152 template ..."``.
+    outline_note : str
+        The glass-brain caption's sentence on the silhouette.
+    """
+
+    volume: np.ndarray
+    outline: np.ndarray
+    note: str
+    outline_note: str
+
+
+def report_background(
+    data: np.ndarray, mask: np.ndarray, affine: np.ndarray, *, space: str | None
+) -> Background:
+    """The MNI152 template on the data grid if the maps are in MNI space, else the data's own.
+
+    The template is used when ``space`` names an MNI152 space
+    (:func:`bids_group.templates.mni_space`) and at least :data:`MIN_MASK_IN_TEMPLATE` of the
+    analysis mask falls in the template's brain once the template is resampled to the data grid
+    through the maps' affine. Otherwise the background is :func:`background_volume` and the
+    silhouette is the mask, and the caption says why.
+
+    Parameters
+    ----------
+    data : ndarray of shape (n_maps, n_voxels)
+        In-mask values (``MaskedData.data``).
+    mask : ndarray of shape (nx, ny, nz), bool
+    affine : ndarray of shape (4, 4)
+    space : str or None
+        The ``space`` entity shared by the maps (None when absent or mixed).
+
+    Returns
+    -------
+    Background
+    """
+    if mni_space(space):
+        t1, brain = template_on_grid(affine, mask.shape)
+        share = float(brain[mask].mean()) if mask.any() else 0.0
+        if share >= MIN_MASK_IN_TEMPLATE:
+            note = (f"Background: the MNI152 template ({TEMPLATE_SPACE}, ICBM 2009a nonlinear "
+                    f"symmetric, 2 mm, shipped with bids-group), since the maps are in space "
+                    f"{space}.")  # fmt: skip
+            return Background(t1, brain, note, "Silhouette: the MNI152 template's brain.")
+        why = f"only {share:.0%} of the analysis mask lies in the MNI152 template's brain"
+    elif space:
+        why = f"the maps' space {space} is not an MNI152 space"
+    else:
+        why = "the maps name no MNI152 space (no shared space-MNI152... entity)"
+    log.info("report background: mean |input maps|, since %s", why)
+    note = f"Background: mean of |input maps| over the analysis mask, since {why}."
+    return Background(background_volume(data, mask), mask, note, "Silhouette: the analysis mask.")
+
+
 def write_figures(folder: Path, figures: Sequence[ReportFigure]) -> list[Path]:
     """Write each figure's bytes to ``folder / figure.filename``; return the paths."""
     paths = []
@@ -127,7 +192,7 @@ def map_figures(
     affine: np.ndarray,
     *,
     mask: np.ndarray,
-    background: np.ndarray,
+    background: Background,
     threshold: float | None,
     label: str,
     title: str,
@@ -142,7 +207,8 @@ def map_figures(
     volume : ndarray of shape (nx, ny, nz)
         The thresholded map (0 below threshold, NaN or 0 outside the mask).
     affine : ndarray of shape (4, 4)
-    mask, background : ndarray of shape (nx, ny, nz)
+    mask : ndarray of shape (nx, ny, nz), bool
+    background : Background
     threshold : float or None
         In the units of ``label`` (e.g. z); None shows every non-zero voxel.
     label : str
@@ -160,23 +226,23 @@ def map_figures(
     """
     clean = np.where(mask, np.nan_to_num(volume), 0.0)
     units = shown or (f"{label} > {threshold:.3g}" if threshold is not None else f"{label} > 0")
-    slices = slices_png(clean, affine, background_vol=background, threshold=threshold,
+    slices = slices_png(clean, affine, background_vol=background.volume, threshold=threshold,
                         title=title, colorbar_label=label, vmax=vmax)  # fmt: skip
-    glass = glass_brain_png(clean, affine, threshold=threshold, outline_vol=mask, title=title,
-                            colorbar_label=label, vmax=vmax)  # fmt: skip
+    glass = glass_brain_png(clean, affine, threshold=threshold, outline_vol=background.outline,
+                            title=title, colorbar_label=label, vmax=vmax)  # fmt: skip
     return (
         ReportFigure(
             "Orthogonal slices at the peak",
             slices,
             "image/png",
-            f"Shown: {units}. {BACKGROUND_NOTE}",
+            f"Shown: {units}. {background.note}",
             filenames[0],
         ),  # fmt: skip
         ReportFigure(
             "Glass brain (maximum-intensity projection)",
             glass,
             "image/png",
-            f"Shown: {units}. Silhouette: the analysis mask.",
+            f"Shown: {units}. {background.outline_note}",
             filenames[1],
         ),  # fmt: skip
     )
@@ -208,12 +274,12 @@ def null_figure(
     return ReportFigure("Permutation null distribution", data, "image/png", caption, "")
 
 
-def mask_figure(mask: np.ndarray, background: np.ndarray, affine: np.ndarray, *, filename: str):
+def mask_figure(mask: np.ndarray, background: Background, affine: np.ndarray, *, filename: str):
     """The analysis mask outlined over the background, titled with its voxel count."""
     n_voxels = int(np.count_nonzero(mask))
-    data = mask_png(mask, background, affine, title=f"Analysis mask: {n_voxels:,} voxels")
+    data = mask_png(mask, background.volume, affine, title=f"Analysis mask: {n_voxels:,} voxels")
     return ReportFigure("Analysis mask", data, "image/png",
-                        f"Red: outline of the {n_voxels:,} voxels analysed. {BACKGROUND_NOTE}",
+                        f"Red: outline of the {n_voxels:,} voxels analysed. {background.note}",
                         filename)  # fmt: skip
 
 
