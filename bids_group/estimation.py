@@ -145,6 +145,9 @@ class FittedModel:
         ]  # fmt: skip
         if self.dof_varies:
             maps.append(("dof", self.mixed.dof, {"Statistic": "residual degrees of freedom"}))
+            maps.append(("nmaps", self.mixed.n_used.astype(np.float64),
+                         {"Statistic": "number of maps used at the voxel (finite effect, "
+                          "positive finite variance)"}))  # fmt: skip
         return maps
 
     def _missing_maps(self, data: np.ndarray) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
