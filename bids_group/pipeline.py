@@ -803,6 +803,8 @@ def _write_height(
     method = report.MethodReport(
         _method_title(inference, threshold), facts=facts, figures=figures, empty=empty,
         table=report.cluster_report_table(table, filename=table_path.name) if len(table) else None,
+        survivors=report.survivors(thresholded, out.data.affine,
+                                   connectivity=inference.connectivity),
     )  # fmt: skip
     return written, summary, method
 
@@ -886,11 +888,11 @@ def _write_ari(
         if len(ari.table)
         else None
     )
-    return (
-        written,
-        summary,
-        report.MethodReport(title, facts=facts, figures=figures, table=table, empty=empty),
-    )
+    found = report.survivors(np.where(ari.tdp_map > 0, z_vol, 0.0), out.data.affine,
+                             connectivity=inference.connectivity)  # fmt: skip
+    method = report.MethodReport(title, facts=facts, figures=figures, table=table, empty=empty,
+                                 survivors=found)  # fmt: skip
+    return written, summary, method
 
 
 _ARI_COLUMNS: dict[str, dict[str, str]] = {

@@ -469,6 +469,7 @@ def _write_method(
         table=report_table if report_table.rows else None,
         null=null,
         empty=empty,
+        survivors=report.survivors(z_vol, out.data.affine, connectivity=inference.connectivity),
     )
     return written, summary, method_report
 

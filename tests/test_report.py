@@ -28,6 +28,7 @@ from bids_group.report import (
     ReportFigure,
     ReportSection,
     ReportTable,
+    ResultSummary,
     contrast_weights_plot,
     design_matrix_plot,
     design_summary,
@@ -382,6 +383,28 @@ def test_table_from_dataframe_formats_cells():
     assert "none" in render_report(
         ReportContent("r", "c", "n", sections=(ReportSection("s", tables=(empty,)),))
     )
+
+
+def test_summary_table_rows_link_to_their_method_sections():
+    found = ResultSummary("faces", "FDR q < 0.05", 1234, 3, -5.125, (-40.0, -62.0, 8.0))
+    none = ResultSummary("houses", "FDR q < 0.05", 0, 0)
+    contrasts = tuple(
+        ReportSection(f"Contrast {r.contrast}", subsections=(ReportSection(r.method, result=r),))
+        for r in (found, none)
+    )
+    page = render_report(ReportContent("r", "cmd", "now", sections=contrasts))
+    summary = page[page.index('<section id="summary"') : page.index("</table>")]
+    assert summary.count("<tr") == 3  # header + one row per method
+    assert (
+        '<td>faces</td><td><a href="#contrast-faces--fdr-q-0-05">FDR q &lt; 0.05</a></td>'
+        "<td>1,234</td><td>3</td><td>-5.12</td><td>-40, -62, 8</td>" in summary
+    )
+    assert '<a href="#contrast-houses--fdr-q-0-05">' in summary
+    assert '<td colspan="4">nothing survives</td>' in summary
+    assert 'id="contrast-faces--fdr-q-0-05"' in page and 'id="contrast-houses--fdr-q-0-05"' in page
+    assert '<a href="#summary">Summary of results</a>' in page  # in the contents
+    no_results = render_report(ReportContent("r", "c", "n", sections=(ReportSection("s"),)))
+    assert 'id="summary"' not in no_results
 
 
 def test_write_report_is_atomic_and_checked(tmp_path):

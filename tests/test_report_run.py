@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.image import imread
 from test_ari_run import ROOT, _run
@@ -58,6 +59,46 @@ def test_report_is_written_listed_and_self_contained(example_run):
                  "|z| &gt; 3.09", "true_discoveries", "Model as run", "numpy"):  # fmt: skip
         assert text in page, text
     assert page.count("<img ") == len(pngs) + len(summary["analyses"])  # + design SVGs
+
+
+def _summary_rows(page: str) -> list[tuple[str, list[str]]]:
+    """(anchor, cell texts) of each row of the summary table."""
+    table = re.search(r'<section id="summary".*?</table>', page, re.S)
+    assert table, "no summary table"
+    rows = re.findall(r"<tr[^>]*><td>(.*?)</td><td><a href=\"#([^\"]+)\">(.*?)</a></td>(.*?)</tr>",
+                      table.group(0))  # fmt: skip
+    return [(anchor, [c, m, *re.findall(r"<td[^>]*>(.*?)</td>", rest)])
+            for c, anchor, m, rest in rows]  # fmt: skip
+
+
+def test_summary_table_lists_every_method_and_links_to_it(example_run):
+    out, summary = example_run
+    page = Path(summary["report"]).read_text(encoding="utf-8")
+    rows = _summary_rows(page)
+    contrasts = [c for a in summary["analyses"] for c in a["contrasts"]]
+    assert len(rows) == 2 * len(contrasts)  # height control and ARI for each contrast
+    ids = set(re.findall(r' id="([^"]+)"', page))
+    assert {anchor for anchor, _ in rows} <= ids
+    assert page.index('id="summary"') < page.index('id="model-as-run"')  # at the top
+    node = out / "node-groupComparison"
+    for contrast in contrasts:
+        label = contrast["label"]
+        height = [cells for _, cells in rows if cells[0] == label and "ARI" not in cells[1]]
+        assert len(height) == 1
+        cells = height[0]
+        if not contrast["surviving_voxels"]:
+            assert cells[2:] == ["nothing survives"]
+            continue
+        # the oracle: the cluster table written beside the maps
+        (tsv,) = node.glob(f"*contrast-{label}_stat-z_desc-uncorrectedK20_clusters.tsv")
+        table = pd.read_csv(tsv, sep="\t", dtype={"cluster_id": str})
+        clusters = table[table["cluster_id"].str.isdigit()]
+        assert cells[2] == f"{contrast['surviving_voxels']:,}"
+        assert int(cells[3]) == len(clusters) and clusters["size_voxels"].sum() == int(cells[2])
+        top = table.loc[table["peak_stat"].abs().idxmax()]
+        assert float(cells[4]) == pytest.approx(top["peak_stat"], abs=0.005)
+        assert cells[5] == f"{top['peak_x']:.0f}, {top['peak_y']:.0f}, {top['peak_z']:.0f}"
+    assert any(cells[2:] == ["nothing survives"] for _, cells in rows)
 
 
 def test_no_report_writes_neither_html_nor_figures(tmp_path):

@@ -11,6 +11,7 @@ from bids_group.report.html import (
     ReportFigure,
     ReportSection,
     ReportTable,
+    ResultSummary,
     render_report,
     write_report,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "ReportFigure",
     "ReportSection",
     "ReportTable",
+    "ResultSummary",
     "contrast_weights_plot",
     "design_matrix_plot",
     "design_summary",

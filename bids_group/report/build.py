@@ -26,7 +26,14 @@ import numpy as np
 import pandas as pd
 
 from bids_group.images import unmask
-from bids_group.report.html import ReportContent, ReportFigure, ReportSection, ReportTable
+from bids_group.inference.clusters import label_clusters
+from bids_group.report.html import (
+    ReportContent,
+    ReportFigure,
+    ReportSection,
+    ReportTable,
+    ResultSummary,
+)
 from bids_group.report.raster import glass_brain_png, mask_png, slices_png
 
 log = logging.getLogger(__name__)
@@ -307,14 +314,62 @@ class MethodReport:
     #: When nothing survives: one line saying so (see :func:`nothing_survives`), shown instead
     #: of empty map figures.
     empty: str | None = None
+    #: What survives (:func:`survivors`), for the summary table at the top of the report.
+    survivors: Survivors | None = None
 
-    def section(self) -> ReportSection:
+    def section(self, contrast: str = "") -> ReportSection:
+        """This method's part of the contrast section (with its summary row when known)."""
         figures = ((self.null,) if self.null is not None else ()) + self.figures
         tables = (self.table,) if self.table is not None else ()
         text = (self.empty,) if self.empty else ()
+        result = None
+        if self.survivors is not None:
+            s = self.survivors
+            result = ResultSummary(contrast, self.title, s.voxels, s.clusters, s.peak_z, s.peak_mm)
         return ReportSection(
-            self.title, text=text, facts=self.facts, figures=figures, tables=tables
+            self.title, text=text, facts=self.facts, figures=figures, tables=tables, result=result
         )
+
+
+@dataclass(frozen=True)
+class Survivors:
+    """Surviving voxels of one method: count, clusters and the peak (see :func:`survivors`)."""
+
+    voxels: int
+    clusters: int
+    peak_z: float | None
+    peak_mm: tuple[float, float, float] | None
+
+
+def survivors(z_vol: np.ndarray, affine: np.ndarray, *, connectivity: int) -> Survivors:
+    """Count and locate the surviving voxels of a method.
+
+    Parameters
+    ----------
+    z_vol : ndarray of shape (nx, ny, nz), float
+        z at the surviving voxels, 0 (or NaN) elsewhere.
+    affine : ndarray of shape (4, 4)
+    connectivity : {6, 18, 26}
+        Clusters are the connected components of the positive and of the negative survivors.
+
+    Returns
+    -------
+    Survivors
+        Peak: the survivor of largest ``|z|`` (first in voxel order on ties), in mm.
+
+    >>> vol = np.zeros((4, 1, 1)); vol[0, 0, 0], vol[1, 0, 0], vol[3, 0, 0] = 3.5, -4.0, 3.2
+    >>> survivors(vol, np.eye(4), connectivity=26)
+    Survivors(voxels=3, clusters=3, peak_z=-4.0, peak_mm=(1.0, 0.0, 0.0))
+    """
+    z = np.nan_to_num(np.asarray(z_vol, dtype=np.float64))
+    n_voxels = int(np.count_nonzero(z))
+    if not n_voxels:
+        return Survivors(0, 0, None, None)
+    n_clusters = sum(label_clusters(side, connectivity)[1] for side in (z > 0, z < 0))
+    ijk = np.unravel_index(int(np.argmax(np.abs(z))), z.shape)
+    xyz = np.asarray(affine, dtype=np.float64)[:3] @ np.array([*ijk, 1.0])
+    mm = tuple(float(c) + 0.0 for c in xyz)
+    return Survivors(n_voxels, int(n_clusters), float(z[ijk]), mm)
 
 
 def peak_text(
@@ -373,7 +428,7 @@ def contrast_section(
 ) -> ReportSection:
     """A contrast: its weights, then one sub-part per correction method."""
     dof_text = ", ".join(f"{d:g}" for d in dof)
-    parts = [m.section() for m in methods]
+    parts = [m.section(label) for m in methods]
     return ReportSection(
         f"Contrast {label}",
         facts=(("name in the model", name), ("test", f"{test} ({dof_text} degrees of freedom)")),
