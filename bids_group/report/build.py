@@ -27,6 +27,7 @@ import pandas as pd
 
 from bids_group.images import unmask
 from bids_group.inference.clusters import label_clusters
+from bids_group.report.histogram import null_distribution_png
 from bids_group.report.html import (
     ReportContent,
     ReportFigure,
@@ -34,7 +35,7 @@ from bids_group.report.html import (
     ReportTable,
     ResultSummary,
 )
-from bids_group.report.raster import glass_brain_png, mask_png, slices_png
+from bids_group.report.raster import MIN_TEXT_PX, glass_brain_png, mask_png, slices_png
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def map_figures(
             "image/png",
             f"Shown: {units}. {BACKGROUND_NOTE}",
             filenames[0],
+            MIN_TEXT_PX,
         ),  # fmt: skip
         ReportFigure(
             "Glass brain (maximum-intensity projection)",
@@ -185,6 +187,7 @@ def map_figures(
             "image/png",
             f"Shown: {units}. Silhouette: the analysis mask.",
             filenames[1],
+            MIN_TEXT_PX,
         ),  # fmt: skip
     )
 
@@ -203,16 +206,16 @@ def null_figure(
 
     ``source`` names the TSV holding the same null (so readers can audit or merge it).
     """
-    from bids_group.report.plots import null_distribution_plot  # matplotlib: only when used
-
-    data = null_distribution_plot(null_max, observed_max, critical, alpha=alpha,
-                                  stat_label=stat_label, title=title)  # fmt: skip
+    data = null_distribution_png(null_max, observed_max, critical, alpha=alpha,
+                                 stat_label=stat_label, title=title)  # fmt: skip
     caption = (
         f"Null distribution of the {stat_label} over {np.asarray(null_max).size:,} relabellings "
         f"(the unpermuted data included). Results above the critical value have FWER p <= "
         f"{alpha:g}. Values: {source}"
     )
-    return ReportFigure("Permutation null distribution", data, "image/png", caption, "")
+    return ReportFigure(
+        "Permutation null distribution", data, "image/png", caption, "", MIN_TEXT_PX
+    )
 
 
 def mask_figure(mask: np.ndarray, background: np.ndarray, affine: np.ndarray, *, filename: str):
@@ -221,7 +224,7 @@ def mask_figure(mask: np.ndarray, background: np.ndarray, affine: np.ndarray, *,
     data = mask_png(mask, background, affine, title=f"Analysis mask: {n_voxels:,} voxels")
     return ReportFigure("Analysis mask", data, "image/png",
                         f"Red: outline of the {n_voxels:,} voxels analysed. {BACKGROUND_NOTE}",
-                        filename)  # fmt: skip
+                        filename, MIN_TEXT_PX)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- tables
@@ -302,7 +305,7 @@ class MethodReport:
     table : ReportTable or None
     null : ReportFigure or None
         Permutation methods: the null distribution of the maximum with the observed value and
-        the critical threshold (:func:`bids_group.report.plots.null_distribution_plot`). The
+        the critical threshold (:func:`bids_group.report.histogram.null_distribution_png`). The
         hook for permutation inference: set it and the figure appears first in the section.
     """
 

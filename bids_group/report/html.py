@@ -30,6 +30,8 @@ Mime = Literal["image/png", "image/svg+xml"]
 
 #: Forbid everything that is not inline: the report must open offline, identically, forever.
 CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+#: Smallest text on the page and in its figures, in CSS pixels.
+MIN_TEXT_PX = 12.0
 #: Anchor of the summary table of results.
 SUMMARY_ID = "summary"
 
@@ -43,12 +45,16 @@ class ReportFigure:
     title : str
         Short heading shown above the image and used as its ``alt`` text.
     data : bytes
-        PNG or SVG bytes, e.g. from :func:`bids_group.report.orthogonal_slices`.
+        PNG or SVG bytes, e.g. from :func:`bids_group.report.raster.slices_png`.
     mime : {"image/png", "image/svg+xml"}
     caption : str
         Sentence under the figure (what is shown, threshold and its units).
     filename : str
         Name of the same figure written beside the maps (shown so readers can find the file).
+    text_px : float
+        Height of the smallest text in the image, in its own pixels (SVG: CSS pixels at its
+        natural size). The page never shows the figure smaller than ``MIN_TEXT_PX / text_px``
+        of its natural size (a narrow window scrolls it instead), so its text stays legible.
     """
 
     title: str
@@ -56,10 +62,20 @@ class ReportFigure:
     mime: Mime = "image/png"
     caption: str = ""
     filename: str = ""
+    text_px: float = 12.0
 
     def data_uri(self) -> str:
         """``data:<mime>;base64,...`` for an ``<img src>``."""
         return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+
+    def natural_width(self) -> float | None:
+        """Width in CSS pixels at 100% (PNG: pixels; SVG: its width attribute), if known."""
+        if self.mime == "image/png" and self.data[12:16] == b"IHDR":
+            return float(int.from_bytes(self.data[16:20], "big"))
+        match = re.search(rb"<svg[^>]*?\swidth=\"([0-9.]+)(pt|px)?\"", self.data[:2000])
+        if self.mime == "image/svg+xml" and match:
+            return float(match.group(1)) * (4 / 3 if match.group(2) == b"pt" else 1.0)
+        return None
 
 
 @dataclass(frozen=True)
@@ -236,12 +252,22 @@ def _render_facts(facts: Sequence[tuple[str, str]], css: str = "facts") -> str:
     return f'<dl class="{css}">{items}</dl>'
 
 
+def _figure_size(fig: ReportFigure) -> str:
+    """Inline style: natural width, shrinking with the window down to legible text, no less."""
+    width = fig.natural_width()
+    if width is None:
+        return ""
+    smallest = min(width, width * MIN_TEXT_PX / fig.text_px)
+    return f' style="width:{width:.0f}px;min-width:{math.ceil(smallest)}px"'
+
+
 def _render_figure(fig: ReportFigure) -> str:
     file_note = f'<span class="file">{_e(fig.filename)}</span>' if fig.filename else ""
     caption = f"<figcaption>{_e(fig.caption)}{file_note}</figcaption>"
     return (
-        f'<figure><div class="fig-title">{_e(fig.title)}</div>'
-        f'<img src="{fig.data_uri()}" alt="{_e(fig.title)}" loading="eager">{caption}</figure>'
+        f'<figure><div class="fig-title">{_e(fig.title)}</div><div class="scroll">'
+        f'<img src="{fig.data_uri()}" alt="{_e(fig.title)}"{_figure_size(fig)} loading="eager">'
+        f"</div>{caption}</figure>"
     )
 
 
@@ -430,7 +456,7 @@ font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,s
 .layout{display:flex;align-items:flex-start}
 nav{position:sticky;top:0;flex:0 0 250px;height:100vh;overflow-y:auto;padding:20px 14px;
 background:#1f2a3c;color:#dfe6f2;font-size:13.5px}
-nav .nav-title{font-weight:700;text-transform:uppercase;letter-spacing:.08em;font-size:11px;
+nav .nav-title{font-weight:700;text-transform:uppercase;letter-spacing:.08em;font-size:12px;
 color:#9fb0c8;margin-bottom:8px}
 nav ul{list-style:none;margin:0;padding:0}
 nav li{margin:2px 0}
@@ -481,6 +507,6 @@ padding:8px 14px;margin:10px 0;font-size:14px}
 .warn ul{margin:4px 0 2px;padding-left:20px}
 footer{color:var(--muted);font-size:12px;text-align:center;margin-top:24px}
 @media (max-width:900px){.layout{display:block}nav{position:static;height:auto;width:auto}
-main{padding:12px}}
+main{padding:12px}header,section.card{padding:14px 12px}}
 @media print{nav{display:none}section.card{break-inside:avoid-page}}
 """
