@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from bids_group import CODE_URL, __version__
 from bids_group.config import InferenceConfig, RunConfig, resolve_estimation, resolve_inference
@@ -387,7 +388,7 @@ def _run_analysis(
     for contrast in analysis.contrasts:
         result = fit.contrast(contrast.weights, contrast.test)
         label = group_contrast_label(analysis.input_contrast, contrast.name)
-        files, contrast_summary, methods = _write_contrast(
+        files, contrast_summary, methods, figures = _write_contrast(
             analysis, contrast, label, result, data, inference, node_dir, entities, writer, view,
             (jobs or {}).get(contrast.name), fit.sidecar(),
         )  # fmt: skip
@@ -403,6 +404,7 @@ def _run_analysis(
                     test=result.stat_type,
                     dof=result.dof,
                     methods=methods,
+                    figures=figures,
                 )  # fmt: skip
             )
     sections: list[ReportSection] = []
@@ -430,6 +432,13 @@ class _ReportView:
 
     data: MaskedData
     background: np.ndarray
+
+    def unthresholded(self, volume, *, label, cut, title, name, caption):
+        """Slices of a map with no threshold, cut at ``cut`` (mm)."""
+        return report.unthresholded_figure(volume, self.data.affine, mask=self.data.mask,
+                                           background=self.background, label=label, cut=cut,
+                                           title=title, filename=name,
+                                           caption=caption)  # fmt: skip
 
     def figures(self, volume, *, threshold, label, title, names, vmax=None, shown=None) -> tuple:
         return report.map_figures(volume, self.data.affine, mask=self.data.mask,
@@ -633,12 +642,13 @@ def _write_contrast(
     view: _ReportView | None = None,
     permutation: PermutationJob | None = None,
     estimator: Mapping[str, Any] | None = None,
-) -> tuple[list[Path], dict[str, Any], list[report.MethodReport]]:
+) -> tuple[list[Path], dict[str, Any], list[report.MethodReport], tuple]:
     """Every output of one contrast: maps, thresholded map and table, ARI, permutation
     inference (with a ``permutation`` job), figures.
 
     Returns the written files, the contrast's summary and (with ``view``) one
-    :class:`~bids_group.report.build.MethodReport` per correction method.
+    :class:`~bids_group.report.build.MethodReport` per correction method and the figures of
+    the unthresholded maps.
     """
     two_sided = inference.two_sided and result.stat_type == "t"
     common = {
@@ -656,7 +666,13 @@ def _write_contrast(
     # float64 (not images.unmask's float32): thresholds sit exactly on voxel z values (FDR).
     z_vol = np.zeros(data.mask.shape, dtype=np.float64)
     z_vol[data.mask] = result.z
-    files, summary, method = _write_height(out, contrast, result, z_vol, inference, two_sided, view)
+    perm_files, perm_summary, perm_methods, perm_clusters = [], None, [], None
+    if permutation is not None:  # first: its cluster-size null gives the clusters a p-value
+        perm_files, perm_summary, perm_methods, perm_clusters = write_permutation(
+            out, contrast, result, inference, permutation, two_sided, view
+        )
+    files, summary, method = _write_height(out, contrast, result, z_vol, inference, two_sided,
+                                           view, perm_clusters)  # fmt: skip
     written += files
     methods = [method] if method is not None else []
     if inference.ari:
@@ -664,12 +680,36 @@ def _write_contrast(
         written += files
         methods += [method] if method is not None else []
     if permutation is not None:
-        files, summary["permutation"], perm_methods = write_permutation(
-            out, contrast, result, inference, permutation, two_sided, view
-        )
-        written += files
+        written += perm_files
+        summary["permutation"] = perm_summary
         methods += perm_methods
-    return written, summary, methods
+    figures = ()
+    if view is not None:  # the maps before any threshold: z and the contrast estimate
+        figures = _unthresholded_figures(out, result, z_vol, view)
+        written += report.write_figures(out.node_dir, figures)
+    return written, summary, methods, figures
+
+
+def _unthresholded_figures(out, result: ContrastResult, z_vol: np.ndarray, view) -> tuple:
+    """Slices of the z map and (t contrasts) of the effect map, cut at the peak |z|."""
+    peak = np.unravel_index(int(np.argmax(np.abs(z_vol))), z_vol.shape)
+    cut = tuple(out.data.affine[:3] @ np.array([*peak, 1.0]))
+    figures = [
+        view.unthresholded(z_vol, label="z", cut=cut, title=f"{out.label} · z, unthresholded",
+                           name=out.figure_name("z"),
+                           caption="Every voxel of the mask, coloured by z (no threshold).")
+    ]  # fmt: skip
+    if result.effect.shape[0] == 1:  # an F contrast has one effect map per row: not drawn
+        effect = np.zeros(z_vol.shape)
+        effect[out.data.mask] = result.effect[0]
+        caption = (
+            "The contrast of the parameter estimates (c'beta), in the units of the input "
+            "maps, at every voxel of the mask (no threshold); cut at the peak |z|."
+        )
+        figures.append(view.unthresholded(
+            effect, label="effect", cut=cut, name=out.figure_name("effect"), caption=caption,
+            title=f"{out.label} · contrast estimate (effect size), unthresholded"))  # fmt: skip
+    return tuple(figures)
 
 
 @dataclass(frozen=True)
@@ -694,6 +734,10 @@ class _ContrastOutput:
 
     def name(self, builder, **kwargs) -> Path:
         return self.node_dir / builder(contrast=self.label, **self.entities, **kwargs)
+
+    def figure_name(self, stat: str) -> str:
+        """The slices figure of an unthresholded map."""
+        return naming.figure_name(contrast=self.label, stat=stat, kind="slices", **self.entities)
 
     def figure_names(self, stat: str, desc: str) -> tuple[str, str]:
         return tuple(
@@ -730,8 +774,13 @@ def _write_height(
     inference: InferenceConfig,
     two_sided: bool,
     view: _ReportView | None,
+    perm_clusters: pd.DataFrame | None = None,
 ) -> tuple[list[Path], dict[str, Any], report.MethodReport | None]:
-    """Height (+ cluster extent) thresholding: thresholded z map, cluster table, figures."""
+    """Height (+ cluster extent) thresholding: thresholded z map, cluster table, figures.
+
+    ``perm_clusters``: the permutation clusters of the contrast (when cluster inference ran),
+    whose size FWER p the report gives to the same clusters of this table.
+    """
     mask = out.data.mask
     uncorrected = inference.height_control == "none"
     alpha = None if uncorrected else inference.alpha
@@ -802,7 +851,8 @@ def _write_height(
     )  # fmt: skip
     method = report.MethodReport(
         _method_title(inference, threshold), facts=facts, figures=figures, empty=empty,
-        table=report.cluster_report_table(table, filename=table_path.name) if len(table) else None,
+        table=report.cluster_report_table(table, filename=table_path.name,
+                                          permutation=perm_clusters) if len(table) else None,
         survivors=report.survivors(thresholded, out.data.affine,
                                    connectivity=inference.connectivity),
     )  # fmt: skip

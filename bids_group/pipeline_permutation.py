@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from bids_group.config import InferenceConfig
 from bids_group.errors import DataError, UsageError
@@ -160,8 +161,12 @@ def write_permutation(
     job: PermutationJob,
     two_sided: bool,
     view: _ReportView | None,
-) -> tuple[list[Path], dict[str, Any], list[report.MethodReport]]:
-    """Run the permutation test of one contrast and write everything it produced."""
+) -> tuple[list[Path], dict[str, Any], list[report.MethodReport], pd.DataFrame | None]:
+    """Run the permutation test of one contrast and write everything it produced.
+
+    Returns the written files, the summary, the report of each method and, when cluster
+    inference ran, the table of the permutation clusters (with their FWER p-values).
+    """
     perm = _run(out, contrast, result, inference, job, two_sided)
     drift = float(np.max(np.abs(perm.stat - result.stat))) if perm.stat.size else 0.0
     scale = max(1.0, float(np.max(np.abs(result.stat)))) if result.stat.size else 1.0
@@ -222,7 +227,8 @@ def write_permutation(
         summary[method.key] = method_summary
         if method_report is not None:
             reports.append(method_report)
-    return written, summary, reports
+    clusters = cluster_table_ref[0] if cluster_table_ref is not None else None
+    return written, summary, reports, clusters
 
 
 def _run(out, contrast, result, inference, job, two_sided) -> PermutationResult:
@@ -418,8 +424,10 @@ def _write_method(
             "connectivity": inference.connectivity,
         }
         table = cluster_table(z_vol, out.data.affine, **kwargs)
+        table["peak_p_fwe"] = _at_peaks(method.p_fwe, table, out.data.mask, out.data.affine)
         table_path = out.name(naming.clusters_name, stat="z", desc=desc)
         table_meta = cluster_table_metadata(height_control="none", **kwargs)
+        table_meta["peak_p_fwe"] = {"Description": f"{method.title} p at the (sub)peak"}
         table_meta["HeightThreshold"] = {
             "Value": "FWER p <= Alpha",
             "Method": method.title,
@@ -461,7 +469,8 @@ def _write_method(
         cluster_frame, cluster_name = cluster_ref
         report_table = report.permutation_cluster_report_table(cluster_frame, filename=cluster_name)
     else:
-        report_table = report.cluster_report_table(table, filename=table_name)
+        report_table = report.cluster_report_table(table, filename=table_name,
+                                                   p_fwe=method.title)  # fmt: skip
     method_report = report.MethodReport(
         title,
         facts=facts,
@@ -472,6 +481,17 @@ def _write_method(
         survivors=report.survivors(z_vol, out.data.affine, connectivity=inference.connectivity),
     )
     return written, summary, method_report
+
+
+def _at_peaks(values: np.ndarray, table: pd.DataFrame, mask: np.ndarray, affine: np.ndarray):
+    """``values`` (in mask order) at the voxel of each row's peak (``peak_x/y/z`` in mm)."""
+    if not len(table):
+        return np.zeros(0)
+    xyz = table[["peak_x", "peak_y", "peak_z"]].to_numpy(dtype=np.float64)
+    ijk = np.rint((xyz - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T).astype(np.int64)
+    order = np.full(mask.shape, -1, dtype=np.int64)
+    order[mask] = np.arange(int(mask.sum()))
+    return np.asarray(values)[order[tuple(ijk.T)]]
 
 
 def _facts(perm, method, alpha, critical, n_surviving) -> tuple[tuple[str, str], ...]:

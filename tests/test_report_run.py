@@ -49,7 +49,16 @@ def test_report_is_written_listed_and_self_contained(example_run):
     n_shown = sum(c["surviving_voxels"] > 0 for c in contrasts)
     n_shown += sum(c["ari"]["true_discoveries"] > 0 for c in contrasts)
     assert 0 < n_shown < 2 * len(contrasts)  # the example has both kinds
-    assert len([p for p in pngs if p.name.endswith("_slices.png")]) == n_shown
+    assert len([p for p in pngs if re.search(r"_desc-\w+_slices\.png$", p.name)]) == n_shown
+    # every contrast: its unthresholded z map and effect size (t contrasts), as slices
+    for contrast in contrasts:
+        for stat in ("z", "effect"):
+            assert [p for p in pngs if p.name.endswith(f"contrast-{contrast['label']}_stat-"
+                                                       f"{stat}_slices.png")]  # fmt: skip
+    for title in ("z map, unthresholded", "effect map, unthresholded"):
+        assert page.count(f'alt="{title}"') == len(contrasts)
+    # no cluster p-value without a permutation test, and the table says why
+    assert "No cluster-level p-value: bids-group computes no random-field theory p" in page
     assert page.count("Nothing survives") == 2 * len(contrasts) - n_shown
     for png in pngs:
         assert imread(io.BytesIO(png.read_bytes())).shape[1] > 300

@@ -192,6 +192,30 @@ def map_figures(
     )
 
 
+def unthresholded_figure(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    *,
+    mask: np.ndarray,
+    background: np.ndarray,
+    label: str,
+    cut: tuple[float, float, float],
+    title: str,
+    filename: str,
+    caption: str,
+) -> ReportFigure:
+    """Orthogonal slices of a map with no threshold (every voxel of the mask coloured).
+
+    ``cut``: the slices' world coordinates (mm), e.g. the peak ``|z|``, so the z and effect
+    figures of a contrast show the same place.
+    """
+    clean = np.where(mask, np.nan_to_num(volume), 0.0)
+    data = slices_png(clean, affine, background_vol=background, threshold=None, title=title,
+                      colorbar_label=label, cut_coords=cut)  # fmt: skip
+    return ReportFigure(f"{label} map, unthresholded", data, "image/png",
+                        f"{caption} {BACKGROUND_NOTE}", filename, MIN_TEXT_PX)  # fmt: skip
+
+
 def null_figure(
     null_max: np.ndarray,
     observed_max: float,
@@ -238,10 +262,62 @@ def _table(frame: pd.DataFrame, *, title: str, caption: str, drop=()) -> ReportT
     return ReportTable.from_dataframe(frame, title=title, caption=caption)
 
 
-def cluster_report_table(table: pd.DataFrame, *, filename: str) -> ReportTable:
-    """The parametric cluster table (peaks and subpeaks) for the report."""
-    caption = f"Peak coordinates in mm; peak_p uncorrected. File: {filename}"
-    return _table(table, title="Clusters", caption=caption, drop=("cluster",))
+def cluster_report_table(
+    table: pd.DataFrame,
+    *,
+    filename: str,
+    permutation: pd.DataFrame | None = None,
+    p_fwe: str | None = None,
+) -> ReportTable:
+    """The cluster table (peaks and subpeaks) for the report, with what p-values it can have.
+
+    Parameters
+    ----------
+    table : DataFrame
+        :func:`bids_group.inference.clusters.cluster_table`.
+    filename : str
+    permutation : DataFrame, optional
+        The permutation clusters of the same contrast
+        (:func:`bids_group.outputs.permutation.cluster_inference_table`): a cluster of ``table``
+        with the same size and peak gets its ``p_fwe_size`` (the permutation null of the largest
+        cluster applies to it, as it is the same cluster).
+    p_fwe : str, optional
+        Permutation peak tables: the method of their ``peak_p_fwe`` column.
+    """
+    caption = "Peak coordinates in mm; peak_p uncorrected."
+    if p_fwe is not None:
+        caption += f" peak_p_fwe: {p_fwe} p at the peak."
+    elif permutation is not None:
+        table = table.assign(p_fwe_size=_permutation_cluster_p(table, permutation))
+        caption += (
+            " p_fwe_size: cluster-size FWER p from the permutation test of this contrast, for "
+            "the clusters it formed identically (blank: the permutation's cluster-forming "
+            "threshold made another cluster)."
+        )
+    else:
+        caption += (
+            " No cluster-level p-value: bids-group computes no random-field theory p; "
+            "--permutation cluster gives cluster-size FWER p-values."
+        )
+    return _table(table, title="Clusters", caption=f"{caption} File: {filename}", drop=("cluster",))
+
+
+def _permutation_cluster_p(table: pd.DataFrame, permutation: pd.DataFrame) -> list:
+    """``p_fwe_size`` of the permutation cluster with the same size and peak, per cluster row."""
+
+    def key(x, y, z, size):
+        return (round(float(x), 3), round(float(y), 3), round(float(z), 3), int(size))
+
+    found = {
+        key(r.peak_x, r.peak_y, r.peak_z_mm, r.size_voxels): r.p_fwe_size
+        for r in permutation.itertuples()
+    }
+    return [
+        None
+        if pd.isna(r.size_voxels)
+        else found.get(key(r.peak_x, r.peak_y, r.peak_z, r.size_voxels))
+        for r in table.itertuples()
+    ]
 
 
 def permutation_cluster_report_table(table: pd.DataFrame, *, filename: str) -> ReportTable:
@@ -428,14 +504,16 @@ def contrast_section(
     test: str,
     dof: Sequence[float],
     methods: Sequence[MethodReport],
+    figures: Sequence[ReportFigure] = (),
 ) -> ReportSection:
-    """A contrast: its weights, then one sub-part per correction method."""
+    """A contrast: its weights, its unthresholded maps, then one sub-part per method."""
     dof_text = ", ".join(f"{d:g}" for d in dof)
     parts = [m.section(label) for m in methods]
     return ReportSection(
         f"Contrast {label}",
         facts=(("name in the model", name), ("test", f"{test} ({dof_text} degrees of freedom)")),
         tables=(weights_table(weights, columns, test),),
+        figures=tuple(figures),
         subsections=tuple(parts),
     )
 

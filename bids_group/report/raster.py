@@ -58,7 +58,7 @@ _SILHOUETTE, _SILHOUETTE_EDGE = (236, 238, 242), (120, 124, 132)
 _OUTLINE = (255, 60, 50)
 _GAP, _MARGIN, _HEADER, _FOOTER, _BAR_W = 8, 10, 34, 32, 14
 #: Room above the panels for the view names, and right of them for the colour bar and ticks.
-_NAMES, _BAR_SPACE = 26, 18 + _BAR_W + 72
+_NAMES, _BAR_SPACE = 26, 18 + _BAR_W + 90
 
 
 # --------------------------------------------------------------------------- PNG and text
