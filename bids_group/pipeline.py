@@ -471,6 +471,7 @@ def _analysis_report(
         *fit.report_facts(),
     )
     extra: tuple = ()
+    notes: tuple[str, ...] = ()
     if fit.mixed is not None:  # the between-subject variance, as the report promises
         label = _label(analysis.input_contrast)
         names = tuple(naming.figure_name(contrast=label, stat="tau2", kind=kind,
@@ -478,14 +479,17 @@ def _analysis_report(
                       for kind in naming.FIGURE_SUFFIXES)  # fmt: skip
         tau2 = np.zeros(data.mask.shape)
         tau2[data.mask] = fit.mixed.tau2
-        extra = view.figures(tau2, threshold=None, label="tau²", names=names,
-                             title=f"Between-subject variance tau² ({where})",
-                             shown="tau² > 0")  # fmt: skip
+        if np.any(tau2 > 0):
+            extra = view.figures(tau2, threshold=None, label="tau²", names=names,
+                                 title=f"Between-subject variance tau² ({where})",
+                                 shown="tau² > 0")  # fmt: skip
+        else:  # an empty figure says less than one line
+            notes = ("Between-subject variance: tau² = 0 at every voxel (no figure).",)
     sections = report.analysis_sections(
         f"Model for {where}", facts=facts, design_svg=figure_path.read_bytes(),
         design_filename=figure_path.name, design_summary=summary, mask=mask,
         contrasts=contrast_sections, participants=_participants(analysis.maps),
-        figures=extra,
+        figures=extra, notes=notes,
     )  # fmt: skip
     return report.write_figures(node_dir, [mask, *extra]), list(sections)
 

@@ -424,10 +424,34 @@ window.addEventListener('load', () => {
   const imgs = Array.from(document.images);
   const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;
   const net = performance.getEntriesByType('resource').map(r => r.name);
+  // smallest computed font size of any visible text, and of any figure's text as shown
+  let minFont = 1e9, minFontAt = '';
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    const el = walker.currentNode.parentElement;
+    const box = el.getBoundingClientRect();
+    if (!walker.currentNode.textContent.trim() || box.width === 0) continue;
+    const size = parseFloat(getComputedStyle(el).fontSize);
+    if (size < minFont) { minFont = size; minFontAt = el.tagName + ': ' + el.textContent; }
+  }
+  const figureText = imgs.map(i => i.getBoundingClientRect().width / i.naturalWidth
+                                     * parseFloat(i.dataset.textPx || '0'));
+  // the summary table: its rows, and links that lead nowhere
+  const summaryLinks = Array.from(document.querySelectorAll('#summary tbody a'));
+  const deadLinks = summaryLinks.filter(a => !document.getElementById(a.hash.slice(1))).length;
+  // sections where nothing survives: one line, no image (the permutation null excepted)
+  const empty = Array.from(document.querySelectorAll('section.sub'))
+    .filter(s => s.querySelector(':scope > p') &&
+                 s.querySelector(':scope > p').textContent.startsWith('Nothing survives'));
+  const emptyImages = empty.map(s => Array.from(s.querySelectorAll('img'))
+    .filter(i => i.alt !== 'Permutation null distribution').length);
   const probe = document.createElement('pre');
   probe.id = 'probe';
   probe.textContent = 'PROBE' + JSON.stringify({images: imgs.length, broken: bad,
-    errors: window.__errors, resources: net}) + 'END';
+    errors: window.__errors, resources: net, minFont: minFont, minFontAt: minFontAt,
+    figureText: figureText, pageWidth: document.documentElement.scrollWidth,
+    windowWidth: window.innerWidth, summaryRows: summaryLinks.length, deadLinks: deadLinks,
+    emptySections: empty.length, emptyImages: emptyImages}) + 'END';
   document.body.appendChild(probe);
 });
 </script>"""
@@ -451,28 +475,42 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
+def probe_page(page: str, tmp_path: Path, width: int) -> dict:
+    """Load a copy of ``page`` with the probe script in headless Chromium ``width`` px wide."""
+    # The CSP is relaxed only in this copy, to let the probe itself run.
+    probed = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
+    probed = probed.replace("</body>", _PROBE + "</body>")
+    path = tmp_path / f"probed{width}.html"
+    path.write_text(probed, encoding="utf-8")
+    result = _chromium(
+        [f"--window-size={width},3000", "--virtual-time-budget=10000", "--dump-dom",
+         path.as_uri()], tmp_path / "profile",
+    )  # fmt: skip
+    match = re.search(r"PROBE(.*?)END", result.stdout)
+    assert match, f"no probe output; stderr:\n{result.stderr[-2000:]}"
+    assert [line for line in result.stderr.splitlines() if "CONSOLE" in line] == []
+    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+def check_legible(probe: dict, width: int) -> None:
+    """Text >= 12 CSS px, in the page and in every figure as shown; no sideways page scroll."""
+    assert probe["minFont"] >= 12.0, probe["minFontAt"]
+    assert probe["figureText"] and min(probe["figureText"]) >= 12.0 - 1e-6, probe["figureText"]
+    assert probe["windowWidth"] == width and probe["pageWidth"] <= width
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_report_renders_in_headless_chromium(demo, tmp_path):
     _, page = demo
     report = tmp_path / "report.html"
     report.write_text(page, encoding="utf-8")
-    # A copy with a probe script; the CSP is relaxed only to let the probe itself run.
-    probed = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
-    probed = probed.replace("</body>", _PROBE + "</body>")
-    (tmp_path / "probed.html").write_text(probed, encoding="utf-8")
-    result = _chromium(
-        ["--virtual-time-budget=10000", "--dump-dom", (tmp_path / "probed.html").as_uri()],
-        tmp_path / "profile",
-    )
-    match = re.search(r"PROBE(.*?)END", result.stdout)
-    assert match, f"no probe output; stderr:\n{result.stderr[-2000:]}"
-    probe = json.loads(match.group(1).replace("&quot;", '"'))
-    assert probe["images"] == page.count("<img ") and probe["images"] > 8
-    assert probe["broken"] == 0
-    assert probe["errors"] == []
-    assert [r for r in probe["resources"] if not r.startswith("data:")] == []
-    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
-    assert console == []
+    for width in (1400, 800):
+        probe = probe_page(page, tmp_path, width)
+        assert probe["images"] == page.count("<img ") and probe["images"] > 8
+        assert probe["broken"] == 0
+        assert probe["errors"] == []
+        assert [r for r in probe["resources"] if not r.startswith("data:")] == []
+        check_legible(probe, width)
     # The untouched report: a screenshot to look at (kept under tmp_path).
     shot = tmp_path / "report.png"
     result = _chromium(

@@ -6,7 +6,6 @@ Run on the example dataset of README command 1 (with ARI on), so this is the rep
 from __future__ import annotations
 
 import io
-import json
 import logging
 import re
 from pathlib import Path
@@ -16,7 +15,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 from test_ari_run import ROOT, _run
-from test_report import _PROBE, CHROMIUM, _chromium
+from test_report import CHROMIUM, _chromium, check_legible, probe_page
 
 from bids_group.report.build import collect_warnings
 from bids_group.report.raster import png_bytes
@@ -137,20 +136,18 @@ def test_png_encoder_round_trips():
 def test_report_renders_in_headless_chromium(example_run, tmp_path):
     _, summary = example_run
     page = Path(summary["report"]).read_text(encoding="utf-8")
-    probed = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
-    probed = probed.replace("</body>", _PROBE + "</body>")
-    (tmp_path / "probed.html").write_text(probed, encoding="utf-8")
-    result = _chromium(
-        ["--virtual-time-budget=10000", "--dump-dom", (tmp_path / "probed.html").as_uri()],
-        tmp_path / "profile",
-    )
-    match = re.search(r"PROBE(.*?)END", result.stdout)
-    assert match, f"no probe output; stderr:\n{result.stderr[-2000:]}"
-    probe = json.loads(match.group(1).replace("&quot;", '"'))
-    assert probe["images"] == page.count("<img ") > 10
-    assert probe["broken"] == 0 and probe["errors"] == []
-    assert [r for r in probe["resources"] if not r.startswith("data:")] == []
-    assert [line for line in result.stderr.splitlines() if "CONSOLE" in line] == []
+    for width in (1400, 800):
+        probe = probe_page(page, tmp_path, width)
+        assert probe["images"] == page.count("<img ") > 10
+        assert probe["broken"] == 0 and probe["errors"] == []
+        assert [r for r in probe["resources"] if not r.startswith("data:")] == []
+        check_legible(probe, width)
+        # the summary table: one row per contrast and method, each leading to its section
+        contrasts = [c for a in summary["analyses"] for c in a["contrasts"]]
+        assert probe["summaryRows"] == 2 * len(contrasts) and probe["deadLinks"] == 0
+        # empty results collapse to one line without figures
+        assert probe["emptySections"] == page.count("Nothing survives") > 0
+        assert set(probe["emptyImages"]) == {0}
     shot = tmp_path / "report.png"
     result = _chromium(
         ["--window-size=1400,2400", f"--screenshot={shot}", Path(summary["report"]).as_uri()],

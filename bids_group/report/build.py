@@ -529,12 +529,14 @@ def analysis_sections(
     contrasts: Sequence[ReportSection],
     participants: Sequence[str] = (),
     figures: Sequence[ReportFigure] = (),
+    notes: Sequence[str] = (),
 ) -> tuple[ReportSection, ...]:
     """The model of one GroupBy group (design, mask) followed by its contrasts' sections.
 
     The contrasts come as top-level sections (so each has its own entry in the contents).
     ``participants``: the subjects whose maps the model used (listed in full); ``figures``: more
-    figures of the model (e.g. the tau² map of a mixed-effects model).
+    figures of the model (e.g. the tau² map of a mixed-effects model); ``notes``: lines of text
+    (e.g. instead of an empty figure).
     """
     cond = design_summary["condition_number"]
     design_facts = (
@@ -545,6 +547,7 @@ def analysis_sections(
                           "Each column scaled to max |value| = 1.", design_filename)  # fmt: skip
     listed = ", ".join(participants)
     text = (f"Participants ({len(participants)}): {listed}.",) if participants else ()
+    text += tuple(notes)
     model = ReportSection(
         title,
         text=text,

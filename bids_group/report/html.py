@@ -258,7 +258,11 @@ def _figure_size(fig: ReportFigure) -> str:
     if width is None:
         return ""
     smallest = min(width, width * MIN_TEXT_PX / fig.text_px)
-    return f' style="width:{width:.0f}px;min-width:{math.ceil(smallest)}px"'
+    # data-text-px: the smallest text in image pixels, for tests that check legibility.
+    return (
+        f' style="width:{width:.0f}px;min-width:{math.ceil(smallest)}px"'
+        f' data-text-px="{fig.text_px:g}"'
+    )
 
 
 def _render_figure(fig: ReportFigure) -> str:
@@ -500,7 +504,7 @@ td{text-align:right;padding:4px 10px;border-bottom:1px solid var(--line)}
 th:first-child,td:first-child{text-align:left}
 tbody tr:nth-child(even){background:#fafbfd}
 td.empty{text-align:center;color:var(--muted);font-style:italic}
-table.summary td:nth-child(2){text-align:left;white-space:normal}
+table.summary td:nth-child(2),table.summary th:nth-child(2){text-align:left;white-space:normal}
 tr.none td:last-child{text-align:left;color:var(--muted);font-style:italic}
 .warn{background:var(--warn-bg);border-left:4px solid var(--warn-line);border-radius:6px;
 padding:8px 14px;margin:10px 0;font-size:14px}

@@ -251,7 +251,7 @@ def _colour_bar(canvas, x, top, height, lut, vmin, vmax, threshold, signed, labe
         row = top + int(round((vmax - tick) / (vmax - vmin) * (height - 1)))
         canvas[row, x - 2 : x + _BAR_W + 3] = theme["ink"]
         _draw_text(canvas, f"{tick:.3g}", x + _BAR_W + 5, row - MIN_TEXT_PX // 2 - 2, theme["ink"])
-    _draw_text(canvas, label, x + _BAR_W // 2, top - MIN_TEXT_PX - 8, theme["ink"], bold=True,
+    _draw_text(canvas, label, x + _BAR_W // 2, top - MIN_TEXT_PX - 16, theme["ink"], bold=True,
                anchor="center")  # fmt: skip
 
 
