@@ -276,6 +276,17 @@ def _finish(canvas, title, caption, theme) -> bytes:
     return png_bytes(canvas)
 
 
+def _close(canvas, boxes, y, panel_h, scale, title, what, theme) -> bytes:
+    """Colour bar right of the panels, then title and caption (``what`` is shown); PNG bytes."""
+    lut, vmin, top, threshold, signed, label = scale
+    bar_x = boxes[-1][1] + boxes[-1][2] + 18
+    _colour_bar(canvas, bar_x, y + 12, panel_h - 24, lut, vmin, top, threshold, signed, label,
+                theme)  # fmt: skip
+    shown = format_threshold(threshold, signed, label) if threshold is not None else None
+    caption = f"{what} {shown or 'non-zero voxels'}   ·   {CONVENTION}"
+    return _finish(canvas, title, caption, theme)
+
+
 def _stat_setup(stat_vol, threshold, vmax, cmap):
     signed, top = stat_limits(stat_vol, threshold or 0.0, vmax)
     cmap = cmap or (COLD_HOT if signed else HOT)
@@ -386,15 +397,8 @@ def slices_png(
         canvas[y : y + hgt, x : x + w] = rgb
         mm = stat.coords(cut)[ijk[cut]]
         _panel_labels(canvas, x, y, w, hgt, name, letters, _DARK, f"{'xyz'[cut]} = {mm:.0f} mm")
-    bar_x = boxes[-1][1] + boxes[-1][2] + 18
-    _colour_bar(canvas, bar_x, y + 12, panel_h - 24, lut, vmin, top, threshold, signed,
-                colorbar_label, _DARK)  # fmt: skip
-    shown_text = (
-        f"shown: {format_threshold(threshold, signed, colorbar_label)}"
-        if threshold is not None
-        else "shown: non-zero voxels"
-    )
-    return _finish(canvas, title, f"{shown_text}   ·   {CONVENTION}", _DARK)
+    scale = (lut, vmin, top, threshold, signed, colorbar_label)
+    return _close(canvas, boxes, y, panel_h, scale, title, "shown:", _DARK)
 
 
 def glass_brain_png(
@@ -454,15 +458,9 @@ def glass_brain_png(
         rgb[on] = _colour(projection[on], lut, vmin, top)
         canvas[y : y + hgt, x : x + w] = rgb
         _panel_labels(canvas, x, y, w, hgt, name, letters, _LIGHT)
-    bar_x = boxes[-1][1] + boxes[-1][2] + 18
-    _colour_bar(canvas, bar_x, y + 12, panel_h - 24, lut, vmin, top, threshold, signed,
-                colorbar_label, _LIGHT)  # fmt: skip
-    shown_text = (
-        f"maximum-intensity projection of {format_threshold(threshold, signed, colorbar_label)}"
-        if threshold is not None
-        else "maximum-intensity projection of non-zero voxels"
-    )
-    return _finish(canvas, title, f"{shown_text}   ·   {CONVENTION}", _LIGHT)
+    scale = (lut, vmin, top, threshold, signed, colorbar_label)
+    return _close(canvas, boxes, y, panel_h, scale, title, "maximum-intensity projection of",
+                  _LIGHT)  # fmt: skip
 
 
 def mask_png(
@@ -485,7 +483,8 @@ def mask_png(
     title : str
     n_axial : int
         Evenly spaced axial slices in the second row.
-    scale : float
+    scale : float, optional
+        Pixels per millimetre; default: up to PX_PER_MM, as fits in MAX_WIDTH.
 
     Returns
     -------
