@@ -48,6 +48,8 @@ PX_PER_MM = 2.4
 #: Widest figure (pixels): panels are scaled down to fit it (so that the report can show it
 #: whole at 1400 px and, at >= 12 / MIN_TEXT_PX of its size, in an 800 px window).
 MAX_WIDTH = 1000
+#: Narrowest brain figure (pixels): small volumes are enlarged to it.
+MIN_WIDTH = 760
 #: Height (em size, pixels) of the smallest text in a figure; titles are larger.
 MIN_TEXT_PX = 17
 _TITLE_PX = 20
@@ -215,12 +217,16 @@ def signed_mip(values: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _fit_scale(grid: RasGrid, with_bar: bool, scale: float | None) -> float:
-    """``scale`` if given, else the largest up to PX_PER_MM that keeps the figure in MAX_WIDTH."""
+    """``scale`` if given, else up to PX_PER_MM as fits in MAX_WIDTH, and at least MIN_WIDTH.
+
+    A small volume is enlarged to MIN_WIDTH, so its panels have room for their labels.
+    """
     if scale is not None:
         return scale
-    span_mm = sum(np.ptp(grid.extent(view[2])) for view in VIEWS)
+    span_mm = max(sum(np.ptp(grid.extent(view[2])) for view in VIEWS), 1e-9)
     fixed = 2 * _MARGIN + (len(VIEWS) - 1) * _GAP + (_BAR_SPACE if with_bar else 0)
-    return float(min(PX_PER_MM, (MAX_WIDTH - fixed) / max(span_mm, 1e-9)))
+    fitted = min(PX_PER_MM, (MAX_WIDTH - fixed) / span_mm)
+    return float(max(fitted, (MIN_WIDTH - fixed) / span_mm))
 
 
 def _layout(grid: RasGrid, scale: float | None, with_bar: bool) -> tuple[list[tuple], int, int]:
@@ -264,15 +270,44 @@ def _frame(width: int, panel_h: int, theme: dict) -> np.ndarray:
 def _panel_labels(canvas, x, y, w, h, name, letters, theme, cut_text=""):
     _draw_text(canvas, name, x + w // 2, y - _NAMES + 2, theme["muted"], anchor="center")
     bottom = y + h - MIN_TEXT_PX - 5
-    _draw_text(canvas, letters[0], x + 3, bottom, theme["ink"], bold=True)
-    _draw_text(canvas, letters[1], x + w - 3, bottom, theme["ink"], bold=True, anchor="right")
-    if cut_text:
-        _draw_text(canvas, cut_text, x + 3, y + 2, theme["muted"])
+    # Text on the image gets a shadow in the background colour, so it reads on any grey level.
+    for dx, colour in ((1, theme["bg"]), (0, theme["ink"])):
+        _draw_text(canvas, letters[0], x + 3 + dx, bottom + dx, colour, bold=True)
+        _draw_text(canvas, letters[1], x + w - 3 + dx, bottom + dx, colour, bold=True,
+                   anchor="right")  # fmt: skip
+        _draw_text(canvas, cut_text, x + 3 + dx, y + 2 + dx, colour)
+
+
+def _fitted_title(title: str, room: int) -> tuple[str, float]:
+    """The title and its size: smaller, then cut with an ellipsis, if it is wider than ``room``."""
+    for size in (_TITLE_PX, MIN_TEXT_PX):
+        if _text_mask(title, size, bold=True).shape[1] <= room:
+            return title, size
+    while len(title) > 1 and _text_mask(title + "…", MIN_TEXT_PX, True).shape[1] > room:
+        title = title[:-1]
+    return title.rstrip() + "…", MIN_TEXT_PX
+
+
+def _caption_lines(caption: str, room: int) -> list[str]:
+    """The caption on one line, or its ``·``-separated parts on several when it is too wide."""
+    if _text_mask(caption, MIN_TEXT_PX).shape[1] <= room:
+        return [caption]
+    return [part.strip() for part in caption.split("·")]
 
 
 def _finish(canvas, title, caption, theme) -> bytes:
-    _draw_text(canvas, title, _MARGIN, 6, theme["ink"], _TITLE_PX, bold=True)
-    _draw_text(canvas, caption, _MARGIN, canvas.shape[0] - MIN_TEXT_PX - 9, theme["muted"])
+    """Title above, caption below (growing the canvas when it needs more lines); PNG bytes."""
+    room = canvas.shape[1] - 2 * _MARGIN
+    text, size = _fitted_title(title, room)
+    _draw_text(canvas, text, _MARGIN, 6, theme["ink"], size, bold=True)
+    lines = _caption_lines(caption, room)
+    if len(lines) > 1:
+        extra = np.empty(((len(lines) - 1) * (MIN_TEXT_PX + 8), canvas.shape[1], 3), np.uint8)
+        extra[:] = theme["bg"]
+        canvas = np.concatenate([canvas, extra])
+    top = canvas.shape[0] - len(lines) * (MIN_TEXT_PX + 8) - 1
+    for n, line in enumerate(lines):
+        _draw_text(canvas, line, _MARGIN, top + n * (MIN_TEXT_PX + 8), theme["muted"])
     return png_bytes(canvas)
 
 
