@@ -937,11 +937,9 @@ def _write_ari(
         ("alpha", f"{ari.alpha:g} (bounds simultaneous over all clusters and thresholds)"),
         ("Hommel value", f"{ari.hommel:,} of {ari.n_tests:,} voxels"),
     )  # fmt: skip
-    table = (
-        report.ari_report_table(ari.table, alpha=ari.alpha, filename=table_path.name)
-        if len(ari.table)
-        else None
-    )
+    table = None  # where nothing survives, rows of zero bounds say no more than the one line
+    if empty is None and len(ari.table):
+        table = report.ari_report_table(ari.table, alpha=ari.alpha, filename=table_path.name)
     found = report.survivors(np.where(ari.tdp_map > 0, z_vol, 0.0), out.data.affine,
                              connectivity=inference.connectivity)  # fmt: skip
     method = report.MethodReport(title, facts=facts, figures=figures, table=table, empty=empty,

@@ -439,12 +439,13 @@ window.addEventListener('load', () => {
   // the summary table: its rows, and links that lead nowhere
   const summaryLinks = Array.from(document.querySelectorAll('#summary tbody a'));
   const deadLinks = summaryLinks.filter(a => !document.getElementById(a.hash.slice(1))).length;
-  // sections where nothing survives: one line, no image (the permutation null excepted)
+  // sections where nothing survives: one line, no image or table (the permutation null excepted)
   const empty = Array.from(document.querySelectorAll('section.sub'))
     .filter(s => s.querySelector(':scope > p') &&
                  s.querySelector(':scope > p').textContent.startsWith('Nothing survives'));
   const emptyImages = empty.map(s => Array.from(s.querySelectorAll('img'))
-    .filter(i => i.alt !== 'Permutation null distribution').length);
+    .filter(i => i.alt !== 'Permutation null distribution').length
+    + s.querySelectorAll('table').length);
   const probe = document.createElement('pre');
   probe.id = 'probe';
   probe.textContent = 'PROBE' + JSON.stringify({images: imgs.length, broken: bad,
