@@ -38,7 +38,7 @@ from bids_group.report import (
     slices_png,
     write_report,
 )
-from bids_group.report.raster import MIN_TEXT_PX
+from bids_group.report.raster import MIN_TEXT_PX, png_bytes
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -402,6 +402,19 @@ def test_summary_table_rows_link_to_their_method_sections():
     assert '<a href="#summary">Summary of results</a>' in page  # in the contents
     no_results = render_report(ReportContent("r", "c", "n", sections=(ReportSection("s"),)))
     assert 'id="summary"' not in no_results
+
+
+def test_figures_are_never_shown_below_legible_size():
+    png = png_bytes(np.zeros((30, 850, 3), np.uint8))
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="300pt" height="100pt"></svg>'
+    figures = (ReportFigure("raster", png, text_px=17.0), ReportFigure("svg", svg, "image/svg+xml"))
+    page = render_report(
+        ReportContent("r", "c", "n", sections=(ReportSection("s", figures=figures),))
+    )
+    # 850 px with 17 px text: shrinks to 850 * 12 / 17 = 600 px at most; the SVG (12 px text at
+    # its natural 300 pt = 400 px) not at all
+    assert 'style="width:850px;min-width:600px" data-text-px="17"' in page
+    assert 'style="width:400px;min-width:400px" data-text-px="12"' in page
 
 
 def test_write_report_is_atomic_and_checked(tmp_path):

@@ -18,7 +18,7 @@ from test_ari_run import ROOT, _run
 from test_report import CHROMIUM, _chromium, check_legible, probe_page
 
 from bids_group.report.build import collect_warnings
-from bids_group.report.raster import png_bytes
+from bids_group.report.raster import MIN_TEXT_PX, _draw_text, png_bytes
 
 MODEL = ROOT / "configs" / "two_sample_age.yaml"
 
@@ -123,6 +123,16 @@ def test_warnings_of_the_run_are_collected():
         log.warning("Dropped %d voxels", 3)
     log.warning("after the block")
     assert messages == ["Dropped 3 voxels"]
+
+
+def test_figure_text_has_the_pixel_height_asked_and_no_less_than_the_minimum():
+    # DejaVu Sans capitals are 0.729 em high: "H" at MIN_TEXT_PX px has a cap height of ~12 px
+    canvas = np.zeros((60, 60, 3), np.uint8)
+    _draw_text(canvas, "H", 5, 5, (255, 255, 255), MIN_TEXT_PX)
+    rows = np.flatnonzero(canvas[..., 0].max(axis=1) > 128)
+    assert rows.size == pytest.approx(0.729 * MIN_TEXT_PX, abs=1.0)
+    with pytest.raises(ValueError, match="below the minimum"):
+        _draw_text(canvas, "H", 5, 5, (255, 255, 255), MIN_TEXT_PX - 1)
 
 
 def test_png_encoder_round_trips():

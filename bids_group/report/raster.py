@@ -115,6 +115,8 @@ def _draw_text(canvas, text, x, y, colour, size=MIN_TEXT_PX, bold=False, anchor=
     ``size`` is the em size in pixels (at least :data:`MIN_TEXT_PX`). Returns the text width in
     pixels. Clipped at the canvas edges.
     """
+    if size < MIN_TEXT_PX:  # the report's legibility rests on it (see the module docstring)
+        raise ValueError(f"figure text of {size} px is below the minimum of {MIN_TEXT_PX} px")
     if not text:
         return 0
     alpha = _text_mask(text, size, bold)
