@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from bids_group import CODE_URL, __version__, coverage
 from bids_group.config import InferenceConfig, RunConfig, resolve_estimation, resolve_inference
@@ -425,7 +426,7 @@ def _run_analysis(
     for contrast in analysis.contrasts:
         result = fit.contrast(contrast.weights, contrast.test)
         label = group_contrast_label(analysis.input_contrast, contrast.name)
-        files, contrast_summary, methods = _write_contrast(
+        files, contrast_summary, methods, figures = _write_contrast(
             analysis, contrast, label, result, data, inference, node_dir, entities, writer, view,
             (jobs or {}).get(contrast.name), fit.sidecar(),
         )  # fmt: skip
@@ -441,6 +442,7 @@ def _run_analysis(
                     test=result.stat_type,
                     dof=result.dof,
                     methods=methods,
+                    figures=figures,
                 )  # fmt: skip
             )
     sections: list[ReportSection] = []
@@ -468,6 +470,13 @@ class _ReportView:
 
     data: MaskedData
     background: report.Background
+
+    def unthresholded(self, volume, *, label, cut, title, name, caption):
+        """Slices of a map with no threshold, cut at ``cut`` (mm)."""
+        return report.unthresholded_figure(volume, self.data.affine, mask=self.data.mask,
+                                           background=self.background, label=label, cut=cut,
+                                           title=title, filename=name,
+                                           caption=caption)  # fmt: skip
 
     def figures(self, volume, *, threshold, label, title, names, vmax=None, shown=None) -> tuple:
         return report.map_figures(volume, self.data.affine, mask=self.data.mask,
@@ -500,6 +509,7 @@ def _analysis_report(
         *fit.report_facts(),
     )
     extra: tuple = ()
+    notes: tuple[str, ...] = ()
     if fit.mixed is not None:  # tau^2 (mixed effects) or the maps per voxel (coverage)
         label = _label(analysis.input_contrast)
         stat, values, text, shown = (
@@ -512,14 +522,17 @@ def _analysis_report(
                       for kind in naming.FIGURE_SUFFIXES)  # fmt: skip
         volume = np.zeros(data.mask.shape)
         volume[data.mask] = values
-        extra = view.figures(volume, threshold=None, label=shown.split(" ")[0], names=names,
-                             title=f"{text[0].upper()}{text[1:]} ({where})",
-                             shown=shown)  # fmt: skip
+        if np.any(volume > 0):
+            extra = view.figures(volume, threshold=None, label=shown.split(" ")[0],
+                                 names=names, title=f"{text[0].upper()}{text[1:]} ({where})",
+                                 shown=shown)  # fmt: skip
+        else:  # an empty figure says less than one line
+            notes = ("Between-subject variance: tau² = 0 at every voxel (no figure).",)
     sections = report.analysis_sections(
         f"Model for {where}", facts=facts, design_svg=figure_path.read_bytes(),
         design_filename=figure_path.name, design_summary=summary, mask=mask,
         contrasts=contrast_sections, participants=_participants(analysis.maps),
-        figures=extra,
+        figures=extra, notes=notes,
     )  # fmt: skip
     return report.write_figures(node_dir, [mask, *extra]), list(sections)
 
@@ -693,12 +706,13 @@ def _write_contrast(
     view: _ReportView | None = None,
     permutation: PermutationJob | None = None,
     estimator: Mapping[str, Any] | None = None,
-) -> tuple[list[Path], dict[str, Any], list[report.MethodReport]]:
+) -> tuple[list[Path], dict[str, Any], list[report.MethodReport], tuple]:
     """Every output of one contrast: maps, thresholded map and table, ARI, permutation
     inference (with a ``permutation`` job), figures.
 
     Returns the written files, the contrast's summary and (with ``view``) one
-    :class:`~bids_group.report.build.MethodReport` per correction method.
+    :class:`~bids_group.report.build.MethodReport` per correction method and the figures of
+    the unthresholded maps.
     """
     two_sided = inference.two_sided and result.stat_type == "t"
     common = {
@@ -716,7 +730,13 @@ def _write_contrast(
     # float64 (not images.unmask's float32): thresholds sit exactly on voxel z values (FDR).
     z_vol = np.zeros(data.mask.shape, dtype=np.float64)
     z_vol[data.mask] = result.z
-    files, summary, method = _write_height(out, contrast, result, z_vol, inference, two_sided, view)
+    perm_files, perm_summary, perm_methods, perm_clusters = [], None, [], None
+    if permutation is not None:  # first: its cluster-size null gives the clusters a p-value
+        perm_files, perm_summary, perm_methods, perm_clusters = write_permutation(
+            out, contrast, result, inference, permutation, two_sided, view
+        )
+    files, summary, method = _write_height(out, contrast, result, z_vol, inference, two_sided,
+                                           view, perm_clusters)  # fmt: skip
     written += files
     methods = [method] if method is not None else []
     if inference.ari:
@@ -724,12 +744,36 @@ def _write_contrast(
         written += files
         methods += [method] if method is not None else []
     if permutation is not None:
-        files, summary["permutation"], perm_methods = write_permutation(
-            out, contrast, result, inference, permutation, two_sided, view
-        )
-        written += files
+        written += perm_files
+        summary["permutation"] = perm_summary
         methods += perm_methods
-    return written, summary, methods
+    figures = ()
+    if view is not None:  # the maps before any threshold: z and the contrast estimate
+        figures = _unthresholded_figures(out, result, z_vol, view)
+        written += report.write_figures(out.node_dir, figures)
+    return written, summary, methods, figures
+
+
+def _unthresholded_figures(out, result: ContrastResult, z_vol: np.ndarray, view) -> tuple:
+    """Slices of the z map and (t contrasts) of the effect map, cut at the peak |z|."""
+    peak = np.unravel_index(int(np.argmax(np.abs(z_vol))), z_vol.shape)
+    cut = tuple(out.data.affine[:3] @ np.array([*peak, 1.0]))
+    figures = [
+        view.unthresholded(z_vol, label="z", cut=cut, title=f"{out.label} · z, unthresholded",
+                           name=out.figure_name("z"),
+                           caption="Every voxel of the mask, coloured by z (no threshold).")
+    ]  # fmt: skip
+    if result.effect.shape[0] == 1:  # an F contrast has one effect map per row: not drawn
+        effect = np.zeros(z_vol.shape)
+        effect[out.data.mask] = result.effect[0]
+        caption = (
+            "The contrast of the parameter estimates (c'beta), in the units of the input "
+            "maps, at every voxel of the mask (no threshold); cut at the peak |z|."
+        )
+        figures.append(view.unthresholded(
+            effect, label="effect", cut=cut, name=out.figure_name("effect"), caption=caption,
+            title=f"{out.label} · contrast estimate (effect size), unthresholded"))  # fmt: skip
+    return tuple(figures)
 
 
 @dataclass(frozen=True)
@@ -754,6 +798,10 @@ class _ContrastOutput:
 
     def name(self, builder, **kwargs) -> Path:
         return self.node_dir / builder(contrast=self.label, **self.entities, **kwargs)
+
+    def figure_name(self, stat: str) -> str:
+        """The slices figure of an unthresholded map."""
+        return naming.figure_name(contrast=self.label, stat=stat, kind="slices", **self.entities)
 
     def figure_names(self, stat: str, desc: str) -> tuple[str, str]:
         return tuple(
@@ -790,8 +838,13 @@ def _write_height(
     inference: InferenceConfig,
     two_sided: bool,
     view: _ReportView | None,
+    perm_clusters: pd.DataFrame | None = None,
 ) -> tuple[list[Path], dict[str, Any], report.MethodReport | None]:
-    """Height (+ cluster extent) thresholding: thresholded z map, cluster table, figures."""
+    """Height (+ cluster extent) thresholding: thresholded z map, cluster table, figures.
+
+    ``perm_clusters``: the permutation clusters of the contrast (when cluster inference ran),
+    whose size FWER p the report gives to the same clusters of this table.
+    """
     mask = out.data.mask
     uncorrected = inference.height_control == "none"
     alpha = None if uncorrected else inference.alpha
@@ -862,7 +915,10 @@ def _write_height(
     )  # fmt: skip
     method = report.MethodReport(
         _method_title(inference, threshold), facts=facts, figures=figures, empty=empty,
-        table=report.cluster_report_table(table, filename=table_path.name) if len(table) else None,
+        table=report.cluster_report_table(table, filename=table_path.name,
+                                          permutation=perm_clusters) if len(table) else None,
+        survivors=report.survivors(thresholded, out.data.affine,
+                                   connectivity=inference.connectivity),
     )  # fmt: skip
     return written, summary, method
 
@@ -941,16 +997,14 @@ def _write_ari(
         ("alpha", f"{ari.alpha:g} (bounds simultaneous over all clusters and thresholds)"),
         ("Hommel value", f"{ari.hommel:,} of {ari.n_tests:,} voxels"),
     )  # fmt: skip
-    table = (
-        report.ari_report_table(ari.table, alpha=ari.alpha, filename=table_path.name)
-        if len(ari.table)
-        else None
-    )
-    return (
-        written,
-        summary,
-        report.MethodReport(title, facts=facts, figures=figures, table=table, empty=empty),
-    )
+    table = None  # where nothing survives, rows of zero bounds say no more than the one line
+    if empty is None and len(ari.table):
+        table = report.ari_report_table(ari.table, alpha=ari.alpha, filename=table_path.name)
+    found = report.survivors(np.where(ari.tdp_map > 0, z_vol, 0.0), out.data.affine,
+                             connectivity=inference.connectivity)  # fmt: skip
+    method = report.MethodReport(title, facts=facts, figures=figures, table=table, empty=empty,
+                                 survivors=found)  # fmt: skip
+    return written, summary, method
 
 
 _ARI_COLUMNS: dict[str, dict[str, str]] = {

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from bids_group.config import InferenceConfig
 from bids_group.errors import DataError, UsageError
@@ -173,8 +174,12 @@ def write_permutation(
     job: PermutationJob,
     two_sided: bool,
     view: _ReportView | None,
-) -> tuple[list[Path], dict[str, Any], list[report.MethodReport]]:
-    """Run the permutation test of one contrast and write everything it produced."""
+) -> tuple[list[Path], dict[str, Any], list[report.MethodReport], pd.DataFrame | None]:
+    """Run the permutation test of one contrast and write everything it produced.
+
+    Returns the written files, the summary, the report of each method and, when cluster
+    inference ran, the table of the permutation clusters (with their FWER p-values).
+    """
     perm = _run(out, contrast, result, inference, job, two_sided)
     parametric = result.z if perm.stat_type == "z" else result.stat
     drift = float(np.max(np.abs(perm.stat - parametric))) if perm.stat.size else 0.0
@@ -236,7 +241,8 @@ def write_permutation(
         summary[method.key] = method_summary
         if method_report is not None:
             reports.append(method_report)
-    return written, summary, reports
+    clusters = cluster_table_ref[0] if cluster_table_ref is not None else None
+    return written, summary, reports, clusters
 
 
 def _run(out, contrast, result, inference, job, two_sided) -> PermutationResult:
@@ -453,8 +459,10 @@ def _write_method(
             "connectivity": inference.connectivity,
         }
         table = cluster_table(z_vol, out.data.affine, **kwargs)
+        table["peak_p_fwe"] = _at_peaks(method.p_fwe, table, out.data.mask, out.data.affine)
         table_path = out.name(naming.clusters_name, stat="z", desc=desc)
         table_meta = cluster_table_metadata(height_control="none", **kwargs)
+        table_meta["peak_p_fwe"] = {"Description": f"{method.title} p at the (sub)peak"}
         table_meta["HeightThreshold"] = {
             "Value": "FWER p <= Alpha",
             "Method": method.title,
@@ -496,7 +504,8 @@ def _write_method(
         cluster_frame, cluster_name = cluster_ref
         report_table = report.permutation_cluster_report_table(cluster_frame, filename=cluster_name)
     else:
-        report_table = report.cluster_report_table(table, filename=table_name)
+        report_table = report.cluster_report_table(table, filename=table_name,
+                                                   p_fwe=method.title)  # fmt: skip
     method_report = report.MethodReport(
         title,
         facts=facts,
@@ -504,8 +513,20 @@ def _write_method(
         table=report_table if report_table.rows else None,
         null=null,
         empty=empty,
+        survivors=report.survivors(z_vol, out.data.affine, connectivity=inference.connectivity),
     )
     return written, summary, method_report
+
+
+def _at_peaks(values: np.ndarray, table: pd.DataFrame, mask: np.ndarray, affine: np.ndarray):
+    """``values`` (in mask order) at the voxel of each row's peak (``peak_x/y/z`` in mm)."""
+    if not len(table):
+        return np.zeros(0)
+    xyz = table[["peak_x", "peak_y", "peak_z"]].to_numpy(dtype=np.float64)
+    ijk = np.rint((xyz - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T).astype(np.int64)
+    order = np.full(mask.shape, -1, dtype=np.int64)
+    order[mask] = np.arange(int(mask.sum()))
+    return np.asarray(values)[order[tuple(ijk.T)]]
 
 
 def _facts(perm, method, alpha, critical, n_surviving) -> tuple[tuple[str, str], ...]:

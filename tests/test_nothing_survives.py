@@ -11,6 +11,7 @@ instead of empty figures.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -113,8 +114,10 @@ def test_every_method_gives_a_normal_result(datasets, tmp_path, method, truth, r
     page = html[0].read_text(encoding="utf-8")
     if truth == "nothing":
         assert "Nothing survives" in page
-        # no empty map figures: only the mask figure (and nothing for the thresholded maps)
-        assert {p.name.rsplit("_", 1)[-1] for p in pngs} == {"mask.png"}
+        # no empty map figures: only the mask figure and the unthresholded z and effect maps
+        # (nothing for the thresholded maps)
+        kinds = {re.sub(r".*?_(stat-\w+_slices|mask)\.png$", r"\1", p.name) for p in pngs}
+        assert kinds == {"mask", "stat-z_slices", "stat-effect_slices"}, kinds
     else:
         assert "Nothing survives" not in page
         assert any(p.name.endswith("_glassbrain.png") for p in pngs)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ import pandas as pd
 import pytest
 from conftest import map_name, write_description, write_map, write_participants
 from scipy import ndimage, stats
+from test_report_run import _summary_rows
 
 from bids_group.cli import main
 from bids_group.config import resolve_inference
@@ -648,6 +650,36 @@ def test_report_shows_each_method_with_its_null_distribution(tmp_path):
         assert title in report
     assert report.count("Null distribution of the max") == 4
     assert "stat-t_nulldist.tsv" in report
+    # the summary table: the height threshold and the four permutation methods, linked
+    rows = _summary_rows(report)
+    assert [cells[1] for _, cells in rows][1:] == [f"{t} p &lt;= 0.05" for t in (
+        "permutation voxel-level FWE", "permutation cluster-size FWE",
+        "permutation cluster-mass FWE", "permutation TFCE FWE")]  # fmt: skip
+    assert {anchor for anchor, _ in rows} <= set(re.findall(r' id="([^"]+)"', report))
+    node = tmp_path / "out" / "node-dataset"
+    # voxel and TFCE peak tables carry the peak's FWER p: oracle, the -log10 p map of the method
+    for key in ("permVoxel", "permTfce"):
+        (tsv,) = node.glob(f"*_stat-z_desc-{key}05_clusters.tsv")
+        (logp,) = node.glob(f"*_stat-logp_desc-{key}_statmap.nii.gz")
+        table = pd.read_csv(tsv, sep="\t", dtype={"cluster_id": str})
+        image = nib.load(logp)
+        xyz = table[["peak_x", "peak_y", "peak_z"]].to_numpy()
+        ijk = np.rint(nib.affines.apply_affine(np.linalg.inv(image.affine), xyz)).astype(int)
+        expected = 10.0 ** -np.asarray(image.dataobj, dtype=np.float64)[tuple(ijk.T)]
+        assert len(table) and np.allclose(table["peak_p_fwe"], expected, rtol=1e-5)
+        assert "peak_p_fwe: permutation" in report
+    # the parametric clusters that the permutation formed identically get its size FWER p
+    (param,) = node.glob("*_stat-z_desc-fpr001_clusters.tsv")
+    (perm,) = node.glob("*_stat-t_desc-permCluster_clusters.tsv")
+    param, perm = (pd.read_csv(f, sep="\t", dtype={"cluster_id": str}) for f in (param, perm))
+    shown = re.search(r"<div class=\"fig-title\">Clusters</div>.*?</table>", report, re.S).group(0)
+    assert "<th>p_fwe_size</th>" in shown and "p_fwe_size: cluster-size FWER p" in report
+    for row in perm.itertuples():
+        same = (param["size_voxels"] == row.size_voxels) & (param["peak_x"] == row.peak_x)
+        same &= (param["peak_y"] == row.peak_y) & (param["peak_z"] == row.peak_z_mm)
+        assert same.sum() == 1
+        size = f"<td>{row.size_voxels}</td><td>{row.size_mm3:.0f}</td>"
+        assert f"{size}<td>{row.p_fwe_size:.4g}</td>" in shown
 
 
 # --------------------------------------------------------------------------- interrupt

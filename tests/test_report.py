@@ -23,22 +23,22 @@ from scipy import ndimage
 
 from bids_group.errors import DataError, OutputError
 from bids_group.inference.ari import ari_clusters
+from bids_group.outputs.figures import plot_design_matrix
 from bids_group.report import (
     ReportContent,
     ReportFigure,
     ReportSection,
     ReportTable,
-    contrast_weights_plot,
-    design_matrix_plot,
-    design_summary,
-    glass_brain,
-    mask_outline,
-    null_distribution_plot,
-    orthogonal_slices,
+    ResultSummary,
+    glass_brain_png,
+    mask_png,
+    null_distribution_png,
     render_report,
     signed_mip,
+    slices_png,
     write_report,
 )
+from bids_group.report.raster import MIN_TEXT_PX, png_bytes
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -72,21 +72,22 @@ def synthetic_brain(shape=(50, 60, 50), voxel=3.5):
     return stat, mask, anatomy, affine
 
 
-def build_demo_content(tmp_dir: Path | None = None) -> ReportContent:
+def build_demo_content(tmp_dir: Path) -> ReportContent:
     """A full report from synthetic volumes, exercising every section the pipeline fills."""
     stat, mask, anatomy, affine = synthetic_brain()
     rng = np.random.default_rng(1)
     n = 24
     design = np.column_stack([np.ones(n), rng.normal(30, 8, n), rng.integers(0, 2, n)])
     names = ["intercept", "age", "sex"]
+    subjects = [f"sub-{i:02d}" for i in range(1, n + 1)]
+    design_svg = plot_design_matrix(design, names, subjects, tmp_dir / "design.svg").read_bytes()
     ari = ari_clusters(stat, mask, affine=affine, thresholds=[3.09, 4.0], alpha=0.05)
     null = np.abs(rng.standard_normal((1000, 200))).max(axis=1) + 0.5
     critical = float(np.quantile(null, 0.95))
-    summary = design_summary(design)
     figs_parametric = (
         ReportFigure(
             "Orthogonal slices",
-            orthogonal_slices(
+            slices_png(
                 stat,
                 affine,
                 background_vol=anatomy,
@@ -96,10 +97,11 @@ def build_demo_content(tmp_dir: Path | None = None) -> ReportContent:
             ),  # fmt: skip
             caption="z map thresholded at |z| > 3.09 (FDR q < 0.05).",
             filename="contrast-faces_stat-z_desc-fdr_slices.png",
+            text_px=MIN_TEXT_PX,
         ),
         ReportFigure(
             "Glass brain",
-            glass_brain(
+            glass_brain_png(
                 stat,
                 affine,
                 threshold=3.09,
@@ -108,6 +110,7 @@ def build_demo_content(tmp_dir: Path | None = None) -> ReportContent:
             ),  # fmt: skip
             caption="Maximum-intensity projection of |z| > 3.09.",
             filename="contrast-faces_stat-z_desc-fdr_glassbrain.png",
+            text_px=MIN_TEXT_PX,
         ),
     )
     table = ReportTable.from_dataframe(
@@ -119,14 +122,15 @@ def build_demo_content(tmp_dir: Path | None = None) -> ReportContent:
         figures=(
             ReportFigure(
                 "Null distribution of the maximum",
-                null_distribution_plot(
+                null_distribution_png(
                     null, float(np.abs(stat).max()), critical, stat_label="max |z|"
                 ),  # fmt: skip
                 caption="Observed maximum (red) and the 95% critical value (dashed).",
+                text_px=MIN_TEXT_PX,
             ),
             ReportFigure(
                 "ARI TDP map",
-                orthogonal_slices(
+                slices_png(
                     ari.tdp_map,
                     affine,
                     background_vol=anatomy,
@@ -134,6 +138,7 @@ def build_demo_content(tmp_dir: Path | None = None) -> ReportContent:
                     colorbar_label="TDP",
                     title="ARI true discovery proportion",
                 ),
+                text_px=MIN_TEXT_PX,
             ),  # fmt: skip
         ),
         tables=(table,),
@@ -142,13 +147,7 @@ def build_demo_content(tmp_dir: Path | None = None) -> ReportContent:
     contrasts = tuple(
         ReportSection(
             f"Contrast: {label}",
-            figures=(
-                ReportFigure(
-                    "Weights",
-                    contrast_weights_plot(weights, names, title=label),
-                    caption=" ".join(f"{w:+g}·{c}" for w, c in zip(weights, names, strict=True)),
-                ),
-            ),
+            text=(" ".join(f"{w:+g}·{c}" for w, c in zip(weights, names, strict=True)),),
             subsections=(
                 ReportSection("FDR (q < 0.05)", figures=figs_parametric),
                 perm,
@@ -168,14 +167,18 @@ def build_demo_content(tmp_dir: Path | None = None) -> ReportContent:
             ReportSection("Model as run", code=model),
             ReportSection(
                 "Design",
-                facts=(("condition number", f"{summary.condition_number:.3g}"),),
-                figures=(ReportFigure("Design matrix", design_matrix_plot(design, names)),),
+                facts=(("condition number", f"{np.linalg.cond(design):.3g}"),),
+                figures=(ReportFigure("Design matrix", design_svg, "image/svg+xml"),),
             ),
             ReportSection(
                 "Mask",
                 text=(f"{int(mask.sum()):,} voxels in the analysis mask.",),
                 figures=(
-                    ReportFigure("Mask outline", mask_outline(mask, anatomy, affine, title="mask")),
+                    ReportFigure(
+                        "Mask outline",
+                        mask_png(mask, anatomy, affine, title="mask"),
+                        text_px=MIN_TEXT_PX,
+                    ),
                 ),  # fmt: skip
             ),
             *contrasts,
@@ -207,16 +210,6 @@ def test_signed_mip_keeps_sign_of_largest_magnitude():
     np.testing.assert_array_equal(signed_mip(values, 2)[:, 1], [-5.0, 0.0, 4.0])
 
 
-def test_design_summary_matches_numpy():
-    rng = np.random.default_rng(0)
-    x = np.column_stack([np.ones(20), rng.standard_normal((20, 2))])
-    result = design_summary(x)
-    np.testing.assert_allclose(result.correlation[1:, 1:], np.corrcoef(x[:, 1:].T), atol=1e-12)
-    assert np.isnan(result.correlation[0, 0])
-    assert result.condition_number == pytest.approx(np.linalg.cond(x))
-    assert design_summary(np.column_stack([x, x[:, 1]])).condition_number > 1e12
-
-
 def _changed_column_groups(image: np.ndarray, base: np.ndarray) -> list[float]:
     """Mean column of each horizontal group of pixels that differ from ``base``."""
     columns = np.flatnonzero(np.abs(image - base).sum(axis=(0, 2)) > 0.05)
@@ -236,7 +229,7 @@ def test_brain_figures_are_pngs_and_neurological(brain):
         vol = np.zeros_like(stat)
         if i is not None:
             vol[i, 18, 15] = 9.0
-        return _png(glass_brain(vol, affine, threshold=3.0, outline_vol=mask, vmax=10.0))
+        return _png(glass_brain_png(vol, affine, threshold=3.0, outline_vol=mask, vmax=10.0))
 
     blank = draw()
     image = draw(i_left)
@@ -253,49 +246,54 @@ def test_brain_figures_are_pngs_and_neurological(brain):
     lateral = np.zeros_like(stat)
     lateral[i_left, 18, 15] = 9.0
     mirror = _png(
-        glass_brain(lateral[::-1], flipped, threshold=3.0, outline_vol=mask[::-1], vmax=10.0)
+        glass_brain_png(lateral[::-1], flipped, threshold=3.0, outline_vol=mask[::-1], vmax=10.0)
     )
     np.testing.assert_allclose(mirror, image, atol=1e-6)
     for data in (
-        orthogonal_slices(stat, affine, background_vol=anatomy, threshold=3.0, title="t"),
-        orthogonal_slices(np.abs(stat), affine, threshold=2.0, cut_coords=(0, 0, 0)),
-        mask_outline(mask, anatomy, affine, title="mask"),
-        mask_outline(mask, None, affine),
+        slices_png(stat, affine, background_vol=anatomy, threshold=3.0, title="t"),
+        slices_png(np.abs(stat), affine, background_vol=None, threshold=2.0, cut_coords=(0, 0, 0)),
+        mask_png(mask, anatomy, affine, title="mask"),
+        mask_png(mask, None, affine),
     ):
-        assert _png(data).shape[1] > 500
+        assert 500 < _png(data).shape[1] <= 1000
 
 
 def test_nothing_above_threshold_still_renders(brain):
     stat, mask, anatomy, affine = brain
-    assert _png(orthogonal_slices(stat, affine, background_vol=anatomy, threshold=99.0)).size
-    assert _png(glass_brain(stat, affine, threshold=99.0, outline_vol=mask)).size
+    assert _png(slices_png(stat, affine, background_vol=anatomy, threshold=99.0)).size
+    assert _png(glass_brain_png(stat, affine, threshold=99.0, outline_vol=mask)).size
 
 
-def test_svg_output_has_no_external_reference(brain):
-    stat, mask, anatomy, affine = brain
-    svg = glass_brain(stat, affine, threshold=3.0, outline_vol=mask, fmt="svg").decode()
-    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
-    assert "http://" not in svg.replace("http://www.w3.org/", "")
-
-
-def test_other_plots_render():
-    rng = np.random.default_rng(0)
-    x = np.column_stack([np.ones(10), rng.standard_normal(10)])
-    assert _png(design_matrix_plot(x, ["intercept", "age"], row_labels=list("abcdefghij"))).size
-    assert _png(contrast_weights_plot([[1, 0], [0, 1]], ["a", "b"], title="F")).size
-    assert _png(null_distribution_plot(rng.gumbel(3, 0.3, 500), 4.2, 3.9)).size
+def test_null_distribution_bars_and_lines_are_where_the_values_are():
+    # 90 relabellings at 1.0 and 10 at 2.0: two bars, the first 9 times as tall; the critical
+    # value (dashed orange) and the observed maximum (red) drawn at their x positions.
+    null = np.r_[np.full(90, 1.0), np.full(10, 2.0)]
+    image = _png(null_distribution_png(null, 3.0, 2.5, alpha=0.05, stat_label="max |z|"))
+    plot = image[:280]  # above the axis labels and the legend (whose box has the bar colour)
+    bars = np.all(np.abs(plot[..., :3] - np.array([143, 168, 200]) / 255) < 0.01, axis=2)
+    columns = np.flatnonzero(bars.sum(axis=0) > 20)
+    groups = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)
+    assert len(groups) == 2
+    heights = [bars[:, g].sum(axis=0).max() for g in groups]
+    assert heights[0] / heights[1] == pytest.approx(9.0, rel=0.03)
+    red = np.flatnonzero(((image[..., 0] > 0.7) & (image[..., 1] < 0.1)).sum(axis=0) > 50)
+    orange = np.flatnonzero(((image[..., 0] > 0.75) & (np.abs(image[..., 1] - 0.5) < 0.02)
+                             & (image[..., 2] < 0.05)).sum(axis=0) > 50)  # fmt: skip
+    # 10 bins of 0.1 from 1 to 2: the two bars are centred at 1.05 and 1.95 (0.9 apart), and
+    # columns are linear in the value
+    per_unit = (groups[1].mean() - groups[0].mean()) / 0.9
+    assert red.mean() - orange.mean() == pytest.approx(0.5 * per_unit, abs=3)
+    assert orange.mean() > groups[1].max() and red.mean() > orange.mean()
 
 
 def test_figure_errors_name_the_problem(brain):
     stat, mask, anatomy, affine = brain
     with pytest.raises(DataError, match="background"):
-        orthogonal_slices(stat, affine, background_vol=anatomy[:-1], threshold=3.0)
-    with pytest.raises(DataError, match="column names"):
-        design_matrix_plot(np.ones((4, 2)), ["a"])
+        slices_png(stat, affine, background_vol=anatomy[:-1], threshold=3.0)
     with pytest.raises(DataError, match="empty"):
-        mask_outline(np.zeros_like(mask), None, affine)
+        mask_png(np.zeros_like(mask), None, affine)
     with pytest.raises(DataError, match="null"):
-        null_distribution_plot(np.array([]), 1.0, 1.0)
+        null_distribution_png(np.array([]), 1.0, 1.0)
 
 
 # --------------------------------------------------------------------------- HTML tests
@@ -329,8 +327,8 @@ class _Collector(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def demo():
-    content = build_demo_content()
+def demo(tmp_path_factory):
+    content = build_demo_content(tmp_path_factory.mktemp("demo"))
     return content, render_report(content)
 
 
@@ -349,7 +347,7 @@ def test_html_is_self_contained_and_well_formed(demo):
     figures = list(_all_figures(content.sections))
     assert len(parser.images) == len(figures) > 8
     for src, figure in zip(parser.images, figures, strict=True):
-        assert src.startswith("data:image/png;base64,")
+        assert src.startswith(f"data:{figure.mime};base64,")
         assert base64.b64decode(src.split(",", 1)[1]) == figure.data
     assert parser.scripts == 0
     assert not re.search(r"(?:src|href)\s*=\s*[\"']?(?:https?:|//)", page)
@@ -384,6 +382,41 @@ def test_table_from_dataframe_formats_cells():
     )
 
 
+def test_summary_table_rows_link_to_their_method_sections():
+    found = ResultSummary("faces", "FDR q < 0.05", 1234, 3, -5.125, (-40.0, -62.0, 8.0))
+    none = ResultSummary("houses", "FDR q < 0.05", 0, 0)
+    contrasts = tuple(
+        ReportSection(f"Contrast {r.contrast}", subsections=(ReportSection(r.method, result=r),))
+        for r in (found, none)
+    )
+    page = render_report(ReportContent("r", "cmd", "now", sections=contrasts))
+    summary = page[page.index('<section id="summary"') : page.index("</table>")]
+    assert summary.count("<tr") == 3  # header + one row per method
+    assert (
+        '<td>faces</td><td><a href="#contrast-faces--fdr-q-0-05">FDR q &lt; 0.05</a></td>'
+        "<td>1,234</td><td>3</td><td>-5.12</td><td>-40, -62, 8</td>" in summary
+    )
+    assert '<a href="#contrast-houses--fdr-q-0-05">' in summary
+    assert '<td colspan="4">nothing survives</td>' in summary
+    assert 'id="contrast-faces--fdr-q-0-05"' in page and 'id="contrast-houses--fdr-q-0-05"' in page
+    assert '<a href="#summary">Summary of results</a>' in page  # in the contents
+    no_results = render_report(ReportContent("r", "c", "n", sections=(ReportSection("s"),)))
+    assert 'id="summary"' not in no_results
+
+
+def test_figures_are_never_shown_below_legible_size():
+    png = png_bytes(np.zeros((30, 850, 3), np.uint8))
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="300pt" height="100pt"></svg>'
+    figures = (ReportFigure("raster", png, text_px=17.0), ReportFigure("svg", svg, "image/svg+xml"))
+    page = render_report(
+        ReportContent("r", "c", "n", sections=(ReportSection("s", figures=figures),))
+    )
+    # 850 px with 17 px text: shrinks to 850 * 12 / 17 = 600 px at most; the SVG (12 px text at
+    # its natural 300 pt = 400 px) not at all
+    assert 'style="width:850px;min-width:600px" data-text-px="17"' in page
+    assert 'style="width:400px;min-width:400px" data-text-px="12"' in page
+
+
 def test_write_report_is_atomic_and_checked(tmp_path):
     content = ReportContent("r", "cmd", "now", sections=(ReportSection("s", text=("hello",)),))
     out = write_report(tmp_path / "report.html", content)
@@ -404,10 +437,35 @@ window.addEventListener('load', () => {
   const imgs = Array.from(document.images);
   const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;
   const net = performance.getEntriesByType('resource').map(r => r.name);
+  // smallest computed font size of any visible text, and of any figure's text as shown
+  let minFont = 1e9, minFontAt = '';
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    const el = walker.currentNode.parentElement;
+    const box = el.getBoundingClientRect();
+    if (!walker.currentNode.textContent.trim() || box.width === 0) continue;
+    const size = parseFloat(getComputedStyle(el).fontSize);
+    if (size < minFont) { minFont = size; minFontAt = el.tagName + ': ' + el.textContent; }
+  }
+  const figureText = imgs.map(i => i.getBoundingClientRect().width / i.naturalWidth
+                                     * parseFloat(i.dataset.textPx || '0'));
+  // the summary table: its rows, and links that lead nowhere
+  const summaryLinks = Array.from(document.querySelectorAll('#summary tbody a'));
+  const deadLinks = summaryLinks.filter(a => !document.getElementById(a.hash.slice(1))).length;
+  // sections where nothing survives: one line, no image or table (the permutation null excepted)
+  const empty = Array.from(document.querySelectorAll('section.sub'))
+    .filter(s => s.querySelector(':scope > p') &&
+                 s.querySelector(':scope > p').textContent.startsWith('Nothing survives'));
+  const emptyImages = empty.map(s => Array.from(s.querySelectorAll('img'))
+    .filter(i => i.alt !== 'Permutation null distribution').length
+    + s.querySelectorAll('table').length);
   const probe = document.createElement('pre');
   probe.id = 'probe';
   probe.textContent = 'PROBE' + JSON.stringify({images: imgs.length, broken: bad,
-    errors: window.__errors, resources: net}) + 'END';
+    errors: window.__errors, resources: net, minFont: minFont, minFontAt: minFontAt,
+    figureText: figureText, pageWidth: document.documentElement.scrollWidth,
+    windowWidth: window.innerWidth, summaryRows: summaryLinks.length, deadLinks: deadLinks,
+    emptySections: empty.length, emptyImages: emptyImages}) + 'END';
   document.body.appendChild(probe);
 });
 </script>"""
@@ -431,28 +489,42 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
+def probe_page(page: str, tmp_path: Path, width: int) -> dict:
+    """Load a copy of ``page`` with the probe script in headless Chromium ``width`` px wide."""
+    # The CSP is relaxed only in this copy, to let the probe itself run.
+    probed = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
+    probed = probed.replace("</body>", _PROBE + "</body>")
+    path = tmp_path / f"probed{width}.html"
+    path.write_text(probed, encoding="utf-8")
+    result = _chromium(
+        [f"--window-size={width},3000", "--virtual-time-budget=10000", "--dump-dom",
+         path.as_uri()], tmp_path / "profile",
+    )  # fmt: skip
+    match = re.search(r"PROBE(.*?)END", result.stdout)
+    assert match, f"no probe output; stderr:\n{result.stderr[-2000:]}"
+    assert [line for line in result.stderr.splitlines() if "CONSOLE" in line] == []
+    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+def check_legible(probe: dict, width: int) -> None:
+    """Text >= 12 CSS px, in the page and in every figure as shown; no sideways page scroll."""
+    assert probe["minFont"] >= 12.0, probe["minFontAt"]
+    assert probe["figureText"] and min(probe["figureText"]) >= 12.0 - 1e-6, probe["figureText"]
+    assert probe["windowWidth"] == width and probe["pageWidth"] <= width
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_report_renders_in_headless_chromium(demo, tmp_path):
     _, page = demo
     report = tmp_path / "report.html"
     report.write_text(page, encoding="utf-8")
-    # A copy with a probe script; the CSP is relaxed only to let the probe itself run.
-    probed = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
-    probed = probed.replace("</body>", _PROBE + "</body>")
-    (tmp_path / "probed.html").write_text(probed, encoding="utf-8")
-    result = _chromium(
-        ["--virtual-time-budget=10000", "--dump-dom", (tmp_path / "probed.html").as_uri()],
-        tmp_path / "profile",
-    )
-    match = re.search(r"PROBE(.*?)END", result.stdout)
-    assert match, f"no probe output; stderr:\n{result.stderr[-2000:]}"
-    probe = json.loads(match.group(1).replace("&quot;", '"'))
-    assert probe["images"] == page.count("<img ") and probe["images"] > 8
-    assert probe["broken"] == 0
-    assert probe["errors"] == []
-    assert [r for r in probe["resources"] if not r.startswith("data:")] == []
-    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
-    assert console == []
+    for width in (1400, 800):
+        probe = probe_page(page, tmp_path, width)
+        assert probe["images"] == page.count("<img ") and probe["images"] > 8
+        assert probe["broken"] == 0
+        assert probe["errors"] == []
+        assert [r for r in probe["resources"] if not r.startswith("data:")] == []
+        check_legible(probe, width)
     # The untouched report: a screenshot to look at (kept under tmp_path).
     shot = tmp_path / "report.png"
     result = _chromium(
@@ -466,4 +538,4 @@ def test_report_renders_in_headless_chromium(demo, tmp_path):
 
 if __name__ == "__main__":  # python tests/test_report.py demo.html
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "report_demo.html")
-    print(write_report(target, build_demo_content()))
+    print(write_report(target, build_demo_content(target.parent)))

@@ -6,19 +6,19 @@ Run on the example dataset of README command 1 (with ARI on), so this is the rep
 from __future__ import annotations
 
 import io
-import json
 import logging
 import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.image import imread
 from test_ari_run import ROOT, _run
-from test_report import _PROBE, CHROMIUM, _chromium
+from test_report import CHROMIUM, _chromium, check_legible, probe_page
 
 from bids_group.report.build import collect_warnings
-from bids_group.report.raster import glass_brain_png, png_bytes
+from bids_group.report.raster import MIN_TEXT_PX, _draw_text, png_bytes
 
 MODEL = ROOT / "configs" / "two_sample_age.yaml"
 
@@ -48,7 +48,16 @@ def test_report_is_written_listed_and_self_contained(example_run):
     n_shown = sum(c["surviving_voxels"] > 0 for c in contrasts)
     n_shown += sum(c["ari"]["true_discoveries"] > 0 for c in contrasts)
     assert 0 < n_shown < 2 * len(contrasts)  # the example has both kinds
-    assert len([p for p in pngs if p.name.endswith("_slices.png")]) == n_shown
+    assert len([p for p in pngs if re.search(r"_desc-\w+_slices\.png$", p.name)]) == n_shown
+    # every contrast: its unthresholded z map and effect size (t contrasts), as slices
+    for contrast in contrasts:
+        for stat in ("z", "effect"):
+            assert [p for p in pngs if p.name.endswith(f"contrast-{contrast['label']}_stat-"
+                                                       f"{stat}_slices.png")]  # fmt: skip
+    for title in ("z map, unthresholded", "effect map, unthresholded"):
+        assert page.count(f'alt="{title}"') == len(contrasts)
+    # no cluster p-value without a permutation test, and the table says why
+    assert "No cluster-level p-value: bids-group computes no random-field theory p" in page
     assert page.count("Nothing survives") == 2 * len(contrasts) - n_shown
     for png in pngs:
         assert imread(io.BytesIO(png.read_bytes())).shape[1] > 300
@@ -58,6 +67,46 @@ def test_report_is_written_listed_and_self_contained(example_run):
                  "|z| &gt; 3.09", "true_discoveries", "Model as run", "numpy"):  # fmt: skip
         assert text in page, text
     assert page.count("<img ") == len(pngs) + len(summary["analyses"])  # + design SVGs
+
+
+def _summary_rows(page: str) -> list[tuple[str, list[str]]]:
+    """(anchor, cell texts) of each row of the summary table."""
+    table = re.search(r'<section id="summary".*?</table>', page, re.S)
+    assert table, "no summary table"
+    rows = re.findall(r"<tr[^>]*><td>(.*?)</td><td><a href=\"#([^\"]+)\">(.*?)</a></td>(.*?)</tr>",
+                      table.group(0))  # fmt: skip
+    return [(anchor, [c, m, *re.findall(r"<td[^>]*>(.*?)</td>", rest)])
+            for c, anchor, m, rest in rows]  # fmt: skip
+
+
+def test_summary_table_lists_every_method_and_links_to_it(example_run):
+    out, summary = example_run
+    page = Path(summary["report"]).read_text(encoding="utf-8")
+    rows = _summary_rows(page)
+    contrasts = [c for a in summary["analyses"] for c in a["contrasts"]]
+    assert len(rows) == 2 * len(contrasts)  # height control and ARI for each contrast
+    ids = set(re.findall(r' id="([^"]+)"', page))
+    assert {anchor for anchor, _ in rows} <= ids
+    assert page.index('id="summary"') < page.index('id="model-as-run"')  # at the top
+    node = out / "node-groupComparison"
+    for contrast in contrasts:
+        label = contrast["label"]
+        height = [cells for _, cells in rows if cells[0] == label and "ARI" not in cells[1]]
+        assert len(height) == 1
+        cells = height[0]
+        if not contrast["surviving_voxels"]:
+            assert cells[2:] == ["nothing survives"]
+            continue
+        # the oracle: the cluster table written beside the maps
+        (tsv,) = node.glob(f"*contrast-{label}_stat-z_desc-uncorrectedK20_clusters.tsv")
+        table = pd.read_csv(tsv, sep="\t", dtype={"cluster_id": str})
+        clusters = table[table["cluster_id"].str.isdigit()]
+        assert cells[2] == f"{contrast['surviving_voxels']:,}"
+        assert int(cells[3]) == len(clusters) and clusters["size_voxels"].sum() == int(cells[2])
+        top = table.loc[table["peak_stat"].abs().idxmax()]
+        assert float(cells[4]) == pytest.approx(top["peak_stat"], abs=0.005)
+        assert cells[5] == f"{top['peak_x']:.0f}, {top['peak_y']:.0f}, {top['peak_z']:.0f}"
+    assert any(cells[2:] == ["nothing survives"] for _, cells in rows)
 
 
 def test_no_report_writes_neither_html_nor_figures(tmp_path):
@@ -76,6 +125,16 @@ def test_warnings_of_the_run_are_collected():
     assert messages == ["Dropped 3 voxels"]
 
 
+def test_figure_text_has_the_pixel_height_asked_and_no_less_than_the_minimum():
+    # DejaVu Sans capitals are 0.729 em high: "H" at MIN_TEXT_PX px has a cap height of ~12 px
+    canvas = np.zeros((60, 60, 3), np.uint8)
+    _draw_text(canvas, "H", 5, 5, (255, 255, 255), MIN_TEXT_PX)
+    rows = np.flatnonzero(canvas[..., 0].max(axis=1) > 128)
+    assert rows.size == pytest.approx(0.729 * MIN_TEXT_PX, abs=1.0)
+    with pytest.raises(ValueError, match="below the minimum"):
+        _draw_text(canvas, "H", 5, 5, (255, 255, 255), MIN_TEXT_PX - 1)
+
+
 def test_png_encoder_round_trips():
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, size=(17, 23, 3), dtype=np.uint8)
@@ -83,44 +142,22 @@ def test_png_encoder_round_trips():
     np.testing.assert_array_equal((decoded[..., :3] * 255).round().astype(np.uint8), rgb)
 
 
-def test_fast_glass_brain_is_neurological():
-    affine = np.diag([4.0, 4.0, 4.0, 1.0])
-    affine[:3, 3] = [-40.0, -48.0, -40.0]
-    mask = np.ones((21, 25, 21), bool)
-
-    def columns(i):
-        vol = np.zeros(mask.shape)
-        vol[i, 12, 10] = 8.0
-        image = imread(io.BytesIO(glass_brain_png(vol, affine, threshold=3.0, outline_vol=mask)))
-        coloured = (image[..., 0] > 0.8) & (image[..., 2] < 0.5)  # red-yellow map pixels
-        return np.flatnonzero(coloured.any(axis=0))
-
-    left, right = columns(2), columns(18)  # x = -32 mm (left) and +32 mm (right)
-    # sagittal panel: same place; coronal and axial panels: the left voxel further left
-    only_left, only_right = np.setdiff1d(left, right), np.setdiff1d(right, left)
-    assert left.min() == right.min()  # sagittal (and the colour bar) identical
-    assert only_left.size == only_right.size > 0
-    assert only_left.min() < only_right.min() and only_left.max() < only_right.max()
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_report_renders_in_headless_chromium(example_run, tmp_path):
     _, summary = example_run
     page = Path(summary["report"]).read_text(encoding="utf-8")
-    probed = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
-    probed = probed.replace("</body>", _PROBE + "</body>")
-    (tmp_path / "probed.html").write_text(probed, encoding="utf-8")
-    result = _chromium(
-        ["--virtual-time-budget=10000", "--dump-dom", (tmp_path / "probed.html").as_uri()],
-        tmp_path / "profile",
-    )
-    match = re.search(r"PROBE(.*?)END", result.stdout)
-    assert match, f"no probe output; stderr:\n{result.stderr[-2000:]}"
-    probe = json.loads(match.group(1).replace("&quot;", '"'))
-    assert probe["images"] == page.count("<img ") > 10
-    assert probe["broken"] == 0 and probe["errors"] == []
-    assert [r for r in probe["resources"] if not r.startswith("data:")] == []
-    assert [line for line in result.stderr.splitlines() if "CONSOLE" in line] == []
+    for width in (1400, 800):
+        probe = probe_page(page, tmp_path, width)
+        assert probe["images"] == page.count("<img ") > 10
+        assert probe["broken"] == 0 and probe["errors"] == []
+        assert [r for r in probe["resources"] if not r.startswith("data:")] == []
+        check_legible(probe, width)
+        # the summary table: one row per contrast and method, each leading to its section
+        contrasts = [c for a in summary["analyses"] for c in a["contrasts"]]
+        assert probe["summaryRows"] == 2 * len(contrasts) and probe["deadLinks"] == 0
+        # empty results collapse to one line without figures
+        assert probe["emptySections"] == page.count("Nothing survives") > 0
+        assert set(probe["emptyImages"]) == {0}
     shot = tmp_path / "report.png"
     result = _chromium(
         ["--window-size=1400,2400", f"--screenshot={shot}", Path(summary["report"]).as_uri()],

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 MAX_ROW_LABELS = 60
 
 #: Fixed SVG ids and no date, so the same design gives the same file (reproducible outputs).
-_SVG_RC = {"svg.hashsalt": "bids-group", "svg.fonttype": "none"}
+_SVG_RC = {"svg.hashsalt": "bids-group", "svg.fonttype": "none", "font.size": 10}
 
 
 def _check_design(matrix: np.ndarray, columns: Sequence[str]) -> np.ndarray:
@@ -90,7 +90,8 @@ def plot_design_matrix(
     ax.xaxis.tick_top()
     ax.set_xticks(np.arange(n_cols), [str(c) for c in columns], rotation=60, ha="left")
     if n_rows <= MAX_ROW_LABELS:
-        ax.set_yticks(np.arange(n_rows), [str(r) for r in row_labels], fontsize=7)
+        # 9 pt = 12 CSS px at the SVG's natural size: the report's smallest text.
+        ax.set_yticks(np.arange(n_rows), [str(r) for r in row_labels], fontsize=9)
     else:
         ax.set_ylabel("map (row of the design)")
     if title:

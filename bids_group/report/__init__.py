@@ -1,44 +1,36 @@
 """Figures and the self-contained HTML report.
 
-Pure functions from arrays to figure bytes (PNG or SVG), plus the report content model and its
-renderer. Nothing here knows about the pipeline; :func:`write_report` is the only writer.
+Pure functions from arrays to PNG bytes (:mod:`~bids_group.report.raster`, the one renderer,
+and :mod:`~bids_group.report.histogram`), the report content model and its renderer
+(:mod:`~bids_group.report.html`), and the assembly of a run's report
+(:mod:`~bids_group.report.build`). :func:`write_report` is the only writer of the page.
 """
 
-from bids_group.report._common import CONVENTION, MIME_TYPES
-from bids_group.report.glassbrain import glass_brain, signed_mip
+from bids_group.report._common import CONVENTION
+from bids_group.report.histogram import null_distribution_png
 from bids_group.report.html import (
     ReportContent,
     ReportFigure,
     ReportSection,
     ReportTable,
+    ResultSummary,
     render_report,
     write_report,
 )
-from bids_group.report.plots import (
-    DesignSummary,
-    contrast_weights_plot,
-    design_matrix_plot,
-    design_summary,
-    null_distribution_plot,
-)
-from bids_group.report.slices import mask_outline, orthogonal_slices
+from bids_group.report.raster import glass_brain_png, mask_png, signed_mip, slices_png
 
 __all__ = [
     "CONVENTION",
-    "MIME_TYPES",
-    "DesignSummary",
     "ReportContent",
     "ReportFigure",
     "ReportSection",
     "ReportTable",
-    "contrast_weights_plot",
-    "design_matrix_plot",
-    "design_summary",
-    "glass_brain",
-    "mask_outline",
-    "null_distribution_plot",
-    "orthogonal_slices",
+    "ResultSummary",
+    "glass_brain_png",
+    "mask_png",
+    "null_distribution_png",
     "render_report",
     "signed_mip",
+    "slices_png",
     "write_report",
 ]

@@ -1,7 +1,4 @@
-"""Shared helpers for report figures: canonical orientation, colour maps, figure -> bytes.
-
-Figures are drawn with matplotlib's object API (``Figure`` + Agg canvas), never ``pyplot``, so
-no global state is touched and the code is thread-safe and headless.
+"""Shared helpers for report figures: canonical orientation, colour maps, colour limits.
 
 Display convention: **neurological** (the subject's left is on the left of the image, "L" and
 "R" are printed on the panels). Volumes are first reoriented to the closest RAS+ voxel order
@@ -11,31 +8,18 @@ posterior->anterior, inferior->superior in world millimetres.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
-from typing import Literal
 
-import matplotlib as mpl
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap, LinearSegmentedColormap
-from matplotlib.figure import Figure
 from nibabel import orientations
 
 from bids_group.errors import DataError
 
-ImageFormat = Literal["png", "svg"]
-
-#: MIME type of each figure format, for data URIs.
-MIME_TYPES: dict[str, str] = {"png": "image/png", "svg": "image/svg+xml"}
-
-#: Resolution of PNG figures (dots per inch); figures are sized in inches.
-DPI = 110
-
-#: Statement printed under brain figures and in the report.
-CONVENTION = "Neurological convention: the left hemisphere is shown on the left (L, R marked)."
-#: The three orthogonal views in RAS order, shared by every renderer: (name, cut or projected
-#: axis, horizontal axis, vertical axis, letters at the left and right edges).
+#: Statement printed under brain figures.
+CONVENTION = "Neurological convention: left hemisphere on the left"
+#: The three orthogonal views in RAS order: (name, cut or projected axis, horizontal axis,
+#: vertical axis, letters at the left and right edges).
 VIEWS = (
     ("sagittal", 0, 1, 2, ("P", "A")),
     ("coronal", 1, 0, 2, ("L", "R")),
@@ -124,26 +108,6 @@ def check_same_grid(name: str, volume: np.ndarray | None, shape: tuple[int, ...]
             f"report: the {name} has shape {np.shape(volume)} but the statistical map has "
             f"shape {tuple(shape)}; they must be on the same grid."
         )
-
-
-def new_figure(width: float, height: float, facecolor: str = "white") -> Figure:
-    """A fresh Agg-backed figure (no pyplot, no global state)."""
-    fig = Figure(figsize=(width, height), dpi=DPI, facecolor=facecolor)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def figure_bytes(fig: Figure, fmt: ImageFormat = "png") -> bytes:
-    """Render ``fig`` to PNG or SVG bytes (SVG text as paths: no font files needed)."""
-    if fmt not in MIME_TYPES:
-        raise ValueError(f"figure format must be 'png' or 'svg'; got {fmt!r}")
-    buffer = io.BytesIO()
-    # Deterministic, minimal output: no date, software stamp or RDF block (with its URLs).
-    svg_keys = ("Creator", "Date", "Format", "Type")
-    metadata = dict.fromkeys(svg_keys) if fmt == "svg" else {"Software": None}
-    with mpl.rc_context({"svg.fonttype": "path", "svg.hashsalt": "bids-group"}):
-        fig.savefig(buffer, format=fmt, facecolor=fig.get_facecolor(), metadata=metadata)
-    return buffer.getvalue()
 
 
 def robust_range(values: np.ndarray) -> tuple[float, float]:

@@ -28,8 +28,16 @@ import numpy as np
 import pandas as pd
 
 from bids_group.images import unmask
-from bids_group.report.html import ReportContent, ReportFigure, ReportSection, ReportTable
-from bids_group.report.raster import glass_brain_png, mask_png, slices_png
+from bids_group.inference.clusters import label_clusters
+from bids_group.report.histogram import null_distribution_png
+from bids_group.report.html import (
+    ReportContent,
+    ReportFigure,
+    ReportSection,
+    ReportTable,
+    ResultSummary,
+)
+from bids_group.report.raster import MIN_TEXT_PX, glass_brain_png, mask_png, slices_png
 from bids_group.templates import TEMPLATE_SPACE, mni_space, template_on_grid
 
 log = logging.getLogger(__name__)
@@ -237,6 +245,7 @@ def map_figures(
             "image/png",
             f"Shown: {units}. {background.note}",
             filenames[0],
+            MIN_TEXT_PX,
         ),  # fmt: skip
         ReportFigure(
             "Glass brain (maximum-intensity projection)",
@@ -244,8 +253,33 @@ def map_figures(
             "image/png",
             f"Shown: {units}. {background.outline_note}",
             filenames[1],
+            MIN_TEXT_PX,
         ),  # fmt: skip
     )
+
+
+def unthresholded_figure(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    *,
+    mask: np.ndarray,
+    background: Background,
+    label: str,
+    cut: tuple[float, float, float],
+    title: str,
+    filename: str,
+    caption: str,
+) -> ReportFigure:
+    """Orthogonal slices of a map with no threshold (every voxel of the mask coloured).
+
+    ``cut``: the slices' world coordinates (mm), e.g. the peak ``|z|``, so the z and effect
+    figures of a contrast show the same place.
+    """
+    clean = np.where(mask, np.nan_to_num(volume), 0.0)
+    data = slices_png(clean, affine, background_vol=background.volume, threshold=None,
+                      title=title, colorbar_label=label, cut_coords=cut)  # fmt: skip
+    return ReportFigure(f"{label} map, unthresholded", data, "image/png",
+                        f"{caption} {background.note}", filename, MIN_TEXT_PX)  # fmt: skip
 
 
 def null_figure(
@@ -262,16 +296,16 @@ def null_figure(
 
     ``source`` names the TSV holding the same null (so readers can audit or merge it).
     """
-    from bids_group.report.plots import null_distribution_plot  # matplotlib: only when used
-
-    data = null_distribution_plot(null_max, observed_max, critical, alpha=alpha,
-                                  stat_label=stat_label, title=title)  # fmt: skip
+    data = null_distribution_png(null_max, observed_max, critical, alpha=alpha,
+                                 stat_label=stat_label, title=title)  # fmt: skip
     caption = (
         f"Null distribution of the {stat_label} over {np.asarray(null_max).size:,} relabellings "
         f"(the unpermuted data included). Results above the critical value have FWER p <= "
         f"{alpha:g}. Values: {source}"
     )
-    return ReportFigure("Permutation null distribution", data, "image/png", caption, "")
+    return ReportFigure(
+        "Permutation null distribution", data, "image/png", caption, "", MIN_TEXT_PX
+    )
 
 
 def mask_figure(mask: np.ndarray, background: Background, affine: np.ndarray, *, filename: str):
@@ -280,7 +314,7 @@ def mask_figure(mask: np.ndarray, background: Background, affine: np.ndarray, *,
     data = mask_png(mask, background.volume, affine, title=f"Analysis mask: {n_voxels:,} voxels")
     return ReportFigure("Analysis mask", data, "image/png",
                         f"Red: outline of the {n_voxels:,} voxels analysed. {background.note}",
-                        filename)  # fmt: skip
+                        filename, MIN_TEXT_PX)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- tables
@@ -294,10 +328,62 @@ def _table(frame: pd.DataFrame, *, title: str, caption: str, drop=()) -> ReportT
     return ReportTable.from_dataframe(frame, title=title, caption=caption)
 
 
-def cluster_report_table(table: pd.DataFrame, *, filename: str) -> ReportTable:
-    """The parametric cluster table (peaks and subpeaks) for the report."""
-    caption = f"Peak coordinates in mm; peak_p uncorrected. File: {filename}"
-    return _table(table, title="Clusters", caption=caption, drop=("cluster",))
+def cluster_report_table(
+    table: pd.DataFrame,
+    *,
+    filename: str,
+    permutation: pd.DataFrame | None = None,
+    p_fwe: str | None = None,
+) -> ReportTable:
+    """The cluster table (peaks and subpeaks) for the report, with what p-values it can have.
+
+    Parameters
+    ----------
+    table : DataFrame
+        :func:`bids_group.inference.clusters.cluster_table`.
+    filename : str
+    permutation : DataFrame, optional
+        The permutation clusters of the same contrast
+        (:func:`bids_group.outputs.permutation.cluster_inference_table`): a cluster of ``table``
+        with the same size and peak gets its ``p_fwe_size`` (the permutation null of the largest
+        cluster applies to it, as it is the same cluster).
+    p_fwe : str, optional
+        Permutation peak tables: the method of their ``peak_p_fwe`` column.
+    """
+    caption = "Peak coordinates in mm; peak_p uncorrected."
+    if p_fwe is not None:
+        caption += f" peak_p_fwe: {p_fwe} p at the peak."
+    elif permutation is not None:
+        table = table.assign(p_fwe_size=_permutation_cluster_p(table, permutation))
+        caption += (
+            " p_fwe_size: cluster-size FWER p from the permutation test of this contrast, for "
+            "the clusters it formed identically (blank: the permutation's cluster-forming "
+            "threshold made another cluster)."
+        )
+    else:
+        caption += (
+            " No cluster-level p-value: bids-group computes no random-field theory p; "
+            "--permutation cluster gives cluster-size FWER p-values."
+        )
+    return _table(table, title="Clusters", caption=f"{caption} File: {filename}", drop=("cluster",))
+
+
+def _permutation_cluster_p(table: pd.DataFrame, permutation: pd.DataFrame) -> list:
+    """``p_fwe_size`` of the permutation cluster with the same size and peak, per cluster row."""
+
+    def key(x, y, z, size):
+        return (round(float(x), 3), round(float(y), 3), round(float(z), 3), int(size))
+
+    found = {
+        key(r.peak_x, r.peak_y, r.peak_z_mm, r.size_voxels): r.p_fwe_size
+        for r in permutation.itertuples()
+    }
+    return [
+        None
+        if pd.isna(r.size_voxels)
+        else found.get(key(r.peak_x, r.peak_y, r.peak_z, r.size_voxels))
+        for r in table.itertuples()
+    ]
 
 
 def permutation_cluster_report_table(table: pd.DataFrame, *, filename: str) -> ReportTable:
@@ -361,7 +447,7 @@ class MethodReport:
     table : ReportTable or None
     null : ReportFigure or None
         Permutation methods: the null distribution of the maximum with the observed value and
-        the critical threshold (:func:`bids_group.report.plots.null_distribution_plot`). The
+        the critical threshold (:func:`bids_group.report.histogram.null_distribution_png`). The
         hook for permutation inference: set it and the figure appears first in the section.
     """
 
@@ -373,14 +459,62 @@ class MethodReport:
     #: When nothing survives: one line saying so (see :func:`nothing_survives`), shown instead
     #: of empty map figures.
     empty: str | None = None
+    #: What survives (:func:`survivors`), for the summary table at the top of the report.
+    survivors: Survivors | None = None
 
-    def section(self) -> ReportSection:
+    def section(self, contrast: str = "") -> ReportSection:
+        """This method's part of the contrast section (with its summary row when known)."""
         figures = ((self.null,) if self.null is not None else ()) + self.figures
         tables = (self.table,) if self.table is not None else ()
         text = (self.empty,) if self.empty else ()
+        result = None
+        if self.survivors is not None:
+            s = self.survivors
+            result = ResultSummary(contrast, self.title, s.voxels, s.clusters, s.peak_z, s.peak_mm)
         return ReportSection(
-            self.title, text=text, facts=self.facts, figures=figures, tables=tables
+            self.title, text=text, facts=self.facts, figures=figures, tables=tables, result=result
         )
+
+
+@dataclass(frozen=True)
+class Survivors:
+    """Surviving voxels of one method: count, clusters and the peak (see :func:`survivors`)."""
+
+    voxels: int
+    clusters: int
+    peak_z: float | None
+    peak_mm: tuple[float, float, float] | None
+
+
+def survivors(z_vol: np.ndarray, affine: np.ndarray, *, connectivity: int) -> Survivors:
+    """Count and locate the surviving voxels of a method.
+
+    Parameters
+    ----------
+    z_vol : ndarray of shape (nx, ny, nz), float
+        z at the surviving voxels, 0 (or NaN) elsewhere.
+    affine : ndarray of shape (4, 4)
+    connectivity : {6, 18, 26}
+        Clusters are the connected components of the positive and of the negative survivors.
+
+    Returns
+    -------
+    Survivors
+        Peak: the survivor of largest ``|z|`` (first in voxel order on ties), in mm.
+
+    >>> vol = np.zeros((4, 1, 1)); vol[0, 0, 0], vol[1, 0, 0], vol[3, 0, 0] = 3.5, -4.0, 3.2
+    >>> survivors(vol, np.eye(4), connectivity=26)
+    Survivors(voxels=3, clusters=3, peak_z=-4.0, peak_mm=(1.0, 0.0, 0.0))
+    """
+    z = np.nan_to_num(np.asarray(z_vol, dtype=np.float64))
+    n_voxels = int(np.count_nonzero(z))
+    if not n_voxels:
+        return Survivors(0, 0, None, None)
+    n_clusters = sum(label_clusters(side, connectivity)[1] for side in (z > 0, z < 0))
+    ijk = np.unravel_index(int(np.argmax(np.abs(z))), z.shape)
+    xyz = np.asarray(affine, dtype=np.float64)[:3] @ np.array([*ijk, 1.0])
+    mm = tuple(float(c) + 0.0 for c in xyz)
+    return Survivors(n_voxels, int(n_clusters), float(z[ijk]), mm)
 
 
 def peak_text(
@@ -436,14 +570,16 @@ def contrast_section(
     test: str,
     dof: Sequence[float],
     methods: Sequence[MethodReport],
+    figures: Sequence[ReportFigure] = (),
 ) -> ReportSection:
-    """A contrast: its weights, then one sub-part per correction method."""
+    """A contrast: its weights, its unthresholded maps, then one sub-part per method."""
     dof_text = ", ".join(f"{d:g}" for d in dof)
-    parts = [m.section() for m in methods]
+    parts = [m.section(label) for m in methods]
     return ReportSection(
         f"Contrast {label}",
         facts=(("name in the model", name), ("test", f"{test} ({dof_text} degrees of freedom)")),
         tables=(weights_table(weights, columns, test),),
+        figures=tuple(figures),
         subsections=tuple(parts),
     )
 
@@ -459,12 +595,14 @@ def analysis_sections(
     contrasts: Sequence[ReportSection],
     participants: Sequence[str] = (),
     figures: Sequence[ReportFigure] = (),
+    notes: Sequence[str] = (),
 ) -> tuple[ReportSection, ...]:
     """The model of one GroupBy group (design, mask) followed by its contrasts' sections.
 
     The contrasts come as top-level sections (so each has its own entry in the contents).
     ``participants``: the subjects whose maps the model used (listed in full); ``figures``: more
-    figures of the model (e.g. the tau² map of a mixed-effects model).
+    figures of the model (e.g. the tau² map of a mixed-effects model); ``notes``: lines of text
+    (e.g. instead of an empty figure).
     """
     cond = design_summary["condition_number"]
     design_facts = (
@@ -475,6 +613,7 @@ def analysis_sections(
                           "Each column scaled to max |value| = 1.", design_filename)  # fmt: skip
     listed = ", ".join(participants)
     text = (f"Participants ({len(participants)}): {listed}.",) if participants else ()
+    text += tuple(notes)
     model = ReportSection(
         title,
         text=text,

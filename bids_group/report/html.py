@@ -30,6 +30,10 @@ Mime = Literal["image/png", "image/svg+xml"]
 
 #: Forbid everything that is not inline: the report must open offline, identically, forever.
 CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+#: Smallest text on the page and in its figures, in CSS pixels.
+MIN_TEXT_PX = 12.0
+#: Anchor of the summary table of results.
+SUMMARY_ID = "summary"
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,16 @@ class ReportFigure:
     title : str
         Short heading shown above the image and used as its ``alt`` text.
     data : bytes
-        PNG or SVG bytes, e.g. from :func:`bids_group.report.orthogonal_slices`.
+        PNG or SVG bytes, e.g. from :func:`bids_group.report.raster.slices_png`.
     mime : {"image/png", "image/svg+xml"}
     caption : str
         Sentence under the figure (what is shown, threshold and its units).
     filename : str
         Name of the same figure written beside the maps (shown so readers can find the file).
+    text_px : float
+        Height of the smallest text in the image, in its own pixels (SVG: CSS pixels at its
+        natural size). The page never shows the figure smaller than ``MIN_TEXT_PX / text_px``
+        of its natural size (a narrow window scrolls it instead), so its text stays legible.
     """
 
     title: str
@@ -54,10 +62,20 @@ class ReportFigure:
     mime: Mime = "image/png"
     caption: str = ""
     filename: str = ""
+    text_px: float = 12.0
 
     def data_uri(self) -> str:
         """``data:<mime>;base64,...`` for an ``<img src>``."""
         return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+
+    def natural_width(self) -> float | None:
+        """Width in CSS pixels at 100% (PNG: pixels; SVG: its width attribute), if known."""
+        if self.mime == "image/png" and self.data[12:16] == b"IHDR":
+            return float(int.from_bytes(self.data[16:20], "big"))
+        match = re.search(rb"<svg[^>]*?\swidth=\"([0-9.]+)(pt|px)?\"", self.data[:2000])
+        if self.mime == "image/svg+xml" and match:
+            return float(match.group(1)) * (4 / 3 if match.group(2) == b"pt" else 1.0)
+        return None
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,32 @@ class ReportTable:
 
 
 @dataclass(frozen=True)
+class ResultSummary:
+    """What survives one correction method of one contrast: a row of the summary table.
+
+    Attributes
+    ----------
+    contrast : str
+    method : str
+    voxels : int
+        Surviving voxels.
+    clusters : int
+        Connected components of the surviving voxels (positive and negative apart).
+    peak_z : float or None
+        z of largest magnitude among the survivors (None when nothing survives).
+    peak_mm : (float, float, float) or None
+        Its world (MNI) coordinates in mm.
+    """
+
+    contrast: str
+    method: str
+    voxels: int
+    clusters: int
+    peak_z: float | None = None
+    peak_mm: tuple[float, float, float] | None = None
+
+
+@dataclass(frozen=True)
 class ReportSection:
     """A titled part of the report; sub-sections nest one level in the navigation.
 
@@ -105,6 +149,9 @@ class ReportSection:
     warnings : tuple of str
         Shown prominently at the top of the section.
     subsections : tuple of ReportSection
+    result : ResultSummary or None
+        Set on the section of one correction method: its row of the summary table at the top of
+        the report, which links to this section.
     """
 
     title: str
@@ -115,6 +162,7 @@ class ReportSection:
     tables: tuple[ReportTable, ...] = ()
     warnings: tuple[str, ...] = ()
     subsections: tuple[ReportSection, ...] = ()
+    result: ResultSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -171,8 +219,9 @@ def _format_cell(value: object, digits: int) -> str:
     return _e(value)
 
 
-def _slug(title: str, used: set[str]) -> str:
+def _slug(title: str, used: set[str], parent: str = "") -> str:
     base = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "section"
+    base = f"{parent}--{base}" if parent else base
     slug, n = base, 2
     while slug in used:
         slug, n = f"{base}-{n}", n + 1
@@ -180,9 +229,17 @@ def _slug(title: str, used: set[str]) -> str:
     return slug
 
 
-def _assign_ids(sections: Sequence[ReportSection], used: set[str]) -> list[tuple]:
-    """(section, id, [(subsection, id, [...]), ...]) with unique, stable anchors."""
-    return [(s, _slug(s.title, used), _assign_ids(s.subsections, used)) for s in sections]
+def _assign_ids(sections: Sequence[ReportSection], used: set[str], parent: str = "") -> list:
+    """(section, id, [(subsection, id, [...]), ...]) with unique, stable anchors.
+
+    A sub-section's anchor starts with its parent's (``contrast-faces--fdr-q-0-05``), so the
+    same method under several contrasts gets readable, distinct anchors.
+    """
+    nodes = []
+    for section in sections:
+        anchor = _slug(section.title, used, parent)
+        nodes.append((section, anchor, _assign_ids(section.subsections, used, anchor)))
+    return nodes
 
 
 # --------------------------------------------------------------------------- rendering
@@ -195,12 +252,26 @@ def _render_facts(facts: Sequence[tuple[str, str]], css: str = "facts") -> str:
     return f'<dl class="{css}">{items}</dl>'
 
 
+def _figure_size(fig: ReportFigure) -> str:
+    """Inline style: natural width, shrinking with the window down to legible text, no less."""
+    width = fig.natural_width()
+    if width is None:
+        return ""
+    smallest = min(width, width * MIN_TEXT_PX / fig.text_px)
+    # data-text-px: the smallest text in image pixels, for tests that check legibility.
+    return (
+        f' style="width:{width:.0f}px;min-width:{math.ceil(smallest)}px"'
+        f' data-text-px="{fig.text_px:g}"'
+    )
+
+
 def _render_figure(fig: ReportFigure) -> str:
     file_note = f'<span class="file">{_e(fig.filename)}</span>' if fig.filename else ""
     caption = f"<figcaption>{_e(fig.caption)}{file_note}</figcaption>"
     return (
-        f'<figure><div class="fig-title">{_e(fig.title)}</div>'
-        f'<img src="{fig.data_uri()}" alt="{_e(fig.title)}" loading="eager">{caption}</figure>'
+        f'<figure><div class="fig-title">{_e(fig.title)}</div><div class="scroll">'
+        f'<img src="{fig.data_uri()}" alt="{_e(fig.title)}"{_figure_size(fig)} loading="eager">'
+        f"</div>{caption}</figure>"
     )
 
 
@@ -247,8 +318,50 @@ def _render_section(node: tuple, level: int) -> str:
     )
 
 
-def _render_nav(nodes: list[tuple], has_warnings: bool) -> str:
-    items = []
+def _results(nodes: list[tuple]) -> list[tuple[ResultSummary, str]]:
+    """(result, anchor) of every section with a result, in page order."""
+    found = []
+    for section, anchor, children in nodes:
+        if section.result is not None:
+            found.append((section.result, anchor))
+        found += _results(children)
+    return found
+
+
+def _summary_row(result: ResultSummary, anchor: str) -> str:
+    link = f'<a href="#{anchor}">{_e(result.method)}</a>'
+    cells = f"<td>{_e(result.contrast)}</td><td>{link}</td>"
+    if not result.voxels:
+        return f'<tr class="none">{cells}<td colspan="4">nothing survives</td></tr>'
+    peak = "" if result.peak_z is None else f"{result.peak_z:.2f}"
+    where = "" if result.peak_mm is None else ", ".join(f"{c:.0f}" for c in result.peak_mm)
+    return (
+        f"<tr>{cells}<td>{result.voxels:,}</td><td>{result.clusters:,}</td>"
+        f"<td>{_e(peak)}</td><td>{_e(where)}</td></tr>"
+    )
+
+
+def _render_summary(results: list[tuple[ResultSummary, str]]) -> str:
+    """The table at the top: every contrast x method, what survives, linked to its section."""
+    if not results:
+        return ""
+    head = "".join(
+        f"<th>{name}</th>"
+        for name in ("contrast", "method", "voxels", "clusters", "peak z", "peak x, y, z (mm)")
+    )
+    body = "".join(_summary_row(result, anchor) for result, anchor in results)
+    return (
+        f'<section id="{SUMMARY_ID}" class="card"><h2>Summary of results</h2>'
+        f'<div class="scroll"><table class="summary"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+        '<p class="caption">Surviving voxels and clusters (connected components, positive and '
+        "negative apart) of each correction method; peak: the surviving voxel of largest |z|, "
+        "in world (MNI) millimetres. Each method links to its section.</p></section>"
+    )
+
+
+def _render_nav(nodes: list[tuple], has_warnings: bool, has_summary: bool) -> str:
+    items = [f'<li><a href="#{SUMMARY_ID}">Summary of results</a></li>'] if has_summary else []
     for section, anchor, children in nodes:
         sub = "".join(f'<li><a href="#{a}">{_e(s.title)}</a></li>' for s, a, _ in children)
         sub = f"<ul>{sub}</ul>" if sub else ""
@@ -271,7 +384,8 @@ def render_report(content: ReportContent) -> str:
     str
         A complete HTML5 document; images are base64 data URIs and all text is escaped.
     """
-    nodes = _assign_ids(content.sections, {"run-warnings", "top"})
+    nodes = _assign_ids(content.sections, {"run-warnings", "top", SUMMARY_ID})
+    results = _results(nodes)
     versions = "".join(
         f'<span class="chip">{_e(name)} <b>{_e(version)}</b></span>'
         for name, version in content.versions
@@ -282,7 +396,7 @@ def render_report(content: ReportContent) -> str:
         f'<pre class="command">{_e(content.command)}</pre>'
         f'<div class="chips">{versions}</div>{_render_facts(content.summary, "summary")}</header>'
     )
-    body = "".join(_render_section(node, 1) for node in nodes)
+    body = _render_summary(results) + "".join(_render_section(node, 1) for node in nodes)
     if content.warnings:
         items = "".join(f"<li>{_e(w)}</li>" for w in content.warnings)
         body += (
@@ -295,7 +409,7 @@ def render_report(content: ReportContent) -> str:
         f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(content.title)}</title><style>{_CSS}</style></head>"
-        f'<body><div class="layout">{_render_nav(nodes, bool(content.warnings))}'
+        f'<body><div class="layout">{_render_nav(nodes, bool(content.warnings), bool(results))}'
         f"<main>{header}{body}<footer>Self-contained report: no network access is needed "
         "to view it.</footer></main></div></body></html>\n"
     )
@@ -346,7 +460,7 @@ font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,s
 .layout{display:flex;align-items:flex-start}
 nav{position:sticky;top:0;flex:0 0 250px;height:100vh;overflow-y:auto;padding:20px 14px;
 background:#1f2a3c;color:#dfe6f2;font-size:13.5px}
-nav .nav-title{font-weight:700;text-transform:uppercase;letter-spacing:.08em;font-size:11px;
+nav .nav-title{font-weight:700;text-transform:uppercase;letter-spacing:.08em;font-size:12px;
 color:#9fb0c8;margin-bottom:8px}
 nav ul{list-style:none;margin:0;padding:0}
 nav li{margin:2px 0}
@@ -390,11 +504,13 @@ td{text-align:right;padding:4px 10px;border-bottom:1px solid var(--line)}
 th:first-child,td:first-child{text-align:left}
 tbody tr:nth-child(even){background:#fafbfd}
 td.empty{text-align:center;color:var(--muted);font-style:italic}
+table.summary td:nth-child(2),table.summary th:nth-child(2){text-align:left;white-space:normal}
+tr.none td:last-child{text-align:left;color:var(--muted);font-style:italic}
 .warn{background:var(--warn-bg);border-left:4px solid var(--warn-line);border-radius:6px;
 padding:8px 14px;margin:10px 0;font-size:14px}
 .warn ul{margin:4px 0 2px;padding-left:20px}
 footer{color:var(--muted);font-size:12px;text-align:center;margin-top:24px}
 @media (max-width:900px){.layout{display:block}nav{position:static;height:auto;width:auto}
-main{padding:12px}}
+main{padding:12px}header,section.card{padding:14px 12px}}
 @media print{nav{display:none}section.card{break-inside:avoid-page}}
 """

@@ -1,15 +1,20 @@
-"""Fast brain figures for the run report: numpy pixels, FreeType text, a minimal PNG encoder.
+"""The report's figures: numpy pixels, FreeType text, a minimal PNG encoder.
 
-The matplotlib figures of :mod:`bids_group.report.slices` and :mod:`~bids_group.report.glassbrain`
-take 0.3-1 s each (axes, colour bar, text layout), and a run draws two per contrast and method:
-too slow for a report that must cost well under the analysis itself. These functions compose
-the same views directly as an RGB array (nearest-neighbour sampling on a millimetre grid, colour
-look-up tables, text rendered by FreeType through ``matplotlib.ft2font`` with the DejaVu font
-matplotlib ships, so nothing is downloaded) and encode a PNG with zlib: ~10-30 ms per figure.
+The one renderer of the brain figures (and, through :mod:`bids_group.report.histogram`, of the
+null distributions). Matplotlib figures took 0.3-1 s each (axes, colour bar, text layout), and
+a run draws two per contrast and method: too slow for a report that must cost well under the
+analysis itself. These functions compose the views directly as an RGB array (nearest-neighbour
+sampling on a millimetre grid, colour look-up tables, text rendered by FreeType through
+``matplotlib.ft2font`` with the DejaVu font matplotlib ships, so nothing is downloaded) and
+encode a PNG with zlib: ~10-30 ms per figure.
 
-Same display conventions as the matplotlib figures: volumes reoriented to RAS+ (no resampling),
-neurological convention (L on the left, letters printed), cold-hot colours for signed maps,
-dark red -> yellow for non-negative ones, the threshold marked on the colour bar.
+Display conventions: volumes reoriented to RAS+ (no resampling), neurological convention (L on
+the left, letters printed), cold-hot colours for signed maps, dark red -> yellow for non-negative
+ones, the threshold marked on the colour bar.
+
+Legibility: every text is at least :data:`MIN_TEXT_PX` pixels high and a figure is at most
+:data:`MAX_WIDTH` pixels wide; the report never shows a figure below ``12 / MIN_TEXT_PX`` of its
+size, so its text stays >= 12 CSS pixels (see :mod:`bids_group.report.html`).
 """
 
 from __future__ import annotations
@@ -38,14 +43,24 @@ from bids_group.report._common import (
     to_ras,
 )
 
-#: Pixels per millimetre of the brain panels (a 2 mm MNI brain is ~170 mm wide -> ~400 px).
+#: Largest pixels per millimetre of the brain panels (a 2 mm MNI brain is ~170 mm wide).
 PX_PER_MM = 2.4
+#: Widest figure (pixels): panels are scaled down to fit it (so that the report can show it
+#: whole at 1400 px and, at >= 12 / MIN_TEXT_PX of its size, in an 800 px window).
+MAX_WIDTH = 1000
+#: Narrowest brain figure (pixels): small volumes are enlarged to it.
+MIN_WIDTH = 760
+#: Height (em size, pixels) of the smallest text in a figure; titles are larger.
+MIN_TEXT_PX = 17
+_TITLE_PX = 20
 #: Colours (RGB 0-255) of the dark (slices) and light (glass brain) themes.
 _DARK = {"bg": (0, 0, 0), "ink": (235, 235, 235), "muted": (170, 170, 170), "cross": (90, 200, 90)}
 _LIGHT = {"bg": (255, 255, 255), "ink": (30, 35, 48), "muted": (90, 96, 110), "cross": (0, 0, 0)}
 _SILHOUETTE, _SILHOUETTE_EDGE = (236, 238, 242), (120, 124, 132)
 _OUTLINE = (255, 60, 50)
-_GAP, _MARGIN, _HEADER, _FOOTER, _BAR_W = 8, 10, 30, 24, 14
+_GAP, _MARGIN, _HEADER, _FOOTER, _BAR_W = 8, 10, 34, 32, 14
+#: Room above the panels for the view names, and right of them for the colour bar and ticks.
+_NAMES, _BAR_SPACE = 26, 18 + _BAR_W + 90
 
 
 # --------------------------------------------------------------------------- PNG and text
@@ -86,19 +101,22 @@ def _font(bold: bool) -> ft2font.FT2Font:
 
 
 def _text_mask(text: str, size: float, bold: bool = False) -> np.ndarray:
-    """Anti-aliased coverage (0..1) of ``text`` at ``size`` points (96 dpi)."""
+    """Anti-aliased coverage (0..1) of ``text`` with an em size of ``size`` pixels."""
     font = _font(bold)
-    font.set_size(size, 96)
+    font.set_size(size, 72)  # points at 72 dpi: 1 point = 1 pixel
     font.set_text(text, 0.0)
     font.draw_glyphs_to_bitmap(antialiased=True)
     return np.asarray(font.get_image(), dtype=np.float32) / 255.0
 
 
-def _draw_text(canvas, text, x, y, colour, size=10.0, bold=False, anchor="left") -> int:
+def _draw_text(canvas, text, x, y, colour, size=MIN_TEXT_PX, bold=False, anchor="left") -> int:
     """Blend ``text`` onto ``canvas`` with its top-left (or top-right/centre) at (x, y).
 
-    Returns the text width in pixels. Clipped at the canvas edges.
+    ``size`` is the em size in pixels (at least :data:`MIN_TEXT_PX`). Returns the text width in
+    pixels. Clipped at the canvas edges.
     """
+    if size < MIN_TEXT_PX:  # the report's legibility rests on it (see the module docstring)
+        raise ValueError(f"figure text of {size} px is below the minimum of {MIN_TEXT_PX} px")
     if not text:
         return 0
     alpha = _text_mask(text, size, bold)
@@ -173,10 +191,48 @@ def _crop(grids: Sequence[RasGrid | None], keep: np.ndarray, pad: int = 2) -> li
     ]
 
 
+def signed_mip(values: np.ndarray, axis: int) -> np.ndarray:
+    """Maximum-intensity projection of ``|values|`` that keeps the sign of the winner.
+
+    Parameters
+    ----------
+    values : ndarray, float
+        NaN counts as 0.
+    axis : int
+
+    Returns
+    -------
+    ndarray
+        ``values`` reduced along ``axis``; each entry is the value of largest magnitude.
+
+    Examples
+    --------
+    >>> signed_mip(np.array([[1.0, -3.0], [2.0, 0.5]]), axis=1).tolist()
+    [-3.0, 2.0]
+    """
+    clean = np.nan_to_num(np.asarray(values, dtype=np.float64))
+    winner = np.expand_dims(np.argmax(np.abs(clean), axis=axis), axis)
+    return np.take_along_axis(clean, winner, axis=axis).squeeze(axis)
+
+
 # --------------------------------------------------------------------------- layout
 
 
-def _layout(grid: RasGrid, scale: float, with_bar: bool) -> tuple[list[tuple], int, int]:
+def _fit_scale(grid: RasGrid, with_bar: bool, scale: float | None) -> float:
+    """``scale`` if given, else up to PX_PER_MM as fits in MAX_WIDTH, and at least MIN_WIDTH.
+
+    A small volume is enlarged to MIN_WIDTH, so its panels have room for their labels.
+    """
+    if scale is not None:
+        return scale
+    span_mm = max(sum(np.ptp(grid.extent(view[2])) for view in VIEWS), 1e-9)
+    fixed = 2 * _MARGIN + (len(VIEWS) - 1) * _GAP + (_BAR_SPACE if with_bar else 0)
+    fitted = min(PX_PER_MM, (MAX_WIDTH - fixed) / span_mm)
+    return float(max(fitted, (MIN_WIDTH - fixed) / span_mm))
+
+
+def _layout(grid: RasGrid, scale: float | None, with_bar: bool) -> tuple[list[tuple], int, int]:
+    scale = _fit_scale(grid, with_bar, scale)
     boxes, x = [], _MARGIN
     height = 0
     for view in VIEWS:
@@ -184,7 +240,7 @@ def _layout(grid: RasGrid, scale: float, with_bar: bool) -> tuple[list[tuple], i
         boxes.append((view, x, w, h))
         x += w + _GAP
         height = max(height, h)
-    width = x - _GAP + _MARGIN + (_BAR_W + 60 if with_bar else 0)
+    width = x - _GAP + _MARGIN + (_BAR_SPACE - 18 if with_bar else 0)
     return boxes, width, height
 
 
@@ -202,10 +258,9 @@ def _colour_bar(canvas, x, top, height, lut, vmin, vmax, threshold, signed, labe
     for tick in sorted(ticks):
         row = top + int(round((vmax - tick) / (vmax - vmin) * (height - 1)))
         canvas[row, x - 2 : x + _BAR_W + 3] = theme["ink"]
-        _draw_text(canvas, f"{tick:.3g}", x + _BAR_W + 5, row - 6, theme["ink"], 8.5)
-    _draw_text(
-        canvas, label, x + _BAR_W // 2, top - 16, theme["ink"], 9, bold=True, anchor="center"
-    )
+        _draw_text(canvas, f"{tick:.3g}", x + _BAR_W + 5, row - MIN_TEXT_PX // 2 - 2, theme["ink"])
+    _draw_text(canvas, label, x + _BAR_W // 2, top - MIN_TEXT_PX - 16, theme["ink"], bold=True,
+               anchor="center")  # fmt: skip
 
 
 def _frame(width: int, panel_h: int, theme: dict) -> np.ndarray:
@@ -215,19 +270,58 @@ def _frame(width: int, panel_h: int, theme: dict) -> np.ndarray:
 
 
 def _panel_labels(canvas, x, y, w, h, name, letters, theme, cut_text=""):
-    _draw_text(canvas, name, x + w // 2, y - 15, theme["muted"], 8.5, anchor="center")
-    _draw_text(canvas, letters[0], x + 3, y + h - 15, theme["ink"], 9, bold=True)
-    _draw_text(
-        canvas, letters[1], x + w - 3, y + h - 15, theme["ink"], 9, bold=True, anchor="right"
-    )
-    if cut_text:
-        _draw_text(canvas, cut_text, x + 3, y + 2, theme["muted"], 8)
+    _draw_text(canvas, name, x + w // 2, y - _NAMES + 2, theme["muted"], anchor="center")
+    bottom = y + h - MIN_TEXT_PX - 5
+    # Text on the image gets a shadow in the background colour, so it reads on any grey level.
+    for dx, colour in ((1, theme["bg"]), (0, theme["ink"])):
+        _draw_text(canvas, letters[0], x + 3 + dx, bottom + dx, colour, bold=True)
+        _draw_text(canvas, letters[1], x + w - 3 + dx, bottom + dx, colour, bold=True,
+                   anchor="right")  # fmt: skip
+        _draw_text(canvas, cut_text, x + 3 + dx, y + 2 + dx, colour)
+
+
+def _fitted_title(title: str, room: int) -> tuple[str, float]:
+    """The title and its size: smaller, then cut with an ellipsis, if it is wider than ``room``."""
+    for size in (_TITLE_PX, MIN_TEXT_PX):
+        if _text_mask(title, size, bold=True).shape[1] <= room:
+            return title, size
+    while len(title) > 1 and _text_mask(title + "…", MIN_TEXT_PX, True).shape[1] > room:
+        title = title[:-1]
+    return title.rstrip() + "…", MIN_TEXT_PX
+
+
+def _caption_lines(caption: str, room: int) -> list[str]:
+    """The caption on one line, or its ``·``-separated parts on several when it is too wide."""
+    if _text_mask(caption, MIN_TEXT_PX).shape[1] <= room:
+        return [caption]
+    return [part.strip() for part in caption.split("·")]
 
 
 def _finish(canvas, title, caption, theme) -> bytes:
-    _draw_text(canvas, title, _MARGIN, 6, theme["ink"], 10.5, bold=True)
-    _draw_text(canvas, caption, _MARGIN, canvas.shape[0] - 18, theme["muted"], 8)
+    """Title above, caption below (growing the canvas when it needs more lines); PNG bytes."""
+    room = canvas.shape[1] - 2 * _MARGIN
+    text, size = _fitted_title(title, room)
+    _draw_text(canvas, text, _MARGIN, 6, theme["ink"], size, bold=True)
+    lines = _caption_lines(caption, room)
+    if len(lines) > 1:
+        extra = np.empty(((len(lines) - 1) * (MIN_TEXT_PX + 8), canvas.shape[1], 3), np.uint8)
+        extra[:] = theme["bg"]
+        canvas = np.concatenate([canvas, extra])
+    top = canvas.shape[0] - len(lines) * (MIN_TEXT_PX + 8) - 1
+    for n, line in enumerate(lines):
+        _draw_text(canvas, line, _MARGIN, top + n * (MIN_TEXT_PX + 8), theme["muted"])
     return png_bytes(canvas)
+
+
+def _close(canvas, boxes, y, panel_h, scale, title, what, theme) -> bytes:
+    """Colour bar right of the panels, then title and caption (``what`` is shown); PNG bytes."""
+    lut, vmin, top, threshold, signed, label = scale
+    bar_x = boxes[-1][1] + boxes[-1][2] + 18
+    _colour_bar(canvas, bar_x, y + 12, panel_h - 24, lut, vmin, top, threshold, signed, label,
+                theme)  # fmt: skip
+    shown = format_threshold(threshold, signed, label) if threshold is not None else None
+    caption = f"{what} {shown or 'non-zero voxels'}   ·   {CONVENTION}"
+    return _finish(canvas, title, caption, theme)
 
 
 def _stat_setup(stat_vol, threshold, vmax, cmap):
@@ -267,12 +361,11 @@ def slices_png(
     cut_coords: Sequence[float] | None = None,
     vmax: float | None = None,
     cmap: Colormap | None = None,
-    scale: float = PX_PER_MM,
+    scale: float | None = None,
 ) -> bytes:
     """Sagittal, coronal and axial slices of a thresholded map over a background, as PNG.
 
-    Same meaning of the parameters as :func:`bids_group.report.slices.orthogonal_slices`: the
-    cut is at the peak of the displayed voxels (the centre of the background if none), voxels
+    The cut is at the peak of the displayed voxels (the centre of the background if none), voxels
     with ``|stat| > threshold`` (``stat > threshold`` for maps without negative values) are
     coloured, the colour bar greys out the hidden range and marks the threshold.
 
@@ -287,8 +380,8 @@ def slices_png(
     cut_coords : (x, y, z) in mm, optional
     vmax : float, optional
     cmap : matplotlib colormap, optional
-    scale : float
-        Pixels per millimetre.
+    scale : float, optional
+        Pixels per millimetre; default: up to PX_PER_MM, as fits in MAX_WIDTH.
 
     Returns
     -------
@@ -321,8 +414,8 @@ def slices_png(
         ijk = _cut_coords(stat, shown, fallback)
     low, high = robust_range(bg.data) if bg is not None else (0.0, 1.0)
     boxes, width, panel_h = _layout(stat, scale, with_bar=True)
-    canvas = _frame(width, panel_h + 16, _DARK)
-    y = _HEADER + 16
+    canvas = _frame(width, panel_h + _NAMES, _DARK)
+    y = _HEADER + _NAMES
     for (name, cut, h, v, letters), x, w, hgt in boxes:
         size = (w, hgt)
         rgb = (
@@ -341,15 +434,8 @@ def slices_png(
         canvas[y : y + hgt, x : x + w] = rgb
         mm = stat.coords(cut)[ijk[cut]]
         _panel_labels(canvas, x, y, w, hgt, name, letters, _DARK, f"{'xyz'[cut]} = {mm:.0f} mm")
-    bar_x = boxes[-1][1] + boxes[-1][2] + 18
-    _colour_bar(canvas, bar_x, y + 12, panel_h - 24, lut, vmin, top, threshold, signed,
-                colorbar_label, _DARK)  # fmt: skip
-    shown_text = (
-        f"shown: {format_threshold(threshold, signed, colorbar_label)}"
-        if threshold is not None
-        else "shown: non-zero voxels"
-    )
-    return _finish(canvas, title, f"{shown_text}   ·   {CONVENTION}", _DARK)
+    scale = (lut, vmin, top, threshold, signed, colorbar_label)
+    return _close(canvas, boxes, y, panel_h, scale, title, "shown:", _DARK)
 
 
 def glass_brain_png(
@@ -362,12 +448,12 @@ def glass_brain_png(
     colorbar_label: str = "z",
     vmax: float | None = None,
     cmap: Colormap | None = None,
-    scale: float = PX_PER_MM,
+    scale: float | None = None,
 ) -> bytes:
     """Maximum-intensity projections in three views over the brain's silhouette, as PNG.
 
     The signed value of largest magnitude along each ray is shown (as
-    :func:`bids_group.report.glassbrain.signed_mip`); the silhouette is the projection of the
+    :func:`signed_mip`); the silhouette is the projection of the
     non-zero voxels of ``outline_vol`` (the mask), so no template is needed.
 
     Parameters
@@ -385,8 +471,6 @@ def glass_brain_png(
     bytes
         PNG.
     """
-    from bids_group.report.glassbrain import signed_mip
-
     stat_vol = np.asarray(stat_vol, dtype=np.float64)
     check_same_grid("outline volume", outline_vol, stat_vol.shape)
     signed, top, lut, vmin = _stat_setup(stat_vol, threshold, vmax, cmap)
@@ -396,8 +480,8 @@ def glass_brain_png(
     extent = (stat.data != 0) | (outline.data if outline is not None else False)
     stat, outline = _crop([stat, outline], extent)
     boxes, width, panel_h = _layout(stat, scale, with_bar=True)
-    canvas = _frame(width, panel_h + 16, _LIGHT)
-    y = _HEADER + 16
+    canvas = _frame(width, panel_h + _NAMES, _LIGHT)
+    y = _HEADER + _NAMES
     for (name, axis, h, v, letters), x, w, hgt in boxes:
         size = (w, hgt)
         rgb = np.empty((hgt, w, 3), np.uint8)
@@ -411,15 +495,9 @@ def glass_brain_png(
         rgb[on] = _colour(projection[on], lut, vmin, top)
         canvas[y : y + hgt, x : x + w] = rgb
         _panel_labels(canvas, x, y, w, hgt, name, letters, _LIGHT)
-    bar_x = boxes[-1][1] + boxes[-1][2] + 18
-    _colour_bar(canvas, bar_x, y + 12, panel_h - 24, lut, vmin, top, threshold, signed,
-                colorbar_label, _LIGHT)  # fmt: skip
-    shown_text = (
-        f"maximum-intensity projection of {format_threshold(threshold, signed, colorbar_label)}"
-        if threshold is not None
-        else "maximum-intensity projection of non-zero voxels"
-    )
-    return _finish(canvas, title, f"{shown_text}   ·   {CONVENTION}", _LIGHT)
+    scale = (lut, vmin, top, threshold, signed, colorbar_label)
+    return _close(canvas, boxes, y, panel_h, scale, title, "maximum-intensity projection of",
+                  _LIGHT)  # fmt: skip
 
 
 def mask_png(
@@ -429,7 +507,7 @@ def mask_png(
     *,
     title: str = "",
     n_axial: int = 6,
-    scale: float = PX_PER_MM,
+    scale: float | None = None,
 ) -> bytes:
     """The analysis mask as a red outline over a background: 3 orthogonal views + axial row.
 
@@ -442,7 +520,8 @@ def mask_png(
     title : str
     n_axial : int
         Evenly spaced axial slices in the second row.
-    scale : float
+    scale : float, optional
+        Pixels per millimetre; default: up to PX_PER_MM, as fits in MAX_WIDTH.
 
     Returns
     -------
@@ -469,8 +548,8 @@ def mask_png(
     small_w = (width - 2 * _MARGIN - (n_axial - 1) * 4) // n_axial
     small_scale = small_w / np.ptp(m.extent(0))
     small_h = _panel_size(m, 0, 1, small_scale)[1]
-    canvas = _frame(width, panel_h + 16 + small_h + 12, _DARK)
-    y = _HEADER + 16
+    canvas = _frame(width, panel_h + _NAMES + small_h + 12, _DARK)
+    y = _HEADER + _NAMES
 
     def draw(x, y, cut, index, h, v, size):
         rgb = _grey(_sample(np.take(bg.data, index, cut), bg, h, v, size), low, high)
@@ -486,5 +565,5 @@ def mask_png(
     for n, k in enumerate(levels):
         x = _MARGIN + n * (small_w + 4)
         draw(x, y, 2, int(k), 0, 1, (small_w, small_h))
-        _draw_text(canvas, f"z = {m.coords(2)[k]:.0f}", x + 3, y + 2, _DARK["muted"], 7.5)
+        _draw_text(canvas, f"z = {m.coords(2)[k]:.0f}", x + 3, y + 2, _DARK["muted"])
     return _finish(canvas, title, CONVENTION, _DARK)
