@@ -255,7 +255,7 @@ def _underscored(name: str) -> str:
     "--model",
     "-m",
     type=click.Path(path_type=Path),
-    help="Model file (BIDS Stats Models, YAML or JSON). "
+    help="Model file (BIDS Stats Models, YAML or JSON); each of its Dataset nodes runs. "
     "Default: one-sample t-test of every input contrast.",
 )
 @_option(

@@ -1,6 +1,7 @@
-"""Model specification: read a BIDS Stats Models file (YAML or JSON) into a :class:`ModelSpec`.
+"""Model specification: read a BIDS Stats Models file (YAML or JSON) into :class:`ModelSpec` s.
 
-Only the dataset-level node is used; other nodes are skipped with a log message. Validation
+One :class:`ModelSpec` per ``Level: Dataset`` node, with the ``Filter`` of the edge into it;
+other nodes are not run (a log message says so; see :mod:`bids_group.graph`). Validation
 happens here, once, and every message names the file and the field path
 (``model.yaml: Nodes[0].Contrasts[1].Weights: ...``); later stages trust the result.
 
