@@ -120,6 +120,26 @@ def group_contrast_label(input_contrast: str | None, contrast_name: str) -> str:
     return input_label + _capitalise(group_label)
 
 
+def node_label(name: str) -> str:
+    """The label of a node's output folder (``node-<label>``).
+
+    A node name is a name, not an expression: ``-``, ``_``, ``.`` and spaces are word breaks (as
+    fitlins names its folders), where :func:`to_label` would read ``-`` as Minus.
+
+    Examples
+    --------
+    >>> node_label("t-test"), node_label("one-sample_dataset"), node_label("groupComparison")
+    ('tTest', 'oneSampleDataset', 'groupComparison')
+    """
+    text = str(name).strip()
+    if text.isascii() and text.isalnum():
+        return text
+    words = re.findall(r"[A-Za-z0-9]+", text)
+    if not words:
+        raise ValueError(f"cannot make a BIDS label from {name!r}: it has no letter or digit")
+    return words[0] + "".join(_capitalise(w) for w in words[1:])
+
+
 def _fitlins_label(name: str) -> str:
     """fitlins' ``to_alphanum``: non-alphanumerics are word breaks, later words title-cased."""
     words = re.sub("[^a-zA-Z0-9]", "_", name).split("_")

@@ -39,7 +39,7 @@ from bids_group.inference.clusters import (
 )
 from bids_group.inference.height import HeightThreshold, height_threshold
 from bids_group.inputs import InputMap, collect_inputs, listing
-from bids_group.labels import first_level_labels, group_contrast_label, to_label
+from bids_group.labels import first_level_labels, group_contrast_label, node_label, to_label
 from bids_group.outputs import naming
 from bids_group.outputs.description import (
     write_bidsignore,
@@ -147,7 +147,7 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
         naming.README,
         naming.BIDSIGNORE,
         naming.model_name(to_label(first.name)),
-        *(naming.node_dir(to_label(s.node_name)) for s in specs),
+        *(naming.node_dir(node_label(s.node_name)) for s in specs),
     ]
     if config.report:
         entries.append(naming.report_name(to_label(first.name)))
@@ -267,7 +267,7 @@ def _run_node(
     named: bool,
 ) -> tuple[list[Path], list[dict[str, Any]], list[ReportSection]]:
     """Fit and write every analysis of one Dataset node into ``node-<name>/``."""
-    node_dir = stage / naming.node_dir(to_label(node.spec.node_name))
+    node_dir = stage / naming.node_dir(node_label(node.spec.node_name))
     node_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     summaries: list[dict[str, Any]] = []

@@ -64,7 +64,7 @@ from bids_group.graph import (
     map_filters,
     parse_filter,
 )
-from bids_group.labels import INTERCEPT, to_label
+from bids_group.labels import INTERCEPT, node_label, to_label
 from bids_group.transformations import nearest, normalise_instruction
 from bids_group.validation import MAX_WEIGHT, MIN_WEIGHT, check_setting, read_utf8
 
@@ -935,8 +935,10 @@ def _parse_node(dataset: DatasetNode, fname: str, common: Mapping[str, Any]) -> 
     where = f"{fname}: Nodes[{dataset.index}]"
     _check_keys(node, _NODE_KEYS, ("Level", "Name", "GroupBy", "Model"), where)
     node_name = _string(node["Name"], f"{where}.Name", "Name")
-    if any(c in node_name for c in "/\\") or node_name in (".", ".."):
-        raise _fail(f"{where}.Name", f"{node_name!r} cannot name an output folder")
+    if any(c in node_name for c in "/\\") or not any(
+        c.isascii() and c.isalnum() for c in node_name
+    ):
+        raise _fail(f"{where}.Name", f"{node_name!r} cannot name an output folder (node-<label>)")
     group_by = _parse_group_by(as_list(node["GroupBy"], f"{where}.GroupBy"), f"{where}.GroupBy")
     x, inference, estimation = _parse_model(node["Model"], f"{where}.Model")
     transformations: tuple[dict[str, Any], ...] = ()
@@ -991,7 +993,7 @@ def _check_nodes_agree(specs: Sequence[ModelSpec], fname: str) -> None:
     (the report and the --json summary state one)."""
     folders: dict[str, str] = {}
     for spec in specs:
-        label = to_label(spec.node_name)
+        label = node_label(spec.node_name)
         if label in folders:
             raise _fail(
                 f"{fname}: Nodes",

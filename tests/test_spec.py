@@ -275,6 +275,7 @@ MALFORMED = {
     "edge unknown node": (_set(("Edges",), [{"Source": "x", "Destination": "groups"}]),
                           ["Edges[0].Source", "no node named 'x'"]),
     "node name path": (_set((*N0, "Name"), "../x"), ["cannot name an output folder"]),
+    "node name no letter": (_set((*N0, "Name"), "--"), ["'--' cannot name an output folder"]),
     "options mask": (_set((*N0, "Model", "Options"), {"Mask": {"desc": "brain"}}),
                      ["Mask not supported"]),
     "software typo": (_set((*N0, "Model", "Software"), {"bids_group": {}}),
