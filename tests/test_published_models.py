@@ -234,3 +234,47 @@ def test_unsupported_constructs_are_one_clear_error(ds003: Path, tmp_path: Path,
     code = SpecError.exit_code if case != "GroupBy a participants column" else UsageError.exit_code
     err = check_failure(capsys, argv, tmp_path / "out", code, *needles)
     assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
+
+
+def _ds003_with(edit) -> dict:
+    data = json.loads(DS003.read_text())
+    edit(data)
+    return data
+
+
+def _recorded_and_edge_filter(data: dict) -> None:
+    software = {"bids-group": {"Filter": {"contrast": ["word_gt_pseudo"]}}}
+    data["Nodes"][1]["Model"]["Software"] = software
+
+
+def _other_inference(data: dict) -> None:
+    software = {"bids-group": {"Inference": {"HeightControl": "fdr"}}}
+    data["Nodes"][2]["Model"]["Software"] = software
+
+
+def _same_folder(data: dict) -> None:
+    data["Nodes"][2]["Name"] = "t_test"
+    data["Edges"][1]["Destination"] = "t_test"
+
+
+def _input_and_filter_disagree(data: dict) -> None:
+    data["Input"]["contrast"] = ["other"]
+
+
+SPEC_ERRORS = {
+    "Filter recorded and on the edge": (_recorded_and_edge_filter,
+                                        ["Nodes[1].Model.Software.bids-group.Filter", "keep one"]),
+    "different inference": (_other_inference, ["'t-test' and 'F-test'", "Inference"]),
+    "same output folder": (_same_folder, ["'t-test' and 't_test'", "node-tTest/"]),
+    "Input and Filter disagree": (_input_and_filter_disagree,
+                                  ["Edges[0].Filter.contrast", "Input selects ['other']"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SPEC_ERRORS)
+def test_nodes_that_cannot_run_together_are_refused(case: str) -> None:
+    edit, needles = SPEC_ERRORS[case]
+    with pytest.raises(SpecError) as info:
+        parse_specs(_ds003_with(edit), source="ds003.json")
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
