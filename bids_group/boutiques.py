@@ -56,10 +56,12 @@ def build_descriptor(command: click.Command | None = None) -> dict[str, Any]:
     from bids_group.cli import _MULTI_VALUE_OPTIONS
 
     inputs = []
+    sections: dict[str, str] = {}  # input id -> its --help section
     for param in command.params:
         if not param.expose_value or getattr(param, "hidden", False):
             continue  # --version (and --help, which is not in params)
         inputs.append(_input(param, command.help or "", set(_MULTI_VALUE_OPTIONS)))
+        sections[inputs[-1]["id"]] = _section_of(param.name or "")
     out = "[OUT_DIR]"
     return {
         "name": "bids-group",
@@ -71,6 +73,7 @@ def build_descriptor(command: click.Command | None = None) -> dict[str, Any]:
         "schema-version": SCHEMA_VERSION,
         "container-image": {"type": "docker", "image": CONTAINER_IMAGE},
         "inputs": inputs,
+        "groups": _groups(sections),
         "output-files": [
             {
                 "id": "results_dir",
@@ -107,6 +110,32 @@ def build_descriptor(command: click.Command | None = None) -> dict[str, Any]:
         ],
         "tags": {"domain": ["neuroimaging", "fmri", "statistics", "bids-app"]},
     }
+
+
+def _section_of(name: str) -> str:
+    """The ``--help`` section of a parameter (:data:`bids_group.cli.OPTION_GROUPS`);
+    arguments go to "Arguments"."""
+    from bids_group.cli import OPTION_GROUPS, OTHER_OPTIONS
+
+    if name in ("bids_dir", "out_dir", "analysis_level"):
+        return "Arguments"
+    return next((t for t, names in OPTION_GROUPS.items() if name in names), OTHER_OPTIONS)
+
+
+def _groups(sections: dict[str, str]) -> list[dict[str, Any]]:
+    """Boutiques ``groups``: the inputs in the sections of ``--help``, in its order."""
+    from bids_group.cli import OPTION_GROUPS
+
+    order = ["Arguments", *OPTION_GROUPS]
+    titles = sorted(set(sections.values()), key=lambda t: order.index(t) if t in order else 99)
+    return [
+        {  # ids share the inputs' namespace (an input is named "model"): suffixed
+            "id": re.sub(r"\W+", "_", title.lower()).strip("_") + "_group",
+            "name": title,
+            "members": [ident for ident, t in sections.items() if t == title],
+        }
+        for title in titles
+    ]
 
 
 def _first_line(text: str) -> str:

@@ -71,7 +71,11 @@ class InferenceConfig:
     """Resolved parametric inference settings (no ``None`` left)."""
 
     height_control: HeightControl = DEFAULT_HEIGHT_CONTROL
-    alpha: float = HEIGHT_DEFAULT_ALPHA[DEFAULT_HEIGHT_CONTROL]
+    #: The error rate of the height control; None with ``height_control == "none"``, whose
+    #: threshold is a z (``threshold``) chosen without an error rate (the p it corresponds to
+    #: is each thresholded map's ``PValueThreshold``), so the JSON summary says null where the
+    #: report says "—".
+    alpha: float | None = HEIGHT_DEFAULT_ALPHA[DEFAULT_HEIGHT_CONTROL]
     threshold: float | None = None
     cluster_threshold: int = DEFAULT_CLUSTER_THRESHOLD
     two_sided: bool = DEFAULT_TWO_SIDED
@@ -172,12 +176,18 @@ def resolve_inference(
     unknown = sorted(set(merged) - known)
     if unknown:
         raise UsageError(f"unknown inference setting(s): {', '.join(unknown)}")
-    if "alpha" not in merged:
-        method = merged.get("height_control", DEFAULT_HEIGHT_CONTROL)
+    method = merged.get("height_control", DEFAULT_HEIGHT_CONTROL)
+    if method == "none":
+        if merged.get("alpha") is not None:
+            raise UsageError(
+                f"--alpha {merged['alpha']:g} has no effect with height control none (a z "
+                "threshold given with --threshold): drop --alpha or choose fpr, fdr or bonferroni"
+            )
+        merged["alpha"] = None
+    elif "alpha" not in merged:
         merged["alpha"] = HEIGHT_DEFAULT_ALPHA.get(method, HEIGHT_DEFAULT_ALPHA["fpr"])
     if merged.get("ari_alpha") is None:
         # ARI's level: ARIAlpha / --ari-alpha, else the run's family-wise or FDR alpha.
-        method = merged.get("height_control", DEFAULT_HEIGHT_CONTROL)
         family = method in _FAMILY_ALPHA_CONTROLS
         merged["ari_alpha"] = merged["alpha"] if family else DEFAULT_ARI_ALPHA
     if merged.get("ari_thresholds") is not None:

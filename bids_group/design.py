@@ -17,7 +17,7 @@ import pandas as pd
 
 from bids_group.errors import DataError, SpecError
 from bids_group.inputs import explain_missing_spellings
-from bids_group.labels import INTERCEPT, to_label
+from bids_group.labels import INTERCEPT, first_level_labels, to_label
 from bids_group.spec import ModelSpec, StatType
 from bids_group.transformations import apply_transformations, expand_names, nearest
 
@@ -248,6 +248,42 @@ def _check_infinite_inputs(variables: pd.DataFrame, spec: ModelSpec, where: str)
                 f"{where}: infinite value(s) in {name!r} for {_row_ids(variables, bad)}; fix "
                 "them in participants.tsv (n/a for a missing value)"
             )
+
+
+def add_contrast_indicators(spec: ModelSpec, variables: pd.DataFrame) -> pd.DataFrame:
+    """Indicator columns named after the upstream contrasts that the model's X refers to.
+
+    As pybids does above the run level, a Dataset node that does not group by contrast may use
+    an incoming contrast *name* as a design column: 1 for the maps of that contrast, else 0
+    (fitlins' ds000003 F-test: ``X: [trial_type.word, trial_type.pseudoword]``). A map is of
+    the contrast when its ``contrast`` entity is one of the name's labels
+    (:func:`~bids_group.labels.first_level_labels`). Names that are already variables, that
+    hold wildcards or that match no map are left alone (an unknown column is reported by
+    :func:`build_design`).
+
+    Examples
+    --------
+    >>> from bids_group.spec import default_spec
+    >>> from dataclasses import replace
+    >>> spec = replace(default_spec(), group_by=(), x=("trial_type.word",))
+    >>> v = pd.DataFrame({"contrast": ["trialTypeWord", "trialTypePseudoword"]})
+    >>> add_contrast_indicators(spec, v)["trial_type.word"].tolist()
+    [1.0, 0.0]
+    """
+    if "contrast" in spec.group_by or "contrast" not in variables.columns:
+        return variables
+    names = [*spec.x, *(n for c in spec.contrasts for n in c.condition_list)]
+    contrast = variables["contrast"].astype(str)
+    out = variables.copy()
+    for name in dict.fromkeys(names):
+        if name in out.columns or name == INTERCEPT or set("*?[") & set(name):
+            continue
+        indicator = contrast.isin(first_level_labels(name))
+        if indicator.any():
+            out[name] = indicator.astype(float)
+            log.info("design column %r: 1 for the maps of contrast %s", name,
+                     "/".join(first_level_labels(name)))  # fmt: skip
+    return out
 
 
 def build_design(spec: ModelSpec, variables: pd.DataFrame) -> Design:

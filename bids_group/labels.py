@@ -118,3 +118,56 @@ def group_contrast_label(input_contrast: str | None, contrast_name: str) -> str:
     if group_label == INTERCEPT:
         return input_label
     return input_label + _capitalise(group_label)
+
+
+def node_label(name: str) -> str:
+    """The label of a node's output folder (``node-<label>``).
+
+    A node name is a name, not an expression: ``-``, ``_``, ``.`` and spaces are word breaks (as
+    fitlins names its folders), where :func:`to_label` would read ``-`` as Minus.
+
+    Examples
+    --------
+    >>> node_label("t-test"), node_label("one-sample_dataset"), node_label("groupComparison")
+    ('tTest', 'oneSampleDataset', 'groupComparison')
+    """
+    text = str(name).strip()
+    if text.isascii() and text.isalnum():
+        return text
+    words = re.findall(r"[A-Za-z0-9]+", text)
+    if not words:
+        raise ValueError(f"cannot make a BIDS label from {name!r}: it has no letter or digit")
+    return words[0] + "".join(_capitalise(w) for w in words[1:])
+
+
+def _fitlins_label(name: str) -> str:
+    """fitlins' ``to_alphanum``: non-alphanumerics are word breaks, later words title-cased."""
+    words = re.sub("[^a-zA-Z0-9]", "_", name).split("_")
+    return words[0] + "".join(word.title() for word in words[1:])
+
+
+def first_level_labels(name: str) -> tuple[str, ...]:
+    """The ``contrast-<label>`` a first-level map of the contrast ``name`` may carry.
+
+    A Dataset node receives maps by contrast *name* (an edge ``Filter``, a column of ``X``);
+    files carry labels. bids-group's own rule, :func:`to_label`, comes first; fitlins names its
+    outputs by another (``to_alphanum``: every non-alphanumeric character is a word break, so
+    ``faces-scrambled`` gives ``facesScrambled`` where :func:`to_label` gives
+    ``facesMinusScrambled``); both are accepted. Names that are labels already give themselves.
+
+    Examples
+    --------
+    >>> first_level_labels("faces_vs_scrambled")
+    ('facesVsScrambled',)
+    >>> first_level_labels("faces-scrambled")
+    ('facesMinusScrambled', 'facesScrambled')
+    >>> first_level_labels("trial_type.word")
+    ('trialTypeWord',)
+    >>> first_level_labels("faces")
+    ('faces',)
+    """
+    labels = [to_label(name)]
+    fitlins = _fitlins_label(str(name).strip())
+    if fitlins.isascii() and fitlins.isalnum():
+        labels.append(fitlins)
+    return tuple(dict.fromkeys(labels))

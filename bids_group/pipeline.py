@@ -21,8 +21,15 @@ from bids_group import CODE_URL, __version__, coverage
 from bids_group.config import InferenceConfig, RunConfig, resolve_estimation, resolve_inference
 from bids_group.contrasts import ContrastResult
 from bids_group.data_checks import check_masked_data
-from bids_group.design import Contrast, Design, build_design, resolve_contrasts, variables_for_maps
-from bids_group.errors import DataError, UsageError
+from bids_group.design import (
+    Contrast,
+    Design,
+    add_contrast_indicators,
+    build_design,
+    resolve_contrasts,
+    variables_for_maps,
+)
+from bids_group.errors import DataError, EmptySelectionError, UsageError
 from bids_group.estimation import FittedModel, fit_model, mixed_estimable
 from bids_group.images import MaskedData, load_masked_data, load_on_mask
 from bids_group.inference.ari import ARIResult, ari_clusters
@@ -33,7 +40,7 @@ from bids_group.inference.clusters import (
 )
 from bids_group.inference.height import HeightThreshold, height_threshold
 from bids_group.inputs import InputMap, collect_inputs, listing
-from bids_group.labels import group_contrast_label, to_label
+from bids_group.labels import first_level_labels, group_contrast_label, node_label, to_label
 from bids_group.outputs import naming
 from bids_group.outputs.description import (
     write_bidsignore,
@@ -58,8 +65,8 @@ from bids_group.spec import (
     EstimationSpec,
     ModelSpec,
     default_spec,
-    load_spec,
-    resolved_model_dict,
+    load_specs,
+    resolved_models_dict,
 )
 from bids_group.variance_maps import sibling_paths, to_variance
 
@@ -115,76 +122,71 @@ def run(config: RunConfig) -> RunResult:
         return _run(config, warnings)
 
 
+@dataclass(frozen=True)
+class _NodePlan:
+    """One Dataset node, planned: its model, maps, analyses and permutation plans."""
+
+    spec: ModelSpec
+    inputs: Any
+    analyses: tuple[Analysis, ...]
+    plans: Mapping[tuple[int, str], Any]
+
+
 def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     started = time.perf_counter()
     isolate_caches(config.work_dir)  # a no-op when the CLI did it before matplotlib's import
-    spec = load_spec(config.model) if config.model else default_spec()
-    inference = resolve_inference(config.inference_overrides, spec.inference)
-    spec = replace(spec, estimation=resolve_estimation(spec.estimation, config))
-    _check_estimation(spec.estimation, inference, config)
+    specs = load_specs(config.model) if config.model else (default_spec(),)
+    # Dataset nodes share the inference settings (checked when the file is read).
+    inference = resolve_inference(config.inference_overrides, specs[0].inference)
+    specs = tuple(replace(s, estimation=resolve_estimation(s.estimation, config)) for s in specs)
+    for spec in specs:
+        _check_estimation(spec.estimation, inference, config)
     _check_coverage_options(config, inference)
+    first = specs[0]
     entries = [
         naming.DATASET_DESCRIPTION,
         naming.README,
         naming.BIDSIGNORE,
-        naming.model_name(to_label(spec.name)),
-        naming.node_dir(to_label(spec.node_name)),
+        naming.model_name(to_label(first.name)),
+        *(naming.node_dir(node_label(s.node_name)) for s in specs),
     ]
     if config.report:
-        entries.append(naming.report_name(to_label(spec.name)))
+        entries.append(naming.report_name(to_label(first.name)))
     check_writable(
         config.out_dir, overwrite=config.overwrite, entries=entries, inputs=config.input_files
     )
-    inputs = collect_inputs(
-        config.bids_dir,
-        derivatives=config.derivatives,
-        input_filters=spec.input_filters,
-        participant_labels=config.participant_labels,
-        bids_filters=config.bids_filters,
-        group_by=spec.group_by,
-    )
-    analyses = plan_analyses(spec, inputs.maps, inputs.participants)
-    if config.min_coverage is not None:  # each model's count, checked before reading
-        for analysis in analyses:
-            _coverage_count(config, analysis)
-    plans = plan_permutations(analyses, inference, mixed=spec.estimation.mixed)
+    nodes = tuple(_plan_node(spec, config, inference, len(specs) > 1) for spec in specs)
+    maps = list({m.path: m for node in nodes for m in node.inputs.maps}.values())
     log.info(
         "%d map(s) of %d participant(s); %d model(s) to fit",
-        len(inputs.maps),
-        len({m.entities["subject"] for m in inputs.maps}),
-        len(analyses),
+        len(maps),
+        len({m.entities["subject"] for m in maps}),
+        sum(len(node.analyses) for node in nodes),
     )
     written: list[Path] = []
     summary: dict[str, Any] = {
         "version": __version__,
         "out_dir": str(config.out_dir),
-        "model": spec.name,
+        "model": first.name,
+        "nodes": [s.node_name for s in specs],
         "inference": vars(inference),
         "analyses": [],
     }
     sections: list[ReportSection] = []
     with staged_output(config.out_dir, overwrite=config.overwrite) as stage:
-        written += _write_run_metadata(stage, config, spec, analyses, inputs.source_datasets)
-        node_dir = stage / naming.node_dir(to_label(spec.node_name))
-        node_dir.mkdir(parents=True, exist_ok=True)
+        sources = list(dict.fromkeys(d for n in nodes for d in n.inputs.source_datasets))
+        written += _write_run_metadata(stage, config, nodes, sources)
         with MapWriter(n_jobs=config.n_jobs) as writer:
-            for i, analysis in enumerate(analyses):
-                jobs = {
-                    name: PermutationJob(plan, analysis.design.matrix, config.n_jobs,
-                                         config.progress)
-                    for (index, name), plan in plans.items()
-                    if index == i
-                }  # fmt: skip
-                files, analysis_summary, parts = _run_analysis(
-                    analysis, config, spec, inference, node_dir, writer, jobs
-                )
+            for node in nodes:
+                files, analyses, parts = _run_node(node, config, inference, stage, writer,
+                                                   named=len(nodes) > 1)  # fmt: skip
                 written += files
+                summary["analyses"] += analyses
                 sections += parts
-                summary["analyses"].append(analysis_summary)
         if config.report:
             summary["seconds"] = round(time.perf_counter() - started, 3)
             written.append(
-                _write_report(stage, config, spec, inference, inputs, sections, warnings, summary)
+                _write_report(stage, config, specs, inference, maps, sections, warnings, summary)
             )
     final = tuple(config.out_dir / p.relative_to(stage) for p in written)
     summary["files"] = [str(p) for p in final]
@@ -213,6 +215,77 @@ def _coverage_count(config: RunConfig, analysis: Analysis) -> int | None:
     where = ", ".join(f"{k} {v}" for k, v in analysis.group.items()) or "the dataset"
     return coverage.min_maps(config.min_coverage, len(analysis.maps),
                              analysis.design.matrix.shape[1], where)  # fmt: skip
+
+
+def _plan_node(
+    spec: ModelSpec, config: RunConfig, inference: InferenceConfig, named: bool
+) -> _NodePlan:
+    """Select the node's maps and build (so validate) its designs, before any image is read.
+    ``named``: the run has several Dataset nodes, so messages name this one."""
+    try:
+        inputs = collect_inputs(
+            config.bids_dir,
+            derivatives=config.derivatives,
+            input_filters=spec.map_filters,
+            participant_labels=config.participant_labels,
+            bids_filters=config.bids_filters,
+            group_by=spec.group_by,
+        )
+        _warn_unmatched_filter(spec, inputs.maps)
+        analyses = plan_analyses(spec, inputs.maps, inputs.participants)
+        if config.min_coverage is not None:  # each model's count, checked before reading
+            for analysis in analyses:
+                _coverage_count(config, analysis)
+    except (DataError, UsageError, EmptySelectionError) as err:
+        if not named:
+            raise
+        raise type(err)(f"Dataset node {spec.node_name!r}: {err}") from err
+    plans = plan_permutations(analyses, inference, mixed=spec.estimation.mixed)
+    return _NodePlan(spec, inputs, analyses, plans)
+
+
+def _warn_unmatched_filter(spec: ModelSpec, maps: Sequence[InputMap]) -> None:
+    """A contrast named in the edge Filter that no selected map carries: a typo, or a map the
+    upstream node did not write."""
+    present = {str(m.entities.get("contrast")) for m in maps}
+    for name in spec.edge_filter.get("contrast", ()):
+        labels = first_level_labels(name)
+        if not present & set(labels):
+            log.warning(
+                "%s: no map has contrast %s (the contrast %r); node %r runs without it",
+                spec.filter_where, " or ".join(f"contrast-{x}" for x in labels), name,
+                spec.node_name,
+            )  # fmt: skip
+
+
+def _run_node(
+    node: _NodePlan,
+    config: RunConfig,
+    inference: InferenceConfig,
+    stage: Path,
+    writer: MapWriter,
+    *,
+    named: bool,
+) -> tuple[list[Path], list[dict[str, Any]], list[ReportSection]]:
+    """Fit and write every analysis of one Dataset node into ``node-<name>/``."""
+    node_dir = stage / naming.node_dir(node_label(node.spec.node_name))
+    node_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    summaries: list[dict[str, Any]] = []
+    sections: list[ReportSection] = []
+    for i, analysis in enumerate(node.analyses):
+        jobs = {
+            name: PermutationJob(plan, analysis.design.matrix, config.n_jobs, config.progress)
+            for (index, name), plan in node.plans.items()
+            if index == i
+        }
+        files, summary, parts = _run_analysis(
+            analysis, config, node.spec, inference, node_dir, writer, jobs, named=named
+        )
+        written += files
+        sections += parts
+        summaries.append({"node": node.spec.node_name, **summary})
+    return written, summaries, sections
 
 
 def _check_estimation(
@@ -253,7 +326,7 @@ def plan_analyses(
     unknown = [e for e in spec.group_by if e not in GROUPABLE_ENTITIES]
     if unknown:
         raise UsageError(
-            f"GroupBy entity {unknown[0]!r} is not supported; use a subset of "
+            f"node {spec.node_name!r}: GroupBy {unknown[0]!r} is not supported; use a subset of "
             f"{list(GROUPABLE_ENTITIES)} (other entities can be design variables instead)"
         )
     groups: dict[tuple, list[InputMap]] = {}
@@ -272,6 +345,7 @@ def plan_analyses(
         group_maps = tuple(groups[key])
         group = dict(zip(spec.group_by, key, strict=True))
         variables = variables_for_maps([m.entities for m in group_maps], participants)
+        variables = add_contrast_indicators(spec, variables)
         try:
             design = build_design(spec, variables)
             contrasts = resolve_contrasts(spec, design)
@@ -383,10 +457,15 @@ def _run_analysis(
     node_dir: Path,
     writer: MapWriter,
     jobs: Mapping[str, PermutationJob] | None = None,
+    *,
+    named: bool = False,
 ) -> tuple[list[Path], dict[str, Any], list[ReportSection]]:
     """Fit one model and write its outputs; return the files, a summary and report sections
-    (none when ``config.report`` is off). ``jobs``: permutation job per contrast name."""
+    (none when ``config.report`` is off). ``jobs``: permutation job per contrast name;
+    ``named``: the run has several Dataset nodes, so titles and log lines name this one."""
     where = ", ".join(f"{k} {v}" for k, v in analysis.group.items()) or "all maps"
+    if named:
+        where = f"node {spec.node_name}, {where}"
     log.info(
         "model for %s: %d maps, columns %s", where, len(analysis.maps), analysis.design.columns
     )
@@ -545,25 +624,26 @@ def _participants(maps: Sequence[InputMap]) -> list[str]:
 def _write_report(
     stage: Path,
     config: RunConfig,
-    spec: ModelSpec,
+    specs: Sequence[ModelSpec],
     inference: InferenceConfig,
-    inputs: Any,
+    maps: Sequence[InputMap],
     sections: list[ReportSection],
     warnings: list[str],
     summary: Mapping[str, Any],
 ) -> Path:
+    spec = specs[0]
     model_label = to_label(spec.name)
     model_json = (stage / naming.model_name(model_label)).read_text(encoding="utf-8")
     facts = (
         ("dataset", str(config.bids_dir)),
         ("output folder", str(config.out_dir)),
-        ("input maps", str(len(inputs.maps))),
-        ("participants", str(len({m.entities["subject"] for m in inputs.maps}))),
+        ("input maps", str(len(maps))),
+        ("participants", str(len({m.entities["subject"] for m in maps}))),
         ("models fitted", str(len(summary["analyses"]))),
         ("analysis time", f"{summary['seconds']:.1f} s (before the report)"),
     )
     content = report.report_content(
-        title=f"bids-group · model {spec.name} · node {spec.node_name}",
+        title=f"bids-group · model {spec.name} · node {', '.join(s.node_name for s in specs)}",
         command=config.command or "(not recorded)", summary=facts, model_json=model_json,
         inference=inference, sections=sections, warnings=list(warnings),
     )  # fmt: skip
@@ -1037,12 +1117,9 @@ def _threshold_metadata(threshold: HeightThreshold, inference: InferenceConfig) 
 
 
 def _write_run_metadata(
-    stage: Path,
-    config: RunConfig,
-    spec: ModelSpec,
-    analyses: Sequence[Analysis],
-    source_datasets: Sequence[str],
+    stage: Path, config: RunConfig, nodes: Sequence[_NodePlan], source_datasets: Sequence[str]
 ) -> list[Path]:
+    spec = nodes[0].spec
     description = write_dataset_description(
         stage,
         source_datasets=source_datasets,
@@ -1053,8 +1130,11 @@ def _write_run_metadata(
     model_path = stage / naming.model_name(to_label(spec.name))
     readme = write_readme(stage, model_file=model_path.name, pipeline_version=__version__,
                           code_url=CODE_URL, command=config.command)  # fmt: skip
-    # Record X with wildcards expanded when every model has the same columns.
-    columns = {a.design.columns for a in analyses}
-    x_columns = next(iter(columns)) if len(columns) == 1 else None
-    write_json(model_path, resolved_model_dict(spec, x_columns=x_columns))
+    # Record X with wildcards expanded when every model of a node has the same columns.
+    x_columns = []
+    for node in nodes:
+        columns = {a.design.columns for a in node.analyses}
+        x_columns.append(next(iter(columns)) if len(columns) == 1 else None)
+    specs = [node.spec for node in nodes]
+    write_json(model_path, resolved_models_dict(specs, x_columns=x_columns))
     return [Path(description), readme, write_bidsignore(stage), model_path]

@@ -1,6 +1,7 @@
-"""Model specification: read a BIDS Stats Models file (YAML or JSON) into a :class:`ModelSpec`.
+"""Model specification: read a BIDS Stats Models file (YAML or JSON) into :class:`ModelSpec` s.
 
-Only the dataset-level node is used; other nodes are skipped with a log message. Validation
+One :class:`ModelSpec` per ``Level: Dataset`` node, with the ``Filter`` of the edge into it;
+other nodes are not run (a log message says so; see :mod:`bids_group.graph`). Validation
 happens here, once, and every message names the file and the field path
 (``model.yaml: Nodes[0].Contrasts[1].Weights: ...``); later stages trust the result.
 
@@ -54,7 +55,16 @@ import yaml
 
 from bids_group.errors import MissingInputError, SpecError
 from bids_group.expression import ExpressionError, parse_linear
-from bids_group.labels import INTERCEPT, to_label
+from bids_group.graph import (
+    DatasetNode,
+    as_list,
+    check_not_draft,
+    dataset_nodes,
+    level,
+    map_filters,
+    parse_filter,
+)
+from bids_group.labels import INTERCEPT, node_label, to_label
 from bids_group.transformations import nearest, normalise_instruction
 from bids_group.validation import MAX_WEIGHT, MIN_WEIGHT, check_setting, read_utf8
 
@@ -93,8 +103,9 @@ _MODEL_KEYS = ("Type", "X", "Formula", "HRF", "Options", "Software", "Descriptio
 _CONTRAST_KEYS = ("Name", "ConditionList", "Weights", "Test", "Description")
 _DUMMY_KEYS = ("Test", "Contrasts", "Conditions", "Description")
 _EDGE_KEYS = ("Source", "Destination", "Filter", "Description")
-_LEVELS = ("Run", "Session", "Subject", "Dataset")
-_SOFTWARE_KEYS = ("Inference", "ContrastLabels", "Estimator", "VarianceFrom", "Adjustment")
+_SOFTWARE_KEYS = (
+    "Inference", "ContrastLabels", "Estimator", "VarianceFrom", "Adjustment", "Filter",
+)  # fmt: skip
 #: Model estimators: OLS on the effects (``Type: glm``) or, with the first-level variances
 #: (``Type: meta``), a mixed-effects estimator of :mod:`bids_group.mixed_effects`.
 ESTIMATORS: tuple[str, ...] = ("ols", "fe", "dl", "hedges", "ml", "reml")
@@ -215,6 +226,12 @@ class ModelSpec:
     description : str or None
         Model ``Description``.
     bids_model_version : str
+    edge_filter : mapping of str to tuple of str
+        ``Filter`` of the edge into the node (contrast *names* of the upstream node, or other
+        entities), as written; recorded in the resolved model as
+        ``Model.Software.bids-group.Filter`` (the upstream node is not written there).
+    filter_where : str or None
+        Where that Filter was read, for messages.
     """
 
     name: str
@@ -231,6 +248,13 @@ class ModelSpec:
     source: Path | None = None
     description: str | None = None
     bids_model_version: str = BIDS_MODEL_VERSION
+    edge_filter: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    filter_where: str | None = None
+
+    @property
+    def map_filters(self) -> dict[str, Any]:
+        """Entity filters of this node's maps: ``Input`` narrowed by the edge ``Filter``."""
+        return map_filters(self.input_filters, self.edge_filter, self.filter_where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,8 +718,8 @@ def _parse_input(raw: Any, where: str) -> dict[str, Any]:
                 f"unknown entity {key!r}{nearest(str(key), KNOWN_ENTITIES)}; "
                 f"use pybids entity names ({', '.join(KNOWN_ENTITIES[:8])}, ...)",
             )
-        values = value if isinstance(value, list) else [value]
-        if not values:
+        values = value if isinstance(value, list) else as_list(value, sub)
+        if not isinstance(values, list) or not values:
             raise _fail(sub, "an empty list would select nothing")
         for item in values:
             if isinstance(item, bool) or not isinstance(item, str | int):
@@ -771,7 +795,7 @@ def _parse_model(raw: Any, where: str) -> tuple[tuple[str, ...], InferenceDefaul
             )
     if "HRF" in raw:
         log.info("%s.HRF: ignored at the dataset level (no time series)", where)
-    x = _column_list(raw["X"], f"{where}.X", "X")
+    x = _column_list(as_list(raw["X"], f"{where}.X"), f"{where}.X", "X")
     if not x:
         raise _fail(f"{where}.X", "X is empty: list at least one column (1 for the intercept)")
     inference = _parse_software(raw.get("Software", {}), f"{where}.Software")
@@ -812,36 +836,24 @@ def _parse_estimation(model_type: str, software: Any, where: str) -> EstimationS
     )
 
 
-def _dataset_node(nodes: Any, where: str) -> tuple[int, Mapping[str, Any]]:
+def _check_nodes(nodes: Any, where: str) -> list[Mapping[str, Any]]:
+    """Nodes is a non-empty list of mappings with a valid Level and a unique Name each."""
     if not isinstance(nodes, list) or not nodes:
         raise _fail(where, "Nodes must be a non-empty list of nodes")
-    found: list[int] = []
+    names: dict[str, int] = {}
     for i, node in enumerate(nodes):
         node = _mapping(node, f"{where}[{i}]", "each node")
-        level = node.get("Level")
-        if not isinstance(level, str) or level.capitalize() not in _LEVELS:
-            raise _fail(
-                f"{where}[{i}].Level",
-                f"must be one of {', '.join(_LEVELS)}, got {level!r}{nearest(str(level), _LEVELS)}",
-            )
-        if level.lower() == "dataset":
-            found.append(i)
-        else:
-            log.info(
-                "%s[%d]: skipping %s-level node %r (bids-group runs the Dataset node only)",
-                where,
-                i,
-                level,
-                node.get("Name"),
-            )
-    if not found:
-        raise _fail(where, "no node has Level: Dataset; bids-group fits the dataset-level node")
-    if len(found) > 1:
-        raise _fail(where, f"nodes {found} all have Level: Dataset; keep exactly one")
-    return found[0], nodes[found[0]]
+        if "Level" not in node:
+            raise _fail(f"{where}[{i}]", "missing required key 'Level'")
+        level(node["Level"], f"{where}[{i}].Level")
+        name = _string(node.get("Name"), f"{where}[{i}].Name", "Name")
+        if name in names:
+            raise _fail(f"{where}[{i}].Name", f"{name!r} also names Nodes[{names[name]}]")
+        names[name] = i
+    return nodes
 
 
-def _check_edges(edges: Any, nodes: list[Mapping[str, Any]], where: str) -> None:
+def _check_edges(edges: Any, nodes: list[Mapping[str, Any]], where: str) -> list[Mapping]:
     if not isinstance(edges, list):
         raise _fail(where, f"Edges must be a list, got {_type_name(edges)}")
     names = [str(n.get("Name")) for n in nodes]
@@ -855,10 +867,12 @@ def _check_edges(edges: Any, nodes: list[Mapping[str, Any]], where: str) -> None
                     f"no node named {edge[key]!r}"
                     f"{nearest(str(edge[key]), names)}; nodes: {', '.join(names)}",
                 )
+    return edges
 
 
-def parse_spec(data: Any, *, source: Path | str | None = None) -> ModelSpec:
-    """Validate an already-parsed model (a dict from YAML/JSON) into a :class:`ModelSpec`.
+def parse_specs(data: Any, *, source: Path | str | None = None) -> tuple[ModelSpec, ...]:
+    """Validate an already-parsed model (a dict from YAML/JSON): one :class:`ModelSpec` per
+    ``Level: Dataset`` node, in the order of ``Nodes``.
 
     Parameters
     ----------
@@ -870,7 +884,9 @@ def parse_spec(data: Any, *, source: Path | str | None = None) -> ModelSpec:
     Raises
     ------
     SpecError
-        Anything wrong with the model, with the field path.
+        Anything wrong with the model, with the field path; what bids-group cannot honour
+        (see :mod:`bids_group.graph`); Dataset nodes whose inference settings or output folders
+        would clash.
     """
     fname = Path(source).name if source is not None else "model"
     if not isinstance(data, Mapping):
@@ -878,21 +894,52 @@ def parse_spec(data: Any, *, source: Path | str | None = None) -> ModelSpec:
             f"{fname}: the top level must be a mapping (Name, BIDSModelVersion, "
             f"Nodes, ...), got {_type_name(data)}"
         )
+    check_not_draft(data, fname)
     _check_keys(data, _TOP_KEYS, ("Name", "BIDSModelVersion", "Nodes"), fname)
     name = _string(data["Name"], f"{fname}: Name", "Name")
     version = data["BIDSModelVersion"]
     if not isinstance(version, str | int | float) or isinstance(version, bool):
         raise _fail(f"{fname}: BIDSModelVersion", f"must be a version string, got {version!r}")
     filters = _parse_input(data.get("Input", {}), f"{fname}: Input")
-    index, node = _dataset_node(data["Nodes"], f"{fname}: Nodes")
-    where = f"{fname}: Nodes[{index}]"
+    nodes = _check_nodes(data["Nodes"], f"{fname}: Nodes")
+    edges = _check_edges(data.get("Edges", []), nodes, f"{fname}: Edges")
+    common = {
+        "name": name,
+        "input_filters": filters,
+        "raw": data,
+        "source": Path(source) if source is not None else None,
+        "description": data.get("Description"),
+        "bids_model_version": str(version),
+    }
+    specs = tuple(_parse_node(d, fname, common) for d in dataset_nodes(nodes, edges, fname))
+    _check_nodes_agree(specs, fname)
+    return specs
+
+
+def parse_spec(data: Any, *, source: Path | str | None = None) -> ModelSpec:
+    """:func:`parse_specs` of a model with one Dataset node (a SpecError names them otherwise)."""
+    specs = parse_specs(data, source=source)
+    if len(specs) > 1:
+        fname = Path(source).name if source is not None else "model"
+        raise _fail(
+            f"{fname}: Nodes",
+            f"{len(specs)} Dataset nodes ({', '.join(s.node_name for s in specs)}); "
+            "read them with parse_specs / load_specs",
+        )
+    return specs[0]
+
+
+def _parse_node(dataset: DatasetNode, fname: str, common: Mapping[str, Any]) -> ModelSpec:
+    """One Dataset node (and the Filter of the edge into it) as a :class:`ModelSpec`."""
+    node = dataset.node
+    where = f"{fname}: Nodes[{dataset.index}]"
     _check_keys(node, _NODE_KEYS, ("Level", "Name", "GroupBy", "Model"), where)
     node_name = _string(node["Name"], f"{where}.Name", "Name")
-    if any(c in node_name for c in "/\\") or node_name in (".", ".."):
-        raise _fail(f"{where}.Name", f"{node_name!r} cannot name an output folder")
-    if "Edges" in data:
-        _check_edges(data["Edges"], data["Nodes"], f"{fname}: Edges")
-    group_by = _parse_group_by(node["GroupBy"], f"{where}.GroupBy")
+    if any(c in node_name for c in "/\\") or not any(
+        c.isascii() and c.isalnum() for c in node_name
+    ):
+        raise _fail(f"{where}.Name", f"{node_name!r} cannot name an output folder (node-<label>)")
+    group_by = _parse_group_by(as_list(node["GroupBy"], f"{where}.GroupBy"), f"{where}.GroupBy")
     x, inference, estimation = _parse_model(node["Model"], f"{where}.Model")
     transformations: tuple[dict[str, Any], ...] = ()
     if node.get("Transformations") is not None:
@@ -909,10 +956,9 @@ def parse_spec(data: Any, *, source: Path | str | None = None) -> ModelSpec:
     )
     dummy = _parse_dummy(node.get("DummyContrasts"), x, f"{where}.DummyContrasts")
     _check_contrast_names(contrasts, dummy, x, where)
-    return ModelSpec(
-        name=name,
+    edge_filter, filter_where = _node_filter(dataset, node["Model"], f"{where}.Model")
+    spec = ModelSpec(
         node_name=node_name,
-        input_filters=filters,
         group_by=group_by,
         x=x,
         transformations=transformations,
@@ -920,11 +966,50 @@ def parse_spec(data: Any, *, source: Path | str | None = None) -> ModelSpec:
         dummy_contrasts=dummy,
         inference=inference,
         estimation=estimation,
-        raw=data,
-        source=Path(source) if source is not None else None,
-        description=data.get("Description"),
-        bids_model_version=str(version),
+        edge_filter=edge_filter,
+        filter_where=filter_where,
+        **common,
     )
+    spec.map_filters  # noqa: B018 - checks Input and the Filter together, now
+    return spec
+
+
+def _node_filter(
+    dataset: DatasetNode, model: Mapping[str, Any], where: str
+) -> tuple[Mapping[str, tuple[str, ...]], str | None]:
+    """The edge Filter, or the one a resolved model recorded in ``Software.bids-group.Filter``."""
+    software = model.get("Software") or {}
+    block = software.get(SOFTWARE_KEY) if isinstance(software, Mapping) else None
+    if not isinstance(block, Mapping) or "Filter" not in block:
+        return dataset.edge_filter, dataset.filter_where
+    sub = f"{where}.Software.{SOFTWARE_KEY}.Filter"
+    if dataset.edge_filter:
+        raise _fail(sub, f"the node also receives the Filter of {dataset.filter_where}; keep one")
+    return parse_filter(block["Filter"], sub), sub
+
+
+def _check_nodes_agree(specs: Sequence[ModelSpec], fname: str) -> None:
+    """Dataset nodes of one run need distinct output folders and one set of inference settings
+    (the report and the --json summary state one)."""
+    folders: dict[str, str] = {}
+    for spec in specs:
+        label = node_label(spec.node_name)
+        if label in folders:
+            raise _fail(
+                f"{fname}: Nodes",
+                f"Dataset nodes {folders[label]!r} and {spec.node_name!r} both write to "
+                f"node-{label}/; rename one",
+            )
+        folders[label] = spec.node_name
+    first = specs[0]
+    for spec in specs[1:]:
+        if spec.inference != first.inference:
+            raise _fail(
+                f"{fname}: Nodes",
+                f"Dataset nodes {first.node_name!r} and {spec.node_name!r} have different "
+                f"Software.{SOFTWARE_KEY}.Inference settings; a run has one set: give them the "
+                "same, or run the nodes from separate model files",
+            )
 
 
 def _check_contrast_names(
@@ -1020,8 +1105,9 @@ def _no_duplicates_json(path: Path) -> Callable[[list[tuple[str, Any]]], dict[st
     return hook
 
 
-def load_spec(path: Path) -> ModelSpec:
-    """Read and validate a model file (YAML, or JSON, which YAML also reads).
+def load_specs(path: Path) -> tuple[ModelSpec, ...]:
+    """Read and validate a model file (YAML, or JSON, which YAML also reads): one
+    :class:`ModelSpec` per Dataset node.
 
     Parameters
     ----------
@@ -1030,7 +1116,7 @@ def load_spec(path: Path) -> ModelSpec:
 
     Returns
     -------
-    ModelSpec
+    tuple of ModelSpec
 
     Raises
     ------
@@ -1045,17 +1131,31 @@ def load_spec(path: Path) -> ModelSpec:
     if not path.is_file():
         raise MissingInputError(f"model file {str(path)!r} is not a file")
     data = _load_text(path)
-    spec = parse_spec(data, source=path)
-    log.info(
-        "model %r: node %r, GroupBy %s, X %s, %d contrast(s)%s",
-        spec.name,
-        spec.node_name,
-        list(spec.group_by),
-        list(spec.x),
-        len(spec.contrasts),
-        " + dummy contrasts" if spec.dummy_contrasts else "",
-    )
-    return spec
+    specs = parse_specs(data, source=path)
+    for spec in specs:
+        log.info(
+            "model %r: node %r, GroupBy %s, X %s, %d contrast(s)%s%s",
+            spec.name,
+            spec.node_name,
+            list(spec.group_by),
+            list(spec.x),
+            len(spec.contrasts),
+            " + dummy contrasts" if spec.dummy_contrasts else "",
+            f", maps filtered by {dict(spec.edge_filter)}" if spec.edge_filter else "",
+        )
+    return specs
+
+
+def load_spec(path: Path) -> ModelSpec:
+    """:func:`load_specs` of a model file with one Dataset node (a SpecError otherwise)."""
+    specs = load_specs(path)
+    if len(specs) > 1:
+        raise _fail(
+            f"{Path(path).name}: Nodes",
+            f"{len(specs)} Dataset nodes ({', '.join(s.node_name for s in specs)}); "
+            "read them with load_specs",
+        )
+    return specs[0]
 
 
 DEFAULT_MODEL: dict[str, Any] = {
@@ -1108,6 +1208,34 @@ def resolved_model_dict(spec: ModelSpec, *, x_columns: Sequence[str] | None = No
     x_columns : sequence of str, optional
         The design columns after wildcard expansion; written as ``X`` when given.
     """
+    return resolved_models_dict([spec], x_columns=[x_columns])
+
+
+def resolved_models_dict(
+    specs: Sequence[ModelSpec], *, x_columns: Sequence[Sequence[str] | None] | None = None
+) -> dict:
+    """:func:`resolved_model_dict` of the Dataset nodes of one model file, run together.
+
+    Only the Dataset nodes are written (the nodes upstream were not run by bids-group); the
+    Filter of the edge into a node is kept as ``Model.Software.bids-group.Filter``, which
+    :func:`parse_specs` reads as that edge's. ``x_columns``: one entry (or None) per spec.
+    """
+    columns = list(x_columns) if x_columns is not None else [None] * len(specs)
+    spec = specs[0]
+    out: dict[str, Any] = {"Name": spec.name, "BIDSModelVersion": spec.bids_model_version}
+    if spec.description:
+        out["Description"] = spec.description
+    if spec.input_filters:
+        # The specification's Input is a Filter, entity -> *list* of values (bsmschema rejects a
+        # scalar, which model files may use, as fitlins accepts): write every value as a list.
+        out["Input"] = {k: (list(v) if isinstance(v, list | tuple) else [v])
+                        for k, v in spec.input_filters.items()}  # fmt: skip
+    out["Nodes"] = [_resolved_node(s, c) for s, c in zip(specs, columns, strict=True)]
+    return json.loads(json.dumps(out))  # proves it is JSON-serialisable, and deep-copies
+
+
+def _resolved_node(spec: ModelSpec, x_columns: Sequence[str] | None) -> dict[str, Any]:
+    """One Dataset node as run (see :func:`resolved_model_dict`)."""
     contrasts = []
     for c in spec.contrasts:
         entry: dict[str, Any] = {
@@ -1141,6 +1269,8 @@ def resolved_model_dict(spec: ModelSpec, *, x_columns: Sequence[str] | None = No
         software["Estimator"] = spec.estimation.estimator
         software["VarianceFrom"] = spec.estimation.variance_from
         software["Adjustment"] = spec.estimation.adjustment
+    if spec.edge_filter:
+        software["Filter"] = {k: list(v) for k, v in spec.edge_filter.items()}
     model: dict[str, Any] = {
         "Type": "meta" if spec.estimation.mixed else "glm",
         "X": [_x_out(n) for n in (x_columns if x_columns is not None else spec.x)],
@@ -1162,13 +1292,4 @@ def resolved_model_dict(spec: ModelSpec, *, x_columns: Sequence[str] | None = No
         node["Contrasts"] = contrasts
     if dummies:
         node["DummyContrasts"] = {"Test": "t", "Contrasts": [_x_out(d) for d in dummies]}
-    out: dict[str, Any] = {"Name": spec.name, "BIDSModelVersion": spec.bids_model_version}
-    if spec.description:
-        out["Description"] = spec.description
-    if spec.input_filters:
-        # The specification's Input is a Filter, entity -> *list* of values (bsmschema rejects a
-        # scalar, which model files may use, as fitlins accepts): write every value as a list.
-        out["Input"] = {k: (list(v) if isinstance(v, list | tuple) else [v])
-                        for k, v in spec.input_filters.items()}  # fmt: skip
-    out["Nodes"] = [node]
-    return json.loads(json.dumps(out))  # proves it is JSON-serialisable, and deep-copies
+    return node

@@ -28,6 +28,55 @@ def test_help_lists_exit_codes(capsys):
     assert "Exit codes" in out and "65" in out and "--participant-label" in out
 
 
+def test_help_lists_options_by_topic(capsys):
+    """--help has one section per topic, in order, each option in exactly one of them."""
+    import re
+
+    import click
+
+    from bids_group.cli import OPTION_GROUPS, OTHER_OPTIONS, cli
+
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0
+    headings = re.findall(r"^(\S[^:\n]*):$", out, re.M)
+    assert headings == list(OPTION_GROUPS), headings
+    assert OTHER_OPTIONS not in out
+    tagged = [name for names in OPTION_GROUPS.values() for name in names]
+    assert len(tagged) == len(set(tagged)), "an option is in two sections"
+    options = [p.name for p in cli.params if isinstance(p, click.Option)]
+    assert sorted(tagged) == sorted(options), "tag every option in cli.OPTION_GROUPS"
+    # Each option is printed under its own heading (e.g. --tfce-e under Permutation inference).
+    blocks = dict(zip(headings, re.split(r"^\S[^:\n]*:$", out, flags=re.M)[1:], strict=True))
+    for title, names in OPTION_GROUPS.items():
+        for param in (p for p in cli.params if p.name in names):
+            assert param.opts[0] in blocks[title], (param.opts[0], title)
+    assert "-h, --help" in blocks["Run"] and "-V, --version" in blocks["Run"]
+
+
+def test_help_examples_are_valid_command_lines(capsys):
+    """Every example of the --help epilogue parses with the real CLI to the values it shows."""
+    import shlex
+    from pathlib import Path
+
+    from bids_group.cli import EXAMPLES, cli, expand_multi_value_options
+
+    _, out, _ = run_main(capsys, "--help")
+    assert 3 <= len(EXAMPLES) <= 5
+    for _text, command in EXAMPLES:
+        assert command in out
+        argv = expand_multi_value_options(shlex.split(command)[1:])
+        ctx = cli.make_context("bids-group", argv, resilient_parsing=False)
+        assert ctx.params["analysis_level"] == "group"
+        for option, value in zip(argv, argv[1:], strict=False):
+            if option == "--n-perm":
+                assert ctx.params["n_perm"] == int(value)
+            if option == "--height-control":
+                assert ctx.params["height_control"] == value
+    root = Path(__file__).resolve().parents[1]
+    first = shlex.split(EXAMPLES[0][1])  # the one that runs from a clone as it stands
+    assert (root / first[1]).is_dir() and (root / first[first.index("--model") + 1]).is_file()
+
+
 @pytest.mark.parametrize("level", ["participant", "session", "GROUP"])
 def test_unknown_level_exits_17(capsys, tmp_path, level):
     code, out, err = run_main(capsys, str(tmp_path), str(tmp_path / "out"), level)
