@@ -1006,7 +1006,8 @@ def _write_height(
 def _method_title(inference: InferenceConfig, threshold: HeightThreshold) -> str:
     names = {"fpr": "uncorrected p <", "fdr": "FDR q <", "bonferroni": "Bonferroni FWE p <"}
     if inference.height_control == "none":
-        text = f"uncorrected z > {threshold.z_threshold:.3g}"
+        stat = "|z|" if threshold.two_sided else "z"
+        text = f"uncorrected {stat} > {threshold.z_threshold:.3g}"
     else:
         text = f"{names[inference.height_control]} {inference.alpha:g}"
     if inference.cluster_threshold:
