@@ -189,11 +189,12 @@ def build_layout(data: Path, root: Path) -> Path:
     return root
 
 
-def run_measured(command: list[str], log: Path) -> tuple[float, float]:
-    """(wall s, peak RSS MB) of one child process, its output in ``log``; stops on failure.
+def run_measured(command: list[str], log: Path) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MB) of one child process, its output in ``log``; stops on failure.
 
-    The peak is the child's own ``ru_maxrss`` from ``os.wait4`` (not this process's, nor a
-    maximum over earlier children as ``RUSAGE_CHILDREN`` would give).
+    CPU time (user + system, all threads) and the peak are the child's own, from ``os.wait4``
+    (not this process's, nor a maximum over earlier children as ``RUSAGE_CHILDREN`` would
+    give). On a shared machine CPU time moves much less with the load than wall time.
     """
     with log.open("w") as sink:
         start = time.perf_counter()
@@ -204,7 +205,7 @@ def run_measured(command: list[str], log: Path) -> tuple[float, float]:
     if child.returncode != 0:
         tail = log.read_text()[-3000:]
         raise SystemExit(f"{command[0]} failed (exit {child.returncode}):\n{tail}")
-    return wall, usage.ru_maxrss * 1024 / 1e6
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024 / 1e6
 
 
 def ensure_nimare(python: Path, make: bool) -> None:
@@ -339,16 +340,17 @@ def run_end_to_end(args: argparse.Namespace) -> None:
             command = bids_group_command(ds, ours, data, method, adjustment, args.n_jobs)
             run_measured(command, Path(tmp) / "warm.log")  # numba's cache, the page cache
             shutil.rmtree(ours)
-            w1, m1 = run_measured(command, Path(tmp) / f"ours-{method}.log")
+            w1, c1, m1 = run_measured(command, Path(tmp) / f"ours-{method}.log")
             child = [str(args.nimare_python), str(HERE / "nimare_child.py"), str(data), method]
             log = Path(tmp) / f"nimare-{method}.log"
-            w2, m2 = run_measured([*child, str(theirs)], log)
+            w2, c2, m2 = run_measured([*child, str(theirs)], log)
             steps = nimare_report(log)
             print(
-                f"{method:7s} bids-group {w1:6.2f} s, {m1:5.0f} MB | NiMARE {w2:6.2f} s "
-                f"(import {steps['import_s']:.1f}, Dataset {steps['dataset_s']:.1f}, fit "
-                f"{steps['fit_s']:.1f}, save {steps['save_s']:.1f}), {m2:5.0f} MB | "
-                f"{w2 / w1:5.1f}x faster, memory ratio {m1 / m2:.2f}",
+                f"{method:7s} bids-group {w1:6.2f} s (cpu {c1:6.2f}), {m1:5.0f} MB | NiMARE "
+                f"{w2:6.2f} s (cpu {c2:6.2f}; import {steps['import_s']:.1f}, Dataset "
+                f"{steps['dataset_s']:.1f}, fit {steps['fit_s']:.1f}, save {steps['save_s']:.1f}), "
+                f"{m2:5.0f} MB | {w2 / w1:5.1f}x faster (cpu {c2 / c1:5.1f}x), memory ratio "
+                f"{m1 / m2:.2f}; load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
             print(
@@ -357,13 +359,15 @@ def run_end_to_end(args: argparse.Namespace) -> None:
                 f"{steps['invalid_variances']} variance values (maps x voxels) to NaN",
                 flush=True,
             )
-            rows.append((method, w1, m1, w2, m2))
-    print("\n| estimator | bids-group end to end | NiMARE end to end | speed-up | memory ratio |")
-    print("|---|---|---|---|---|")
-    for method, w1, m1, w2, m2 in rows:
+            rows.append((method, w1, c1, m1, w2, c2, m2))
+    print(
+        "\n| estimator | bids-group: wall (CPU), peak RSS | NiMARE: wall (CPU), peak RSS | ", end=""
+    )
+    print("speed-up wall (CPU) | memory ratio |\n|---|---|---|---|---|")
+    for method, w1, c1, m1, w2, c2, m2 in rows:
         print(
-            f"| {method} | {w1:.1f} s, {m1:.0f} MB | {w2:.1f} s, {m2:.0f} MB | "
-            f"{w2 / w1:.0f}x | {m1 / m2:.2f} |"
+            f"| {method} | {w1:.1f} s ({c1:.1f} s), {m1:.0f} MB | {w2:.1f} s ({c2:.1f} s), "
+            f"{m2:.0f} MB | {w2 / w1:.1f}x ({c2 / c1:.1f}x) | {m1 / m2:.2f} |"
         )
 
 
