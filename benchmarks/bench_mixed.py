@@ -3,10 +3,11 @@
 Two parts, in one run by default (``--part all``):
 
 **end-to-end** (``--part end-to-end``). For each estimator (fe = fixed effects / weighted least
-squares, dl = DerSimonian-Laird, hedges, ml, reml), each tool in a fresh child process, timed
-from the parent (wall time from start to exit: interpreter start, imports, reading, fitting,
-writing) and with its peak RSS from ``os.wait4`` (the child's own ``ru_maxrss``), so that both
-are measured the same way:
+squares, dl = DerSimonian-Laird, hedges, ml, reml), each tool in a fresh child process started
+by a small launcher process, which measures both the same way: wall time from start to exit
+(interpreter start, imports, reading, fitting, writing), CPU time (user + system, all threads)
+and peak RSS (``getrusage(RUSAGE_CHILDREN)``: the child's own ``ru_maxrss``). One untimed
+bids-group run per estimator comes first (numba's kernel cache, the page cache):
 
 * bids-group: the real CLI, ``bids-group DS OUT group --estimator <e> --adjustment <a> --mask
   pain21/mask.nii.gz --no-report -q``, on a BIDS derivatives layout of pain21 that this script
@@ -189,23 +190,39 @@ def build_layout(data: Path, root: Path) -> Path:
     return root
 
 
+#: Run by a fresh small interpreter: start ``argv[2:]``, wait, and write its wall time, CPU time
+#: and peak RSS to ``argv[1]``. Linux keeps a process's peak RSS across exec, so a child spawned
+#: straight from this benchmark (hundreds of MB after the fit part) would report at least this
+#: benchmark's size; spawned from the launcher it starts from the launcher's ~10 MB.
+LAUNCHER = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.run(sys.argv[2:]).returncode
+wall = time.perf_counter() - start
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu = usage.ru_utime + usage.ru_stime
+with open(sys.argv[1], "w") as sink:
+    json.dump({"code": code, "wall": wall, "cpu": cpu, "maxrss_kib": usage.ru_maxrss}, sink)
+"""
+
+
 def run_measured(command: list[str], log: Path) -> tuple[float, float, float]:
     """(wall s, CPU s, peak RSS MB) of one child process, its output in ``log``; stops on failure.
 
-    CPU time (user + system, all threads) and the peak are the child's own, from ``os.wait4``
-    (not this process's, nor a maximum over earlier children as ``RUSAGE_CHILDREN`` would
-    give). On a shared machine CPU time moves much less with the load than wall time.
+    A small launcher process starts the child and reads its CPU time (user + system, all
+    threads) and peak RSS with ``getrusage(RUSAGE_CHILDREN)``: the child's own, measured the same
+    way for both tools. On a shared machine CPU time moves much less with the load than wall
+    time.
     """
+    usage_file = log.with_suffix(".usage.json")
     with log.open("w") as sink:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait again
-    if child.returncode != 0:
+        launcher = [sys.executable, "-I", "-c", LAUNCHER, str(usage_file), *command]
+        subprocess.run(launcher, stdout=sink, stderr=subprocess.STDOUT, check=False)
+    usage = json.loads(usage_file.read_text()) if usage_file.exists() else {"code": "?"}
+    if usage["code"] != 0:
         tail = log.read_text()[-3000:]
-        raise SystemExit(f"{command[0]} failed (exit {child.returncode}):\n{tail}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024 / 1e6
+        raise SystemExit(f"{command[0]} failed (exit {usage['code']}):\n{tail}")
+    return usage["wall"], usage["cpu"], usage["maxrss_kib"] * 1024 / 1e6
 
 
 def ensure_nimare(python: Path, make: bool) -> None:
