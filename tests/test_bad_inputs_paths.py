@@ -372,7 +372,7 @@ def test_no_space_left_keeps_an_existing_result(ds, tmp_path):
     out = mnt / "out"
     sums = f"cd {out} && find . -type f -exec sha256sum {{}} + | sort && ls -A {mnt} {out}"
     setup = (
-        f"mount -t tmpfs -o size=400k tmpfs {mnt}\n"
+        f"mount -t tmpfs -o size=1m tmpfs {mnt}\n"  # one result (~0.4 MB) fits
         f"{sys.executable} -m bids_group {ds} {out} group -q >/dev/null\n"
         f"({sums}) >{tmp_path}/before\n"
         f"dd if=/dev/zero of={mnt}/filler bs=4k count=1000 2>/dev/null || true\n"
