@@ -33,6 +33,7 @@ from bids_group.inference.clusters import (
 from bids_group.inference.height import HeightThreshold, height_threshold
 from bids_group.inputs import InputMap, collect_inputs, listing
 from bids_group.labels import group_contrast_label, to_label
+from bids_group.memory import choose_budget
 from bids_group.outputs import naming
 from bids_group.outputs.description import (
     write_bidsignore,
@@ -116,6 +117,10 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     inference = resolve_inference(config.inference_overrides, spec.inference)
     spec = replace(spec, estimation=resolve_estimation(spec.estimation, config))
     _check_estimation(spec.estimation, inference, config)
+    budget = choose_budget(
+        config.mem_budget or spec.memory_budget,
+        "--mem-budget" if config.mem_budget else "model file MemoryBudget",
+    )
     entries = [
         naming.DATASET_DESCRIPTION,
         naming.README,
@@ -166,7 +171,7 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
                     if index == i
                 }  # fmt: skip
                 files, analysis_summary, parts = _run_analysis(
-                    analysis, config, spec, inference, node_dir, writer, jobs
+                    analysis, config, spec, inference, node_dir, writer, jobs, budget
                 )
                 written += files
                 sections += parts
@@ -352,6 +357,7 @@ def _run_analysis(
     node_dir: Path,
     writer: MapWriter,
     jobs: Mapping[str, PermutationJob] | None = None,
+    budget: int | None = None,
 ) -> tuple[list[Path], dict[str, Any], list[ReportSection]]:
     """Fit one model and write its outputs; return the files, a summary and report sections
     (none when ``config.report`` is off). ``jobs``: permutation job per contrast name."""

@@ -32,6 +32,7 @@ are software names. bids-group reads ``Model.Software.bids-group.Inference``::
             PermutationScheme: auto # auto | flip (sign flips) | permute (rows)
             ExchangeabilityBlocks: subject   # variable whose values are the blocks
             WholeBlocks: false      # permute blocks as units instead of rows within blocks
+          MemoryBudget: 4GB         # memory one model may hold (MB, GB, MiB, GiB...)
 
 The accepted keys live in one table, :data:`INFERENCE_KEYS`; add a row there to accept a new one.
 Numeric values are checked by :func:`bids_group.validation.check_setting`, as the command line's.
@@ -55,6 +56,7 @@ import yaml
 from bids_group.errors import MissingInputError, SpecError
 from bids_group.expression import ExpressionError, parse_linear
 from bids_group.labels import INTERCEPT, to_label
+from bids_group.memory import parse_size
 from bids_group.transformations import nearest, normalise_instruction
 from bids_group.validation import MAX_WEIGHT, MIN_WEIGHT, check_setting, read_utf8
 
@@ -94,7 +96,14 @@ _CONTRAST_KEYS = ("Name", "ConditionList", "Weights", "Test", "Description")
 _DUMMY_KEYS = ("Test", "Contrasts", "Conditions", "Description")
 _EDGE_KEYS = ("Source", "Destination", "Filter", "Description")
 _LEVELS = ("Run", "Session", "Subject", "Dataset")
-_SOFTWARE_KEYS = ("Inference", "ContrastLabels", "Estimator", "VarianceFrom", "Adjustment")
+_SOFTWARE_KEYS = (
+    "Inference",
+    "ContrastLabels",
+    "Estimator",
+    "VarianceFrom",
+    "Adjustment",
+    "MemoryBudget",
+)
 #: Model estimators: OLS on the effects (``Type: glm``) or, with the first-level variances
 #: (``Type: meta``), a mixed-effects estimator of :mod:`bids_group.mixed_effects`.
 ESTIMATORS: tuple[str, ...] = ("ols", "fe", "dl", "hedges", "ml", "reml")
@@ -227,6 +236,8 @@ class ModelSpec:
     dummy_contrasts: tuple[str, ...] | None
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
     estimation: EstimationSpec = field(default_factory=EstimationSpec)
+    #: ``Software.bids-group.MemoryBudget`` in bytes (None: not set; ``--mem-budget`` wins).
+    memory_budget: int | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
     description: str | None = None
@@ -812,6 +823,19 @@ def _parse_estimation(model_type: str, software: Any, where: str) -> EstimationS
     )
 
 
+def _parse_memory_budget(software: Any, where: str) -> int | None:
+    """``Software.bids-group.MemoryBudget``: a size such as ``4GB`` or ``512MiB``, in bytes."""
+    block = software.get(SOFTWARE_KEY, {}) if isinstance(software, Mapping) else {}
+    if not isinstance(block, Mapping) or "MemoryBudget" not in block:
+        return None
+    where = f"{where}.{SOFTWARE_KEY}.MemoryBudget"
+    try:
+        size = parse_size(block["MemoryBudget"])
+    except ValueError as err:
+        raise _fail(where, str(err)) from err
+    return int(check_setting(size, "mem_budget", where, error=SpecError))
+
+
 def _dataset_node(nodes: Any, where: str) -> tuple[int, Mapping[str, Any]]:
     if not isinstance(nodes, list) or not nodes:
         raise _fail(where, "Nodes must be a non-empty list of nodes")
@@ -894,6 +918,7 @@ def parse_spec(data: Any, *, source: Path | str | None = None) -> ModelSpec:
         _check_edges(data["Edges"], data["Nodes"], f"{fname}: Edges")
     group_by = _parse_group_by(node["GroupBy"], f"{where}.GroupBy")
     x, inference, estimation = _parse_model(node["Model"], f"{where}.Model")
+    memory_budget = _parse_memory_budget(node["Model"].get("Software"), f"{where}.Model.Software")
     transformations: tuple[dict[str, Any], ...] = ()
     if node.get("Transformations") is not None:
         transformations = _parse_transformations(
@@ -920,6 +945,7 @@ def parse_spec(data: Any, *, source: Path | str | None = None) -> ModelSpec:
         dummy_contrasts=dummy,
         inference=inference,
         estimation=estimation,
+        memory_budget=memory_budget,
         raw=data,
         source=Path(source) if source is not None else None,
         description=data.get("Description"),
