@@ -10,7 +10,8 @@ The budget bounds what one model holds at once. Its parts (fractions of the budg
 The rest is left for the per-voxel results (a few float64 per voxel, independent of the number
 of maps), one decoded volume per thread, and the interpreter.
 
-Pure Python (reads ``/proc`` and ``/sys/fs/cgroup`` on Linux); no project imports.
+Reads ``/proc`` and ``/sys/fs/cgroup`` on Linux; no project imports. :class:`TiledMaps` is what
+the fit and the data checks read tile by tile: an in-memory matrix or the store.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +203,47 @@ def tile_voxels(n_maps: int, budget: int) -> int:
     fitting = int(WORK_FRACTION * budget) // (max(n_maps, 1) * FIT_BYTES_PER_CELL)
     aligned = (fitting // TILE_ALIGN) * TILE_ALIGN
     return min(max(aligned, TILE_ALIGN), MAX_TILE_VOXELS)
+
+
+@runtime_checkable
+class TiledMaps(Protocol):
+    """Masked data read one voxel tile (all maps) at a time: the store of
+    :mod:`bids_group.store`. An in-memory ``(n_maps, n_voxels)`` array is read with
+    :func:`iter_tiles` the same way."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_maps, n_voxels)."""
+        ...
+
+    @property
+    def tile_voxels(self) -> int:
+        """Voxels per tile (a multiple of :data:`TILE_ALIGN`; the last tile may be shorter)."""
+        ...
+
+    def tiles(self) -> Iterator[tuple[slice, np.ndarray]]:
+        """(voxel slice, float32 array of shape (n_maps, slice length)) for each tile in order."""
+        ...
+
+
+def iter_tiles(
+    data: np.ndarray | TiledMaps, width: int = MAX_TILE_VOXELS
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """(voxel slice, values of all maps there) per tile: ``width`` voxels of an in-memory
+    array at a time, or the store's own tiles."""
+    if isinstance(data, np.ndarray):
+        n_voxels = data.shape[1]
+        for start in range(0, n_voxels, width):
+            block = slice(start, min(start + width, n_voxels))
+            yield block, data[:, block]
+    else:
+        yield from data.tiles()
+
+
+def aligned(width: int) -> int:
+    """``width`` rounded up to a multiple of :data:`TILE_ALIGN` (tiles are padded to it).
+
+    >>> aligned(1), aligned(64), aligned(65)
+    (64, 64, 128)
+    """
+    return -(-width // TILE_ALIGN) * TILE_ALIGN

@@ -23,7 +23,7 @@ from bids_group.data_checks import check_masked_data
 from bids_group.design import Contrast, Design, build_design, resolve_contrasts, variables_for_maps
 from bids_group.errors import DataError, UsageError
 from bids_group.estimation import FittedModel, fit_model, mixed_estimable
-from bids_group.images import MaskedData, load_masked_data, load_on_mask
+from bids_group.images import MaskedData, load_on_mask
 from bids_group.inference.ari import ARIResult, ari_clusters
 from bids_group.inference.clusters import (
     apply_cluster_extent,
@@ -33,7 +33,7 @@ from bids_group.inference.clusters import (
 from bids_group.inference.height import HeightThreshold, height_threshold
 from bids_group.inputs import InputMap, collect_inputs, listing
 from bids_group.labels import group_contrast_label, to_label
-from bids_group.memory import choose_budget
+from bids_group.memory import DATA_FRACTION, choose_budget, format_size
 from bids_group.outputs import naming
 from bids_group.outputs.description import (
     write_bidsignore,
@@ -56,6 +56,7 @@ from bids_group.spec import (
     load_spec,
     resolved_model_dict,
 )
+from bids_group.store import load_data, release
 from bids_group.variance_maps import sibling_paths, to_variance
 
 log = logging.getLogger(__name__)
@@ -365,14 +366,66 @@ def _run_analysis(
     log.info(
         "model for %s: %d maps, columns %s", where, len(analysis.maps), analysis.design.columns
     )
-    data = load_masked_data(
+    data = load_data(
         [m.path for m in analysis.maps],
+        budget=budget or choose_budget(None),
+        work_dir=config.work_dir,
         mask_path=config.mask,
         resample=config.resample,
         smoothing_fwhm=inference.smoothing_fwhm,
         n_jobs=config.n_jobs,
         target_voxel_size=config.target_voxel_size,
     )
+    try:
+        _check_store_support(data, spec, config, jobs, where)
+        return _analyse(analysis, data, config, spec, inference, node_dir, writer, jobs, budget)
+    finally:
+        release(data, keep=config.keep_store)
+
+
+def _check_store_support(
+    data: MaskedData,
+    spec: ModelSpec,
+    config: RunConfig,
+    jobs: Mapping[str, PermutationJob] | None,
+    where: str,
+) -> None:
+    """Refuse what the tiled store cannot do yet, rather than exceed the memory budget."""
+    if isinstance(data.data, np.ndarray):
+        return
+    unsupported = [
+        name
+        for name, used in (
+            ("a mixed-effects estimator", spec.estimation.mixed),
+            ("--write-residuals", config.write_residuals),
+            ("permutation inference", bool(jobs)),
+        )
+        if used
+    ]
+    if unsupported:
+        n_maps, n_voxels = data.data.shape
+        needed = 4 * n_maps * n_voxels / DATA_FRACTION
+        raise UsageError(
+            f"{where}: the masked data ({n_maps} maps x {n_voxels} voxels) do not fit in half "
+            f"the memory budget, and {' and '.join(unsupported)} cannot yet read them tile by "
+            f"tile from the store: give --mem-budget {format_size(needed * 1.1)} or more (if "
+            "the machine has it), or fewer maps per model"
+        )
+
+
+def _analyse(
+    analysis: Analysis,
+    data: MaskedData,
+    config: RunConfig,
+    spec: ModelSpec,
+    inference: InferenceConfig,
+    node_dir: Path,
+    writer: MapWriter,
+    jobs: Mapping[str, PermutationJob] | None,
+    budget: int | None,
+) -> tuple[list[Path], dict[str, Any], list[ReportSection]]:
+    """Fit the model on ``data`` and write its outputs (see :func:`_run_analysis`)."""
+    where = ", ".join(f"{k} {v}" for k, v in analysis.group.items()) or "all maps"
     log.info("mask: %d voxels", data.data.shape[1])
     if inference.cluster_threshold > data.data.shape[1]:
         log.warning("cluster threshold %d voxels > the mask's %d voxels (model for %s): no "
@@ -382,7 +435,7 @@ def _run_analysis(
     variances = None
     if spec.estimation.mixed:
         data, variances = _load_variances(analysis, data, spec.estimation, config, where)
-    fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances)
+    fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances, budget=budget)
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)
     written += _write_model_maps(analysis, fit, data, node_dir, writer, config.write_residuals)
