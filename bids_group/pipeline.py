@@ -33,7 +33,7 @@ from bids_group.inference.clusters import (
 from bids_group.inference.height import HeightThreshold, height_threshold
 from bids_group.inputs import InputMap, collect_inputs, listing
 from bids_group.labels import group_contrast_label, to_label
-from bids_group.memory import DATA_FRACTION, choose_budget, format_size
+from bids_group.memory import choose_budget
 from bids_group.outputs import naming
 from bids_group.outputs.description import (
     write_bidsignore,
@@ -375,25 +375,18 @@ def _run_analysis(
         smoothing_fwhm=inference.smoothing_fwhm,
         n_jobs=config.n_jobs,
         target_voxel_size=config.target_voxel_size,
+        unsupported=_not_streamed(spec, config, jobs),
     )
     try:
-        _check_store_support(data, spec, config, jobs, where)
         return _analyse(analysis, data, config, spec, inference, node_dir, writer, jobs, budget)
     finally:
         release(data, keep=config.keep_store)
 
 
-def _check_store_support(
-    data: MaskedData,
-    spec: ModelSpec,
-    config: RunConfig,
-    jobs: Mapping[str, PermutationJob] | None,
-    where: str,
-) -> None:
-    """Refuse what the tiled store cannot do yet, rather than exceed the memory budget."""
-    if isinstance(data.data, np.ndarray):
-        return
-    unsupported = [
+def _not_streamed(spec: ModelSpec, config: RunConfig, jobs: Mapping | None) -> str:
+    """What this model needs that the tiled store cannot do yet ('' when nothing): such a
+    model is refused rather than loaded over the memory budget."""
+    needs = [
         name
         for name, used in (
             ("a mixed-effects estimator", spec.estimation.mixed),
@@ -402,15 +395,7 @@ def _check_store_support(
         )
         if used
     ]
-    if unsupported:
-        n_maps, n_voxels = data.data.shape
-        needed = 4 * n_maps * n_voxels / DATA_FRACTION
-        raise UsageError(
-            f"{where}: the masked data ({n_maps} maps x {n_voxels} voxels) do not fit in half "
-            f"the memory budget, and {' and '.join(unsupported)} cannot yet read them tile by "
-            f"tile from the store: give --mem-budget {format_size(needed * 1.1)} or more (if "
-            "the machine has it), or fewer maps per model"
-        )
+    return " and ".join(needs)
 
 
 def _analyse(

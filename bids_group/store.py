@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from bids_group.errors import DataError, OutputError
+from bids_group.errors import DataError, OutputError, UsageError
 from bids_group.images import (
     MaskedData,
     VolumeStream,
@@ -53,7 +53,7 @@ from bids_group.images import (
     open_volumes,
     stack_volumes,
 )
-from bids_group.memory import data_fits, format_size, tile_voxels
+from bids_group.memory import DATA_FRACTION, data_fits, format_size, tile_voxels
 from bids_group.paths import disk_error
 
 log = logging.getLogger(__name__)
@@ -126,11 +126,14 @@ def load_data(
     smoothing_fwhm: float | None = None,
     n_jobs: int = 1,
     target_voxel_size: float | None = None,
+    unsupported: str = "",
 ) -> MaskedData:
     """The masked data of ``paths``, in memory if they fit in the budget, else in a store.
 
     Parameters are those of :func:`bids_group.images.load_masked_data`, plus the ``budget``
-    (bytes) and the work folder (None: a temporary folder). A complete store of the same
+    (bytes), the work folder (None: a temporary folder), and what the run needs that the store
+    cannot do yet (``unsupported``, e.g. "permutation inference"): if not empty and the data
+    do not fit, a UsageError says so as soon as the first map is read. A complete store of the same
     inputs (path, size and modification time of every map and of the mask, same settings)
     left in the work folder by ``--keep-store`` is reused instead of decoding again.
 
@@ -167,6 +170,14 @@ def load_data(
     )
     if data_fits(len(paths), n_candidates, budget):
         return stack_volumes(replace(stream, volumes=rest))
+    if unsupported:
+        raise UsageError(
+            f"the masked data ({len(paths)} maps x up to {n_candidates} voxels) do not fit in "
+            f"half the memory budget ({format_size(budget)}), and {unsupported} cannot yet read "
+            f"them tile by tile from the store: give --mem-budget "
+            f"{format_size(4 * len(paths) * n_candidates / DATA_FRACTION * 1.05)} or more (if "
+            "the machine has it), or fewer maps per model"
+        )
     width = tile_voxels(len(paths), budget)
     if folder is None:  # no -w: a private temporary folder, removed by release()
         folder = Path(tempfile.mkdtemp(prefix=_TEMPORARY)) / "store"

@@ -210,7 +210,7 @@ def test_without_work_folder_the_temporary_store_is_removed(dataset, tmp_path, m
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read again
-    _, stderr = run_ok(dataset, tmp_path / "out", "--no-report", "-v", "--mem-budget", TINY)
+    _, stderr = run_ok(dataset, tmp_path / "out", "-v", "--mem-budget", TINY)  # with the report
     assert "voxel-tiled store" in stderr
     assert not [p for p in (tmp_path / "tmp").iterdir() if "store" in p.name]
 
@@ -220,11 +220,18 @@ def test_without_work_folder_the_temporary_store_is_removed(dataset, tmp_path, m
     [
         (["--permutation", "voxel", "--n-perm", "10"], "permutation inference"),
         (["--write-residuals"], "--write-residuals"),
+        (["--estimator", "reml"], "a mixed-effects estimator"),
     ],
 )
-def test_what_the_store_cannot_do_is_refused(capsys, dataset, tmp_path, args, needle):
-    argv = [dataset, tmp_path / "out", "group", "--mem-budget", TINY, *args]
-    check_failure(capsys, argv, tmp_path / "out", 64, needle, "--mem-budget", "tile by tile")
+def test_what_the_store_cannot_do_is_refused_before_decoding(capsys, tmp_path, args, needle):
+    bids = make_bids_derivatives(
+        tmp_path / "ds", n_subjects=N_SUBJECTS, shape=SHAPE, stats=("effect", "variance")
+    )
+    argv = [bids, tmp_path / "out", "group", "--mem-budget", TINY, "-w", tmp_path / "w", *args]
+    check_failure(capsys, argv, tmp_path / "out", 64, needle, "--mem-budget 1.61 MB", "tile by")
+    assert not (tmp_path / "w" / STORE_FOLDER).exists()  # refused before any store was built
+    # and with a budget the data fit in, the same run works
+    run_ok(bids, tmp_path / "ok", "--no-report", "--mem-budget", "2MB", *args)
 
 
 @pytest.mark.parametrize("n_voxels", [70_003, 1_001])
