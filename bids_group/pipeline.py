@@ -375,7 +375,7 @@ def _run_analysis(
         smoothing_fwhm=inference.smoothing_fwhm,
         n_jobs=config.n_jobs,
         target_voxel_size=config.target_voxel_size,
-        unsupported=_not_streamed(spec, config, jobs),
+        unsupported=_not_streamed(spec, config),
     )
     try:
         return _analyse(analysis, data, config, spec, inference, node_dir, writer, jobs, budget)
@@ -383,7 +383,7 @@ def _run_analysis(
         release(data, keep=config.keep_store)
 
 
-def _not_streamed(spec: ModelSpec, config: RunConfig, jobs: Mapping | None) -> str:
+def _not_streamed(spec: ModelSpec, config: RunConfig) -> str:
     """What this model needs that the tiled store cannot do yet ('' when nothing): such a
     model is refused rather than loaded over the memory budget."""
     needs = [
@@ -391,7 +391,6 @@ def _not_streamed(spec: ModelSpec, config: RunConfig, jobs: Mapping | None) -> s
         for name, used in (
             ("a mixed-effects estimator", spec.estimation.mixed),
             ("--write-residuals", config.write_residuals),
-            ("permutation inference", bool(jobs)),
         )
         if used
     ]

@@ -95,6 +95,11 @@ class VoxelStore:
         return (self.n_maps, self.n_voxels)
 
     @property
+    def scratch(self) -> Path:
+        """Folder for temporary files of the steps that read the store (removed with it)."""
+        return self.folder
+
+    @property
     def n_tiles(self) -> int:
         return -(-self.n_voxels // self.tile_voxels)
 

@@ -218,7 +218,6 @@ def test_without_work_folder_the_temporary_store_is_removed(dataset, tmp_path, m
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--permutation", "voxel", "--n-perm", "10"], "permutation inference"),
         (["--write-residuals"], "--write-residuals"),
         (["--estimator", "reml"], "a mixed-effects estimator"),
     ],
@@ -253,3 +252,23 @@ def test_fit_is_the_same_bits_for_any_tile_width(n_voxels):
         for name in ("beta", "residual_variance", "r_squared"):
             assert np.array_equal(getattr(tiled, name), getattr(whole, name)), (budget, name)
     assert len(widths) >= 3
+
+
+PERMUTATIONS = ["--permutation", "voxel", "cluster", "tfce", "--n-perm", "40", "--seed", "11"]
+
+
+@pytest.mark.parametrize("two_sample", [False, True], ids=["sign-flips", "row-permutations"])
+def test_permutations_from_the_store_equal_the_in_memory_ones(dataset, model, tmp_path, two_sample):
+    """Same seed, same p maps, null distributions and tables, bit for bit, from the store."""
+    common = [*PERMUTATIONS, "--no-report", "-v", "--cluster-forming-p", "0.01"]
+    if two_sample:
+        common += ["--model", str(model)]
+    run_ok(dataset, tmp_path / "memory", *common, "--mem-budget", "1GB")
+    work = tmp_path / "work"
+    _, tiled = run_ok(dataset, tmp_path / "tiled", *common, "--mem-budget", TINY, "-w", str(work))
+    assert "voxel-tiled store" in tiled
+    _assert_same_outputs(tmp_path / "memory", tmp_path / "tiled", at_least=20)
+    names = " ".join(_maps(tmp_path / "tiled"))
+    for desc in ("perm", "tfce", "cluster"):
+        assert desc in names.lower(), desc
+    assert not list((work / STORE_FOLDER).glob("*")), "store and residual scratch removed"
