@@ -156,7 +156,7 @@ def load_data(
         "target_voxel_size": target_voxel_size,
     }
     folder = None if work_dir is None else _folder(paths, settings, Path(work_dir))
-    if folder is not None:
+    if folder is not None and not unsupported:
         reused = _reuse(folder, paths, mask_path, settings, budget)
         if reused is not None:
             return reused

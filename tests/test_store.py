@@ -231,6 +231,10 @@ def test_what_the_store_cannot_do_is_refused_before_decoding(capsys, tmp_path, a
     assert not (tmp_path / "w" / STORE_FOLDER).exists()  # refused before any store was built
     # and with a budget the data fit in, the same run works
     run_ok(bids, tmp_path / "ok", "--no-report", "--mem-budget", "2MB", *args)
+    # a kept store of the same inputs is not used for what it cannot do
+    run_ok(bids, tmp_path / "o1", "--no-report", "--mem-budget", TINY, "-w", str(tmp_path / "w"),
+           "--keep-store")  # fmt: skip
+    check_failure(capsys, argv, tmp_path / "out", 64, needle, "tile by")
 
 
 @pytest.mark.parametrize("n_voxels", [70_003, 1_001])
