@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_parametric import DATA_ROOT, build_dataset  # noqa: E402
 
+SPACE = "MNI152NLin2009cAsym"
 MODEL = """\
 Name: groups age
 BIDSModelVersion: "1.0.0"
@@ -65,7 +66,7 @@ def linked_dataset(n_subjects: int, pool: Path) -> Path:
         sub = f"sub-{s + 1:05d}"
         folder = ds / sub / "func"
         folder.mkdir(parents=True)
-        name = f"{sub}_task-bench_space-MNI152NLin2009cAsym_contrast-task_stat-effect_statmap.nii.gz"
+        name = f"{sub}_task-bench_space-{SPACE}_contrast-task_stat-effect_statmap.nii.gz"
         os.symlink(maps[s % len(maps)], folder / name)
         rows.append(f"{sub}\t{20 + s % 47}\t{'patient' if s % 2 else 'control'}")
     (ds / "participants.tsv").write_text("\n".join(rows) + "\n")
