@@ -2,8 +2,9 @@
 
 The budget bounds what one model holds at once. Its parts (fractions of the budget):
 
-* the masked data in memory (``n_maps x n_voxels`` float32) when they fit in
-  :data:`DATA_FRACTION` of it, else a voxel-tiled store on disk (:mod:`bids_group.store`);
+* the masked data in memory (``n_maps x n_voxels`` float32; with permutations also the
+  residuals, :data:`PERMUTATION_BYTES_PER_CELL` in all) when they fit in :data:`DATA_FRACTION`
+  of it, else a voxel-tiled store on disk (:mod:`bids_group.store`);
 * the fit's float64 working arrays, one voxel tile of all maps at a time, in
   :data:`WORK_FRACTION` of it (:func:`tile_voxels`).
 
@@ -188,9 +189,16 @@ def choose_budget(given: int | None, where: str = "--mem-budget") -> int:
     return budget
 
 
-def data_fits(n_maps: int, n_voxels: int, budget: int) -> bool:
-    """Whether the float32 masked data fit in their share of the budget."""
-    return 4 * n_maps * n_voxels <= DATA_FRACTION * budget
+#: Bytes per (map, voxel) a permutation test holds in memory besides the float32 data: the
+#: float64 Freedman-Lane residuals and their copy in the engine's product tiles (float32 or
+#: float64). With the tiled store these stay on disk.
+PERMUTATION_BYTES_PER_CELL = 4 + 8 + 8
+
+
+def data_fits(n_maps: int, n_voxels: int, budget: int, bytes_per_cell: int = 4) -> bool:
+    """Whether the masked data (float32, and whatever else is held per map and voxel:
+    ``bytes_per_cell`` in all) fit in their share of the budget."""
+    return bytes_per_cell * n_maps * n_voxels <= DATA_FRACTION * budget
 
 
 def tile_voxels(n_maps: int, budget: int) -> int:

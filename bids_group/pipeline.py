@@ -33,7 +33,7 @@ from bids_group.inference.clusters import (
 from bids_group.inference.height import HeightThreshold, height_threshold
 from bids_group.inputs import InputMap, collect_inputs, listing
 from bids_group.labels import group_contrast_label, to_label
-from bids_group.memory import choose_budget
+from bids_group.memory import PERMUTATION_BYTES_PER_CELL, choose_budget
 from bids_group.outputs import naming
 from bids_group.outputs.description import (
     write_bidsignore,
@@ -376,6 +376,7 @@ def _run_analysis(
         n_jobs=config.n_jobs,
         target_voxel_size=config.target_voxel_size,
         unsupported=_not_streamed(spec, config),
+        bytes_per_cell=PERMUTATION_BYTES_PER_CELL if jobs else 4,
     )
     try:
         return _analyse(analysis, data, config, spec, inference, node_dir, writer, jobs, budget)

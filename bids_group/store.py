@@ -132,13 +132,17 @@ def load_data(
     n_jobs: int = 1,
     target_voxel_size: float | None = None,
     unsupported: str = "",
+    bytes_per_cell: int = 4,
 ) -> MaskedData:
     """The masked data of ``paths``, in memory if they fit in the budget, else in a store.
 
     Parameters are those of :func:`bids_group.images.load_masked_data`, plus the ``budget``
     (bytes), the work folder (None: a temporary folder), and what the run needs that the store
     cannot do yet (``unsupported``, e.g. "permutation inference"): if not empty and the data
-    do not fit, a UsageError says so as soon as the first map is read. A complete store of the same
+    do not fit, a UsageError says so as soon as the first map is read. ``bytes_per_cell``: what
+    the run holds in memory per map and voxel with the data in memory (4: the float32 data;
+    more with permutations, :data:`bids_group.memory.PERMUTATION_BYTES_PER_CELL`), which decides
+    whether they fit. A complete store of the same
     inputs (path, size and modification time of every map and of the mask, same settings)
     left in the work folder by ``--keep-store`` is reused instead of decoding again.
 
@@ -173,15 +177,15 @@ def load_data(
     n_candidates = int(
         np.count_nonzero(first.support) if stream.user_mask is None else stream.user_mask.sum()
     )
-    if data_fits(len(paths), n_candidates, budget):
+    if data_fits(len(paths), n_candidates, budget, bytes_per_cell):
         return stack_volumes(replace(stream, volumes=rest))
     if unsupported:
         raise UsageError(
             f"the masked data ({len(paths)} maps x up to {n_candidates} voxels) do not fit in "
             f"half the memory budget ({format_size(budget)}), and {unsupported} cannot yet read "
             f"them tile by tile from the store: give --mem-budget "
-            f"{format_size(4 * len(paths) * n_candidates / DATA_FRACTION * 1.05)} or more (if "
-            "the machine has it), or fewer maps per model"
+            f"{format_size(bytes_per_cell * len(paths) * n_candidates / DATA_FRACTION * 1.05)} "
+            "or more (if the machine has it), or fewer maps per model"
         )
     width = tile_voxels(len(paths), budget)
     if folder is None:  # no -w: a private temporary folder, removed by release()

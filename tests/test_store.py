@@ -276,3 +276,15 @@ def test_permutations_from_the_store_equal_the_in_memory_ones(dataset, model, tm
     for desc in ("perm", "tfce", "cluster"):
         assert desc in names.lower(), desc
     assert not list((work / STORE_FOLDER).glob("*")), "store and residual scratch removed"
+
+
+def test_permutations_count_their_residuals_in_the_budget(dataset, tmp_path):
+    """24 maps x 8,000 voxels: the data (768 kB) fit in half of 2 MB, but with permutations the
+    float64 residuals and their product copy (20 bytes per map and voxel in all) do not."""
+    args = ["--no-report", "-v", "--mem-budget", "2MB"]
+    _, plain = run_ok(dataset, tmp_path / "plain", *args)
+    assert "voxel-tiled store" not in plain
+    _, permuted = run_ok(
+        dataset, tmp_path / "perm", *args, "--permutation", "voxel", "--n-perm", "9"
+    )
+    assert "voxel-tiled store" in permuted
