@@ -118,10 +118,6 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     inference = resolve_inference(config.inference_overrides, spec.inference)
     spec = replace(spec, estimation=resolve_estimation(spec.estimation, config))
     _check_estimation(spec.estimation, inference, config)
-    budget = choose_budget(
-        config.mem_budget or spec.memory_budget,
-        "--mem-budget" if config.mem_budget else "model file MemoryBudget",
-    )
     entries = [
         naming.DATASET_DESCRIPTION,
         naming.README,
@@ -144,6 +140,11 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     )
     analyses = plan_analyses(spec, inputs.maps, inputs.participants)
     plans = plan_permutations(analyses, inference)
+    # after every check of the arguments and inputs: a refused run says only why
+    budget = choose_budget(
+        config.mem_budget or spec.memory_budget,
+        "--mem-budget" if config.mem_budget else "model file MemoryBudget",
+    )
     log.info(
         "%d map(s) of %d participant(s); %d model(s) to fit",
         len(inputs.maps),
