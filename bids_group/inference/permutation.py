@@ -49,7 +49,7 @@ import numba
 import numpy as np
 from scipy import linalg, stats
 
-from bids_group.errors import DataError, UsageError
+from bids_group.errors import DataError, OutputError, UsageError
 from bids_group.inference import _kernels
 from bids_group.inference import exchangeability as exch
 from bids_group.inference import tfce as tfce_mod
@@ -777,7 +777,15 @@ class _Engine:
                 for s in self.tile_starts
             ]
         else:
-            self.disk = self._write_disk_tiles(flip)
+            try:
+                self.disk = self._write_disk_tiles(flip)
+            except OSError as exc:  # the scratch file lives beside the store, in -w
+                where = getattr(cfg.data, "scratch", "the work folder")
+                raise OutputError(
+                    f"cannot write the permutation residuals in {where}: "
+                    f"{(exc.strerror or str(exc)).lower()}; free space in the work folder (-w) "
+                    "or give a larger --mem-budget"
+                ) from exc
             self.resid_tiles = [] if flip else self.disk
         del self.resid
         self._identity(np.abs(obs.stat) if cfg.two_sided else obs.stat)
