@@ -45,6 +45,7 @@ from bids_group.errors import (
     UnknownLevelError,
     UsageError,
 )
+from bids_group.memory import parse_size
 from bids_group.paths import check_run_paths, isolate_caches, scratch_disk_error
 from bids_group.spec import ADJUSTMENTS, ESTIMATORS, VARIANCE_SOURCES
 from bids_group.validation import SETTINGS, check_setting, read_utf8
@@ -74,7 +75,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "tfce_e", "tfce_h", "tfce_dh", "perm_scheme", "exchangeability_blocks", "whole_blocks",
     ),
     "Outputs": ("report", "write_residuals", "overwrite", "json_summary"),
-    "Run": ("n_jobs", "work_dir", "verbose", "quiet", "version"),
+    "Run": ("n_jobs", "work_dir", "mem_budget", "keep_store", "verbose", "quiet", "version"),
 }  # fmt: skip
 OTHER_OPTIONS = "Other options"
 
@@ -181,6 +182,21 @@ class FilterFile(click.ParamType):
 
 
 _FILTER_FILE_KEY = "bids_group.filter_file"
+
+
+class Size(click.ParamType):
+    """A memory size such as ``4GB``, ``512MB`` or ``2GiB`` (decimal and binary units), in bytes,
+    checked against the ``mem_budget`` row of :data:`bids_group.validation.SETTINGS`."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        option = _option_of(param, "mem_budget")
+        try:
+            size = parse_size(value)
+        except ValueError as err:
+            raise UsageError(f"{option}: {err}") from err
+        return int(check_setting(size, "mem_budget", option))
 
 
 class Setting(click.ParamType):
@@ -469,6 +485,20 @@ def _underscored(name: str) -> str:
     "as 4-D images, one volume per input map (as large as the inputs together).",
 )
 @_option(
+    "--mem-budget",
+    type=Size(),
+    help="Memory one model may hold, e.g. 4GB, 512MB, 2GiB (model file: Software.bids-group."
+    "MemoryBudget). Maps that do not fit in half of it are decoded once into a voxel-tiled "
+    "store in the work folder (-w) and fitted tile by tile, with the same results. Default: "
+    "the smaller of half the available memory and 4 GB.",
+)
+@_option(
+    "--keep-store",
+    is_flag=True,
+    help="Keep the tiled data store in the work folder (-w, required) after the run; a later "
+    "run on the same inputs (paths, sizes, modification times) reuses it.",
+)
+@_option(
     "--n-jobs",
     "--nprocs",
     "n_jobs",
@@ -541,6 +571,11 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         work_dir=options["work_dir"],
         filter_file=click.get_current_context().meta.get(_FILTER_FILE_KEY),
     )
+    if options["keep_store"] and paths.work_dir is None:
+        raise UsageError(
+            "--keep-store keeps the tiled data store in the work folder: give one with -w "
+            "(without it the store lives in a temporary folder removed at exit)"
+        )
     overrides = {
         "height_control": options["height_control"],
         "alpha": options["alpha"],
@@ -588,6 +623,8 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         command=shlex.join(["bids-group", *sys.argv[1:]]),
         report=options["report"],
         write_residuals=options["write_residuals"],
+        mem_budget=options["mem_budget"],
+        keep_store=options["keep_store"],
         progress=options["verbose"] - options["quiet"] >= 0 and sys.stderr.isatty(),
     )
 

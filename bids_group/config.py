@@ -132,6 +132,10 @@ class RunConfig:
     inference_overrides: Mapping[str, Any] = field(default_factory=dict)
     n_jobs: int = 1
     work_dir: Path | None = None
+    #: Memory budget in bytes (--mem-budget); None: the model file's, else the default.
+    mem_budget: int | None = None
+    #: Keep the tiled data store in the work folder after the run (--keep-store).
+    keep_store: bool = False
     overwrite: bool = False
     json_summary: bool = False
     command: str = ""

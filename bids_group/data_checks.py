@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bids_group.memory import TiledMaps, iter_tiles
+
 #: A map whose largest |value| exceeds this many times the median map's largest |value| is an
 #: outlier (units off by orders of magnitude, a failed first-level fit, 1e30 fill values).
 OUTLIER_FACTOR = 1e3
@@ -44,13 +46,13 @@ class DataFindings:
     constant_voxels: int = 0
 
 
-def check_masked_data(data: np.ndarray) -> DataFindings:
+def check_masked_data(data: np.ndarray | TiledMaps) -> DataFindings:
     """Find outlier maps, all-zero maps and voxels without variance between maps.
 
     Parameters
     ----------
-    data : ndarray of shape (n_maps, n_voxels)
-        Finite in-mask values.
+    data : ndarray of shape (n_maps, n_voxels), or TiledMaps
+        Finite in-mask values, in memory or in the tiled store (read one tile at a time).
 
     Returns
     -------
@@ -63,24 +65,27 @@ def check_masked_data(data: np.ndarray) -> DataFindings:
     >>> found.outliers, found.all_zero_voxels, found.constant_voxels
     (((2, 1e+30),), 1, 1)
     """
-    data = np.asarray(data)
-    if data.size == 0:
+    if not isinstance(data, TiledMaps):
+        data = np.asarray(data)
+    n_maps, n_voxels = data.shape
+    if n_maps * n_voxels == 0:
         return DataFindings()
-    # One map at a time: no full-size temporary (the data can be most of the memory used).
-    # NaN: a map without data at a voxel (per-voxel missing data, --min-coverage)
-    largest = np.array(
-        [np.max(np.abs(row), where=~np.isnan(row), initial=0.0) for row in data],
-        dtype=np.float64,
-    )
+    largest = np.zeros(n_maps, dtype=np.float64)
+    constant = np.ones(n_voxels, dtype=bool)
+    all_zero = np.ones(n_voxels, dtype=bool)
+    # One tile at a time: no full-size temporary (the data can be most of the memory used).
+    for block, tile in iter_tiles(data):
+        # NaN: a map without data at a voxel (per-voxel missing data, --min-coverage)
+        np.maximum(largest, np.abs(tile).max(axis=1, where=~np.isnan(tile), initial=0.0),
+                   out=largest)  # fmt: skip
+        constant[block] = (tile == tile[0]).all(axis=0)
+        all_zero[block] = tile[0] == 0
+    all_zero &= constant
     median_max = float(np.median(largest))
     outliers: tuple[tuple[int, float], ...] = ()
     if median_max > 0:
         flagged = np.flatnonzero(largest > OUTLIER_FACTOR * median_max)
         outliers = tuple((int(i), float(largest[i])) for i in flagged)
-    constant = np.ones(data.shape[1], dtype=bool)
-    for row in data[1:]:
-        constant &= row == data[0]
-    all_zero = constant & (data[0] == 0)
     return DataFindings(
         outliers=outliers,
         median_max=median_max,

@@ -17,6 +17,7 @@ from scipy import special
 
 from bids_group.contrasts import ContrastResult, compute_contrast
 from bids_group.glm import GlmFit, fit_ols, fitted_values
+from bids_group.memory import TiledMaps
 from bids_group.spec import EstimationSpec
 
 if TYPE_CHECKING:  # mixed_effects imports numba (~50 MB, ~0.2 s): only when a model needs it
@@ -199,25 +200,32 @@ class FittedModel:
 
 def fit_model(
     estimation: EstimationSpec,
-    data: np.ndarray,
+    data: np.ndarray | TiledMaps,
     design: np.ndarray,
     variances: np.ndarray | None = None,
+    *,
+    budget: int | None = None,
 ) -> FittedModel:
     """Fit ``data`` (n_maps x n_voxels) on ``design`` with the estimator of ``estimation``.
 
+    ``data``: an array, or the tiled store (:class:`~bids_group.memory.TiledMaps`; OLS only).
+    ``budget`` (bytes) sizes the OLS fit's working arrays (:func:`bids_group.glm.fit_ols`).
     ``variances`` (same shape as ``data``) are required by the mixed-effects estimators.
     Voxels where a mixed-effects model is not estimable must have been removed by the
     caller (:func:`mixed_estimable`).
     """
-    if not estimation.mixed and np.isnan(data).any():  # --min-coverage: OLS per voxel
+    missing = isinstance(data, np.ndarray) and bool(np.isnan(data).any())  # (a store: never)
+    if not estimation.mixed and missing:  # --min-coverage: OLS per voxel
         return _fit_ols_missing(estimation, data, design)
     if not estimation.mixed:
-        fit = fit_ols(data, design)
+        fit = fit_ols(data, design, budget=budget)
         return FittedModel(estimation, float(fit.dof), ols=fit)
     if variances is None:
         raise ValueError("a mixed-effects estimator needs the first-level variances")
     from bids_group.mixed_effects import fit_mixed
 
+    if not isinstance(data, np.ndarray):
+        raise TypeError("the mixed-effects fit needs the data in memory, not the tiled store")
     fit = fit_mixed(data, variances, design, method=estimation.estimator)
     dof = float(data.shape[0] - np.linalg.matrix_rank(design))
     if fit.n_voxels_with_exclusions:

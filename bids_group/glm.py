@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from bids_group.errors import DataError
+from bids_group.memory import MAX_TILE_VOXELS, TiledMaps, aligned, iter_tiles, tile_voxels
 
 log = logging.getLogger(__name__)
 
-#: Voxels per block: bounds the float64 working copies (n_maps x block) while keeping the
-#: number of BLAS calls small (many tiny multi-threaded calls are slow on a busy machine).
-_BLOCK_VOXELS = 65536
+#: Voxels per block of :func:`fitted_values`.
+_BLOCK_VOXELS = MAX_TILE_VOXELS
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,9 @@ class GlmFit:
     centred_r_squared: bool = True
 
 
-def _check_inputs(data: np.ndarray, design: np.ndarray) -> None:
-    """Shape and finiteness checks; the messages name the offending map or column."""
-    if data.ndim != 2 or design.ndim != 2:
+def _check_inputs(data: np.ndarray | TiledMaps, design: np.ndarray) -> None:
+    """Shape checks and finite design; the messages name the offending column."""
+    if len(data.shape) != 2 or design.ndim != 2:
         raise DataError(
             f"fit_ols needs 2-D data (n_maps, n_voxels) and design (n_maps, n_params); got "
             f"data {data.shape} and design {design.shape}."
@@ -71,8 +71,11 @@ def _check_inputs(data: np.ndarray, design: np.ndarray) -> None:
             f"Design column(s) {bad_cols.tolist()} contain NaN or inf: fill or drop the missing "
             "covariate values."
         )
-    # One pass over the data per map; cheap compared with the fit itself.
-    bad_maps = [i for i in range(data.shape[0]) if not np.isfinite(data[i]).all()]
+
+
+def _check_finite(finite_rows: np.ndarray) -> None:
+    """Refuse maps with NaN or inf inside the mask, naming their rows."""
+    bad_maps = np.flatnonzero(~finite_rows).tolist()
     if bad_maps:
         raise DataError(
             f"Input map(s) at row(s) {bad_maps} contain NaN or inf inside the mask: "
@@ -80,15 +83,20 @@ def _check_inputs(data: np.ndarray, design: np.ndarray) -> None:
         )
 
 
-def fit_ols(data: np.ndarray, design: np.ndarray) -> GlmFit:
+def fit_ols(
+    data: np.ndarray | TiledMaps, design: np.ndarray, *, budget: int | None = None
+) -> GlmFit:
     """Fit ``Y = X beta + e`` by ordinary least squares, independently at every voxel.
 
     Parameters
     ----------
-    data : ndarray of shape (n_maps, n_voxels), float32 (or float64)
-        One row per input map (masked voxels).
+    data : ndarray of shape (n_maps, n_voxels), float32 (or float64), or TiledMaps
+        One row per input map (masked voxels), in memory or in the tiled store.
     design : ndarray of shape (n_maps, n_params), float64
         Design matrix X.
+    budget : int, optional
+        Memory budget in bytes: an in-memory matrix is fitted in tiles of
+        :func:`~bids_group.memory.tile_voxels` voxels (at most 65,536); a store in its own tiles.
 
     Returns
     -------
@@ -105,8 +113,13 @@ def fit_ols(data: np.ndarray, design: np.ndarray) -> GlmFit:
     -----
     A rank-deficient X is accepted (pseudo-inverse, ``dof = n_maps - rank``); whether a
     contrast is estimable is checked in :func:`bids_group.contrasts.compute_contrast`.
+
+    Every tile is padded with zeros to a multiple of :data:`~bids_group.memory.TILE_ALIGN`
+    voxels before the BLAS calls, whose results per voxel then do not depend on the tile
+    width: the in-memory and the tiled fits agree bit for bit.
     """
-    data = np.asarray(data)
+    if not isinstance(data, TiledMaps):
+        data = np.asarray(data)
     design = np.asarray(design, dtype=np.float64)
     _check_inputs(data, design)
     n_maps, n_voxels = data.shape
@@ -129,16 +142,23 @@ def fit_ols(data: np.ndarray, design: np.ndarray) -> GlmFit:
     beta = np.empty((design.shape[1], n_voxels), dtype=np.float64)
     rss = np.empty(n_voxels, dtype=np.float64)
     tss = np.empty(n_voxels, dtype=np.float64)
-    # Blocked so that the float64 copy of Y and the residuals stay small (and in cache).
-    for start in range(0, n_voxels, _BLOCK_VOXELS):
-        block = slice(start, min(start + _BLOCK_VOXELS, n_voxels))
-        y = data[:, block].astype(np.float64)
+    finite_rows = np.ones(n_maps, dtype=bool)
+    width = MAX_TILE_VOXELS if budget is None else tile_voxels(n_maps, budget)
+    # Tiled so that the float64 copy of Y and the residuals stay within the budget.
+    for block, tile in iter_tiles(data, width):
+        finite_rows &= np.isfinite(tile).all(axis=1)
+        n = block.stop - block.start
+        y = np.zeros((n_maps, aligned(n)), dtype=np.float64)
+        y[:, :n] = tile
         centre = y.mean(axis=0) if centred else 0.0
-        tss[block] = np.einsum("ij,ij->j", y - centre, y - centre)
+        centred_y = y - centre
+        tss[block] = np.einsum("ij,ij->j", centred_y, centred_y)[:n]
+        del centred_y
         b = pinv_x @ y
-        beta[:, block] = b
+        beta[:, block] = b[:, :n]
         y -= design @ b  # residuals, in place
-        rss[block] = np.einsum("ij,ij->j", y, y)
+        rss[block] = np.einsum("ij,ij->j", y, y)[:n]
+    _check_finite(finite_rows)
     return GlmFit(
         beta=beta,
         residual_variance=rss / dof,

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from bids_group.errors import DataError, MissingInputError, UsageError
+from bids_group.memory import TiledMaps
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,11 @@ class MaskedData:
 
     Attributes
     ----------
-    data : ndarray of shape (n_maps, n_voxels), float32
-        In-mask values, finite everywhere, rows in the order of the input paths.
+    data : ndarray of shape (n_maps, n_voxels), float32, or TiledMaps
+        In-mask values, finite everywhere, rows in the order of the input paths; in memory,
+        or in the voxel-tiled store of :mod:`bids_group.store` when they do not fit in the
+        memory budget (``data.shape`` is the same; read it with
+        :func:`bids_group.memory.iter_tiles`).
     mask : ndarray of shape (nx, ny, nz), bool
         ``mask.sum() == n_voxels``; column ``j`` of ``data`` is the ``j``-th True voxel of
         ``mask`` in C order (``data[:, j] == volume[mask][j]``).
@@ -58,7 +62,7 @@ class MaskedData:
         User mask: voxels of the mask dropped because some map is non-finite there.
     """
 
-    data: np.ndarray
+    data: np.ndarray | TiledMaps
     mask: np.ndarray
     affine: np.ndarray
     voxel_size: tuple[float, float, float]
@@ -67,6 +71,8 @@ class MaskedData:
     def restricted(self, keep: np.ndarray) -> MaskedData:
         """The same data on the voxels where ``keep`` is True; the others leave the mask
         (and count as dropped)."""
+        if not isinstance(self.data, np.ndarray):
+            raise TypeError("restricted() needs the data in memory, not in the tiled store")
         keep = np.asarray(keep, dtype=bool)
         mask = self.mask.copy()
         mask[mask] = keep
@@ -162,6 +168,52 @@ def load_masked_data(
     MissingInputError (66)
         A map or the mask file does not exist.
     """
+    return stack_volumes(
+        open_volumes(
+            paths,
+            mask_path=mask_path,
+            resample=resample,
+            smoothing_fwhm=smoothing_fwhm,
+            n_jobs=n_jobs,
+            target_voxel_size=target_voxel_size,
+        ),
+        min_maps=min_maps,
+    )
+
+
+@dataclass(frozen=True)
+class VolumeStream:
+    """Maps being decoded one at a time, on their target grid (see :func:`open_volumes`).
+
+    Attributes
+    ----------
+    paths : list of Path
+    target : grid of every volume (shape and affine)
+    user_mask : ndarray of shape target.shape, bool, or None (automatic mask)
+    mask_path : Path or None
+    volumes : iterator of volumes in input order (``index``, ``support``, ``finite``, ``data``
+        flattened in Fortran order)
+    """
+
+    paths: list[Path]
+    target: _Grid
+    user_mask: np.ndarray | None
+    mask_path: Path | None
+    volumes: Iterator[_Volume]
+
+
+def open_volumes(
+    paths: Sequence[Path],
+    *,
+    mask_path: Path | None = None,
+    resample: bool = False,
+    smoothing_fwhm: float | None = None,
+    n_jobs: int = 1,
+    target_voxel_size: float | None = None,
+) -> VolumeStream:
+    """Check the grids and the mask, and start decoding: the first half of
+    :func:`load_masked_data` (same parameters), whose volumes the caller stacks (in memory with
+    :func:`stack_volumes`, or into the tiled store of :mod:`bids_group.store`)."""
     if not paths:
         raise DataError("No map to load")
     paths = [Path(p) for p in paths]
@@ -182,16 +234,31 @@ def load_masked_data(
 
     sigma = _sigma(target.affine, smoothing_fwhm, target.shape)
     volumes = _iter_volumes(paths, grids, target, sigma=sigma, n_jobs=n_jobs)
+    return VolumeStream(
+        paths=paths,
+        target=target,
+        user_mask=user_mask,
+        mask_path=None if mask_path is None else Path(mask_path),
+        volumes=volumes,
+    )
+
+
+def stack_volumes(stream: VolumeStream, *, min_maps: int | None = None) -> MaskedData:
+    """The masked data matrix of every volume of ``stream``, in memory (``min_maps``: see
+    :func:`load_masked_data`)."""
+    paths, target = stream.paths, stream.target
     if min_maps is not None:
-        data, mask, n_dropped = _stack_coverage(volumes, target.shape, len(paths), min_maps,
-                                                user_mask)  # fmt: skip
-    elif user_mask is None:
-        data, mask, n_dropped, coverage = _stack_auto_mask(volumes, target.shape, len(paths))
+        data, mask, n_dropped = _stack_coverage(stream.volumes, target.shape, len(paths),
+                                                min_maps, stream.user_mask)  # fmt: skip
+    elif stream.user_mask is None:
+        data, mask, n_dropped, coverage = _stack_auto_mask(stream.volumes, target.shape, len(paths))
         _log_auto_mask(int(mask.sum()), n_dropped, coverage, paths)
     else:
-        data, mask, n_dropped = _stack_user_mask(volumes, user_mask, paths, mask_path)
+        data, mask, n_dropped = _stack_user_mask(
+            stream.volumes, stream.user_mask, paths, stream.mask_path
+        )
     if not mask.any():
-        raise DataError(_empty_mask_message(paths, mask_path))
+        raise DataError(_empty_mask_message(paths, stream.mask_path))
     return MaskedData(
         data=data,
         mask=mask,
@@ -726,24 +793,38 @@ def _stack_user_mask(
         if not finite.all():
             culprits.append((paths[volume.index], int((~finite).sum())))
             finite_all &= finite
-    n_dropped = int((~finite_all).sum())
+    new_mask, n_dropped = finish_user_mask(mask, finite_all, culprits, mask_path)
     if n_dropped:
-        listed = ", ".join(f"{p.name} ({n})" for p, n in culprits[:_MAX_LISTED])
-        more = f" and {len(culprits) - _MAX_LISTED} more" if len(culprits) > _MAX_LISTED else ""
-        log.warning(
-            "Dropped %d of %d voxels of the mask %s: non-finite (NaN/Inf) in %d map(s): %s%s",
-            n_dropped,
-            n_in,
-            mask_path,
-            len(culprits),
-            listed,
-            more,
-        )
         data = np.ascontiguousarray(data[:, finite_all])
-        mask = mask.copy()
-        mask[mask] = finite_all
     log.info("Mask %s: %d voxels analysed", mask_path, data.shape[1])
-    return data, mask, n_dropped
+    return data, new_mask, n_dropped
+
+
+def finish_user_mask(
+    mask: np.ndarray,
+    finite_all: np.ndarray,
+    culprits: Sequence[tuple[Path, int]],
+    mask_path: Path | None,
+) -> tuple[np.ndarray, int]:
+    """The user mask less its voxels non-finite in some map (``finite_all`` False), and how
+    many were dropped; a WARNING names the maps (``culprits``: (path, voxels)) when any were."""
+    n_dropped = int((~finite_all).sum())
+    if not n_dropped:
+        return mask, 0
+    listed = ", ".join(f"{p.name} ({n})" for p, n in culprits[:_MAX_LISTED])
+    more = f" and {len(culprits) - _MAX_LISTED} more" if len(culprits) > _MAX_LISTED else ""
+    log.warning(
+        "Dropped %d of %d voxels of the mask %s: non-finite (NaN/Inf) in %d map(s): %s%s",
+        n_dropped,
+        finite_all.size,
+        mask_path,
+        len(culprits),
+        listed,
+        more,
+    )
+    mask = mask.copy()
+    mask[mask] = finite_all
+    return mask, n_dropped
 
 
 def _empty_mask_message(paths: Sequence[Path], mask_path: Path | None) -> str:

@@ -31,7 +31,7 @@ from bids_group.design import (
 )
 from bids_group.errors import DataError, EmptySelectionError, UsageError
 from bids_group.estimation import FittedModel, fit_model, mixed_estimable
-from bids_group.images import MaskedData, load_masked_data, load_on_mask
+from bids_group.images import MaskedData, load_on_mask
 from bids_group.inference.ari import ARIResult, ari_clusters
 from bids_group.inference.clusters import (
     apply_cluster_extent,
@@ -41,6 +41,7 @@ from bids_group.inference.clusters import (
 from bids_group.inference.height import HeightThreshold, height_threshold
 from bids_group.inputs import InputMap, collect_inputs, listing
 from bids_group.labels import first_level_labels, group_contrast_label, node_label, to_label
+from bids_group.memory import PERMUTATION_BYTES_PER_CELL, choose_budget
 from bids_group.outputs import naming
 from bids_group.outputs.description import (
     write_bidsignore,
@@ -68,6 +69,7 @@ from bids_group.spec import (
     load_specs,
     resolved_models_dict,
 )
+from bids_group.store import load_data, release
 from bids_group.variance_maps import sibling_paths, to_variance
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,12 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     )
     nodes = tuple(_plan_node(spec, config, inference, len(specs) > 1) for spec in specs)
     maps = list({m.path: m for node in nodes for m in node.inputs.maps}.values())
+    # after every check of the arguments and inputs: a refused run says only why
+    model_budget = next((s.memory_budget for s in specs if s.memory_budget), None)
+    budget = choose_budget(
+        config.mem_budget or model_budget,
+        "--mem-budget" if config.mem_budget else "model file MemoryBudget",
+    )
     log.info(
         "%d map(s) of %d participant(s); %d model(s) to fit",
         len(maps),
@@ -179,7 +187,7 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
         with MapWriter(n_jobs=config.n_jobs) as writer:
             for node in nodes:
                 files, analyses, parts = _run_node(node, config, inference, stage, writer,
-                                                   named=len(nodes) > 1)  # fmt: skip
+                                                   named=len(nodes) > 1, budget=budget)  # fmt: skip
                 written += files
                 summary["analyses"] += analyses
                 sections += parts
@@ -266,6 +274,7 @@ def _run_node(
     writer: MapWriter,
     *,
     named: bool,
+    budget: int | None = None,
 ) -> tuple[list[Path], list[dict[str, Any]], list[ReportSection]]:
     """Fit and write every analysis of one Dataset node into ``node-<name>/``."""
     node_dir = stage / naming.node_dir(node_label(node.spec.node_name))
@@ -280,7 +289,7 @@ def _run_node(
             if index == i
         }
         files, summary, parts = _run_analysis(
-            analysis, config, node.spec, inference, node_dir, writer, jobs, named=named
+            analysis, config, node.spec, inference, node_dir, writer, jobs, budget, named=named
         )
         written += files
         sections += parts
@@ -457,6 +466,7 @@ def _run_analysis(
     node_dir: Path,
     writer: MapWriter,
     jobs: Mapping[str, PermutationJob] | None = None,
+    budget: int | None = None,
     *,
     named: bool = False,
 ) -> tuple[list[Path], dict[str, Any], list[ReportSection]]:
@@ -469,15 +479,55 @@ def _run_analysis(
     log.info(
         "model for %s: %d maps, columns %s", where, len(analysis.maps), analysis.design.columns
     )
-    data = load_masked_data(
+    data = load_data(
         [m.path for m in analysis.maps],
+        budget=budget or choose_budget(None),
+        work_dir=config.work_dir,
         mask_path=config.mask,
         resample=config.resample,
         smoothing_fwhm=inference.smoothing_fwhm,
         n_jobs=config.n_jobs,
         target_voxel_size=config.target_voxel_size,
         min_maps=_coverage_count(config, analysis),
+        unsupported=_not_streamed(spec, config),
+        bytes_per_cell=PERMUTATION_BYTES_PER_CELL if jobs else 4,
     )
+    try:
+        return _analyse(analysis, data, config, spec, inference, node_dir, writer, jobs, budget,
+                        where)  # fmt: skip
+    finally:
+        release(data, keep=config.keep_store)
+
+
+def _not_streamed(spec: ModelSpec, config: RunConfig) -> str:
+    """What this model needs that the tiled store cannot do yet ('' when nothing): such a
+    model is refused rather than loaded over the memory budget."""
+    needs = [
+        name
+        for name, used in (
+            ("a mixed-effects estimator", spec.estimation.mixed),
+            ("--write-residuals", config.write_residuals),
+            ("--min-coverage", config.min_coverage is not None),
+        )
+        if used
+    ]
+    return " and ".join(needs)
+
+
+def _analyse(
+    analysis: Analysis,
+    data: MaskedData,
+    config: RunConfig,
+    spec: ModelSpec,
+    inference: InferenceConfig,
+    node_dir: Path,
+    writer: MapWriter,
+    jobs: Mapping[str, PermutationJob] | None,
+    budget: int | None,
+    where: str,
+) -> tuple[list[Path], dict[str, Any], list[ReportSection]]:
+    """Fit the model on ``data`` and write its outputs (see :func:`_run_analysis`); ``where``
+    names the model in messages."""
     log.info("mask: %d voxels", data.data.shape[1])
     if inference.cluster_threshold > data.data.shape[1]:
         log.warning("cluster threshold %d voxels > the mask's %d voxels (model for %s): no "
@@ -491,7 +541,8 @@ def _run_analysis(
         data, variances = _load_variances(analysis, data, spec.estimation, config, where)
         mixed = MixedInputs(variances, spec.estimation.estimator, spec.estimation.adjustment)
         jobs = {name: replace(job, mixed=mixed) for name, job in (jobs or {}).items()}
-    fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances)
+    fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances,
+                    budget=budget)  # fmt: skip
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)
     written += _write_model_maps(analysis, fit, data, node_dir, writer, config.write_residuals)

@@ -33,6 +33,7 @@ are software names. bids-group reads ``Model.Software.bids-group.Inference``::
             PermutationScheme: auto # auto | flip (sign flips) | permute (rows)
             ExchangeabilityBlocks: subject   # variable whose values are the blocks
             WholeBlocks: false      # permute blocks as units instead of rows within blocks
+          MemoryBudget: 4GB         # memory one model may hold (MB, GB, MiB, GiB...)
 
 The accepted keys live in one table, :data:`INFERENCE_KEYS`; add a row there to accept a new one.
 Numeric values are checked by :func:`bids_group.validation.check_setting`, as the command line's.
@@ -65,6 +66,7 @@ from bids_group.graph import (
     parse_filter,
 )
 from bids_group.labels import INTERCEPT, node_label, to_label
+from bids_group.memory import parse_size
 from bids_group.transformations import nearest, normalise_instruction
 from bids_group.validation import MAX_WEIGHT, MIN_WEIGHT, check_setting, read_utf8
 
@@ -105,6 +107,7 @@ _DUMMY_KEYS = ("Test", "Contrasts", "Conditions", "Description")
 _EDGE_KEYS = ("Source", "Destination", "Filter", "Description")
 _SOFTWARE_KEYS = (
     "Inference", "ContrastLabels", "Estimator", "VarianceFrom", "Adjustment", "Filter",
+    "MemoryBudget",
 )  # fmt: skip
 #: Model estimators: OLS on the effects (``Type: glm``) or, with the first-level variances
 #: (``Type: meta``), a mixed-effects estimator of :mod:`bids_group.mixed_effects`.
@@ -244,6 +247,8 @@ class ModelSpec:
     dummy_contrasts: tuple[str, ...] | None
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
     estimation: EstimationSpec = field(default_factory=EstimationSpec)
+    #: ``Software.bids-group.MemoryBudget`` in bytes (None: not set; ``--mem-budget`` wins).
+    memory_budget: int | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
     description: str | None = None
@@ -836,6 +841,19 @@ def _parse_estimation(model_type: str, software: Any, where: str) -> EstimationS
     )
 
 
+def _parse_memory_budget(software: Any, where: str) -> int | None:
+    """``Software.bids-group.MemoryBudget``: a size such as ``4GB`` or ``512MiB``, in bytes."""
+    block = software.get(SOFTWARE_KEY, {}) if isinstance(software, Mapping) else {}
+    if not isinstance(block, Mapping) or "MemoryBudget" not in block:
+        return None
+    where = f"{where}.{SOFTWARE_KEY}.MemoryBudget"
+    try:
+        size = parse_size(block["MemoryBudget"])
+    except ValueError as err:
+        raise _fail(where, str(err)) from err
+    return int(check_setting(size, "mem_budget", where, error=SpecError))
+
+
 def _check_nodes(nodes: Any, where: str) -> list[Mapping[str, Any]]:
     """Nodes is a non-empty list of mappings with a valid Level and a unique Name each."""
     if not isinstance(nodes, list) or not nodes:
@@ -941,6 +959,7 @@ def _parse_node(dataset: DatasetNode, fname: str, common: Mapping[str, Any]) -> 
         raise _fail(f"{where}.Name", f"{node_name!r} cannot name an output folder (node-<label>)")
     group_by = _parse_group_by(as_list(node["GroupBy"], f"{where}.GroupBy"), f"{where}.GroupBy")
     x, inference, estimation = _parse_model(node["Model"], f"{where}.Model")
+    memory_budget = _parse_memory_budget(node["Model"].get("Software"), f"{where}.Model.Software")
     transformations: tuple[dict[str, Any], ...] = ()
     if node.get("Transformations") is not None:
         transformations = _parse_transformations(
@@ -969,6 +988,7 @@ def _parse_node(dataset: DatasetNode, fname: str, common: Mapping[str, Any]) -> 
         edge_filter=edge_filter,
         filter_where=filter_where,
         **common,
+        memory_budget=memory_budget,
     )
     spec.map_filters  # noqa: B018 - checks Input and the Filter together, now
     return spec

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_group.errors import UsageError
+from bids_group.memory import MIN_BUDGET
 
 #: Largest --n-perm: every permutation method keeps one float64 per relabelling and method in
 #: memory and writes one row per relabelling to the null-distribution TSV; 10 million rows is
@@ -138,6 +139,7 @@ SETTINGS: dict[str, Bounds] = {
     "tfce_h": _EXPONENT,
     "tfce_dh": _POSITIVE,
     "n_jobs": Bounds(integer=True, lo=1),
+    "mem_budget": Bounds(integer=True, lo=MIN_BUDGET, unit="bytes"),
 }
 
 

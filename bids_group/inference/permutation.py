@@ -38,18 +38,22 @@ fit is near perfect (large statistics), where ``ss - ||w||^2`` in float32 was ro
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import numba
 import numpy as np
 from scipy import linalg, stats
 
-from bids_group.errors import DataError, UsageError
+from bids_group.errors import DataError, OutputError, UsageError
 from bids_group.inference import _kernels
 from bids_group.inference import exchangeability as exch
 from bids_group.inference import tfce as tfce_mod
+from bids_group.memory import TiledMaps, aligned, iter_tiles
 
 log = logging.getLogger(__name__)
 
@@ -306,28 +310,32 @@ def partition_design(design: np.ndarray, contrast: np.ndarray) -> DesignPartitio
 _PARAMETRIC_TILE = 4096
 
 
-def parametric_stat(data: np.ndarray, part: DesignPartition, stat_type: StatType) -> np.ndarray:
+def parametric_stat(
+    data: np.ndarray | TiledMaps, part: DesignPartition, stat_type: StatType
+) -> np.ndarray:
     """The parametric t or F of the contrast, in float64, from the partition.
 
     Parameters
     ----------
-    data : ndarray of shape (n_rows, n_voxels)
+    data : ndarray of shape (n_rows, n_voxels), or TiledMaps (read one tile at a time)
 
     Returns
     -------
     ndarray of shape (n_voxels,), float64
     """
-    data = np.asarray(data)
+    if not isinstance(data, TiledMaps):
+        data = np.asarray(data)
     n_voxels = data.shape[1]
     coords = np.empty((part.basis.shape[1], n_voxels))
     rss = np.empty(n_voxels)
     # Column tiles: the float64 copy and the residuals of one tile stay in cache (one pass over
     # the whole array costs ~10x more on a 40 x 235,000 data set).
-    for start in range(0, n_voxels, _PARAMETRIC_TILE):
-        y = np.asarray(data[:, start : start + _PARAMETRIC_TILE], dtype=np.float64)
+    for block, tile in iter_tiles(data, _PARAMETRIC_TILE):
+        n = block.stop - block.start
+        y = _padded(tile)
         c = part.basis.T @ y
-        coords[:, start : start + _PARAMETRIC_TILE] = c
-        rss[start : start + _PARAMETRIC_TILE] = np.sum((y - part.basis @ c) ** 2, axis=0)
+        coords[:, block] = c[:, :n]
+        rss[block] = np.sum((y - part.basis @ c) ** 2, axis=0)[:n]
     sigma2 = rss / part.dof
     q = part.n_interest
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -337,6 +345,62 @@ def parametric_stat(data: np.ndarray, part: DesignPartition, stat_type: StatType
             stat = np.sum(coords[:q] ** 2, axis=0) / q / sigma2
     # voxels with zero residual variance: 0 if there is no effect either, else +-inf
     return np.where(np.isnan(stat), 0.0, stat)
+
+
+def _padded(tile: np.ndarray) -> np.ndarray:
+    """A float64 copy of a (n_rows, width) tile, zero-padded to a multiple of
+    :data:`~bids_group.memory.TILE_ALIGN` columns: the BLAS products then give each voxel the
+    same bits whatever the tile width, so data in the tiled store give the in-memory results."""
+    out = np.zeros((tile.shape[0], aligned(tile.shape[1])), dtype=np.float64)
+    out[:, : tile.shape[1]] = tile
+    return out
+
+
+def _residual_tiles(
+    data: np.ndarray | TiledMaps, part: DesignPartition
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray]]:
+    """(voxels, Freedman-Lane residuals E (n_rows, len) float64, ||E||^2, and the residual sum
+    of squares of the full model fitted to E) per voxel tile of ``data``."""
+    q_z = part.nuisance_basis
+    for block, tile in iter_tiles(data, _PARAMETRIC_TILE):
+        n = block.stop - block.start
+        resid = _padded(tile)
+        if q_z.shape[1]:  # Freedman-Lane: residuals of the nuisance-only model
+            resid -= q_z @ (q_z.T @ resid)
+        ss = np.einsum("rv,rv->v", resid, resid)[:n]
+        rss = np.sum((resid - part.basis @ (part.basis.T @ resid)) ** 2, axis=0)[:n]
+        yield block, resid[:, :n], ss, rss
+
+
+class _DiskTiles:
+    """Residual tiles in a scratch file beside the tiled store, read back for every batch: the
+    engine's residuals (n_rows x n_voxels) never sit in memory whole."""
+
+    def __init__(self, folder: Path | None, n_rows: int, dtype: type) -> None:
+        fd, name = tempfile.mkstemp(prefix="residuals-", suffix=".bin", dir=folder)
+        self.file = os.fdopen(fd, "w+b")
+        self.path = Path(name)
+        self.n_rows, self.dtype = n_rows, np.dtype(dtype)
+        self.widths: list[int] = []
+
+    def append(self, tile: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(tile, dtype=self.dtype).tobytes())
+        self.widths.append(tile.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.widths)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        self.file.flush()
+        self.file.seek(0)
+        for width in self.widths:
+            tile = np.empty((self.n_rows, width), dtype=self.dtype)
+            self.file.readinto(memoryview(tile).cast("B"))
+            yield tile
+
+    def close(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def design_exchangeability(
@@ -401,8 +465,11 @@ def permutation_test(
 
     Parameters
     ----------
-    data : ndarray of shape (n_rows, n_voxels), float
+    data : ndarray of shape (n_rows, n_voxels), float, or TiledMaps
         One row per input map, columns in mask order (``numpy.flatnonzero(mask)``, C order).
+        From the tiled store (:mod:`bids_group.store`), the residuals are computed one tile at a
+        time and kept in a scratch file beside the store, read back for every batch; the
+        results are the same bits as from the array in memory.
     design : ndarray of shape (n_rows, n_params)
     contrast : ndarray of shape (q, n_params) or (n_params,)
     stat_type : {"t", "F"}
@@ -478,6 +545,7 @@ def permutation_test(
     observed = _observed(cfg, part)
     threads = numba.get_num_threads()
     numba.set_num_threads(cfg.n_jobs)
+    engine = None
     try:
         engine = _Engine(cfg, part, observed, flip=ex.scheme == "flip")  # runs the identity
         for done, batch in _batches(ex, exhaustive, n_total, cfg.seed, engine.batch_size):
@@ -486,6 +554,8 @@ def permutation_test(
                 progress(done, n_total)
     finally:
         numba.set_num_threads(threads)
+        if engine is not None:
+            engine.close()
     return engine.result(ex, n_total, exhaustive)
 
 
@@ -496,7 +566,7 @@ def permutation_test(
 
 @dataclass(frozen=True)
 class _Config:
-    data: np.ndarray
+    data: np.ndarray | TiledMaps
     design: np.ndarray
     contrast: np.ndarray
     stat_type: StatType
@@ -529,10 +599,10 @@ def _validate(
         raise UsageError(f"stat_type must be 't' or 'F', got {stat_type!r}.")
     if two_sided and stat_type == "F":
         raise UsageError("two_sided applies to t contrasts only; an F test is one-sided.")
-    y = np.asarray(data)
-    if y.ndim != 2:
+    y = data if isinstance(data, TiledMaps) else np.asarray(data)
+    if len(y.shape) != 2:
         raise DataError(f"data must be 2-D (n_maps, n_voxels), got shape {y.shape}.")
-    if not np.all(np.isfinite(y)):
+    if not all(np.all(np.isfinite(tile)) for _, tile in iter_tiles(y)):
         raise DataError("data contain NaN or infinite values; mask them out first.")
     x = np.asarray(design, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] != y.shape[0]:
@@ -872,13 +942,15 @@ class _Engine(NullEngine):
         elif flip:
             per_map = 4 * n_vox
             self.batch_size = int(np.clip(SPATIAL_FLIP_BYTES // per_map, BATCH_SPATIAL, 256))
-        resid = cfg.data.astype(np.float64)
-        q_z = part.nuisance_basis
-        if q_z.shape[1]:  # Freedman-Lane: residuals of the nuisance-only model
-            resid -= q_z @ (q_z.T @ resid)
-        self.ss = np.einsum("rv,rv->v", resid, resid)
+        n_rows = cfg.data.shape[0]
+        in_memory = isinstance(cfg.data, np.ndarray)
+        resid = np.empty(cfg.data.shape) if in_memory else None
+        self.ss, self.rss_id = np.empty(n_vox), np.empty(n_vox)
+        for block, tile_resid, ss, rss in _residual_tiles(cfg.data, part):
+            if resid is not None:
+                resid[:, block] = tile_resid
+            self.ss[block], self.rss_id[block] = ss, rss
         self.rss_floor = np.maximum(self.ss * 1e-12, np.finfo(np.float64).tiny)
-        self.rss_id = _residual_ss(resid, part.basis)
         self.resid = resid
         self.basis = part.basis
         rank = part.basis.shape[1]
@@ -886,13 +958,26 @@ class _Engine(NullEngine):
         itemsize = np.dtype(self.dtype).itemsize
         self.tile = max(256, min(n_vox, TILE_BYTES // (itemsize * self.batch_size * rank)))
         if flip:
-            self._init_flip()
+            self._init_flip(n_rows)
         # contiguous voxel tiles of the residuals, so each product reads one dense block
         self.tile_starts = [] if flip else list(range(0, n_vox, self.tile))
-        self.resid_tiles = [
-            np.ascontiguousarray(self.resid[:, s : s + self.tile], dtype=self.dtype)
-            for s in self.tile_starts
-        ]
+        self.disk: _DiskTiles | None = None
+        if resid is not None:
+            self.resid_tiles: list[np.ndarray] | _DiskTiles = [
+                np.ascontiguousarray(resid[:, s : s + self.tile], dtype=self.dtype)
+                for s in self.tile_starts
+            ]
+        else:
+            try:
+                self.disk = self._write_disk_tiles(flip)
+            except OSError as exc:  # the scratch file lives beside the store, in -w
+                where = getattr(cfg.data, "scratch", "the work folder")
+                raise OutputError(
+                    f"cannot write the permutation residuals in {where}: "
+                    f"{(exc.strerror or str(exc)).lower()}; free space in the work folder (-w) "
+                    "or give a larger --mem-budget"
+                ) from exc
+            self.resid_tiles = [] if flip else self.disk
         del self.resid
         self._identity(np.abs(obs.stat) if cfg.two_sided else obs.stat)
 
@@ -906,10 +991,41 @@ class _Engine(NullEngine):
             return (float(part.dof),)
         return (float(part.n_interest), float(part.dof))
 
-    def _init_flip(self) -> None:
+    def _write_disk_tiles(self, flip: bool) -> _DiskTiles:
+        """The residuals of data in the tiled store, computed again tile by tile (as for the
+        sums above) and written to a scratch file: for sign flips in the store's tiles
+        (float64), for row permutations in the engine's product tiles (``self.dtype``)."""
+        cfg = self.cfg
+        n_rows, n_vox = cfg.data.shape
+        scratch = getattr(cfg.data, "scratch", None)
+        disk = _DiskTiles(scratch, n_rows, np.float64 if flip else self.dtype)
+        if flip:
+            for _, resid, _, _ in _residual_tiles(cfg.data, self.part):
+                disk.append(resid)
+            return disk
+        buf = np.empty((n_rows, self.tile), dtype=self.dtype)
+        filled = 0
+        for _, resid, _, _ in _residual_tiles(cfg.data, self.part):
+            pos = 0
+            while pos < resid.shape[1]:
+                width = min(self.tile, n_vox - len(disk) * self.tile)  # the last is shorter
+                take = min(width - filled, resid.shape[1] - pos)
+                buf[:, filled : filled + take] = resid[:, pos : pos + take]
+                filled, pos = filled + take, pos + take
+                if filled == width:
+                    disk.append(buf[:, :width])
+                    filled = 0
+        return disk
+
+    def close(self) -> None:
+        """Remove the scratch file of the residuals (tiled store only)."""
+        if self.disk is not None:
+            self.disk.close()
+
+    def _init_flip(self, n_rows: int) -> None:
         """State of the subset-sum-table kernel (sign flips only; see ``_kernels``)."""
-        n_rows = self.resid.shape[0]
-        self.flip_resid = np.ascontiguousarray(self.resid)  # (n_rows, n_voxels) float64
+        # (n_rows, n_voxels) float64 in memory; from the tiled store, read tile by tile
+        self.flip_resid = None if self.resid is None else np.ascontiguousarray(self.resid)
         self.flip_rss = self.rss_id.astype(np.float32)
         tiny = np.finfo(np.float32).tiny
         self.flip_floor = np.maximum(self.ss * 1e-12, tiny).astype(np.float32)
@@ -936,18 +1052,36 @@ class _Engine(NullEngine):
             v_threshold = self.v_threshold
         else:
             v_threshold = _v_threshold(threshold, self.cfg.stat_type, self.part)
+        if self.disk is None:
+            self._flip_kernel(
+                self.flip_resid, slice(None), batch, v_threshold, full, maxima, counts
+            )
+            return
+        start = 0
+        for resid in self.disk:
+            block = slice(start, start + resid.shape[1])
+            out = None if full is None else np.empty((len(batch), resid.shape[1]), np.float32)
+            tile_max = np.full(len(batch), -np.inf)
+            self._flip_kernel(resid, block, batch, v_threshold, out, tile_max, counts[block])
+            np.maximum(maxima, tile_max, out=maxima)
+            if full is not None:
+                full[:, block] = out
+            start = block.stop
+
+    def _flip_kernel(self, resid, block, batch, v_threshold, full, maxima, counts) -> None:
+        """The subset-sum kernel on the voxels ``block`` (whose residuals are ``resid``)."""
         _kernels.flip_table_stats(
-            self.flip_resid,
+            resid,
             np.ascontiguousarray(self.basis),
             _flip_codes(batch.signs, self.n_bits),
             self.n_bits,
-            self.flip_rss,
-            self.flip_floor,
+            self.flip_rss[block],
+            self.flip_floor[block],
             self.part.n_interest,
             float(self.part.dof),
             self.cfg.stat_type == "t",
             self.cfg.two_sided,
-            v_threshold,
+            v_threshold[block],
             full is not None,
             full if full is not None else np.empty((1, 1), np.float32),
             maxima,

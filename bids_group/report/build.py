@@ -29,6 +29,7 @@ import pandas as pd
 
 from bids_group.images import unmask
 from bids_group.inference.clusters import label_clusters
+from bids_group.memory import TiledMaps, iter_tiles
 from bids_group.report.histogram import null_distribution_png
 from bids_group.report.html import (
     ReportContent,
@@ -102,20 +103,23 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def background_volume(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def background_volume(data: np.ndarray | TiledMaps, mask: np.ndarray) -> np.ndarray:
     """Mean of ``|maps|`` over the maps, on the grid (0 outside the mask).
 
     Parameters
     ----------
-    data : ndarray of shape (n_maps, n_voxels), float
-        In-mask values (``MaskedData.data``).
+    data : ndarray of shape (n_maps, n_voxels), float, or TiledMaps
+        In-mask values (``MaskedData.data``), read one voxel tile at a time.
     mask : ndarray of shape (nx, ny, nz), bool
 
     Returns
     -------
     ndarray of shape mask.shape, float32
     """
-    return unmask(np.abs(data).mean(axis=0, dtype=np.float64), mask)
+    mean = np.empty(data.shape[1], dtype=np.float64)
+    for block, tile in iter_tiles(data):
+        mean[block] = np.nanmean(np.abs(tile), axis=0, dtype=np.float64)  # NaN: no data
+    return unmask(mean, mask)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,257 @@
+"""The memory budget of a run: parse it, choose the default, and size working arrays from it.
+
+The budget bounds what one model holds at once. Its parts (fractions of the budget):
+
+* the masked data in memory (``n_maps x n_voxels`` float32; with permutations also the
+  residuals, :data:`PERMUTATION_BYTES_PER_CELL` in all) when they fit in :data:`DATA_FRACTION`
+  of it, else a voxel-tiled store on disk (:mod:`bids_group.store`);
+* the fit's float64 working arrays, one voxel tile of all maps at a time, in
+  :data:`WORK_FRACTION` of it (:func:`tile_voxels`).
+
+The rest is left for the per-voxel results (a few float64 per voxel, independent of the number
+of maps), one decoded volume per thread, and the interpreter.
+
+Reads ``/proc`` and ``/sys/fs/cgroup`` on Linux; no project imports. :class:`TiledMaps` is what
+the fit and the data checks read tile by tile: an in-memory matrix or the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Default budget: never more than this (a workstation never swaps, a cluster job's request is
+#: easy to size), and never more than half the memory available when the run starts.
+DEFAULT_CAP = 4 * 1000**3
+#: Smallest budget accepted (1 MB): below it a tile of one map is smaller than a volume slice.
+MIN_BUDGET = 1000**2
+#: Share of the budget for the masked data held in memory (else the tiled store is used).
+DATA_FRACTION = 0.5
+#: Share of the budget for the fit's working arrays (one tile of all maps at a time).
+WORK_FRACTION = 0.25
+#: Bytes per (map, voxel) cell of a tile while it is fitted: the float32 tile read from the
+#: store, its float64 copy, the centred copy for the total sum of squares and ``X @ beta``.
+FIT_BYTES_PER_CELL = 4 + 3 * 8
+#: Tiles are a multiple of this many voxels. The BLAS kernels give every voxel the same bits
+#: whatever the tile width as long as the width is a multiple of this (measured with OpenBLAS'
+#: Haswell kernels; the last, partial tile is padded with zeros), so the tiled and in-memory
+#: fits agree bit for bit.
+TILE_ALIGN = 64
+#: Largest tile: wider tiles are no faster and fall out of the CPU cache.
+MAX_TILE_VOXELS = 65536
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes in ``text``: a number with an optional unit (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB).
+
+    Units are case-insensitive; MB is 10^6 bytes and MiB 2^20. A bare number is bytes.
+
+    Raises
+    ------
+    ValueError
+        Not a positive size, or an unknown unit (the message lists the units).
+
+    Examples
+    --------
+    >>> parse_size("4GB"), parse_size("1.5 GiB"), parse_size("512mb"), parse_size(1000)
+    (4000000000, 1610612736, 512000000, 1000)
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a size")
+    if isinstance(text, int | float):
+        number, unit = float(text), ""
+    else:
+        found = _SIZE.match(str(text))
+        if not found:
+            raise ValueError(f"{text!r} is not a size such as 4GB, 512MB or 2GiB")
+        number, unit = float(found.group(1)), found.group(2).lower()
+    if unit not in _UNITS:
+        raise ValueError(f"unknown unit {unit!r} in {text!r}: use B, kB, MB, GB, TB, KiB, MiB, GiB")
+    return int(number * _UNITS[unit])
+
+
+def format_size(n_bytes: float) -> str:
+    """``1.23 GB``-style text (decimal units, as :func:`parse_size` reads them).
+
+    >>> format_size(4e9), format_size(2_500_000), format_size(999)
+    ('4 GB', '2.5 MB', '999 B')
+    """
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.3g} {unit}"
+    return f"{int(n_bytes)} B"
+
+
+def available_memory() -> tuple[int | None, str]:
+    """Memory this process may still use, and where the figure comes from.
+
+    The smaller of ``MemAvailable`` (``/proc/meminfo``; else free pages from ``os.sysconf``) and
+    the room left under a cgroup limit (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``, as a
+    container or a SLURM job sets). None when nothing can be read.
+    """
+    found: list[tuple[int, str]] = []
+    meminfo = _meminfo_available()
+    if meminfo is not None:
+        found.append((meminfo, "MemAvailable"))
+    else:
+        try:
+            pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            found.append((int(pages), "free physical pages"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    cgroup = _cgroup_room()
+    if cgroup is not None:
+        found.append((cgroup, "cgroup limit"))
+    if not found:
+        return None, "unknown"
+    return min(found)
+
+
+def _meminfo_available() -> int | None:
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^MemAvailable:\s+(\d+)\s*kB", text, re.MULTILINE)
+    return int(found.group(1)) * 1024 if found else None
+
+
+def _cgroup_room() -> int | None:
+    """Limit minus usage of this process's memory cgroup (v2, else v1); None if unlimited."""
+    pairs = (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    )
+    for limit_path, usage_path in pairs:
+        try:
+            limit_text = Path(limit_path).read_text().strip()
+        except OSError:
+            continue
+        if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= 2**60:
+            return None  # v1 writes a huge number for "no limit"
+        try:
+            usage = int(Path(usage_path).read_text().strip())
+        except (OSError, ValueError):
+            usage = 0
+        return max(int(limit_text) - usage, 0)
+    return None
+
+
+def default_budget() -> tuple[int, str]:
+    """The smaller of half the available memory and :data:`DEFAULT_CAP`, and why."""
+    available, source = available_memory()
+    if available is None:
+        return DEFAULT_CAP, f"the {format_size(DEFAULT_CAP)} cap (available memory unknown)"
+    half = max(available // 2, MIN_BUDGET)
+    if half < DEFAULT_CAP:
+        return half, f"half the available memory ({format_size(available)}, {source})"
+    return DEFAULT_CAP, f"the {format_size(DEFAULT_CAP)} cap ({format_size(available)} available)"
+
+
+def choose_budget(given: int | None, where: str = "--mem-budget") -> int:
+    """``given`` (bytes) or the default; logs the budget chosen and where it comes from."""
+    if given is not None:
+        log.info("memory budget: %s (%s)", format_size(given), where)
+        return given
+    budget, why = default_budget()
+    log.info(
+        "memory budget: %s (default: %s; set --mem-budget to change)", format_size(budget), why
+    )
+    return budget
+
+
+#: Bytes per (map, voxel) a permutation test holds in memory besides the float32 data: the
+#: float64 Freedman-Lane residuals and their copy in the engine's product tiles (float32 or
+#: float64). With the tiled store these stay on disk.
+PERMUTATION_BYTES_PER_CELL = 4 + 8 + 8
+
+
+def data_fits(n_maps: int, n_voxels: int, budget: int, bytes_per_cell: int = 4) -> bool:
+    """Whether the masked data (float32, and whatever else is held per map and voxel:
+    ``bytes_per_cell`` in all) fit in their share of the budget."""
+    return bytes_per_cell * n_maps * n_voxels <= DATA_FRACTION * budget
+
+
+def tile_voxels(n_maps: int, budget: int) -> int:
+    """Voxels per tile: a multiple of :data:`TILE_ALIGN` whose working arrays for all
+    ``n_maps`` maps fit in :data:`WORK_FRACTION` of ``budget`` (at least one aligned tile).
+
+    >>> tile_voxels(100, 4 * 1000**3), tile_voxels(100, 10**6), tile_voxels(10**6, 10**6)
+    (65536, 64, 64)
+    """
+    fitting = int(WORK_FRACTION * budget) // (max(n_maps, 1) * FIT_BYTES_PER_CELL)
+    aligned = (fitting // TILE_ALIGN) * TILE_ALIGN
+    return min(max(aligned, TILE_ALIGN), MAX_TILE_VOXELS)
+
+
+@runtime_checkable
+class TiledMaps(Protocol):
+    """Masked data read one voxel tile (all maps) at a time: the store of
+    :mod:`bids_group.store`. An in-memory ``(n_maps, n_voxels)`` array is read with
+    :func:`iter_tiles` the same way."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_maps, n_voxels)."""
+        ...
+
+    @property
+    def tile_voxels(self) -> int:
+        """Voxels per tile (a multiple of :data:`TILE_ALIGN`; the last tile may be shorter)."""
+        ...
+
+    def tiles(self) -> Iterator[tuple[slice, np.ndarray]]:
+        """(voxel slice, float32 array of shape (n_maps, slice length)) for each tile in order."""
+        ...
+
+
+def iter_tiles(
+    data: np.ndarray | TiledMaps, width: int = MAX_TILE_VOXELS
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """(voxel slice, values of all maps there) per tile: ``width`` voxels of an in-memory
+    array at a time, or the store's own tiles."""
+    if isinstance(data, np.ndarray):
+        n_voxels = data.shape[1]
+        for start in range(0, n_voxels, width):
+            block = slice(start, min(start + width, n_voxels))
+            yield block, data[:, block]
+    else:
+        yield from data.tiles()
+
+
+def aligned(width: int) -> int:
+    """``width`` rounded up to a multiple of :data:`TILE_ALIGN` (tiles are padded to it).
+
+    >>> aligned(1), aligned(64), aligned(65)
+    (64, 64, 128)
+    """
+    return -(-width // TILE_ALIGN) * TILE_ALIGN

@@ -1,0 +1,427 @@
+"""The voxel-tiled store: masked data that do not fit in the memory budget, on disk.
+
+:func:`load_data` decides, after decoding the first map, whether the masked data
+(``n_maps x n_voxels`` float32) fit in their share of the budget
+(:func:`bids_group.memory.data_fits`). If they do, every map is stacked in memory as before
+(:func:`bids_group.images.stack_volumes`). If not, each map is decoded once (the same per-map
+decode, :func:`bids_group.images.open_volumes`) and written to an uncompressed store in the
+work folder, which the fit and the data checks then read one voxel tile of all maps at a time.
+
+Layout (one folder per set of inputs, ``<work>/bids-group-store/<key>/``):
+
+* ``tiles.f32``: float32, C order, shape ``(n_tiles, n_maps, tile_voxels)``: one tile of
+  voxels for every map is one contiguous read. The last tile is padded with zeros.
+  Voxel ``j`` of the mask (C order, as :class:`~bids_group.images.MaskedData`) is column
+  ``j % tile_voxels`` of tile ``j // tile_voxels``.
+* ``mask.npy``: the mask on the grid (bool).
+* ``manifest.json``: every input's path, size and modification time, the loading settings,
+  the shape, the grid and the mask statistics. Written last: a store without it is incomplete
+  and never reused.
+
+A plain binary file read with ``readinto`` rather than ``numpy.memmap`` or zarr: the resident
+memory is then only the tile being read (the pages of a memory map count in the resident set
+until unmapped, which defeats a budget), there is no compression to pay for (the maps were
+decoded once; the store is read as fast as the disk or page cache allows), and no dependency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bids_group.errors import DataError, OutputError, UsageError
+from bids_group.images import (
+    MaskedData,
+    VolumeStream,
+    _empty_mask_message,
+    _fortran_indices_in_c_order,
+    _log_auto_mask,
+    _mask_from_fortran_indices,
+    _voxel_size,
+    finish_user_mask,
+    open_volumes,
+    stack_volumes,
+)
+from bids_group.memory import DATA_FRACTION, data_fits, format_size, tile_voxels
+from bids_group.paths import disk_error
+
+log = logging.getLogger(__name__)
+
+#: Folder of the stores inside the work folder.
+STORE_FOLDER = "bids-group-store"
+#: Version of the layout; a manifest of another version is not reused.
+STORE_FORMAT = 1
+_TILES = "tiles.f32"
+_ROWS = "rows.f32"  # maps x candidate voxels, while the mask is not final
+_MASK = "mask.npy"
+_MANIFEST = "manifest.json"
+_TEMPORARY = "bids-group-store-"  # prefix of the temporary folder used without -w
+_FLOAT = np.dtype(np.float32)
+
+
+@dataclass(frozen=True)
+class VoxelStore:
+    """Masked data on disk, read one tile of voxels (all maps) at a time.
+
+    Implements :class:`bids_group.memory.TiledMaps`.
+
+    Attributes
+    ----------
+    folder : Path
+    n_maps, n_voxels : int
+    tile_voxels : int
+        Voxels per tile (a multiple of :data:`bids_group.memory.TILE_ALIGN`).
+    """
+
+    folder: Path
+    n_maps: int
+    n_voxels: int
+    tile_voxels: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_maps, n_voxels), as the in-memory matrix."""
+        return (self.n_maps, self.n_voxels)
+
+    @property
+    def scratch(self) -> Path:
+        """Folder for temporary files of the steps that read the store (removed with it)."""
+        return self.folder
+
+    @property
+    def n_tiles(self) -> int:
+        return -(-self.n_voxels // self.tile_voxels)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the masked data (float32), as the in-memory matrix would hold."""
+        return _FLOAT.itemsize * self.n_maps * self.n_voxels
+
+    def tiles(self) -> Iterator[tuple[slice, np.ndarray]]:
+        """(voxel slice, float32 array (n_maps, slice length)) for each tile, in order."""
+        width = self.tile_voxels
+        with open(self.folder / _TILES, "rb", buffering=0) as f:
+            for t in range(self.n_tiles):
+                tile = np.empty((self.n_maps, width), dtype=_FLOAT)
+                f.seek(t * tile.nbytes)
+                if f.readinto(memoryview(tile).cast("B")) != tile.nbytes:
+                    raise DataError(f"{self.folder / _TILES} is truncated: delete {self.folder}")
+                stop = min((t + 1) * width, self.n_voxels)
+                yield slice(t * width, stop), tile[:, : stop - t * width]
+
+
+def load_data(
+    paths: Sequence[Path],
+    *,
+    budget: int,
+    work_dir: Path | None,
+    mask_path: Path | None = None,
+    resample: bool = False,
+    smoothing_fwhm: float | None = None,
+    n_jobs: int = 1,
+    target_voxel_size: float | None = None,
+    unsupported: str = "",
+    bytes_per_cell: int = 4,
+    min_maps: int | None = None,
+) -> MaskedData:
+    """The masked data of ``paths``, in memory if they fit in the budget, else in a store.
+
+    Parameters are those of :func:`bids_group.images.load_masked_data`, plus the ``budget``
+    (bytes), the work folder (None: a temporary folder), and what the run needs that the store
+    cannot do yet (``unsupported``, e.g. "permutation inference"): if not empty and the data
+    do not fit, a UsageError says so as soon as the first map is read. ``bytes_per_cell``: what
+    the run holds in memory per map and voxel with the data in memory (4: the float32 data;
+    more with permutations, :data:`bids_group.memory.PERMUTATION_BYTES_PER_CELL`), which decides
+    whether they fit. A complete store of the same
+    inputs (path, size and modification time of every map and of the mask, same settings)
+    left in the work folder by ``--keep-store`` is reused instead of decoding again.
+    ``min_maps`` (per-voxel missing data) is only read in memory (pass it in ``unsupported``).
+
+    Returns
+    -------
+    MaskedData
+        ``data`` is an array, or a :class:`VoxelStore`; pass the result to :func:`release`
+        when done.
+    """
+    paths = [Path(p) for p in paths]
+    settings = {
+        "mask": None if mask_path is None else str(Path(mask_path).resolve()),
+        "resample": bool(resample),
+        "smoothing_fwhm": smoothing_fwhm or None,
+        "target_voxel_size": target_voxel_size,
+    }
+    folder = None if work_dir is None else _folder(paths, settings, Path(work_dir))
+    if folder is not None and not unsupported:
+        reused = _reuse(folder, paths, mask_path, settings, budget)
+        if reused is not None:
+            return reused
+    stream = open_volumes(
+        paths,
+        mask_path=mask_path,
+        resample=resample,
+        smoothing_fwhm=smoothing_fwhm,
+        n_jobs=n_jobs,
+        target_voxel_size=target_voxel_size,
+    )
+    first = next(stream.volumes)
+    rest = chain([first], stream.volumes)
+    n_candidates = int(
+        np.count_nonzero(first.support) if stream.user_mask is None else stream.user_mask.sum()
+    )
+    if data_fits(len(paths), n_candidates, budget, bytes_per_cell):
+        return stack_volumes(replace(stream, volumes=rest), min_maps=min_maps)
+    if unsupported:
+        raise UsageError(
+            f"the masked data ({len(paths)} maps x up to {n_candidates} voxels) do not fit in "
+            f"half the memory budget ({format_size(budget)}), and {unsupported} cannot yet read "
+            f"them tile by tile from the store: give --mem-budget "
+            f"{format_size(bytes_per_cell * len(paths) * n_candidates / DATA_FRACTION * 1.05)} "
+            "or more (if the machine has it), or fewer maps per model"
+        )
+    width = tile_voxels(len(paths), budget)
+    if folder is None:  # no -w: a private temporary folder, removed by release()
+        folder = Path(tempfile.mkdtemp(prefix=_TEMPORARY)) / "store"
+    log.info(
+        "the masked data (%d maps x up to %d voxels, %s as float32) exceed half the memory "
+        "budget: decoding them once into a voxel-tiled store in %s (tiles of %d voxels)",
+        len(paths), n_candidates, format_size(4 * len(paths) * n_candidates), folder, width,
+    )  # fmt: skip
+    try:
+        return _build(replace(stream, volumes=rest), folder, width, settings, mask_path)
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise disk_error(exc, folder.parent, "work folder (-w)") from exc
+
+
+def release(data: MaskedData, *, keep: bool = False) -> None:
+    """Remove the store behind ``data`` (nothing for in-memory data) unless ``keep``."""
+    if not isinstance(data.data, VoxelStore):
+        return
+    if keep:
+        log.info("kept the tiled store %s (--keep-store)", data.data.folder)
+        return
+    shutil.rmtree(data.data.folder, ignore_errors=True)
+    if data.data.folder.parent.name.startswith(_TEMPORARY):
+        shutil.rmtree(data.data.folder.parent, ignore_errors=True)
+
+
+def _folder(paths: Sequence[Path], settings: dict[str, Any], work_dir: Path) -> Path:
+    """``<work>/bids-group-store/<key>``: one per list of maps and settings."""
+    text = json.dumps([[str(p.resolve()) for p in paths], settings], sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return work_dir / STORE_FOLDER / key
+
+
+def _stat(path: Path) -> list[Any]:
+    info = path.stat()
+    return [str(path.resolve()), info.st_size, info.st_mtime_ns]
+
+
+def _inputs(paths: Sequence[Path], mask_path: Path | None) -> dict[str, Any]:
+    return {
+        "maps": [_stat(p) for p in paths],
+        "mask": None if mask_path is None else _stat(Path(mask_path)),
+    }
+
+
+def _reuse(
+    folder: Path,
+    paths: Sequence[Path],
+    mask_path: Path | None,
+    settings: dict[str, Any],
+    budget: int,
+) -> MaskedData | None:
+    """The store in ``folder`` if its manifest matches the inputs now, else None (and a
+    stale store is removed)."""
+    manifest_path = folder / _MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        inputs = _inputs(paths, mask_path)
+    except (OSError, ValueError):
+        manifest, inputs = {}, None
+    why = _mismatch(manifest, inputs, settings, tile_voxels(len(paths), budget))
+    if why:
+        log.info("not reusing the tiled store %s: %s; building it again", folder, why)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    store = VoxelStore(folder, manifest["n_maps"], manifest["n_voxels"], manifest["tile_voxels"])
+    if (folder / _TILES).stat().st_size != store.n_tiles * store.n_maps * store.tile_voxels * 4:
+        log.info("not reusing the tiled store %s: its data file is truncated", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    log.info("reusing the tiled store %s (every input's size and time unchanged)", folder)
+    affine = np.asarray(manifest["affine"], dtype=np.float64)
+    return MaskedData(
+        data=store,
+        mask=np.load(folder / _MASK),
+        affine=affine,
+        voxel_size=_voxel_size(affine),
+        n_dropped=int(manifest["n_dropped"]),
+    )
+
+
+def _mismatch(
+    manifest: dict[str, Any], inputs: dict[str, Any] | None, settings: dict[str, Any], width: int
+) -> str:
+    """Why a manifest does not describe the inputs now ('' when it does)."""
+    if manifest.get("format") != STORE_FORMAT:
+        return "another store format"
+    if inputs is None:
+        return "an input cannot be read"
+    if manifest.get("settings") != settings:
+        return "other loading settings"
+    if manifest.get("inputs") != inputs:
+        return "an input's path, size or modification time changed"
+    if manifest.get("tile_voxels", width + 1) > width:
+        return "its tiles are larger than the memory budget allows"
+    return ""
+
+
+@dataclass
+class _Bookkeeping:
+    """What the mask needs while maps arrive: candidate voxels still valid, coverage."""
+
+    candidates: np.ndarray  # Fortran flat indices of the voxels written for every map
+    valid: np.ndarray  # bool per candidate: still in the mask
+    union: np.ndarray | None  # automatic mask: support of any map (grid, flat Fortran)
+    support_sizes: np.ndarray
+    culprits: list[tuple[Path, int]]
+
+
+def _build(
+    stream: VolumeStream,
+    folder: Path,
+    width: int,
+    settings: dict[str, Any],
+    mask_path: Path | None,
+) -> MaskedData:
+    """Decode every map into ``folder``; return the masked data backed by the store."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    book = _write_rows(stream, folder / _ROWS)
+    mask, columns, n_dropped = _final_mask(stream, book)
+    store = VoxelStore(folder, len(stream.paths), columns.size, width)
+    _write_tiles(folder / _ROWS, folder / _TILES, book.candidates.size, columns, store)
+    (folder / _ROWS).unlink()
+    np.save(folder / _MASK, mask)
+    manifest = {
+        "format": STORE_FORMAT,
+        "inputs": _inputs(stream.paths, mask_path),
+        "settings": settings,
+        "n_maps": store.n_maps,
+        "n_voxels": store.n_voxels,
+        "tile_voxels": width,
+        "affine": stream.target.affine.tolist(),
+        "n_dropped": n_dropped,
+    }
+    partial = folder / (_MANIFEST + ".part")
+    partial.write_text(json.dumps(manifest, indent=1))
+    partial.replace(folder / _MANIFEST)
+    log.info("tiled store: %d tiles of %d voxels x %d maps", store.n_tiles, width, store.n_maps)
+    return MaskedData(
+        data=store,
+        mask=mask,
+        affine=stream.target.affine,
+        voxel_size=stream.target.voxel_size,
+        n_dropped=n_dropped,
+    )
+
+
+def _write_rows(stream: VolumeStream, rows_path: Path) -> _Bookkeeping:
+    """Each map's values at the candidate voxels (those of the user mask, or the first map's
+    support), one row per map, in input order."""
+    book: _Bookkeeping | None = None
+    with open(rows_path, "wb") as f:
+        for volume in stream.volumes:
+            if book is None:
+                book = _start(stream, volume.support)
+            candidates = book.candidates
+            f.write(np.ascontiguousarray(volume.data[candidates], dtype=_FLOAT).tobytes())
+            if book.union is not None:
+                book.union |= volume.support
+                book.support_sizes[volume.index] = np.count_nonzero(volume.support)
+                book.valid &= volume.support[candidates]
+            else:
+                finite = volume.finite[candidates]
+                if not finite.all():
+                    book.culprits.append((stream.paths[volume.index], int((~finite).sum())))
+                    book.valid &= finite
+    assert book is not None
+    return book
+
+
+def _start(stream: VolumeStream, first_support: np.ndarray) -> _Bookkeeping:
+    n_maps = len(stream.paths)
+    if stream.user_mask is None:
+        candidates = np.flatnonzero(first_support)
+        union = first_support.copy()
+    else:
+        candidates = _fortran_indices_in_c_order(stream.user_mask)
+        union = None
+    return _Bookkeeping(
+        candidates=candidates,
+        valid=np.ones(candidates.size, dtype=bool),
+        union=union,
+        support_sizes=np.zeros(n_maps, dtype=np.int64),
+        culprits=[],
+    )
+
+
+def _final_mask(stream: VolumeStream, book: _Bookkeeping) -> tuple[np.ndarray, np.ndarray, int]:
+    """The mask, the candidate positions of its voxels in C order, and the voxels dropped;
+    logged as :func:`bids_group.images.load_masked_data` logs them."""
+    shape = stream.target.shape
+    if book.union is not None:
+        kept = book.candidates[book.valid]  # sorted Fortran indices
+        mask = _mask_from_fortran_indices(kept, shape)
+        to_c_order = np.argsort(
+            np.ravel_multi_index(np.unravel_index(kept, shape, order="F"), shape)
+        )
+        columns = np.flatnonzero(book.valid)[to_c_order]
+        n_union = int(book.union.sum())
+        n_dropped = n_union - kept.size
+        coverage = book.support_sizes / max(n_union, 1)
+        _log_auto_mask(int(kept.size), n_dropped, coverage, stream.paths)
+    else:
+        assert stream.user_mask is not None
+        mask, n_dropped = finish_user_mask(
+            stream.user_mask, book.valid, book.culprits, stream.mask_path
+        )
+        columns = np.flatnonzero(book.valid)
+        log.info("Mask %s: %d voxels analysed", stream.mask_path, columns.size)
+    if not columns.size:
+        raise DataError(_empty_mask_message(stream.paths, stream.mask_path))
+    return mask, columns, n_dropped
+
+
+def _write_tiles(
+    rows_path: Path, tiles_path: Path, n_candidates: int, columns: np.ndarray, store: VoxelStore
+) -> None:
+    """Rewrite the rows (map x candidates) as tiles of the final mask's voxels: one map's row
+    in memory at a time, scattered into its place in every tile."""
+    width, n_maps = store.tile_voxels, store.n_maps
+    row_bytes = n_candidates * _FLOAT.itemsize
+    with open(rows_path, "rb") as rows, open(tiles_path, "wb") as tiles:
+        tiles.truncate(store.n_tiles * n_maps * width * _FLOAT.itemsize)  # zero padding
+        for i in range(n_maps):
+            row = np.empty(n_candidates, dtype=_FLOAT)
+            rows.seek(i * row_bytes)
+            if rows.readinto(memoryview(row).cast("B")) != row_bytes:
+                raise OutputError(f"{rows_path} was cut short while the store was built")
+            values = row[columns]
+            for t in range(store.n_tiles):
+                part = values[t * width : (t + 1) * width]
+                os.pwrite(tiles.fileno(), part.tobytes(), ((t * n_maps + i) * width) * 4)

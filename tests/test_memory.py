@@ -1,0 +1,136 @@
+"""The memory budget: sizes, the default, the option, the model-file key and the log line."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from clicheck import check_failure, run_ok
+
+from bids_group import memory
+from bids_group.errors import SpecError
+from bids_group.spec import load_spec
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4GB", 4_000_000_000),
+        ("4gb", 4_000_000_000),
+        ("2GiB", 2 * 2**30),
+        ("1.5 GiB", 3 * 2**29),
+        ("512MB", 512_000_000),
+        ("512 MiB", 512 * 2**20),
+        ("1000", 1000),
+        ("3e6", 3_000_000),
+        ("64k", 64_000),
+        (2_000_000, 2_000_000),
+    ],
+)
+def test_parse_size(text, expected):
+    assert memory.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "4 parsecs", "-1GB", "4 G B", True])
+def test_parse_size_refuses(text):
+    with pytest.raises(ValueError):
+        memory.parse_size(text)
+
+
+def _meminfo_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no MemAvailable in /proc/meminfo")
+
+
+def test_default_budget_is_half_the_available_memory_at_most_4gb():
+    if not Path("/proc/meminfo").exists():
+        pytest.skip("needs Linux /proc/meminfo")
+    budget, why = memory.default_budget()
+    expected = min(_meminfo_available() // 2, 4 * 10**9)
+    # MemAvailable moves between the two reads: a 5% band (and the cgroup can only lower it)
+    assert budget <= 4 * 10**9
+    assert budget <= expected * 1.05
+    assert "half the available memory" in why or "cap" in why
+
+
+def test_tile_voxels_fits_the_work_share_and_is_aligned():
+    for n_maps, budget in [(10, 10**6), (300, 10**8), (5000, 4 * 10**9), (40_000, 4 * 10**9)]:
+        width = memory.tile_voxels(n_maps, budget)
+        assert width % memory.TILE_ALIGN == 0
+        assert width <= memory.MAX_TILE_VOXELS
+        if width > memory.TILE_ALIGN:
+            cells = n_maps * width * memory.FIT_BYTES_PER_CELL
+            assert cells <= memory.WORK_FRACTION * budget
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("lots", "not a size"),
+        ("4 parsecs", "unknown unit"),
+        ("10kB", "must be an integer >= 1000000"),
+    ],
+)
+def test_bad_mem_budget_is_refused(capsys, bids_derivatives, tmp_path, value, needle):
+    bids = bids_derivatives(n_subjects=3)
+    argv = [bids, tmp_path / "out", "group", "--mem-budget", value]
+    check_failure(capsys, argv, tmp_path / "out", 64, "--mem-budget", needle)
+
+
+def test_keep_store_needs_a_work_folder(capsys, bids_derivatives, tmp_path):
+    bids = bids_derivatives(n_subjects=3)
+    argv = [bids, tmp_path / "out", "group", "--keep-store"]
+    check_failure(capsys, argv, tmp_path / "out", 64, "--keep-store", "-w")
+
+
+def _model(tmp_path: Path, budget) -> Path:
+    model = {
+        "Name": "m",
+        "BIDSModelVersion": "1.0.0",
+        "Nodes": [
+            {
+                "Level": "Dataset",
+                "Name": "d",
+                "GroupBy": ["contrast"],
+                "Model": {"Type": "glm", "X": [1], "Software": {"bids-group": {}}},
+                "DummyContrasts": {"Test": "t"},
+            }
+        ],
+    }
+    if budget is not None:
+        model["Nodes"][0]["Model"]["Software"]["bids-group"]["MemoryBudget"] = budget
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    return path
+
+
+def test_model_file_key(tmp_path):
+    assert load_spec(_model(tmp_path, "3GiB")).memory_budget == 3 * 2**30
+    assert load_spec(_model(tmp_path, None)).memory_budget is None
+    with pytest.raises(SpecError, match=r"Software\.bids-group\.MemoryBudget.*unknown unit"):
+        load_spec(_model(tmp_path, "3 bananas"))
+    with pytest.raises(SpecError, match=r"MemoryBudget == 5, must be an integer >= 1000000"):
+        load_spec(_model(tmp_path, 5))
+
+
+def _logged_budget(stderr: str) -> str:
+    found = re.search(r"memory budget: ([^\n]*)", stderr)
+    assert found, stderr
+    return found.group(1)
+
+
+def test_budget_is_logged_from_option_model_or_default(bids_derivatives, tmp_path):
+    bids = bids_derivatives(n_subjects=3)
+    _, stderr = run_ok(bids, tmp_path / "o1", "-v", "--mem-budget", "2GB")
+    assert _logged_budget(stderr) == "2 GB (--mem-budget)"
+    model = _model(tmp_path, "300MB")
+    _, stderr = run_ok(bids, tmp_path / "o2", "-v", "--model", str(model))
+    assert _logged_budget(stderr) == "300 MB (model file MemoryBudget)"
+    _, stderr = run_ok(bids, tmp_path / "o3", "-v", "--model", str(model), "--mem-budget", "1GiB")
+    assert _logged_budget(stderr) == "1.07 GB (--mem-budget)"
+    _, stderr = run_ok(bids, tmp_path / "o4", "-v")
+    assert "(default: " in _logged_budget(stderr)
