@@ -135,6 +135,7 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
         participant_labels=config.participant_labels,
         bids_filters=config.bids_filters,
         group_by=spec.group_by,
+        index_cache=config.work_dir / "bids-group-pybids" if config.work_dir else None,
     )
     analyses = plan_analyses(spec, inputs.maps, inputs.participants)
     plans = plan_permutations(analyses, inference)
