@@ -335,8 +335,9 @@ def report(row: dict, n_jobs: int) -> None:
     if "index" in row:
         r = row["index"]
         print(
-            f"  pybids index + selection: {r['seconds']:7.2f} s ({r['n_maps']} maps); with -w: "
-            f"{r['saving']:.2f} s saving the index, {r['reused']:.2f} s reusing it"
+            f"  pybids index + selection: {r['seconds']:7.2f} s ({r['n_maps']} maps, with the "
+            f"import of pybids); with -w: {r['saving']:.2f} s saving the index, "
+            f"{r['reused']:.2f} s reusing it"
         )
     if "floor" in row:
         r = row["floor"]
