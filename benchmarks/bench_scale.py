@@ -349,11 +349,13 @@ def report(row: dict, n_jobs: int) -> None:
                 )
     if "bids-group" in row:
         r = row["bids-group"]
-        ratio = f", {r['seconds'] / row['floor']['seconds']:.2f}x the fastest floor"
+        ratio = ""
+        if "floor" in row:
+            ratio = f", {r['seconds'] / row['floor']['seconds']:.2f}x the fastest floor"
         rss, cpu = r["peak_rss_mb"], r["cpu_seconds"]
         print(
             f"  bids-group whole run:     {r['seconds']:7.2f} s (CPU {cpu:.1f} s), "
-            f"peak RSS {rss:6.0f} MB" + (ratio if "floor" in row else "")
+            f"peak RSS {rss:6.0f} MB" + ratio
         )
     if "bids-group-zlib" in row:
         r = row["bids-group-zlib"]
