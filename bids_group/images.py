@@ -329,7 +329,8 @@ def _read_array(path: Path) -> np.ndarray:
 
 
 def _nifti_gz_array(path: Path) -> np.ndarray:
-    """Inflate a .nii.gz in one zlib call (GIL released) and view its voxels without a copy."""
+    """Inflate a .nii.gz in one call (GIL released) and view its voxels without a copy;
+    scaled maps come back in float64, as nibabel reads them."""
     raw = _gunzip(path.read_bytes(), path)
     if len(raw) < 348:
         raise DataError(f"{path} inflates to {len(raw)} bytes: not a NIfTI image")
