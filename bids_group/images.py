@@ -304,10 +304,47 @@ def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
 
 
 def _read_grid(path: Path) -> _Grid:
+    header = _single_file_nifti_header(path)
+    if header is not None:  # the common case, without nib.load's format sniffing (~1 ms a file)
+        affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+        return _Grid(_spatial_shape(header.get_data_shape(), path), affine)
     img = _load_image(path)
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image | nib.Nifti1Pair | nib.Nifti2Pair):
         log.warning("%s is a %s, not NIfTI; reading it anyway", path, type(img).__name__)
     return _Grid(_spatial_shape(img.shape, path), np.asarray(img.affine, dtype=np.float64))
+
+
+#: Bytes of a .nii.gz read to find its header: the gzip header (with a file name) and the
+#: deflated 540-byte NIfTI header fit in far less.
+_HEADER_READ = 16384
+
+
+def _single_file_nifti_header(path: Path) -> nib.Nifti1Header | nib.Nifti2Header | None:
+    """The header of a plain single-file NIfTI-1/2 (``.nii``, ``.nii.gz``, no extension), from
+    its first bytes; None for anything else or anything odd, which nib.load then reads (and
+    words the errors of), so the result is always what nib.load gives."""
+    name = path.name
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEADER_READ)
+        if name.endswith(".gz"):
+            head = zlib.decompressobj(wbits=31).decompress(head, 544)
+    except (OSError, zlib.error):
+        return None
+    if len(head) >= 348 and head[344:348] == b"n+1\0":
+        header_class, size = nib.Nifti1Header, 348
+    elif len(head) >= 544 and head[4:12] == b"n+2\0\r\n\x1a\n":
+        header_class, size = nib.Nifti2Header, 540
+    else:
+        return None
+    if head[size : size + 4].strip(b"\0"):  # extensions follow: let nib.load read them
+        return None
+    try:
+        return header_class.from_fileobj(io.BytesIO(head[:size]))
+    except Exception:  # nibabel raises many types for bad headers; nib.load will say which
+        return None
 
 
 def _read_array(path: Path) -> np.ndarray:

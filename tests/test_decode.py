@@ -138,3 +138,50 @@ def test_isal_is_used_when_installed():
     from isal import isal_zlib
 
     assert images.INFLATE is isal_zlib
+
+
+def _odd_headers(folder: Path) -> dict[str, Path]:
+    """Headers nibabel reads in other ways: qform only, no orientation code, an extension, a
+    NIfTI pair, a gzip member with a long file name in its header."""
+    rng = np.random.default_rng(9)
+    data = rng.standard_normal(SHAPE).astype(np.float32)
+    rotated = np.array([[0, -2.0, 0, 10], [2.5, 0, 0, -20], [0, 0, 3.0, 5], [0, 0, 0, 1]])
+    qform = nib.Nifti1Image(data, None)
+    qform.set_qform(rotated, code=1)
+    qform.set_sform(np.eye(4), code=0)
+    bare = nib.Nifti1Image(data, None)
+    bare.set_qform(None, code=0)
+    bare.set_sform(None, code=0)
+    extended = nib.Nifti1Image(data, rotated)
+    extended.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"a comment"))
+    out = {}
+    for name, img in {
+        "qform.nii.gz": qform,
+        "bare.nii": bare,
+        "extended.nii.gz": extended,
+        "pair.img": nib.Nifti1Pair(data, rotated),
+        "two-be.nii.gz": nib.Nifti2Image(data.astype(">f4"), rotated),
+    }.items():
+        img.to_filename(folder / name)
+        out[name] = folder / name
+    raw = gzip.decompress((folder / "qform.nii.gz").read_bytes())
+    named = folder / "named.nii.gz"
+    with gzip.GzipFile(filename="x" * 3000, mode="wb", fileobj=named.open("wb")) as f:
+        f.write(raw)
+    out["named.nii.gz"] = named
+    return out
+
+
+def test_grid_from_the_header_equals_nib_load(tmp_path):
+    paths = _write_kinds(tmp_path, n_each=1)
+    odd = _odd_headers(tmp_path)
+    for path in [*paths, *odd.values()]:
+        img = nib.load(path)
+        grid = images._read_grid(path)
+        assert grid.shape == img.shape[:3], path.name
+        np.testing.assert_array_equal(grid.affine, img.affine, err_msg=path.name)
+    # the fast path reads plain files, and leaves extensions and pairs to nib.load
+    assert all(images._single_file_nifti_header(p) is not None for p in paths)
+    assert images._single_file_nifti_header(odd["named.nii.gz"]) is not None
+    assert images._single_file_nifti_header(odd["extended.nii.gz"]) is None
+    assert images._single_file_nifti_header(odd["pair.img"]) is None
