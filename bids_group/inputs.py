@@ -8,7 +8,7 @@ folders are indexed (the raw dataset is never indexed: we need nothing from it b
 ``participants.tsv``), with an in-memory pybids database, no validation and no metadata
 indexing, so nothing is written into the (possibly read-only) input folders. With a work
 folder (``-w``) the index is also saved there and reused by a later run while no file under the
-dataset has changed (see :func:`_index`): pybids takes ~25 s to index 10,000 maps.
+dataset has changed (see :func:`_index`): 10,000 maps take ~9 s to index, ~3 s to reload.
 """
 
 from __future__ import annotations
