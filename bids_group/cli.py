@@ -511,8 +511,9 @@ def _underscored(name: str) -> str:
     "--work-dir",
     "-w",
     type=click.Path(path_type=Path),
-    help="Scratch folder (matplotlib config and cache), outside OUT_DIR. Default: a private "
-    "temporary folder, removed at exit.",
+    help="Scratch folder (matplotlib config and cache; the pybids index, reused by later runs "
+    "while the dataset is unchanged), outside OUT_DIR. Default: a private temporary folder, "
+    "removed at exit.",
 )
 @_option("--overwrite", is_flag=True, help="Replace existing results of the same names in OUT_DIR.")
 @_option(

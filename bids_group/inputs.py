@@ -6,18 +6,23 @@ The maps are looked for in the derivatives folders given with ``--derivatives`` 
 any, else in ``bids_dir`` itself (which is then usually a derivatives dataset). Only those
 folders are indexed (the raw dataset is never indexed: we need nothing from it but
 ``participants.tsv``), with an in-memory pybids database, no validation and no metadata
-indexing, so nothing is written into the (possibly read-only) input folders.
+indexing, so nothing is written into the (possibly read-only) input folders. With a work
+folder (``-w``) the index is also saved there and reused by a later run while no file under the
+dataset has changed (see :func:`_index`): 10,000 maps take ~9 s to index, ~3 s to reload.
 """
 
 from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import io
 import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -103,6 +108,7 @@ def collect_inputs(
     participant_labels: Sequence[str] | None = None,
     bids_filters: Mapping[str, Any] | None = None,
     group_by: Sequence[str] = ("contrast",),
+    index_cache: Path | None = None,
 ) -> InputSet:
     """Index the dataset and select maps.
 
@@ -132,6 +138,9 @@ def collect_inputs(
         Entities that may differ between maps of one subject (the model's ``GroupBy``, besides
         ``subject`` and ``session``). Two selected maps that agree on subject, session and these
         entities are duplicates.
+    index_cache : Path, optional
+        Folder (in the work folder) where each dataset's pybids index is saved and reused while
+        nothing under the dataset changed; None: index in memory only.
 
     Returns
     -------
@@ -165,7 +174,7 @@ def collect_inputs(
     diagnostics: list[str] = []
     _check_entities(filters)
     for root in map_roots:
-        layout = _index(root)
+        layout = _index(root, index_cache)
         query = dict(filters)
         if labels is not None:
             query["subject"] = _intersect(query.get("subject"), labels)
@@ -332,11 +341,21 @@ def _check_entities(filters: Mapping[str, Any]) -> None:
 # --- pybids -------------------------------------------------------------------------------------
 
 
-def _index(root: Path) -> Any:
-    """Index ``root`` with pybids: in memory, no validation, no metadata (fast, writes nothing)."""
+def _index(root: Path, cache: Path | None = None) -> Any:
+    """Index ``root`` with pybids: in memory, no validation, no metadata; reuse or save the index
+    in ``cache`` when given (the inputs are never written)."""
     from bids.layout import BIDSLayout, BIDSLayoutIndexer
 
     _check_no_link_loop(root)
+    saved = _saved_index(root, cache) if cache is not None else None
+    if saved is not None and _is_saved_index(saved):
+        try:
+            layout = BIDSLayout(root, database_path=saved)
+        except Exception as exc:  # a damaged or foreign database: index again
+            log.warning("Cannot reuse the pybids index %s (%s); indexing again", saved, exc)
+        else:
+            log.info("Reused the pybids index of %s saved in %s", root, saved)
+            return layout
 
     config = resources.files("bids_group") / "resources" / CONFIG_NAME
     with resources.as_file(config) as config_path:
@@ -348,9 +367,81 @@ def _index(root: Path) -> Any:
             indexer=BIDSLayoutIndexer(validate=False, index_metadata=False),
         )
     log.debug("Indexed %s", root)
+    if saved is not None:
+        _save_index(layout, saved)
     return layout
 
 
+def _is_saved_index(folder: Path) -> bool:
+    # pybids would index into a folder without its database file, with its own configuration
+    return (folder / _PYBIDS_DATABASE).is_file()
+
+
+def _saved_index(root: Path, cache: Path) -> Path:
+    """Where the index of ``root`` in its present state is saved: the folder name holds a hash
+    of the dataset's path and one of everything the index depends on (:func:`_tree_state`)."""
+    import bids
+
+    where = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    state = hashlib.sha256()
+    config = resources.files("bids_group") / "resources" / CONFIG_NAME
+    state.update(f"{bids.__version__}\n".encode() + config.read_bytes())
+    for line in _tree_state(root):
+        state.update(line.encode("utf-8", "surrogateescape"))
+    return cache / f"pybids-{where}-{state.hexdigest()[:24]}"
+
+
+def _tree_state(root: Path) -> Iterable[str]:
+    """One line per entry pybids indexes (not hidden, not in the root's unindexed folders,
+    symbolic links followed as pybids does): relative path, size and mtime. The names decide
+    the index; sizes and mtimes also catch an edited dataset_description.json."""
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        top = Path(folder) == root
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and not (top and d in _NOT_INDEXED)
+        )
+        rel = os.path.relpath(folder, root)
+        yield f"d {rel}\n"
+        for name in sorted(f for f in files if not f.startswith(".")):
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except OSError:  # a dangling link: its name still counts
+                yield f"f {rel}/{name} -\n"
+                continue
+            yield f"f {rel}/{name} {st.st_size} {st.st_mtime_ns}\n"
+
+
+def _save_index(layout: Any, saved: Path) -> None:
+    """Save the index as ``saved`` (written beside, then renamed: a concurrent run sees a whole
+    index or none) and remove the saved indexes of earlier states of the same dataset."""
+    import sqlite3
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    prefix = saved.name.rsplit("-", 1)[0] + "-"
+    try:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=saved.parent))
+        try:
+            layout.save(tmp / "db", replace_connection=False)
+            os.rename(tmp / "db", saved)
+        except (OSError, sqlite3.Error, SQLAlchemyError):
+            if not _is_saved_index(saved):  # else another run saved the same state first
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in saved.parent.glob(prefix + "*"):
+            if old != saved:
+                shutil.rmtree(old, ignore_errors=True)
+    # the saved index is only a speed-up: go on without it (a full disk raises sqlite3's error)
+    except (OSError, sqlite3.Error, SQLAlchemyError) as exc:
+        log.warning("Cannot save the pybids index in %s (%s)", saved.parent, exc)
+    else:
+        log.info("Saved the pybids index of %s in %s", layout.root, saved)
+
+
+#: The file pybids writes in a saved index folder.
+_PYBIDS_DATABASE = "layout_index.sqlite"
 #: Folders at the root of a dataset that pybids does not index (hidden ones neither).
 _NOT_INDEXED = frozenset({"code", "derivatives", "models", "sourcedata", "stimuli"})
 
@@ -408,9 +499,9 @@ def _query_args(query: Mapping[str, tuple[Any, ...]]) -> dict[str, Any]:
 
 def _select(layout: Any, query: Mapping[str, tuple[Any, ...]]) -> list[InputMap]:
     """Run the query; entities come back with ``subject`` without ``sub-``."""
-    maps = [
-        InputMap(path=Path(f.path), entities=dict(f.get_entities())) for f in _get(layout, query)
-    ]
+    files = _get(layout, query)
+    entities = _entities(files)
+    maps = [InputMap(path=Path(f.path), entities=entities[f.path]) for f in files]
     # files without a subject (e.g. group-level results at the root) are not first-level maps
     without = [m.path for m in maps if "subject" not in m.entities]
     if without:
@@ -429,6 +520,39 @@ def _get(layout: Any, query: Mapping[str, tuple[Any, ...]]) -> list[Any]:
         keys = {_value_key(v) for v in values}
         files = [f for f in files if _value_key(f.get_entities().get(key)) in keys]
     return [f for f in files if not Path(f.path).is_dir()]
+
+
+#: Paths per SQL query in :func:`_entities` (SQLite allows 999 parameters before 3.32).
+_PATHS_PER_QUERY = 500
+
+
+def _entities(files: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """``f.get_entities()`` of every file, keyed by path, in one query per 500 files.
+
+    pybids' ``get_entities`` runs one query per file: 10,000 maps took ~20 s that way.
+    """
+    if not files:
+        return {}
+    from bids.layout.models import Tag
+    from sqlalchemy.orm import object_session
+
+    try:  # recent pybids orders the entities (bids_sort) in get_entities
+        from bids.utils import bids_sort
+    except ImportError:  # older pybids returns them in query order
+
+        def bids_sort(tags: dict[str, Any]) -> dict[str, Any]:
+            return tags
+
+    session = object_session(files[0])
+    found: dict[str, dict[str, Any]] = {f.path: {} for f in files}
+    paths = list(found)
+    for start in range(0, len(paths), _PATHS_PER_QUERY):
+        chunk = paths[start : start + _PATHS_PER_QUERY]
+        # the filters of get_entities(metadata=False): the file's tags that are not metadata
+        tags = session.query(Tag).filter(Tag.file_path.in_(chunk), Tag.is_metadata.is_(False))
+        for tag in tags:
+            found[tag.file_path][tag.entity_name] = tag.value
+    return {path: dict(bids_sort(tags)) for path, tags in found.items()}
 
 
 #: README section on naming SPM / FSL maps as BIDS statistical derivatives.

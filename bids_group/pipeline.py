@@ -238,6 +238,7 @@ def _plan_node(
             participant_labels=config.participant_labels,
             bids_filters=config.bids_filters,
             group_by=spec.group_by,
+            index_cache=config.work_dir / "bids-group-pybids" if config.work_dir else None,
         )
         _warn_unmatched_filter(spec, inputs.maps)
         analyses = plan_analyses(spec, inputs.maps, inputs.participants)
