@@ -75,7 +75,8 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "tfce_e", "tfce_h", "tfce_dh", "perm_scheme", "exchangeability_blocks", "whole_blocks",
     ),
     "Outputs": ("report", "write_residuals", "overwrite", "json_summary"),
-    "Run": ("n_jobs", "work_dir", "mem_budget", "keep_store", "verbose", "quiet", "version"),
+    "Run": ("n_jobs", "work_dir", "mem_budget", "keep_store", "dask_scheduler", "scheduler_file",
+            "verbose", "quiet", "version"),
 }  # fmt: skip
 OTHER_OPTIONS = "Other options"
 
@@ -515,6 +516,18 @@ def _underscored(name: str) -> str:
     "while the dataset is unchanged), outside OUT_DIR. Default: a private temporary folder, "
     "removed at exit.",
 )
+@_option(
+    "--dask-scheduler",
+    metavar="ADDRESS",
+    help="Run the permutations as tasks on the workers of this running Dask scheduler (e.g. "
+    "tcp://node1:8786); same seed, same results as without. Needs the dask extra.",
+)
+@_option(
+    "--scheduler-file",
+    type=click.Path(path_type=Path),
+    help="As --dask-scheduler, the scheduler named in this file (written by `dask scheduler "
+    "--scheduler-file FILE`, dask-jobqueue or dask-mpi; the HPC convention).",
+)
 @_option("--overwrite", is_flag=True, help="Replace existing results of the same names in OUT_DIR.")
 @_option(
     "--json",
@@ -618,6 +631,8 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         inference_overrides={k: v for k, v in overrides.items() if v is not None},
         n_jobs=options["n_jobs"],
         work_dir=paths.work_dir,
+        dask_scheduler=options["dask_scheduler"],
+        scheduler_file=options["scheduler_file"],
         input_files=paths.input_files,
         overwrite=options["overwrite"],
         json_summary=options["json_summary"],

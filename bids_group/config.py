@@ -136,6 +136,9 @@ class RunConfig:
     mem_budget: int | None = None
     #: Keep the tiled data store in the work folder after the run (--keep-store).
     keep_store: bool = False
+    #: A running Dask scheduler for the permutations (address, or the file that names it).
+    dask_scheduler: str | None = None
+    scheduler_file: Path | None = None
     overwrite: bool = False
     json_summary: bool = False
     command: str = ""

@@ -54,6 +54,12 @@ class MissingInputError(BidsGroupError):
     exit_code = 66
 
 
+class ServiceError(BidsGroupError):
+    """A service the run was told to use (a Dask scheduler) cannot be reached."""
+
+    exit_code = 69
+
+
 class OutputError(BidsGroupError):
     """The output folder cannot be created or written, or would overwrite results."""
 
@@ -76,6 +82,11 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     66: (
         "missing input",
         "a file or folder named on the command line is missing or the wrong kind",
+    ),
+    69: (
+        "service unavailable",
+        "the Dask scheduler given by --dask-scheduler / --scheduler-file cannot be reached, "
+        "or has no worker",
     ),
     73: (
         "cannot create output",

@@ -7,9 +7,10 @@ appear in OUT_DIR only when the run succeeded (see :mod:`bids_group.outputs.stag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,7 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
         config.mem_budget or model_budget,
         "--mem-budget" if config.mem_budget else "model file MemoryBudget",
     )
+    executor = _executor(config, any(node.plans for node in nodes))
     log.info(
         "%d map(s) of %d participant(s); %d model(s) to fit",
         len(maps),
@@ -181,13 +183,14 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
         "analyses": [],
     }
     sections: list[ReportSection] = []
-    with staged_output(config.out_dir, overwrite=config.overwrite) as stage:
+    with _closing(executor), staged_output(config.out_dir, overwrite=config.overwrite) as stage:
         sources = list(dict.fromkeys(d for n in nodes for d in n.inputs.source_datasets))
         written += _write_run_metadata(stage, config, nodes, sources)
         with MapWriter(n_jobs=config.n_jobs) as writer:
             for node in nodes:
                 files, analyses, parts = _run_node(node, config, inference, stage, writer,
-                                                   named=len(nodes) > 1, budget=budget)  # fmt: skip
+                                                   named=len(nodes) > 1, budget=budget,
+                                                   executor=executor)  # fmt: skip
                 written += files
                 summary["analyses"] += analyses
                 sections += parts
@@ -276,6 +279,7 @@ def _run_node(
     *,
     named: bool,
     budget: int | None = None,
+    executor: Any = None,
 ) -> tuple[list[Path], list[dict[str, Any]], list[ReportSection]]:
     """Fit and write every analysis of one Dataset node into ``node-<name>/``."""
     node_dir = stage / naming.node_dir(node_label(node.spec.node_name))
@@ -285,7 +289,9 @@ def _run_node(
     sections: list[ReportSection] = []
     for i, analysis in enumerate(node.analyses):
         jobs = {
-            name: PermutationJob(plan, analysis.design.matrix, config.n_jobs, config.progress)
+            name: PermutationJob(
+                plan, analysis.design.matrix, config.n_jobs, config.progress, executor=executor
+            )
             for (index, name), plan in node.plans.items()
             if index == i
         }
@@ -296,6 +302,31 @@ def _run_node(
         sections += parts
         summaries.append({"node": node.spec.node_name, **summary})
     return written, summaries, sections
+
+
+@contextlib.contextmanager
+def _closing(executor: Any) -> Iterator[None]:
+    """Disconnect from the Dask scheduler at the end of the run (workers keep running)."""
+    try:
+        yield
+    finally:
+        if executor is not None:
+            executor.close()
+
+
+def _executor(config: RunConfig, permutations: bool) -> Any:
+    """The Dask executor of ``--dask-scheduler`` / ``--scheduler-file`` (None without): it runs
+    the permutations, so asking for it without any is refused as a setting that does nothing."""
+    if config.dask_scheduler is None and config.scheduler_file is None:
+        return None
+    if not permutations:
+        raise UsageError(
+            "--dask-scheduler / --scheduler-file run the permutations on a Dask cluster: add "
+            "--permutation (or drop the scheduler option)"
+        )
+    from bids_group.executor import connect  # Dask: only when asked for
+
+    return connect(config.dask_scheduler, config.scheduler_file)
 
 
 def _check_estimation(

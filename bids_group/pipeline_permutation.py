@@ -152,6 +152,8 @@ class PermutationJob:
     n_jobs: int
     progress: bool
     mixed: MixedInputs | None = None
+    #: Where chunks of relabellings run (:mod:`bids_group.executor`); None: this process.
+    executor: Any = None
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,7 @@ def _run(out, contrast, result, inference, job, two_sided) -> PermutationResult:
         "whole_blocks": inference.whole_blocks,
         "seed": inference.seed,
         "n_jobs": job.n_jobs,
+        "executor": job.executor,
     }
     with progress_bar(label, enabled=job.progress) as progress:
         if job.mixed is not None:

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
@@ -58,12 +59,12 @@ from bids_group.inference.permutation import (
     PermutationResult,
     ProgressCallback,
     StatType,
-    _batches,
     _Config,
     _validate,
     design_exchangeability,
     observed_maps,
     relabelling_count,
+    run_engine,
 )
 from bids_group.mixed_effects import (
     DEFAULT_N_GRID,
@@ -75,6 +76,9 @@ from bids_group.mixed_effects import (
     mixed_contrast,
     valid_values,
 )
+
+if TYPE_CHECKING:
+    from bids_group.executor import Executor
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +210,7 @@ def mixed_permutation_test(
     n_jobs: int = 1,
     progress: ProgressCallback | None = None,
     n_grid: int = DEFAULT_N_GRID,
+    executor: Executor | None = None,
 ) -> PermutationResult:
     """Sign-flipping test of one contrast of a mixed-effects model (see the module docstring).
 
@@ -222,6 +227,8 @@ def mixed_permutation_test(
         As :func:`bids_group.mixed_effects.fit_mixed` and :func:`~.mixed_contrast`.
     scheme : {"auto", "flip"}
         Sign flips ("auto" is "flip"); row permutation is refused (see the module docstring).
+    executor : Executor, optional
+        As :func:`~bids_group.inference.permutation.permutation_test`.
 
     Returns
     -------
@@ -278,11 +285,9 @@ def mixed_permutation_test(
             else None
         )
         observed = observed_maps(cfg, model.z(fit), height)
-        engine = _MixedEngine(cfg, observed, model)
-        for done, batch in _batches(ex, exhaustive, n_total, cfg.seed, engine.batch_size):
-            engine.run_batch(batch)
-            if progress is not None:
-                progress(done, n_total)
+        make = partial(_MixedEngine, cfg, observed, model)
+        engine = make()
+        run_engine(engine, make, ex, exhaustive, n_total, cfg.seed, progress, executor)
     finally:
         numba.set_num_threads(threads)
     return engine.result(ex, n_total, exhaustive)

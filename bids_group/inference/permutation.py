@@ -42,8 +42,9 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numba
 import numpy as np
@@ -54,6 +55,9 @@ from bids_group.inference import _kernels
 from bids_group.inference import exchangeability as exch
 from bids_group.inference import tfce as tfce_mod
 from bids_group.memory import TiledMaps, aligned, iter_tiles
+
+if TYPE_CHECKING:
+    from bids_group.executor import Executor
 
 log = logging.getLogger(__name__)
 
@@ -460,6 +464,7 @@ def permutation_test(
     seed: int | None = None,
     n_jobs: int = 1,
     progress: ProgressCallback | None = None,
+    executor: Executor | None = None,
 ) -> PermutationResult:
     """Permutation test of one contrast, with voxel, cluster and TFCE FWER correction.
 
@@ -503,6 +508,9 @@ def permutation_test(
         Threads for the compiled kernels (-1: all cores).
     progress : callable(done, total), optional
         Called after each batch with the number of relabellings done and the total.
+    executor : Executor, optional
+        Runs chunks of relabellings elsewhere (:mod:`bids_group.executor`, e.g. on Dask workers);
+        the results are bit for bit those of the in-process run (None) with the same seed.
 
     Returns
     -------
@@ -547,11 +555,12 @@ def permutation_test(
     numba.set_num_threads(cfg.n_jobs)
     engine = None
     try:
-        engine = _Engine(cfg, part, observed, flip=ex.scheme == "flip")  # runs the identity
-        for done, batch in _batches(ex, exhaustive, n_total, cfg.seed, engine.batch_size):
-            engine.run_batch(batch)
-            if progress is not None:
-                progress(done, n_total)
+        make = partial(_Engine, cfg, part, observed, flip=ex.scheme == "flip")
+        engine = make()  # runs the identity
+        if executor is not None and not isinstance(cfg.data, np.ndarray):
+            log.warning("the data are in the tiled store: permutations run in this process")
+            executor = None
+        run_engine(engine, make, ex, exhaustive, n_total, cfg.seed, progress, executor)
     finally:
         numba.set_num_threads(threads)
         if engine is not None:
@@ -728,16 +737,88 @@ def _batches(ex, exhaustive, n_total, seed, batch_size):
 
     The stream depends only on the seed (never on n_jobs); the identity is handled apart.
     """
+    yield from _range_batches(ex, exhaustive, seed, batch_size, 1, n_total)
+
+
+def _range_batches(ex, exhaustive, seed, batch_size, start, stop):
+    """The batches of relabellings ``start`` to ``stop - 1`` (0 is the identity): exactly those
+    a single stream from ``seed`` gives them (the generator is advanced past the earlier draws,
+    which :func:`~bids_group.inference.exchangeability.random_relabellings` consumes row by
+    row, a fixed number of doubles per relabelling)."""
     if exhaustive:
         allr = exch.enumerate_relabellings(ex)
-        for start in range(1, n_total, batch_size):
-            stop = min(start + batch_size, n_total)
-            yield stop, exch.Relabellings(allr.perm[start:stop], allr.signs[start:stop])
+        for first in range(start, stop, batch_size):
+            last = min(first + batch_size, stop)
+            yield last, exch.Relabellings(allr.perm[first:last], allr.signs[first:last])
         return
-    rng = np.random.default_rng(seed)
-    for start in range(1, n_total, batch_size):
-        stop = min(start + batch_size, n_total)
-        yield stop, exch.random_relabellings(ex, rng, stop - start)
+    bit_generator = np.random.PCG64(seed)
+    bit_generator.advance((start - 1) * (ex.n_blocks if ex.whole_blocks else ex.n_rows))
+    rng = np.random.Generator(bit_generator)
+    for first in range(start, stop, batch_size):
+        last = min(first + batch_size, stop)
+        yield last, exch.random_relabellings(ex, rng, last - first)
+
+
+#: Relabellings per chunk of distributed work (rounded to whole batches).
+CHUNK_RELABELLINGS = 1024
+
+
+def run_engine(engine, make, ex, exhaustive, n_total, seed, progress, executor) -> None:
+    """Every relabelling after the identity through ``engine``: in this process, or in chunks
+    on ``executor`` (each chunk on a fresh engine from ``make``), merged in stream order."""
+    if executor is None:
+        for done, batch in _batches(ex, exhaustive, n_total, seed, engine.batch_size):
+            engine.run_batch(batch)
+            if progress is not None:
+                progress(done, n_total)
+        return
+    ranges = chunk_ranges(n_total, engine.batch_size, CHUNK_RELABELLINGS // engine.batch_size)
+    items = [(ex, exhaustive, seed, start, stop) for start, stop in ranges]
+    for (_, stop), chunk in zip(ranges, executor.map_chunks(run_chunk, make, items), strict=True):
+        engine.merge(chunk)
+        if progress is not None:
+            progress(stop, n_total)
+
+
+def chunk_ranges(n_total: int, batch_size: int, chunk_batches: int) -> list[tuple[int, int]]:
+    """Relabellings ``1..n_total - 1`` cut into chunks of ``chunk_batches`` batches.
+
+    A chunk (a unit of distributed work) starts on a batch boundary, so every relabelling is
+    computed in the same batch as in one stream, whatever the chunk size: the results are bit
+    for bit those of the in-process run.
+
+    >>> chunk_ranges(11, 2, 2)
+    [(1, 5), (5, 9), (9, 11)]
+    """
+    step = batch_size * max(1, int(chunk_batches))
+    return [(first, min(first + step, n_total)) for first in range(1, n_total, step)]
+
+
+@dataclass(frozen=True)
+class ChunkNull:
+    """What the relabellings of one chunk add to the null distributions (identity excluded)."""
+
+    maxima: list
+    counts: np.ndarray
+    max_size: list
+    max_mass: list
+    tfce_max: list
+    tfce_counts: np.ndarray | None
+
+
+def run_chunk(
+    make_engine: Callable[[], NullEngine], ex, exhaustive, seed, start, stop
+) -> ChunkNull:
+    """Build an engine (it runs the identity) and run relabellings ``start..stop - 1`` on it:
+    a task of :func:`permutation_test` with an executor. Deterministic: the same arguments give
+    the same bits on any worker."""
+    engine = make_engine()
+    try:
+        for _, batch in _range_batches(ex, exhaustive, seed, engine.batch_size, start, stop):
+            engine.run_batch(batch)
+        return engine.chunk_null()
+    finally:
+        engine.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -775,6 +856,32 @@ class NullEngine:
 
     def _result_stat_type(self) -> NullStatType:
         return self.cfg.stat_type
+
+    def close(self) -> None:
+        """Release scratch files (none by default)."""
+
+    def chunk_null(self) -> ChunkNull:
+        """What the batches run so far added after the identity (see :func:`run_chunk`)."""
+        tfce = self.obs.tfce is not None
+        return ChunkNull(
+            maxima=self.maxima[1:],
+            counts=self.counts - 1,
+            max_size=getattr(self, "max_size", [None])[1:],
+            max_mass=getattr(self, "max_mass", [None])[1:],
+            tfce_max=self.tfce_max[1:] if tfce else [],
+            tfce_counts=self.tfce_counts - 1 if tfce else None,
+        )
+
+    def merge(self, chunk: ChunkNull) -> None:
+        """Add a chunk's relabellings, in stream order (integer counts: exact in any order)."""
+        self.maxima.extend(chunk.maxima)
+        self.counts += chunk.counts
+        if self.obs.clusters is not None:
+            self.max_size.extend(chunk.max_size)
+            self.max_mass.extend(chunk.max_mass)
+        if chunk.tfce_counts is not None:
+            self.tfce_max.extend(chunk.tfce_max)
+            self.tfce_counts += chunk.tfce_counts
 
     def _identity(self, cmp_obs: np.ndarray) -> None:
         """Run the identity through the engine, like any relabelling, and set the comparisons.

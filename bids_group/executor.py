@@ -1,0 +1,122 @@
+"""Where the heavy, independent work runs: in this process, or as tasks on a Dask cluster.
+
+The permutation engine cuts its relabellings into chunks that the seed alone defines
+(:func:`bids_group.inference.permutation.chunk_ranges`); an executor runs one function per chunk
+and gives the results back **in chunk order**, so the pooled null distributions are the same bits
+whatever runs them. :class:`DaskExecutor` submits the chunks to the workers of a running Dask
+scheduler (``--dask-scheduler ADDRESS`` or ``--scheduler-file FILE``, as written by ``dask
+scheduler --scheduler-file``, dask-jobqueue or dask-mpi). The shared state (the data and the
+design) is one task whose result every chunk uses (so that it can be recomputed). A task whose
+worker dies is rerun by the scheduler on another worker; as every task is a pure function of its
+arguments, the results do not change.
+
+Dask is optional (``pip install 'bids-group[dask]'``) and imported only when a scheduler is given:
+the default path never pays its import cost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from bids_group.errors import ServiceError, UsageError
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for the scheduler, and for at least one worker.
+CONNECT_TIMEOUT = 30
+
+
+class Executor(Protocol):
+    """Runs ``fn(shared, *args)`` for each ``args`` of ``items`` and yields the results in order."""
+
+    def map_chunks(
+        self, fn: Callable[..., Any], shared: Any, items: Sequence[tuple]
+    ) -> Iterator[Any]: ...
+
+
+class InProcessExecutor:
+    """Every chunk in this process, one after the other (tests; the reference of the others)."""
+
+    def map_chunks(self, fn, shared, items) -> Iterator[Any]:
+        for args in items:
+            yield fn(shared, *args)
+
+
+class DaskExecutor:
+    """Chunks as tasks of a ``distributed.Client``; results gathered in chunk order."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def map_chunks(self, fn, shared, items) -> Iterator[Any]:
+        # A task, not scattered data: the scheduler can recompute it when a worker holding it
+        # dies (scattered data would be lost for good).
+        shared_future = self.client.submit(_value, shared, pure=False)
+        futures = [self.client.submit(fn, shared_future, *args, pure=False) for args in items]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            self.client.cancel([*futures, shared_future])
+
+    def close(self) -> None:
+        """Disconnect this client (the scheduler and its workers keep running)."""
+        self.client.close()
+
+    def describe(self) -> str:
+        workers = self.client.scheduler_info().get("workers", {})
+        threads = sum(w.get("nthreads", 0) for w in workers.values())
+        address = self.client.scheduler.address
+        return f"Dask scheduler {address}: {len(workers)} workers, {threads} threads"
+
+
+def _value(shared: Any) -> Any:
+    return shared
+
+
+def connect(address: str | None = None, scheduler_file: Path | None = None) -> DaskExecutor:
+    """A :class:`DaskExecutor` on a running scheduler (at ``address``, or the one a
+    ``--scheduler-file`` names), with at least one worker.
+
+    Raises
+    ------
+    UsageError
+        Both or neither given, or Dask not installed.
+    ServiceError (69)
+        The scheduler cannot be reached, or it has no worker within :data:`CONNECT_TIMEOUT`.
+    """
+    if (address is None) == (scheduler_file is None):
+        raise UsageError("give one of --dask-scheduler ADDRESS and --scheduler-file FILE")
+    try:
+        from distributed import Client
+    except ImportError as err:
+        raise UsageError(
+            "--dask-scheduler / --scheduler-file need Dask: pip install 'bids-group[dask]'"
+        ) from err
+    where = f"the Dask scheduler at {address}" if address else f"the scheduler of {scheduler_file}"
+    if scheduler_file is not None and not Path(scheduler_file).is_file():
+        raise ServiceError(
+            f"--scheduler-file {scheduler_file}: no such file (start the scheduler with "
+            "`dask scheduler --scheduler-file FILE` first)"
+        )
+    try:
+        client = Client(
+            address=address,
+            scheduler_file=None if scheduler_file is None else str(scheduler_file),
+            timeout=CONNECT_TIMEOUT,
+            set_as_default=False,
+        )
+    except (OSError, TimeoutError, ValueError) as err:
+        raise ServiceError(f"could not connect to {where}: {err}") from err
+    try:
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as err:
+        client.close()
+        raise ServiceError(f"{where} has no worker after {CONNECT_TIMEOUT} s: start workers "
+                           "(`dask worker --scheduler-file FILE`)") from err  # fmt: skip
+    executor = DaskExecutor(client)
+    log.info("%s", executor.describe())
+    return executor

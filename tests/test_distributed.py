@@ -1,0 +1,189 @@
+"""Permutations on a real Dask cluster on loopback: same seed, same bits, even when a worker dies.
+
+The cluster is real: a ``dask scheduler`` process and two ``dask worker`` processes (no nanny,
+one thread each) started by the test with this interpreter, talking over TCP on 127.0.0.1 and
+found through a scheduler file, as on an HPC cluster. Skipped when Dask is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from clicheck import check_failure, run_ok
+from conftest import make_bids_derivatives
+
+from bids_group.executor import InProcessExecutor
+from bids_group.inference import permutation
+from bids_group.inference.permutation import permutation_test
+
+pytest.importorskip("distributed")
+
+PERM_ARGS = ("--permutation", "voxel", "cluster", "tfce", "--n-perm", "1500", "--seed", "11",
+             "--cluster-forming-p", "0.01", "--no-report")  # fmt: skip
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        env={**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"},
+        start_new_session=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """(scheduler file, [worker processes]): a scheduler and two single-thread workers."""
+    folder = tmp_path_factory.mktemp("dask")
+    sched_file = folder / "scheduler.json"
+    procs = [
+        _start(["distributed.cli.dask_scheduler", "--scheduler-file", str(sched_file),
+                "--host", "127.0.0.1", "--port", "0", "--no-dashboard"], folder / "sched.log")
+    ]  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not sched_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sched_file.exists(), (folder / "sched.log").read_text()
+    for i in range(2):
+        procs.append(
+            _start(
+                [
+                    "distributed.cli.dask_worker",
+                    "--scheduler-file",
+                    str(sched_file),
+                    "--nthreads",
+                    "1",
+                    "--no-nanny",
+                    "--no-dashboard",
+                    "--host",
+                    "127.0.0.1",
+                    "--name",
+                    f"w{i}",
+                ],
+                folder / f"worker{i}.log",
+            )  # fmt: skip
+        )
+    from distributed import Client
+
+    with Client(scheduler_file=str(sched_file), timeout=60) as client:
+        client.wait_for_workers(2, timeout=60)
+    yield sched_file, procs[1:]
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("distributed") / "ds"
+    return make_bids_derivatives(root, n_subjects=14, shape=(8, 9, 7), seed=5)
+
+
+def _outputs(summary: dict) -> dict[str, bytes]:
+    """Every map's values and every table's text, by file name (sidecars and report aside)."""
+    out: dict[str, bytes] = {}
+    for name in summary["files"]:
+        path = Path(name)
+        if name.endswith(".nii.gz"):
+            out[path.name] = np.asarray(nib.load(path).dataobj).tobytes()
+        elif name.endswith(".tsv"):
+            out[path.name] = path.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("chunk", [64, 1024])
+def test_chunks_in_any_process_equal_the_stream(monkeypatch, chunk):
+    """The chunked path (each chunk on a fresh engine, merged in order) gives the bits of the
+    single stream: sign flips and row permutations, voxel, cluster and TFCE, small chunks (one
+    or two batches each) and one chunk."""
+    monkeypatch.setattr(permutation, "CHUNK_RELABELLINGS", chunk)
+    rng = np.random.default_rng(0)
+    mask = np.ones((6, 5, 4), bool)
+    y = rng.normal(0.3, 1, (12, mask.sum())).astype(np.float32)
+    group = np.repeat([0.0, 1.0], 6)
+    for design, contrast in (
+        (np.ones((12, 1)), np.ones(1)),
+        (np.column_stack([np.ones(12), group]), np.array([0.0, 1.0])),
+    ):
+        kwargs = {"n_perm": 700, "seed": 3, "mask": mask, "cluster_forming_p": 0.05,
+                  "tfce": True, "two_sided": True}  # fmt: skip
+        ref = permutation_test(y, design, contrast, **kwargs)
+        got = permutation_test(y, design, contrast, executor=InProcessExecutor(), **kwargs)
+        np.testing.assert_array_equal(got.null_max_stat, ref.null_max_stat)
+        np.testing.assert_array_equal(got.p_uncorrected, ref.p_uncorrected)
+        np.testing.assert_array_equal(got.clusters.null_max_mass, ref.clusters.null_max_mass)
+        np.testing.assert_array_equal(got.tfce.null_max, ref.tfce.null_max)
+        np.testing.assert_array_equal(got.tfce.p_uncorrected, ref.tfce.p_uncorrected)
+
+
+def test_dask_cluster_gives_the_in_process_files(cluster, dataset, tmp_path):
+    sched_file, _ = cluster
+    local, _ = run_ok(dataset, tmp_path / "local", *PERM_ARGS)
+    remote, err = run_ok(
+        dataset, tmp_path / "remote", *PERM_ARGS, "--scheduler-file", sched_file, "-v"
+    )
+    assert "2 workers, 2 threads" in err
+    ours, theirs = _outputs(local), _outputs(remote)
+    assert ours.keys() == theirs.keys() and any("nulldist" in k for k in ours)
+    for name in ours:
+        assert ours[name] == theirs[name], name
+
+
+def test_a_killed_worker_changes_nothing(cluster, dataset, tmp_path):
+    """SIGKILL one worker while it runs a chunk: the scheduler reruns its tasks on the other
+    worker and every output equals the in-process run."""
+    sched_file, workers = cluster
+    local, _ = run_ok(dataset, tmp_path / "local", *PERM_ARGS)
+    argv = [sys.executable, "-m", "bids_group", str(dataset), str(tmp_path / "remote"), "group",
+            *PERM_ARGS, "--n-perm", "6000", "--scheduler-file", str(sched_file),
+            "--json"]  # fmt: skip
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from distributed import Client
+
+    victim = workers[0]
+    with Client(scheduler_file=str(sched_file), timeout=30) as client:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and run.poll() is None:
+            busy = {w for w, tasks in client.processing().items() if tasks}
+            names = {w: info.get("name") for w, info in client.scheduler_info()["workers"].items()}
+            if any(names.get(w) == "w0" for w in busy):
+                break
+            time.sleep(0.05)
+        assert run.poll() is None, "the run ended before a worker could be killed"
+        os.killpg(victim.pid, signal.SIGKILL)
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    remote = json.loads(stdout)
+    n6000 = run_ok(dataset, tmp_path / "local6000", *PERM_ARGS, "--n-perm", "6000")[0]
+    ours, theirs = _outputs(n6000), _outputs(remote)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name] == theirs[name], name
+    assert local  # the 1,500-relabelling run above is the fixture's warm-up
+
+
+def test_scheduler_options_need_permutations_and_a_scheduler(capsys, dataset, tmp_path):
+    none = tmp_path / "none.json"
+    check_failure(capsys, [dataset, tmp_path / "o1", "group", "--scheduler-file", none],
+                  tmp_path / "o1", 64, "--permutation")  # fmt: skip
+    check_failure(capsys, [dataset, tmp_path / "o2", "group", *PERM_ARGS[:4],
+                           "--scheduler-file", tmp_path / "none.json"],
+                  tmp_path / "o2", 69, "none.json")  # fmt: skip
+    check_failure(capsys, [dataset, tmp_path / "o3", "group", *PERM_ARGS[:4],
+                           "--dask-scheduler", "tcp://127.0.0.1:9", "--scheduler-file",
+                           tmp_path / "none.json"], tmp_path / "o3", 64, "one of")  # fmt: skip
