@@ -210,14 +210,28 @@ def valid_values(effects: np.ndarray, variances: np.ndarray) -> np.ndarray:
         return np.isfinite(effects) & np.isfinite(variances) & (variances >= _MIN_VARIANCE)
 
 
-def estimable_voxels(effects: np.ndarray, variances: np.ndarray, design: np.ndarray) -> np.ndarray:
+def estimable_voxels(
+    effects: np.ndarray,
+    variances: np.ndarray,
+    design: np.ndarray,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
     """Voxels :func:`fit_mixed` can estimate: enough valid maps (see :func:`valid_values`) for
-    the design, on which it has full column rank. Cheap: no fit."""
-    return _estimable(valid_values(effects, variances), np.asarray(design, dtype=np.float64))
+    the design, on which it has full column rank (and, with variance ``groups``, enough maps
+    of every group for its tau^2). Cheap: no fit."""
+    design = np.asarray(design, dtype=np.float64)
+    ok = valid_values(effects, variances)
+    if groups is None:
+        return _estimable(ok, design)
+    labels, index = _group_index(np.asarray(groups), design.shape[0])
+    return _estimable(ok, design, index, len(labels))
 
 
-def _estimable(ok: np.ndarray, design: np.ndarray) -> np.ndarray:
-    """Voxels whose valid maps leave >= 1 dof and a full-rank X (one check per pattern)."""
+def _estimable(
+    ok: np.ndarray, design: np.ndarray, index: np.ndarray | None = None, n_groups: int = 0
+) -> np.ndarray:
+    """Voxels whose valid maps leave >= 1 dof and a full-rank X (one check per pattern); with
+    variance groups (``index``), also every group identifiable (:func:`_groups_identifiable`)."""
     n_maps, p = design.shape
     if n_maps <= 64:  # one integer key per voxel: np.unique on ints is fast
         bits = np.left_shift(np.uint64(1), np.arange(n_maps, dtype=np.uint64))
@@ -230,7 +244,24 @@ def _estimable(ok: np.ndarray, design: np.ndarray) -> np.ndarray:
     if good.any():
         stack = design[np.newaxis] * masks[good][:, :, np.newaxis]
         good[good] = np.linalg.matrix_rank(stack) == p
+    if index is not None:
+        for m in np.flatnonzero(good):
+            good[m] = _groups_identifiable(design[masks[m]], index[masks[m]], n_groups)
     return good[inverse.ravel()]
+
+
+def _groups_identifiable(design: np.ndarray, index: np.ndarray, n_groups: int) -> bool:
+    """Every group leaves residual information on its tau^2: ``k_g > p - rank(X_(-g))``, the
+    columns that only its maps determine (``k_g > p_g`` for a separable design; ``k_g >= 2``
+    for an intercept plus a group difference)."""
+    p = design.shape[1]
+    for g in range(n_groups):
+        rows = index == g
+        others = design[~rows]
+        own = p - (np.linalg.matrix_rank(others) if others.shape[0] else 0)
+        if np.count_nonzero(rows) <= own:
+            return False
+    return True
 
 
 def _check_fit_inputs(effects, variances, design, method) -> None:
@@ -359,35 +390,49 @@ def fit_mixed(
     return fit
 
 
-def _group_columns(design: np.ndarray, groups: np.ndarray) -> tuple[list, list[np.ndarray]]:
-    """Labels and, per label, the design columns that are non-zero in its rows only."""
-    if groups.shape != (design.shape[0],):
-        raise UsageError(f"groups must have one label per map ({design.shape[0]}).")
+def _group_index(groups: np.ndarray, n_maps: int) -> tuple[list, np.ndarray]:
+    """Sorted labels and the index (0..G-1) of each map's label."""
+    if groups.shape != (n_maps,):
+        raise UsageError(f"groups must have one label per map ({n_maps}).")
     labels = sorted(set(groups.tolist()))
-    nonzero = np.stack([(design[groups == g] != 0).any(axis=0) for g in labels])  # (G, p)
-    shared = np.flatnonzero(nonzero.sum(axis=0) > 1)
-    if shared.size:
-        raise UsageError(
-            f"Design column(s) {shared.tolist()} are non-zero in several variance groups: "
-            "one tau^2 per group is implemented only for designs separable by group (group "
-            "means, group-specific covariates)."
-        )
+    position = {g: i for i, g in enumerate(labels)}
+    return labels, np.array([position[g] for g in groups.tolist()], dtype=np.int64)
+
+
+def _separable_columns(design: np.ndarray, index: np.ndarray, n_groups: int):
+    """Per group, the design columns non-zero in its rows only; None when a column is
+    non-zero in several groups or a group has no column of its own."""
+    nonzero = np.stack([(design[index == g] != 0).any(axis=0) for g in range(n_groups)])
+    if (nonzero.sum(axis=0) > 1).any():
+        return None
     cols = [np.flatnonzero(row) for row in nonzero]
-    empty = [g for g, c in zip(labels, cols, strict=True) if c.size == 0]
-    if empty:
-        raise UsageError(f"Variance group(s) {empty} have no design column of their own.")
-    return labels, cols
+    return None if any(c.size == 0 for c in cols) else cols
 
 
 def _fit_groups(effects, variances, design, method, groups, n_grid) -> MixedFit:
+    """One tau^2 per variance group: group by group when the design is separable, else the
+    joint search (ML/REML only)."""
+    labels, index = _group_index(groups, design.shape[0])
+    cols = _separable_columns(design, index, len(labels))
+    if cols is not None:
+        return _fit_separable(effects, variances, design, method, labels, index, cols, n_grid)
+    if method in ("dl", "hedges"):
+        raise UsageError(
+            f"Variance groups with the {method} estimator need a design separable by group "
+            "(every column non-zero in one group's maps only); this design has columns shared "
+            "by several groups: use reml or ml (joint likelihood over the groups' tau^2)."
+        )
+    return _fit_joint(effects, variances, design, method, labels, index, n_grid)
+
+
+def _fit_separable(effects, variances, design, method, labels, index, cols, n_grid) -> MixedFit:
     """One fit per variance group (separable design), assembled into one MixedFit."""
-    labels, cols = _group_columns(design, groups)
     p, n_vox = design.shape[1], effects.shape[1]
     beta = np.full((p, n_vox), np.nan)
     cov = np.zeros((p, p, n_vox))
     fits = []
-    for g, c in zip(labels, cols, strict=True):
-        rows = groups == g
+    for g, c in enumerate(cols):
+        rows = index == g
         sub = design[np.ix_(rows, c)]
         fit = fit_mixed(effects[rows], variances[rows], sub, method, None, n_grid)
         beta[c] = fit.beta
@@ -408,6 +453,56 @@ def _fit_groups(effects, variances, design, method, groups, n_grid) -> MixedFit:
         estimable=est,
         n_excluded_values=sum(f.n_excluded_values for f in fits),
         n_voxels_with_exclusions=int(np.count_nonzero(~valid_values(effects, variances).all(0))),
+        n_not_estimable=int(n_vox - np.count_nonzero(est)),
+        group_labels=tuple(labels),
+    )
+
+
+def group_grid_points(n_groups: int, n_grid: int = DEFAULT_N_GRID) -> int:
+    """Grid values per group of the joint search (0 and log-spaced ones): ``n_grid // 2``,
+    fewer for many groups so that the product grid stays below ~4,096 points (at least 6)."""
+    return max(6, min(n_grid // 2, int(round(4096 ** (1.0 / n_groups)))))
+
+
+def _fit_joint(effects, variances, design, method, labels, index, n_grid) -> MixedFit:
+    """Joint ML/REML (or FE) fit with one tau^2 per group, any design (see the module
+    docstring)."""
+    n_groups = len(labels)
+    n_vox, p = effects.shape[1], design.shape[1]
+    ok = valid_values(effects, variances)
+    est = _estimable(ok, design, index, n_groups)
+    beta = np.full((p, n_vox), np.nan)
+    cov = np.full((p, p, n_vox), np.nan)
+    tau2 = np.full((n_groups, n_vox), np.nan)
+    rwr = np.full(n_vox, np.nan)
+    n_pts = group_grid_points(n_groups, n_grid)
+    for start in range(0, n_vox, _BLOCK_VOXELS):
+        sl = slice(start, min(start + _BLOCK_VOXELS, n_vox))
+        data = [np.ascontiguousarray(a[:, sl].T) for a in (effects, variances, ok)]
+        yt, vt = (np.asarray(a, dtype=np.float64) for a in data[:2])
+        if method in ("fe", "wls"):  # tau^2 = 0 for every group: the plain WLS fit
+            kern.fit_voxels(
+                yt, vt, data[2], est[sl], design, kern.FE, n_grid, 0.0,
+                beta[:, sl], cov[:, :, sl], tau2[0, sl], rwr[sl],
+            )  # fmt: skip
+            tau2[:, sl] = tau2[0, sl]
+            continue
+        kern.fit_voxels_groups(
+            yt, vt, data[2], est[sl], design, index, method == "reml", n_pts,
+            beta[:, sl], cov[:, :, sl], tau2[:, sl], rwr[sl],
+        )  # fmt: skip
+    n_used = ok.sum(axis=0)
+    return MixedFit(
+        method="fe" if method == "wls" else method,
+        beta=beta,
+        cov_beta=cov,
+        tau2=tau2,
+        rwr=rwr,
+        n_used=n_used,
+        dof=np.where(est, n_used - p, np.nan).astype(np.float64),
+        estimable=est,
+        n_excluded_values=int(ok.size - np.count_nonzero(ok)),
+        n_voxels_with_exclusions=int(np.count_nonzero(~ok.all(axis=0))),
         n_not_estimable=int(n_vox - np.count_nonzero(est)),
         group_labels=tuple(labels),
     )
