@@ -799,6 +799,8 @@ _NEWTON_RTOL = 1e-12
 #: A full Newton step this small (relative) is taken without a line search: the
 #: log-likelihood cannot resolve its gain (it is ~ step^2) in double precision.
 _NEWTON_TRUST = 1e-5
+#: Top of the grid of each group's tau^2, times the OLS residual sum of squares.
+_GRID_TOP = 10.0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -973,7 +975,7 @@ def _group_grid_tables(y, v, x, k, gi, reml, ws, grid, tabs):
             if gi[i] == g:
                 vmin = min(vmin, v[i])
         lo = 1e-3 * vmin if vmin < np.inf else 1.0
-        hi = max(10.0 * rss, 10.0 * lo)
+        hi = max(_GRID_TOP * rss, 10.0 * lo)
         grid[g, 0] = 0.0
         factor = np.exp(np.log(hi / lo) / (n_pts - 2))
         for a in range(1, n_pts):
@@ -1000,8 +1002,13 @@ def _group_grid_tables(y, v, x, k, gi, reml, ws, grid, tabs):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grid_loglik(reml, tabs, ll, idx, chol, bsum, zz):
-    """Log-likelihood at every point of the product grid (row-major over groups)."""
+def _grid_loglik(reml, tabs, ll, idx, mat, bsum, zz):
+    """Log-likelihood at every point of the product grid (row-major over groups).
+
+    ``X'WX = L D L'`` (unit lower ``L``, no square roots) with ``log|X'WX| = log prod D`` (one
+    log per point: the grid is the hot loop), ``r'Wr = y'Wy - sum_c z_c^2 / D_c`` with
+    ``L z = X'Wy``.
+    """
     amat, bvec, cyy, slog = tabs
     n_groups, n_pts = cyy.shape
     p = bvec.shape[2]
@@ -1013,7 +1020,7 @@ def _grid_loglik(reml, tabs, ll, idx, chol, bsum, zz):
         for c in range(p):
             bsum[c] = 0.0
             for m in range(c + 1):
-                chol[c, m] = 0.0
+                mat[c, m] = 0.0
         total = 0.0
         for g in range(n_groups):
             a = idx[g]
@@ -1021,14 +1028,37 @@ def _grid_loglik(reml, tabs, ll, idx, chol, bsum, zz):
             for c in range(p):
                 bsum[c] += bvec[g, a, c]
                 for m in range(c + 1):
-                    chol[c, m] += amat[g, a, c, m]
-        logdet = _cholesky(chol, p)
-        if np.isnan(logdet):
+                    mat[c, m] += amat[g, a, c, m]
+        det = 1.0
+        positive = True
+        for j in range(p):  # LDL': mat[j, j] <- D_j, mat[i, j] <- L_ij
+            d = mat[j, j]
+            for m in range(j):
+                d -= mat[j, m] * mat[j, m] * mat[m, m]
+            if not d > 0.0:
+                positive = False
+                break
+            mat[j, j] = d
+            det *= d
+            for i in range(j + 1, p):
+                s = mat[i, j]
+                for m in range(j):
+                    s -= mat[i, m] * mat[j, m] * mat[m, m]
+                mat[i, j] = s / d
+        if not positive:
             ll[flat] = -np.inf
             continue
-        _forward(chol, bsum, p, zz)
+        logdet = np.log(det)
+        if not (det > 1e-300 and det < 1e300):  # the product under/overflowed: sum the logs
+            logdet = 0.0
+            for j in range(p):
+                logdet += np.log(mat[j, j])
         for c in range(p):
-            total -= zz[c] * zz[c]  # r'Wr = y'Wy - b'(X'WX)^-1 b
+            s = bsum[c]
+            for m in range(c):
+                s -= mat[c, m] * zz[m]
+            zz[c] = s
+            total -= s * s / mat[c, c]  # r'Wr = y'Wy - b'(X'WX)^-1 b
         if reml:
             total += logdet
         ll[flat] = -0.5 * total

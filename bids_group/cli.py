@@ -327,6 +327,13 @@ def _underscored(name: str) -> str:
     "[default: none]",
 )
 @_option(
+    "--variance-groups",
+    metavar="COLUMN",
+    help="Mixed effects (ml, reml; fe, dl, hedges with a design separable by group): one tau² "
+    "per level of this participants.tsv column or entity (FLAME's variance groups). "
+    "[default: the model file's VarianceGroups, else one tau²]",
+)
+@_option(
     "--target-voxel-size",
     type=Setting("target_voxel_size"),
     metavar="MM",
@@ -615,6 +622,7 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         estimator=options["estimator"],
         variance_from=options["variance_from"],
         adjustment=options["adjustment"],
+        variance_groups=options["variance_groups"],
         inference_overrides={k: v for k, v in overrides.items() if v is not None},
         n_jobs=options["n_jobs"],
         work_dir=paths.work_dir,

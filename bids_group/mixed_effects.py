@@ -254,14 +254,14 @@ def _groups_identifiable(design: np.ndarray, index: np.ndarray, n_groups: int) -
     """Every group leaves residual information on its tau^2: ``k_g > p - rank(X_(-g))``, the
     columns that only its maps determine (``k_g > p_g`` for a separable design; ``k_g >= 2``
     for an intercept plus a group difference)."""
-    p = design.shape[1]
-    for g in range(n_groups):
-        rows = index == g
-        others = design[~rows]
-        own = p - (np.linalg.matrix_rank(others) if others.shape[0] else 0)
-        if np.count_nonzero(rows) <= own:
-            return False
-    return True
+    return all(np.count_nonzero(index == g) > _own_columns(design, index == g)
+               for g in range(n_groups))  # fmt: skip
+
+
+def _own_columns(design: np.ndarray, rows: np.ndarray) -> int:
+    """Columns determined by the maps ``rows`` alone: ``p - rank(X without those rows)``."""
+    others = design[~rows]
+    return design.shape[1] - (int(np.linalg.matrix_rank(others)) if others.shape[0] else 0)
 
 
 def _check_fit_inputs(effects, variances, design, method) -> None:
@@ -417,11 +417,7 @@ def _fit_groups(effects, variances, design, method, groups, n_grid) -> MixedFit:
     if cols is not None:
         return _fit_separable(effects, variances, design, method, labels, index, cols, n_grid)
     if method in ("dl", "hedges"):
-        raise UsageError(
-            f"Variance groups with the {method} estimator need a design separable by group "
-            "(every column non-zero in one group's maps only); this design has columns shared "
-            "by several groups: use reml or ml (joint likelihood over the groups' tau^2)."
-        )
+        raise UsageError(_MOMENTS_NEED_SEPARABLE.format(method=method))
     return _fit_joint(effects, variances, design, method, labels, index, n_grid)
 
 
@@ -458,10 +454,45 @@ def _fit_separable(effects, variances, design, method, labels, index, cols, n_gr
     )
 
 
+def check_variance_groups(design: np.ndarray, groups: np.ndarray, method: str) -> None:
+    """Refuse variance groups this design or estimator cannot fit, before any image is read.
+
+    Raises
+    ------
+    UsageError
+        ``dl``/``hedges`` with a design that is not separable by group (no moment estimator
+        of several tau^2 with shared columns is implemented).
+    DataError
+        A group with too few maps for its tau^2 (see :func:`_groups_identifiable`), naming
+        the group, its number of maps and the minimum.
+    """
+    design = np.asarray(design, dtype=np.float64)
+    labels, index = _group_index(np.asarray(groups), design.shape[0])
+    if method in ("dl", "hedges") and _separable_columns(design, index, len(labels)) is None:
+        raise UsageError(_MOMENTS_NEED_SEPARABLE.format(method=method))
+    for g, label in enumerate(labels):
+        rows = index == g
+        own = _own_columns(design, rows)
+        if np.count_nonzero(rows) <= own:
+            raise DataError(
+                f"Variance group {label!r} has {np.count_nonzero(rows)} map(s) but its tau^2 "
+                f"needs at least {own + 1} with this design ({own} column(s) are determined "
+                "by its maps alone): merge it with another group or add maps."
+            )
+
+
+_MOMENTS_NEED_SEPARABLE = (
+    "Variance groups with the {method} estimator need a design separable by group (every "
+    "column non-zero in one group's maps only); this design has columns shared by several "
+    "groups: use reml or ml (joint likelihood over the groups' tau^2)."
+)
+
+
 def group_grid_points(n_groups: int, n_grid: int = DEFAULT_N_GRID) -> int:
-    """Grid values per group of the joint search (0 and log-spaced ones): ``n_grid // 2``,
-    fewer for many groups so that the product grid stays below ~4,096 points (at least 6)."""
-    return max(6, min(n_grid // 2, int(round(4096 ** (1.0 / n_groups)))))
+    """Grid values per group of the joint search (0 and log-spaced ones): ``2 n_grid / 3``
+    (32 by default), fewer for three groups or more so that the product grid stays below
+    ~4,096 points (at least 6 per group)."""
+    return max(6, min(2 * n_grid // 3, int(round(4096 ** (1.0 / n_groups)))))
 
 
 def _fit_joint(effects, variances, design, method, labels, index, n_grid) -> MixedFit:
