@@ -16,7 +16,9 @@ import pytest
 from clicheck import check_failure, run_cli
 from conftest import make_bids_derivatives
 
+from bids_group.errors import SpecError
 from bids_group.mixed_effects import fit_mixed, mixed_contrast
+from bids_group.spec import load_spec
 
 MODEL = """
 Name: groups
@@ -150,3 +152,27 @@ def test_permutation_with_variance_groups_is_refused(dataset, capsys, tmp_path):
 def test_variance_groups_need_a_mixed_estimator(dataset, capsys, tmp_path):
     argv = [dataset, tmp_path / "out", "group", "--variance-groups", "site"]
     check_failure(capsys, argv, tmp_path / "out", 64, "--variance-groups", "--estimator reml")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "value", "needle"),
+    [
+        ("meta", "[site, age]", "is not a column name"),
+        ("glm", "site", "only apply to Type meta"),
+    ],
+)
+def test_model_file_key_is_validated(tmp_path, model_type, value, needle):
+    text = MODEL.format(estimator="reml", column=value).replace("Type: meta", f"Type: {model_type}")
+    if model_type == "glm":
+        text = text.replace("Estimator: reml, ", "")
+    path = tmp_path / "model.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match="VarianceGroups|only apply") as info:
+        load_spec(path)
+    assert needle in str(info.value)
+
+
+def test_model_file_key_is_read(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text(MODEL.format(estimator="ml", column="site"))
+    assert load_spec(path).estimation.variance_groups == "site"
