@@ -344,3 +344,14 @@ def test_results_do_not_depend_on_threads():
         numba.set_num_threads(before)
     np.testing.assert_array_equal(one.tau2, two.tau2)
     np.testing.assert_array_equal(one.beta, two.beta)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_scale_equivariance(scale):
+    """Effects x s, variances x s^2: tau^2 x s^2 (to rounding), the same zeros."""
+    y, v, x, groups = _synthetic(n_vox=200, seed=11)
+    base = fit_mixed(y, v, x, "reml", groups=groups)
+    scaled = fit_mixed(y * scale, v * scale**2, x, "reml", groups=groups)
+    bound = np.maximum(base.tau2, np.median(v, axis=0))
+    assert np.max(np.abs(scaled.tau2 / scale**2 - base.tau2) / bound) < 1e-12
+    np.testing.assert_array_equal(scaled.tau2 == 0, base.tau2 == 0)
