@@ -1012,11 +1012,17 @@ def _grid_loglik(reml, tabs, ll, idx, mat, bsum, zz):
     amat, bvec, cyy, slog = tabs
     n_groups, n_pts = cyy.shape
     p = bvec.shape[2]
+    inv = np.empty(p)  # 1 / D_j: one division per pivot
+    for g in range(n_groups):
+        idx[g] = 0
     for flat in range(ll.shape[0]):
-        rem = flat
-        for g in range(n_groups - 1, -1, -1):
-            idx[g] = rem % n_pts
-            rem //= n_pts
+        if flat > 0:  # odometer over the groups' indices (row-major, last fastest): no division
+            g = n_groups - 1
+            idx[g] += 1
+            while idx[g] == n_pts:
+                idx[g] = 0
+                g -= 1
+                idx[g] += 1
         for c in range(p):
             bsum[c] = 0.0
             for m in range(c + 1):
@@ -1039,28 +1045,28 @@ def _grid_loglik(reml, tabs, ll, idx, mat, bsum, zz):
                 positive = False
                 break
             mat[j, j] = d
+            inv[j] = 1.0 / d
             det *= d
             for i in range(j + 1, p):
                 s = mat[i, j]
                 for m in range(j):
                     s -= mat[i, m] * mat[j, m] * mat[m, m]
-                mat[i, j] = s / d
+                mat[i, j] = s * inv[j]
         if not positive:
             ll[flat] = -np.inf
             continue
-        logdet = np.log(det)
-        if not (det > 1e-300 and det < 1e300):  # the product under/overflowed: sum the logs
-            logdet = 0.0
-            for j in range(p):
-                logdet += np.log(mat[j, j])
         for c in range(p):
             s = bsum[c]
             for m in range(c):
                 s -= mat[c, m] * zz[m]
             zz[c] = s
-            total -= s * s / mat[c, c]  # r'Wr = y'Wy - b'(X'WX)^-1 b
+            total -= s * s * inv[c]  # r'Wr = y'Wy - b'(X'WX)^-1 b
         if reml:
-            total += logdet
+            if det > 1e-300 and det < 1e300:
+                total += np.log(det)
+            else:  # the product under/overflowed: sum the logs
+                for j in range(p):
+                    total += np.log(mat[j, j])
         ll[flat] = -0.5 * total
 
 
@@ -1148,6 +1154,9 @@ def _joint_tau2(y, v, x, k, gi, reml, ws, grid, tabs, ll, starts, gw, rw, cand, 
     chol = np.empty((p, p))
     _grid_loglik(reml, tabs, ll, rw[0], chol, ws[1], ws[2])
     n_starts = _grid_starts(ll, n_groups, n_pts, starts)
+    if n_starts == 0:  # no finite grid value (not expected for a full-rank design): from 0
+        starts[0] = 0
+        n_starts = 1
     scale = np.inf
     for i in range(k):
         scale = min(scale, v[i])
