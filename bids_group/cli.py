@@ -65,7 +65,9 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "participant_labels", "derivatives", "bids_filter_file", "mask", "resample",
         "target_voxel_size", "smoothing_fwhm",
     ),
-    "Model": ("model", "estimator", "variance_from", "adjustment", "min_coverage"),
+    "Model": (
+        "model", "estimator", "variance_from", "adjustment", "variance_groups", "min_coverage",
+    ),
     "Inference": (
         "height_control", "alpha", "threshold", "cluster_threshold", "two_sided", "connectivity",
         "ari", "ari_thresholds", "ari_alpha",
