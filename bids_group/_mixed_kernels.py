@@ -799,6 +799,8 @@ _NEWTON_RTOL = 1e-12
 #: A full Newton step this small (relative) is taken without a line search: the
 #: log-likelihood cannot resolve its gain (it is ~ step^2) in double precision.
 _NEWTON_TRUST = 1e-5
+#: Rounds of axis scans (:func:`_axis_scan`) after the grid's refinements.
+_AXIS_ROUNDS = 2
 #: Top of the grid of each group's tau^2, times the OLS residual sum of squares.
 _GRID_TOP = 10.0
 
@@ -1172,6 +1174,60 @@ def _joint_tau2(y, v, x, k, gi, reml, ws, grid, tabs, ll, starts, gw, rw, cand, 
             best_ll = val
             for g in range(n_groups):
                 best[g] = cand[g]
+    for _ in range(_AXIS_ROUNDS):
+        improved = False
+        for g in range(n_groups):
+            val = _axis_scan(g, best, best_ll, y, v, x, k, gi, reml, scale, ws, gw, rw, grid, cand)
+            if val > best_ll:
+                best_ll = val
+                for e in range(n_groups):
+                    best[e] = cand[e]
+                improved = True
+        if not improved:
+            break
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _axis_scan(g, best, best_ll, y, v, x, k, gi, reml, scale, ws, gw, rw, grid, cand):
+    """The score of group ``g`` along its axis through ``best`` (the others fixed), at every
+    other value of its grid: each cell where it turns from positive to non-positive away from
+    ``best``, and 0 when the score there is not positive, starts :func:`_refine_groups`. The
+    sign test resolves a second maximum whose dip the likelihood values of the coarse grid
+    miss (two maxima nearly equal in height). Returns the best log-likelihood found (``cand``
+    its point), or ``best_ll``."""
+    n_groups, n_pts = grid.shape
+    s = gw[1]
+    found = best_ll
+    keep = np.empty(n_groups)
+    prev_t, prev_s = 0.0, 0.0
+    a = 0
+    while a < n_pts:
+        for e in range(n_groups):
+            cand[e] = best[e]
+        t = grid[g, a]
+        cand[g] = t
+        _group_derivatives(cand, y, v, x, k, gi, reml, ws, gw)
+        score = s[g]
+        start = -1.0
+        if a == 0 and score <= 0.0 and best[g] > 0.0:
+            start = 0.0
+        elif a > 0 and prev_s > 0.0 and score <= 0.0 and not (prev_t <= best[g] <= t):
+            start = prev_t + prev_s * (t - prev_t) / (prev_s - score)
+        if start >= 0.0:
+            for e in range(n_groups):
+                cand[e] = best[e]
+            cand[g] = start
+            val = _refine_groups(cand, y, v, x, k, gi, reml, scale, ws, gw, rw)
+            if val > found:
+                found = val
+                for e in range(n_groups):
+                    keep[e] = cand[e]
+        prev_t, prev_s = t, score
+        a = a + 2 if a + 2 < n_pts or a == n_pts - 1 else n_pts - 1
+    if found > best_ll:
+        for e in range(n_groups):
+            cand[e] = keep[e]
+    return found
 
 
 @numba.njit(cache=True, error_model="numpy")
