@@ -771,3 +771,536 @@ def relabelled_stats(rt, ft, vt, ok, x, method, n_grid, signs, perms, cmat, adj,
                         scale = 1.0
                 out[b, j0 + jj] = _contrast_stat(beta, cov, rwr, jj, cmat, scale, m_buf, e_buf,
                                                  z_buf)  # fmt: skip
+
+
+# --- Variance groups: one tau^2 per group, joint ML/REML search (any design) ------------------
+#
+# With a group index g(i) per map, w_i = 1 / (v_i + tau^2_g(i)) and D_g the 0/1 diagonal of the
+# maps of group g, the derivatives of the profile log-likelihoods generalise those above
+# (d P / d tau^2_g = -P D_g P, u = P y = W r):
+#
+#     ML:    dl/dtau_g   = 1/2 [ u'D_g u - tr(W D_g) ]
+#            d2l         = 1/2 delta_gh tr(W^2 D_g) - u'D_g P D_h u
+#     REML:  dl_R/dtau_g = 1/2 [ u'D_g u - tr(P D_g) ]
+#            d2l_R       = 1/2 tr(P D_g P D_h) - u'D_g P D_h u
+#
+# With z_i = L^-1 x_i (L L' = X'WX), P_ij = delta_ij w_i - w_i w_j z_i'z_j, so every term is a
+# sum over maps (O(k p^2)): tr(P D_g) = sum_g (w_i - w_i^2 |z_i|^2),
+# tr(P D_g P D_h) = delta_gh sum_g (w_i^2 - 2 w_i^3 |z_i|^2) + tr(M_g M_h) with
+# M_g = sum_g w_i^2 z_i z_i', and u'D_g P D_h u = delta_gh sum_g w_i u_i^2 - t_g't_h with
+# t_g = sum_g w_i u_i z_i. The expected information (1/2 tr(P D_g P D_h) for REML,
+# 1/2 delta_gh tr(W^2 D_g) for ML) is positive definite: the fallback ascent direction.
+
+#: Local maxima of the grid refined per voxel (the best ones by log-likelihood).
+_MAX_STARTS = 4
+_NEWTON_MAX_ITER = 100
+#: Relative step below which the projected Newton iteration has converged.
+_NEWTON_RTOL = 1e-12
+#: A full Newton step this small (relative) is taken without a line search: the
+#: log-likelihood cannot resolve its gain (it is ~ step^2) in double precision.
+_NEWTON_TRUST = 1e-5
+#: Rounds of axis scans (:func:`_axis_scan`) after the grid's refinements.
+_AXIS_ROUNDS = 2
+#: Top of the grid of each group's tau^2, times the OLS residual sum of squares.
+_GRID_TOP = 10.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _with_groups(v, gi, k, tau, vt):
+    """``vt_i = v_i + tau[g(i)]``: the total variance of each map (then WLS at tau^2 = 0)."""
+    for i in range(k):
+        vt[i] = v[i] + tau[gi[i]]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loglik_groups(tau, y, v, x, k, gi, reml, ws, vt):
+    """:func:`_loglik` with one tau^2 per group (``vt`` is work space)."""
+    _with_groups(v, gi, k, tau, vt)
+    return _loglik(0.0, y, vt, x, k, reml, ws)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _group_derivatives(tau, y, v, x, k, gi, reml, ws, gw):
+    """Score ``s`` (G,), Hessian ``h`` (G, G) and expected information ``f`` (G, G) at
+    ``tau`` (see the formulas above), in ``gw = (vt, s, h, f, mg, tg, acc)``."""
+    chol, beta, tmp, resid, w, z = ws
+    vt, s, h, f, mg, tg, acc = gw
+    n_groups = s.shape[0]
+    p = x.shape[1]
+    _with_groups(v, gi, k, tau, vt)
+    _wls(0.0, y, vt, x, k, chol, beta, tmp, resid, w, False)
+    acc[:] = 0.0  # rows: u'D_g u, tr W D_g, tr W^2 D_g, sum_g w^2 q, sum_g w^3 q, sum_g w u^2
+    mg[:] = 0.0
+    tg[:] = 0.0
+    for i in range(k):
+        _forward(chol, x[i], p, z[0])
+        q = 0.0
+        for a in range(p):
+            q += z[0, a] * z[0, a]
+        g = gi[i]
+        wi = w[i]
+        u = wi * resid[i]
+        acc[0, g] += u * u
+        acc[1, g] += wi
+        acc[2, g] += wi * wi
+        acc[3, g] += wi * wi * q
+        acc[4, g] += wi * wi * wi * q
+        acc[5, g] += wi * u * u
+        for a in range(p):
+            tg[g, a] += wi * u * z[0, a]
+            for b in range(p):
+                mg[g, a, b] += wi * wi * z[0, a] * z[0, b]
+    for g in range(n_groups):
+        trace = acc[1, g] - acc[3, g] if reml else acc[1, g]
+        s[g] = 0.5 * (acc[0, g] - trace)
+        for e in range(n_groups):
+            upu = 0.0
+            for a in range(p):
+                upu -= tg[g, a] * tg[e, a]
+            info = 0.0
+            if g == e:
+                upu += acc[5, g]
+                info = acc[2, g] - 2.0 * acc[4, g] if reml else acc[2, g]
+            if reml:
+                for a in range(p):
+                    for b in range(p):
+                        info += mg[g, a, b] * mg[e, b, a]
+            f[g, e] = 0.5 * info
+            h[g, e] = f[g, e] - upu
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _solve_free(mat, rhs, free, nf, out, lmat, work):
+    """Solve ``mat[free, free] d = rhs[free]`` by Cholesky; False when not positive definite."""
+    for a in range(nf):
+        for b in range(a + 1):
+            lmat[a, b] = mat[free[a], free[b]]
+    if np.isnan(_cholesky(lmat, nf)):
+        return False
+    for a in range(nf):
+        work[0, a] = rhs[free[a]]
+    _forward(lmat, work[0], nf, work[1])
+    _backward(lmat, work[1], nf, out)
+    return True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _ascent_direction(s, h, f, free, nf, d, lmat, work):
+    """Newton direction on the free groups when the Hessian there is negative definite
+    (returns True), else Fisher scoring (the expected information), else the gradient."""
+    n_groups = s.shape[0]
+    neg = work[2 : 2 + n_groups, :n_groups]
+    for a in range(n_groups):
+        for b in range(n_groups):
+            neg[a, b] = -h[a, b]
+    if _solve_free(neg, s, free, nf, d, lmat, work):
+        return True
+    if not _solve_free(f, s, free, nf, d, lmat, work):
+        for a in range(nf):
+            d[a] = s[free[a]] / max(f[free[a], free[a]], 1e-300)
+    return False
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _refine_groups(tau, y, v, x, k, gi, reml, scale, ws, gw, rw):
+    """Projected Newton ascent from ``tau`` (G,), in place; returns the log-likelihood.
+
+    Groups at 0 whose score is not positive are held at exactly 0 (the active bound); the
+    step on the others is Newton where the Hessian is negative definite, else Fisher
+    scoring, projected onto ``tau >= 0`` (a group crossing 0 lands exactly on 0) and halved
+    until the log-likelihood increases. ``scale`` (a variance of the voxel) sets the
+    absolute part of the convergence test near 0.
+    """
+    vt, s, h, f, mg, tg, acc = gw
+    free, d, trial, lmat, work = rw
+    n_groups = tau.shape[0]
+    ll = _loglik_groups(tau, y, v, x, k, gi, reml, ws, vt)
+    for _ in range(_NEWTON_MAX_ITER):
+        _group_derivatives(tau, y, v, x, k, gi, reml, ws, gw)
+        nf = 0
+        for g in range(n_groups):
+            if tau[g] > 0.0 or s[g] > 0.0:
+                free[nf] = g
+                nf += 1
+        if nf == 0:
+            break
+        newton = _ascent_direction(s, h, f, free, nf, d, lmat, work)
+        small = True
+        for a in range(nf):
+            g = free[a]
+            if abs(d[a]) > _NEWTON_TRUST * (tau[g] + scale):
+                small = False
+        step = 1.0
+        accepted = False
+        for _half in range(60):
+            for g in range(n_groups):
+                trial[g] = tau[g]
+            for a in range(nf):
+                trial[free[a]] = max(0.0, tau[free[a]] + step * d[a])
+            ll_trial = _loglik_groups(trial, y, v, x, k, gi, reml, ws, vt)
+            if ll_trial >= ll or (newton and small and step == 1.0):
+                accepted = True
+                break
+            step *= 0.5
+        if not accepted:
+            break
+        converged = True
+        for g in range(n_groups):
+            if abs(trial[g] - tau[g]) > _NEWTON_RTOL * (tau[g] + scale):
+                converged = False
+            tau[g] = trial[g]
+        ll = ll_trial
+        if converged:
+            break
+    return ll
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _group_grid_tables(y, v, x, k, gi, reml, ws, grid, tabs):
+    """Per group ``g`` and grid value ``grid[g, a]`` of its tau^2, the group's parts of the
+    log-likelihood: ``X'WX`` (lower triangle), ``X'Wy``, ``y'Wy`` and ``sum log(v + tau^2)``
+    over its maps. The likelihood at a grid point is then a sum over groups plus one p x p
+    Cholesky (the cost of the G-dimensional grid does not grow with the number of maps)."""
+    chol, beta, tmp, resid, w, z = ws
+    amat, bvec, cyy, slog = tabs
+    n_groups, n_pts = grid.shape
+    p = x.shape[1]
+    # The grid spans 1e-3 of the group's smallest variance to 10x the OLS residual sum of
+    # squares (no tau^2 can exceed the spread of the residuals by that much); the projected
+    # Newton refinement is not bounded by it.
+    for i in range(k):
+        w[i] = 0.0
+    _, rss, _ = _wls(1.0, y, w, x, k, chol, beta, tmp, resid, z[:, 0], False)
+    for g in range(n_groups):
+        vmin = np.inf
+        for i in range(k):
+            if gi[i] == g:
+                vmin = min(vmin, v[i])
+        lo = 1e-3 * vmin if vmin < np.inf else 1.0
+        hi = max(_GRID_TOP * rss, 10.0 * lo)
+        grid[g, 0] = 0.0
+        factor = np.exp(np.log(hi / lo) / (n_pts - 2))
+        for a in range(1, n_pts):
+            grid[g, a] = hi if a == n_pts - 1 else lo * factor ** (a - 1)
+    amat[:] = 0.0
+    bvec[:] = 0.0
+    cyy[:] = 0.0
+    slog[:] = 0.0
+    for g in range(n_groups):
+        for a in range(n_pts):
+            t = grid[g, a]
+            for i in range(k):
+                if gi[i] != g:
+                    continue
+                s = v[i] + t
+                wi = 1.0 / s
+                slog[g, a] += np.log(s)
+                cyy[g, a] += wi * y[i] * y[i]
+                for c in range(p):
+                    wx = wi * x[i, c]
+                    bvec[g, a, c] += wx * y[i]
+                    for m in range(c + 1):
+                        amat[g, a, c, m] += wx * x[i, m]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grid_loglik(reml, tabs, ll, idx, mat, bsum, zz):
+    """Log-likelihood at every point of the product grid (row-major over groups).
+
+    ``X'WX = L D L'`` (unit lower ``L``, no square roots) with ``log|X'WX| = log prod D`` (one
+    log per point: the grid is the hot loop), ``r'Wr = y'Wy - sum_c z_c^2 / D_c`` with
+    ``L z = X'Wy``.
+    """
+    amat, bvec, cyy, slog = tabs
+    n_groups, n_pts = cyy.shape
+    p = bvec.shape[2]
+    inv = np.empty(p)  # 1 / D_j: one division per pivot
+    for g in range(n_groups):
+        idx[g] = 0
+    for flat in range(ll.shape[0]):
+        if flat > 0:  # odometer over the groups' indices (row-major, last fastest): no division
+            g = n_groups - 1
+            idx[g] += 1
+            while idx[g] == n_pts:
+                idx[g] = 0
+                g -= 1
+                idx[g] += 1
+        for c in range(p):
+            bsum[c] = 0.0
+            for m in range(c + 1):
+                mat[c, m] = 0.0
+        total = 0.0
+        for g in range(n_groups):
+            a = idx[g]
+            total += slog[g, a] + cyy[g, a]
+            for c in range(p):
+                bsum[c] += bvec[g, a, c]
+                for m in range(c + 1):
+                    mat[c, m] += amat[g, a, c, m]
+        det = 1.0
+        positive = True
+        for j in range(p):  # LDL': mat[j, j] <- D_j, mat[i, j] <- L_ij
+            d = mat[j, j]
+            for m in range(j):
+                d -= mat[j, m] * mat[j, m] * mat[m, m]
+            if not d > 0.0:
+                positive = False
+                break
+            mat[j, j] = d
+            inv[j] = 1.0 / d
+            det *= d
+            for i in range(j + 1, p):
+                s = mat[i, j]
+                for m in range(j):
+                    s -= mat[i, m] * mat[j, m] * mat[m, m]
+                mat[i, j] = s * inv[j]
+        if not positive:
+            ll[flat] = -np.inf
+            continue
+        for c in range(p):
+            s = bsum[c]
+            for m in range(c):
+                s -= mat[c, m] * zz[m]
+            zz[c] = s
+            total -= s * s * inv[c]  # r'Wr = y'Wy - b'(X'WX)^-1 b
+        if reml:
+            if det > 1e-300 and det < 1e300:
+                total += np.log(det)
+            else:  # the product under/overflowed: sum the logs
+                for j in range(p):
+                    total += np.log(mat[j, j])
+        ll[flat] = -0.5 * total
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grid_starts(ll, n_groups, n_pts, starts):
+    """Flat indices of the grid's local maxima (no neighbour in the 3^G box is higher; of
+    equal neighbours the first counts), best first, at most ``starts.shape[0]``."""
+    n_found = 0
+    idx = np.empty(n_groups, dtype=np.int64)
+    for flat in range(ll.shape[0]):
+        val = ll[flat]
+        if not val > -np.inf:
+            continue
+        rem = flat
+        for g in range(n_groups - 1, -1, -1):
+            idx[g] = rem % n_pts
+            rem //= n_pts
+        is_max = True
+        for off in range(3**n_groups):
+            code = off
+            nb = 0
+            inside = True
+            for g in range(n_groups):
+                step = code % 3 - 1
+                code //= 3
+                a = idx[g] + step
+                if a < 0 or a >= n_pts:
+                    inside = False
+                nb = nb * n_pts + a
+            if not inside or nb == flat:
+                continue
+            if ll[nb] > val or (ll[nb] == val and nb < flat):
+                is_max = False
+                break
+        if not is_max:
+            continue
+        pos = n_found if n_found < starts.shape[0] else starts.shape[0]
+        while pos > 0 and ll[starts[pos - 1]] < val:
+            pos -= 1
+        if pos < starts.shape[0]:
+            last = min(n_found, starts.shape[0] - 1)
+            for q in range(last, pos, -1):
+                starts[q] = starts[q - 1]
+            starts[pos] = flat
+            n_found = min(n_found + 1, starts.shape[0])
+    return n_found
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _group_workspace(n_maps, p, n_groups, n_pts):
+    """Work arrays of one chunk of the joint search."""
+    tabs = (
+        np.empty((n_groups, n_pts, p, p)),
+        np.empty((n_groups, n_pts, p)),
+        np.empty((n_groups, n_pts)),
+        np.empty((n_groups, n_pts)),
+    )
+    gw = (
+        np.empty(n_maps),
+        np.empty(n_groups),
+        np.empty((n_groups, n_groups)),
+        np.empty((n_groups, n_groups)),
+        np.empty((n_groups, p, p)),
+        np.empty((n_groups, p)),
+        np.empty((6, n_groups)),
+    )
+    rw = (
+        np.empty(n_groups, dtype=np.int64),
+        np.empty(n_groups),
+        np.empty(n_groups),
+        np.empty((n_groups, n_groups)),
+        np.empty((2 + n_groups, max(n_groups, 2))),
+    )
+    return tabs, gw, rw
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _joint_tau2(y, v, x, k, gi, reml, ws, grid, tabs, ll, starts, gw, rw, cand, best):
+    """Global maximiser over tau^2_g >= 0 of one voxel's ML/REML log-likelihood: the product
+    grid, then :func:`_refine_groups` from each of its best local maxima; the highest
+    log-likelihood wins (ties: the earlier start). Fills ``best`` (G,)."""
+    n_groups, n_pts = grid.shape
+    _group_grid_tables(y, v, x, k, gi, reml, ws, grid, tabs)
+    p = x.shape[1]
+    chol = np.empty((p, p))
+    _grid_loglik(reml, tabs, ll, rw[0], chol, ws[1], ws[2])
+    n_starts = _grid_starts(ll, n_groups, n_pts, starts)
+    if n_starts == 0:  # no finite grid value (not expected for a full-rank design): from 0
+        starts[0] = 0
+        n_starts = 1
+    scale = np.inf
+    for i in range(k):
+        scale = min(scale, v[i])
+    scale *= 1e-6
+    best_ll = -np.inf
+    for q in range(n_starts):
+        rem = starts[q]
+        for g in range(n_groups - 1, -1, -1):
+            cand[g] = grid[g, rem % n_pts]
+            rem //= n_pts
+        val = _refine_groups(cand, y, v, x, k, gi, reml, scale, ws, gw, rw)
+        if val > best_ll or q == 0:
+            best_ll = val
+            for g in range(n_groups):
+                best[g] = cand[g]
+    for _ in range(_AXIS_ROUNDS):
+        improved = False
+        for g in range(n_groups):
+            val = _axis_scan(g, best, best_ll, y, v, x, k, gi, reml, scale, ws, gw, rw, grid, cand)
+            if val > best_ll:
+                best_ll = val
+                for e in range(n_groups):
+                    best[e] = cand[e]
+                improved = True
+        if not improved:
+            break
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _axis_scan(g, best, best_ll, y, v, x, k, gi, reml, scale, ws, gw, rw, grid, cand):
+    """The score of group ``g`` along its axis through ``best`` (the others fixed), at every
+    other value of its grid: each cell where it turns from positive to non-positive away from
+    ``best``, and 0 when the score there is not positive, starts :func:`_refine_groups`. The
+    sign test resolves a second maximum whose dip the likelihood values of the coarse grid
+    miss (two maxima nearly equal in height). Returns the best log-likelihood found (``cand``
+    its point), or ``best_ll``."""
+    n_groups, n_pts = grid.shape
+    s = gw[1]
+    found = best_ll
+    keep = np.empty(n_groups)
+    prev_t, prev_s = 0.0, 0.0
+    a = 0
+    while a < n_pts:
+        for e in range(n_groups):
+            cand[e] = best[e]
+        t = grid[g, a]
+        cand[g] = t
+        _group_derivatives(cand, y, v, x, k, gi, reml, ws, gw)
+        score = s[g]
+        start = -1.0
+        if a == 0 and score <= 0.0 and best[g] > 0.0:
+            start = 0.0
+        elif a > 0 and prev_s > 0.0 and score <= 0.0 and not (prev_t <= best[g] <= t):
+            start = prev_t + prev_s * (t - prev_t) / (prev_s - score)
+        if start >= 0.0:
+            for e in range(n_groups):
+                cand[e] = best[e]
+            cand[g] = start
+            val = _refine_groups(cand, y, v, x, k, gi, reml, scale, ws, gw, rw)
+            if val > found:
+                found = val
+                for e in range(n_groups):
+                    keep[e] = cand[e]
+        prev_t, prev_s = t, score
+        a = a + 2 if a + 2 < n_pts or a == n_pts - 1 else n_pts - 1
+    if found > best_ll:
+        for e in range(n_groups):
+            cand[e] = keep[e]
+    return found
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _compact_groups(ok, groups, j, gi):
+    """Voxel ``j``'s group index of each valid map, in the order of :func:`_compact`."""
+    k = 0
+    for i in range(ok.shape[1]):
+        if ok[j, i]:
+            gi[k] = groups[i]
+            k += 1
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fit_chunk_groups(yt, vt, ok, estimable, x, groups, reml, n_pts, j0, j1, out):
+    beta, cov, tau2, rwr = out
+    n_maps, p = x.shape
+    n_groups = tau2.shape[0]
+    y, v, xv, ws = _workspace(n_maps, p)
+    chol, b, tmp, resid, w, z = ws
+    tabs, gw, rw = _group_workspace(n_maps, p, n_groups, n_pts)
+    grid = np.empty((n_groups, n_pts))
+    ll = np.empty(n_pts**n_groups)
+    starts = np.empty(_MAX_STARTS, dtype=np.int64)
+    gi = np.empty(n_maps, dtype=np.int64)
+    cand = np.empty(n_groups)
+    best = np.empty(n_groups)
+    total = np.empty(n_maps)
+    for j in range(j0, j1):
+        if not estimable[j]:
+            continue
+        k = _compact(yt, vt, ok, x, j, y, v, xv)
+        _compact_groups(ok, groups, j, gi)
+        _joint_tau2(y, v, xv, k, gi, reml, ws, grid, tabs, ll, starts, gw, rw, cand, best)
+        _with_groups(v, gi, k, best, total)
+        _, rwr[j], _ = _wls(0.0, y, total, xv, k, chol, b, tmp, resid, w, False)
+        for g in range(n_groups):
+            tau2[g, j] = best[g]
+        _store(j, p, ws, beta, cov)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def fit_voxels_groups(yt, vt, ok, estimable, x, groups, reml, n_pts, beta, cov, tau2, rwr):
+    """ML/REML fit with one tau^2 per variance group (any design), then WLS at them.
+
+    Parameters
+    ----------
+    yt, vt, ok, estimable, x : as :func:`fit_voxels`
+    groups : (n_maps,) int64, the group index (0..G-1) of each map
+    reml : bool
+    n_pts : int, grid values per group (0 and ``n_pts - 1`` log-spaced); ``n_pts^G`` points
+    beta, cov, rwr : outputs as :func:`fit_voxels`; tau2 : (G, V)
+    """
+    n_vox = yt.shape[0]
+    out = (beta, cov, tau2, rwr)
+    for c in numba.prange((n_vox + _CHUNK - 1) // _CHUNK):
+        j0, j1 = c * _CHUNK, min((c + 1) * _CHUNK, n_vox)
+        _fit_chunk_groups(yt, vt, ok, estimable, x, groups, reml, n_pts, j0, j1, out)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loglik_voxels_groups(yt, vt, ok, x, groups, tau2, reml, out):
+    """ML or REML log-likelihood (constants dropped) of every voxel at its ``tau2`` (G, V)."""
+    n_vox, n_maps = yt.shape
+    p = x.shape[1]
+    n_groups = tau2.shape[0]
+    for c in numba.prange((n_vox + _CHUNK - 1) // _CHUNK):
+        y, v, xv, ws = _workspace(n_maps, p)
+        gi = np.empty(n_maps, dtype=np.int64)
+        tau = np.empty(n_groups)
+        total = np.empty(n_maps)
+        for j in range(c * _CHUNK, min((c + 1) * _CHUNK, n_vox)):
+            k = _compact(yt, vt, ok, x, j, y, v, xv)
+            _compact_groups(ok, groups, j, gi)
+            for g in range(n_groups):
+                tau[g] = tau2[g, j]
+            out[j] = _loglik_groups(tau, y, v, xv, k, gi, reml, ws, total)

@@ -65,7 +65,9 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "participant_labels", "derivatives", "bids_filter_file", "mask", "resample",
         "target_voxel_size", "smoothing_fwhm",
     ),
-    "Model": ("model", "estimator", "variance_from", "adjustment", "min_coverage"),
+    "Model": (
+        "model", "estimator", "variance_from", "adjustment", "variance_groups", "min_coverage",
+    ),
     "Inference": (
         "height_control", "alpha", "threshold", "cluster_threshold", "two_sided", "connectivity",
         "ari", "ari_thresholds", "ari_alpha",
@@ -326,6 +328,13 @@ def _underscored(name: str) -> str:
     type=click.Choice(ADJUSTMENTS),
     help="Mixed effects: small-sample adjustment of t/F (Knapp-Hartung, or floored at 1). "
     "[default: none]",
+)
+@_option(
+    "--variance-groups",
+    metavar="COLUMN",
+    help="Mixed effects (ml, reml; fe, dl, hedges with a design separable by group): one tau² "
+    "per level of this participants.tsv column or entity (FLAME's variance groups). "
+    "[default: the model file's VarianceGroups, else one tau²]",
 )
 @_option(
     "--target-voxel-size",
@@ -628,6 +637,7 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         estimator=options["estimator"],
         variance_from=options["variance_from"],
         adjustment=options["adjustment"],
+        variance_groups=options["variance_groups"],
         inference_overrides={k: v for k, v in overrides.items() if v is not None},
         n_jobs=options["n_jobs"],
         work_dir=paths.work_dir,

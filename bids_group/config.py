@@ -150,6 +150,7 @@ class RunConfig:
     estimator: str | None = None
     variance_from: str | None = None
     adjustment: str | None = None
+    variance_groups: str | None = None
     input_files: tuple[Path, ...] = ()
 
 
@@ -306,11 +307,14 @@ def resolve_estimation(from_model: EstimationSpec, config: RunConfig) -> Estimat
     Raises
     ------
     UsageError
-        ``--variance-from`` or ``--adjustment`` with the OLS estimator (they would do nothing).
+        ``--variance-from``, ``--adjustment`` or ``--variance-groups`` with the OLS estimator
+        (they would do nothing).
     """
     estimator = config.estimator or from_model.estimator
-    if estimator == "ols" and (config.variance_from or config.adjustment):
-        option = "--variance-from" if config.variance_from else "--adjustment"
+    if estimator == "ols" and (config.variance_from or config.adjustment or config.variance_groups):
+        option = "--variance-from" if config.variance_from else (
+            "--adjustment" if config.adjustment else "--variance-groups"
+        )  # fmt: skip
         raise UsageError(
             f"{option} applies to mixed-effects estimators only; add --estimator reml (or "
             "another of fe, dl, hedges, ml), or set Model.Type: meta in the model file"
@@ -319,4 +323,5 @@ def resolve_estimation(from_model: EstimationSpec, config: RunConfig) -> Estimat
         estimator=estimator,
         variance_from=config.variance_from or from_model.variance_from,
         adjustment=config.adjustment or from_model.adjustment,
+        variance_groups=config.variance_groups or from_model.variance_groups,
     )

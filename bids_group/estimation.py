@@ -9,6 +9,7 @@ what the report and the sidecars say about it. A new estimator plugs in here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -109,7 +110,17 @@ class FittedModel:
                 if self.dof_varies
                 else "n - p at every voxel"
             )
+            if self.mixed.group_labels:
+                info["VarianceGroups"] = self.variance_groups()
         return info
+
+    def variance_groups(self) -> dict[str, Any]:
+        """The variance groups of a mixed fit: the column and its levels (tau^2 volume order)."""
+        assert self.mixed is not None
+        return {
+            "Column": self.estimation.variance_groups,
+            "Levels": [str(g) for g in self.mixed.group_labels],
+        }
 
     def model_maps(
         self, data: np.ndarray, *, residuals: bool
@@ -140,10 +151,13 @@ class FittedModel:
         assert self.mixed is not None
         if self.missing:
             return self._missing_maps(data)
-        maps = [
-            ("tau2", self.mixed.tau2,
-             {"Statistic": "between-subject variance tau^2 of the mixed-effects model"}),
-        ]  # fmt: skip
+        about = {"Statistic": "between-subject variance tau^2 of the mixed-effects model"}
+        if self.mixed.group_labels:  # 4-D: one volume per group, in the order of the levels
+            about = {
+                "Statistic": "between-subject variance tau^2 of each variance group, one "
+                "volume per group in the order of VarianceGroups.Levels"
+            }
+        maps = [("tau2", self.mixed.tau2, about)]  # fmt: skip
         if self.dof_varies:
             maps.append(("dof", self.mixed.dof, {"Statistic": "residual degrees of freedom"}))
             maps.append(("nmaps", self.mixed.n_used.astype(np.float64),
@@ -184,13 +198,20 @@ class FittedModel:
                 ("voxels missing some map", f"{int(np.count_nonzero(n < n.max())):,}"),
             ]  # fmt: skip
         elif self.mixed is not None:
-            tau2 = self.mixed.tau2
+            tau2 = np.atleast_2d(self.mixed.tau2)
+            names = [f"tau² of {self.estimation.variance_groups} {g} " for g in
+                     self.mixed.group_labels] or ["tau² "]  # fmt: skip
             facts += [
                 ("first-level variances", f"stat-{self.estimation.variance_from} maps"),
                 ("small-sample adjustment", self.estimation.adjustment),
-                ("tau² (median, 95th percentile)",
-                 f"{np.median(tau2):.4g}, {np.percentile(tau2, 95):.4g}; "
-                 f"0 at {np.mean(tau2 == 0):.0%} of voxels"),
+            ]
+            facts += [
+                (f"{name}(median, 95th percentile)",
+                 f"{np.median(row):.4g}, {np.percentile(row, 95):.4g}; "
+                 f"0 at {np.mean(row == 0):.0%} of voxels")
+                for name, row in zip(names, tau2, strict=True)
+            ]  # fmt: skip
+            facts += [
                 ("values excluded (variance <= 0 or not finite)",
                  f"{self.mixed.n_excluded_values:,} at "
                  f"{self.mixed.n_voxels_with_exclusions:,} voxels"),
@@ -203,6 +224,7 @@ def fit_model(
     data: np.ndarray | TiledMaps,
     design: np.ndarray,
     variances: np.ndarray | None = None,
+    groups: Sequence[Any] | None = None,
     *,
     budget: int | None = None,
 ) -> FittedModel:
@@ -210,7 +232,8 @@ def fit_model(
 
     ``data``: an array, or the tiled store (:class:`~bids_group.memory.TiledMaps`; OLS only).
     ``budget`` (bytes) sizes the OLS fit's working arrays (:func:`bids_group.glm.fit_ols`).
-    ``variances`` (same shape as ``data``) are required by the mixed-effects estimators.
+    ``variances`` (same shape as ``data``) are required by the mixed-effects estimators;
+    ``groups`` (one label per map) gives one tau^2 per variance group.
     Voxels where a mixed-effects model is not estimable must have been removed by the
     caller (:func:`mixed_estimable`).
     """
@@ -226,7 +249,8 @@ def fit_model(
 
     if not isinstance(data, np.ndarray):
         raise TypeError("the mixed-effects fit needs the data in memory, not the tiled store")
-    fit = fit_mixed(data, variances, design, method=estimation.estimator)
+    labels = None if groups is None else np.asarray(groups)
+    fit = fit_mixed(data, variances, design, method=estimation.estimator, groups=labels)
     dof = float(data.shape[0] - np.linalg.matrix_rank(design))
     if fit.n_voxels_with_exclusions:
         log.warning(
@@ -254,8 +278,14 @@ def _fit_ols_missing(
                        spans_constant=spans)  # fmt: skip
 
 
-def mixed_estimable(data: np.ndarray, variances: np.ndarray, design: np.ndarray) -> np.ndarray:
-    """Voxels where a mixed-effects fit is possible: enough valid maps for the design."""
+def mixed_estimable(
+    data: np.ndarray,
+    variances: np.ndarray,
+    design: np.ndarray,
+    groups: Sequence[Any] | None = None,
+) -> np.ndarray:
+    """Voxels where a mixed-effects fit is possible: enough valid maps for the design (and
+    for every variance group's tau^2)."""
     from bids_group.mixed_effects import estimable_voxels
 
-    return estimable_voxels(data, variances, design)
+    return estimable_voxels(data, variances, design, None if groups is None else np.asarray(groups))

@@ -94,6 +94,8 @@ class Analysis:
     variables: Any = None
     #: Mixed-effects models: the sibling map giving each map's first-level variance.
     variance_paths: tuple[Path, ...] = ()
+    #: Mixed-effects models with VarianceGroups: each map's group (its level of the column).
+    variance_groups: tuple[str, ...] | None = None
 
     @property
     def input_contrast(self) -> str | None:
@@ -345,6 +347,13 @@ def _check_estimation(
             "describe (and interpolated variances can turn negative); resample at the first "
             "level instead"
         )
+    if inference.permutation and estimation.variance_groups:
+        # the permutation refit (pipeline_permutation.MixedInputs) has one tau^2 per voxel
+        raise UsageError(
+            f"permutation inference ({', '.join(inference.permutation)}) with variance groups "
+            f"(--variance-groups / VarianceGroups {estimation.variance_groups!r}) is not "
+            "available yet: use parametric inference, or one tau^2 (no variance groups)"
+        )
     if inference.permutation and inference.perm_scheme == "permute":
         raise UsageError(
             f"--perm-scheme permute with the {estimation.estimator} estimator: the maps' errors "
@@ -399,8 +408,50 @@ def plan_analyses(
             if spec.estimation.mixed
             else ()
         )
-        analyses.append(Analysis(group, group_maps, design, contrasts, variables, variance_paths))
+        groups = _variance_groups(spec.estimation, variables, design, group_maps, group)
+        analyses.append(
+            Analysis(group, group_maps, design, contrasts, variables, variance_paths, groups)
+        )
     return tuple(analyses)
+
+
+def _variance_groups(
+    estimation: EstimationSpec,
+    variables: Any,
+    design: Design,
+    maps: Sequence[InputMap],
+    group: Mapping[str, Any],
+) -> tuple[str, ...] | None:
+    """Each map's level of the VarianceGroups column, checked against the design (enough maps
+    per group, an estimator that can fit it) before any image is read."""
+    column = estimation.variance_groups
+    if not column or not estimation.mixed:
+        return None
+    where = ", ".join(f"{k} {v}" for k, v in group.items())
+    suffix = f" (model for {where})" if where else ""
+    if column not in variables.columns:
+        known = ", ".join(sorted(str(c) for c in variables.columns))
+        raise UsageError(
+            f"VarianceGroups / --variance-groups: {column!r} is not a participants.tsv column "
+            f"or an entity of the maps{suffix}; known: {known}"
+        )
+    values = variables[column]
+    missing = [f"sub-{m.entities.get('subject')}"
+               for m, bad in zip(maps, values.isna(), strict=True) if bad]  # fmt: skip
+    if missing:
+        raise DataError(
+            f"VarianceGroups column {column!r} has no value for subject(s) {listing(missing)}"
+            f"{suffix}: fill it in participants.tsv or leave those subjects out"
+        )
+    labels = tuple(str(v) for v in values)
+    from bids_group.mixed_effects import check_variance_groups
+
+    try:
+        check_variance_groups(design.matrix, np.array(labels), estimation.estimator)
+    except (DataError, UsageError) as err:
+        context = f"VarianceGroups {column!r}" + (f", model for {where}" if where else "")
+        raise type(err)(f"{err} ({context})") from err
+    return labels
 
 
 def _warn_zero_rows(design: Design, maps: Sequence[InputMap], group: Mapping[str, Any]) -> None:
@@ -574,7 +625,7 @@ def _analyse(
         mixed = MixedInputs(variances, spec.estimation.estimator, spec.estimation.adjustment)
         jobs = {name: replace(job, mixed=mixed) for name, job in (jobs or {}).items()}
     fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances,
-                    budget=budget)  # fmt: skip
+                    analysis.variance_groups, budget=budget)  # fmt: skip
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)
     written += _write_model_maps(analysis, fit, data, node_dir, writer, config.write_residuals)
@@ -620,6 +671,7 @@ def _analyse(
         "columns": list(analysis.design.columns),
         "dof": int(fit.dof),
         "estimator": spec.estimation.estimator,
+        **({"variance_groups": fit.variance_groups()} if analysis.variance_groups else {}),
         "mask_voxels": int(data.data.shape[1]),
         "contrasts": contrasts_summary,
     }
@@ -682,14 +734,24 @@ def _analysis_report(
         names = tuple(naming.figure_name(contrast=label, stat=stat, kind=kind,
                                          **analysis.name_entities)
                       for kind in naming.FIGURE_SUFFIXES)  # fmt: skip
-        volume = np.zeros(data.mask.shape)
-        volume[data.mask] = values
-        if np.any(volume > 0):
-            extra = view.figures(volume, threshold=None, label=shown.split(" ")[0],
-                                 names=names, title=f"{text[0].upper()}{text[1:]} ({where})",
-                                 shown=shown)  # fmt: skip
-        else:  # an empty figure says less than one line
-            notes = ("Between-subject variance: tau² = 0 at every voxel (no figure).",)
+        levels = (None,) if fit.missing else (fit.mixed.group_labels or (None,))
+        for level, row in zip(levels, np.atleast_2d(values), strict=True):
+            volume = np.zeros(data.mask.shape)
+            volume[data.mask] = row
+            title = f"{text[0].upper()}{text[1:]} ({where})"
+            if level is not None:  # one tau^2 figure per variance group: desc-<level>
+                names = tuple(naming.figure_name(contrast=label, stat=stat, kind=kind,
+                                                 desc=to_label(str(level)),
+                                                 **analysis.name_entities)
+                              for kind in naming.FIGURE_SUFFIXES)  # fmt: skip
+                title = (f"Between-subject variance tau² of {fit.estimation.variance_groups} "
+                         f"{level} ({where})")  # fmt: skip
+            if not np.any(volume > 0):  # an empty figure says less than one line
+                who = "" if level is None else f" of {fit.estimation.variance_groups} {level}"
+                notes += (f"Between-subject variance{who}: tau² = 0 at every voxel (no figure).",)
+                continue
+            extra += view.figures(volume, threshold=None, label=shown.split(" ")[0],
+                                  names=names, title=title, shown=shown)  # fmt: skip
     sections = report.analysis_sections(
         f"Model for {where}", facts=facts, design_svg=figure_path.read_bytes(),
         design_filename=figure_path.name, design_summary=summary, mask=mask,
@@ -833,7 +895,7 @@ def _load_variances(
     values = load_on_mask(analysis.variance_paths, data, n_jobs=config.n_jobs,
                           what=f"stat-{estimation.variance_from} map")  # fmt: skip
     variances = to_variance(values, data.data, estimation.variance_from)
-    keep = mixed_estimable(data.data, variances, analysis.design.matrix)
+    keep = mixed_estimable(data.data, variances, analysis.design.matrix, analysis.variance_groups)
     if not keep.all():
         n_out = int(np.count_nonzero(~keep))
         if not keep.any():

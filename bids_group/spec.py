@@ -108,6 +108,7 @@ _EDGE_KEYS = ("Source", "Destination", "Filter", "Description")
 _SOFTWARE_KEYS = (
     "Inference", "ContrastLabels", "Estimator", "VarianceFrom", "Adjustment", "Filter",
     "MemoryBudget",
+    "VarianceGroups",
 )  # fmt: skip
 #: Model estimators: OLS on the effects (``Type: glm``) or, with the first-level variances
 #: (``Type: meta``), a mixed-effects estimator of :mod:`bids_group.mixed_effects`.
@@ -185,11 +186,15 @@ class EstimationSpec:
     variance_from : {"variance", "se", "t"}
         The sibling map (``stat-<variance_from>``) that gives each effect map's variance.
     adjustment : {"none", "knapp-hartung", "knapp-hartung-floor"}
+    variance_groups : str or None
+        ``VarianceGroups``: a participants.tsv column (or entity) whose levels get one tau^2
+        each (FLAME's variance groups); None for one tau^2.
     """
 
     estimator: str = "ols"
     variance_from: str = "variance"
     adjustment: str = "none"
+    variance_groups: str | None = None
 
     @property
     def mixed(self) -> bool:
@@ -809,7 +814,8 @@ def _parse_model(raw: Any, where: str) -> tuple[tuple[str, ...], InferenceDefaul
 
 
 def _parse_estimation(model_type: str, software: Any, where: str) -> EstimationSpec:
-    """``Type`` plus ``Software.bids-group.{Estimator, VarianceFrom, Adjustment}``."""
+    """``Type`` plus ``Software.bids-group.{Estimator, VarianceFrom, Adjustment,
+    VarianceGroups}``."""
     block = software.get(SOFTWARE_KEY, {}) if isinstance(software, Mapping) else {}
     where = f"{where}.{SOFTWARE_KEY}"
     default = DEFAULT_META_ESTIMATOR if model_type == "meta" else "ols"
@@ -832,12 +838,16 @@ def _parse_estimation(model_type: str, software: Any, where: str) -> EstimationS
         )
     if model_type == "meta" and estimator == "ols":
         raise _fail(f"{where}.Estimator", "ols ignores the variances: use Type glm for OLS")
-    if estimator == "ols" and set(values) - {"estimator"}:
-        raise _fail(where, "VarianceFrom and Adjustment only apply to Type meta")
+    groups = block.get("VarianceGroups")
+    if groups is not None and (not isinstance(groups, str) or not groups.strip()):
+        raise _fail(f"{where}.VarianceGroups", f"{groups!r} is not a column name")
+    if estimator == "ols" and (set(values) - {"estimator"} or groups is not None):
+        raise _fail(where, "VarianceFrom, Adjustment and VarianceGroups only apply to Type meta")
     return EstimationSpec(
         estimator=estimator,
         variance_from=values.get("variance_from", "variance"),
         adjustment=values.get("adjustment", "none"),
+        variance_groups=groups.strip() if groups is not None else None,
     )
 
 
@@ -1289,6 +1299,8 @@ def _resolved_node(spec: ModelSpec, x_columns: Sequence[str] | None) -> dict[str
         software["Estimator"] = spec.estimation.estimator
         software["VarianceFrom"] = spec.estimation.variance_from
         software["Adjustment"] = spec.estimation.adjustment
+        if spec.estimation.variance_groups:
+            software["VarianceGroups"] = spec.estimation.variance_groups
     if spec.edge_filter:
         software["Filter"] = {k: list(v) for k, v in spec.edge_filter.items()}
     model: dict[str, Any] = {

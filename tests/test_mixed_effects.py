@@ -464,12 +464,14 @@ def test_variance_groups_joint_optimum(method):
     assert np.isfinite(c.z).all()
 
 
-def test_variance_groups_need_a_separable_design():
+@pytest.mark.parametrize("method", ["dl", "hedges"])
+def test_moment_estimators_with_groups_need_a_separable_design(method):
+    """No moment estimator for several tau^2 with shared columns: refused, naming reml/ml."""
     groups = np.repeat([0, 1], [6, 6])
     x = np.column_stack([np.ones(12), np.arange(12.0)])
     y, v = np.ones((12, 2)), np.ones((12, 2))
-    with pytest.raises(UsageError, match="separable"):
-        fit_mixed(y, v, x, "reml", groups=groups)
+    with pytest.raises(UsageError, match="separable.*use reml or ml"):
+        fit_mixed(y, v, x, method, groups=groups)
 
 
 # ---------------------------------------------------------------------------------------------
