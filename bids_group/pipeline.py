@@ -347,13 +347,6 @@ def _check_estimation(
             "describe (and interpolated variances can turn negative); resample at the first "
             "level instead"
         )
-    if inference.permutation and estimation.variance_groups:
-        # the permutation refit (pipeline_permutation.MixedInputs) has one tau^2 per voxel
-        raise UsageError(
-            f"permutation inference ({', '.join(inference.permutation)}) with variance groups "
-            f"(--variance-groups / VarianceGroups {estimation.variance_groups!r}) is not "
-            "available yet: use parametric inference, or one tau^2 (no variance groups)"
-        )
     if inference.permutation and inference.perm_scheme == "permute":
         raise UsageError(
             f"--perm-scheme permute with the {estimation.estimator} estimator: the maps' errors "
@@ -622,7 +615,8 @@ def _analyse(
         data = _estimable_coverage(analysis, data, where)
     if spec.estimation.mixed:
         data, variances = _load_variances(analysis, data, spec.estimation, config, where)
-        mixed = MixedInputs(variances, spec.estimation.estimator, spec.estimation.adjustment)
+        mixed = MixedInputs(variances, spec.estimation.estimator, spec.estimation.adjustment,
+                            analysis.variance_groups)  # fmt: skip
         jobs = {name: replace(job, mixed=mixed) for name, job in (jobs or {}).items()}
     fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances,
                     analysis.variance_groups, budget=budget)  # fmt: skip

@@ -141,6 +141,7 @@ class MixedInputs:
     variances: np.ndarray  # (n_maps, n_voxels), on the analysis mask
     method: str
     adjustment: str
+    groups: Any = None  # variance group of each map, or None (one tau^2)
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,7 @@ def _run(out, contrast, result, inference, job, two_sided) -> PermutationResult:
             return mixed_permutation_test(
                 out.data.data, job.mixed.variances, job.design, contrast.weights,
                 method=job.mixed.method, adjustment=job.mixed.adjustment, progress=progress,
+                groups=job.mixed.groups,
                 **options,
             )  # fmt: skip
         from bids_group.inference.permutation import permutation_test

@@ -143,10 +143,29 @@ def test_moment_estimator_with_a_shared_column_is_refused(dataset, capsys, tmp_p
     check_failure(capsys, argv, tmp_path / "out", 64, "separable", "use reml or ml")
 
 
-def test_permutation_with_variance_groups_is_refused(dataset, capsys, tmp_path):
-    argv = [dataset, tmp_path / "out", "group", "--estimator", "reml", "--variance-groups",
-            "site", "--permutation", "voxel"]  # fmt: skip
-    check_failure(capsys, argv, tmp_path / "out", 64, "permutation", "variance groups")
+def test_permutation_with_variance_groups(dataset, tmp_path):
+    """Sign flips with one tau^2 per site, re-estimated jointly in every relabelling: the
+    voxelwise FWER map is that of a direct call of the engine with the same groups and seed,
+    and the unpermuted statistic is the run's parametric z."""
+    from bids_group.inference.mixed_permutation import mixed_permutation_test
+
+    model = tmp_path / "m.yaml"
+    model.write_text(MODEL.format(estimator="reml", column="site"))
+    summary = _run(dataset, tmp_path / "out", "--model", model, "--permutation", "voxel",
+                   "--n-perm", "40", "--seed", "3", "--no-report")  # fmt: skip
+    inside = np.asarray(nib.load(_one(summary, "_mask.nii.gz")).dataobj) > 0
+    y, v = _inputs(dataset, "effect", inside), _inputs(dataset, "variance", inside)
+    table = pd.read_csv(dataset / "participants.tsv", sep="\t")
+    age = table["age"].to_numpy(float)
+    x = np.column_stack([np.ones(N), age])
+    site = table["site"].to_numpy()
+    direct = mixed_permutation_test(y, v, x, np.array([1.0, 0.0]), method="reml", groups=site,
+                                    n_perm=40, seed=3, two_sided=True)  # fmt: skip
+    z = np.asarray(nib.load(_one(summary, "contrast-faces_stat-z_statmap.nii.gz")).dataobj)
+    np.testing.assert_allclose(direct.stat, z[inside], rtol=1e-5, atol=1e-5)
+    logp = _one(summary, "contrast-faces_stat-logp_desc-permVoxel_statmap.nii.gz")
+    ours = np.asarray(nib.load(logp).dataobj, dtype=np.float64)[inside]
+    np.testing.assert_allclose(ours, -np.log10(direct.p_fwe), rtol=1e-5, atol=1e-6)
 
 
 def test_variance_groups_need_a_mixed_estimator(dataset, capsys, tmp_path):
