@@ -25,7 +25,7 @@ COPY configs/two_sample_age.yaml configs/one_sample.yaml ./configs/
 # read-only: permutation and sign-flip designs, voxel alone and with cluster/TFCE (the kernels'
 # argument layouts differ). numba keys its cache by CPU: on a CPU unlike the build machine's the
 # kernels are compiled at run time, as without the seed.
-RUN pip install --no-cache-dir ".[fast]" \
+RUN pip install --no-cache-dir ".[fast,dask]" \
  && for model in two_sample_age one_sample; do \
       for methods in voxel "voxel cluster tfce"; do \
         NUMBA_CACHE_DIR="$BIDS_GROUP_NUMBA_SEED" bids-group examples/ds-faces /tmp/warm group \
