@@ -401,10 +401,9 @@ def plan_analyses(
             if spec.estimation.mixed
             else ()
         )
-        groups = _variance_groups(spec.estimation, variables, design, group_maps, group)
-        analyses.append(
-            Analysis(group, group_maps, design, contrasts, variables, variance_paths, groups)
-        )
+        variance_groups = _variance_groups(spec.estimation, variables, design, group_maps, group)
+        analyses.append(Analysis(group, group_maps, design, contrasts, variables, variance_paths,
+                                 variance_groups))  # fmt: skip
     return tuple(analyses)
 
 
