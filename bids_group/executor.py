@@ -17,6 +17,7 @@ the default path never pays its import cost.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,10 +52,17 @@ class DaskExecutor:
     def __init__(self, client: Any):
         self.client = client
 
+    @property
+    def n_workers(self) -> int:
+        """Workers connected now (sizes the chunks; never changes a result)."""
+        return len(self.client.scheduler_info().get("workers", {}))
+
     def map_chunks(self, fn, shared, items) -> Iterator[Any]:
         # A task, not scattered data: the scheduler can recompute it when a worker holding it
         # dies (scattered data would be lost for good).
-        shared_future = self.client.submit(_value, shared, pure=False)
+        with warnings.catch_warnings():  # the data travel once, in this task, on purpose
+            warnings.filterwarnings("ignore", message="Sending large graph")
+            shared_future = self.client.submit(_value, shared, pure=False)
         futures = [self.client.submit(fn, shared_future, *args, pure=False) for args in items]
         try:
             for future in futures:

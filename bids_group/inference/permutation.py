@@ -772,12 +772,26 @@ def run_engine(engine, make, ex, exhaustive, n_total, seed, progress, executor) 
             if progress is not None:
                 progress(done, n_total)
         return
-    ranges = chunk_ranges(n_total, engine.batch_size, CHUNK_RELABELLINGS // engine.batch_size)
+    ranges = chunk_ranges(n_total, engine.batch_size, _chunk_batches(engine, n_total, executor))
     items = [(ex, exhaustive, seed, start, stop) for start, stop in ranges]
     for (_, stop), chunk in zip(ranges, executor.map_chunks(run_chunk, make, items), strict=True):
         engine.merge(chunk)
         if progress is not None:
             progress(stop, n_total)
+
+
+#: Chunks per worker when there are few relabellings (so that every worker has work).
+TASKS_PER_WORKER = 4
+
+
+def _chunk_batches(engine, n_total: int, executor) -> int:
+    """Batches per chunk: about :data:`CHUNK_RELABELLINGS` relabellings, fewer when that would
+    leave workers idle (:data:`TASKS_PER_WORKER` chunks each). The size changes no result: chunks
+    start on batch boundaries (see :func:`chunk_ranges`)."""
+    n_batches = -(-(n_total - 1) // engine.batch_size)
+    workers = max(1, int(getattr(executor, "n_workers", 1)))
+    even = -(-n_batches // (TASKS_PER_WORKER * workers))
+    return max(1, min(CHUNK_RELABELLINGS // engine.batch_size, even))
 
 
 def chunk_ranges(n_total: int, batch_size: int, chunk_batches: int) -> list[tuple[int, int]]:
