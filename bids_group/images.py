@@ -773,32 +773,47 @@ def _stack_auto_mask(
     """
     candidate: np.ndarray | None = None  # sorted Fortran flat indices still in the mask
     union: np.ndarray | None = None
-    kept: list[tuple[np.ndarray, np.ndarray]] = []  # (values at candidate, candidate then)
+    # Every map's values at its candidate voxels go into one buffer, row by row (row width: the
+    # first map's support), then are compacted in place: one allocation of the data's size.
+    # Per-map arrays kept in a list doubled the peak memory (glibc cannot give back a heap
+    # fragmented by a thousand 1 MB arrays between the per-map temporaries: 2.1 GB for 0.94 GB
+    # of data at N = 1,000 on the 2 mm grid).
+    buffer: np.ndarray | None = None
+    width = 0
+    thens: list[np.ndarray] = []  # the candidate each row was cut to (shared, kept alive)
     support_sizes = np.zeros(n_maps, dtype=np.int64)
     for volume in volumes:
         support_sizes[volume.index] = np.count_nonzero(volume.support)
         if candidate is None or union is None:
             candidate = np.flatnonzero(volume.support)
             union = volume.support.copy()
+            width = candidate.size
+            buffer = np.empty(n_maps * width, dtype=np.float32)
         else:
             union |= volume.support
             inside = volume.support[candidate]
             if not inside.all():
                 candidate = candidate[inside]
-        kept.append((volume.data[candidate], candidate))
-    assert candidate is not None and union is not None
+        row = len(thens)
+        np.take(volume.data, candidate, out=buffer[row * width : row * width + candidate.size])
+        thens.append(candidate)
+    assert candidate is not None and union is not None and buffer is not None
     mask = _mask_from_fortran_indices(candidate, shape)
     # candidate lists voxels in Fortran order; the columns of data follow C order
     to_c_order = np.argsort(
         np.ravel_multi_index(np.unravel_index(candidate, shape, order="F"), shape)
     )
-    data = np.empty((n_maps, candidate.size), dtype=np.float32)
-    positions: dict[int, np.ndarray] = {}
-    for row, (values, then) in enumerate(kept):
+    n = candidate.size
+    positions: dict[int, np.ndarray] = {}  # id(candidate then) -> its final voxels' positions
+    for row, then in enumerate(thens):
         # the final mask is a subset of the one this map was cut to: find its voxels there
         if id(then) not in positions:
             positions[id(then)] = np.searchsorted(then, candidate)[to_c_order]
-        np.take(values, positions[id(then)], out=data[row])
+        values = buffer[row * width : row * width + then.size][positions[id(then)]]
+        buffer[row * n : (row + 1) * n] = values  # rows move down only: nothing unread is hit
+    data = buffer[: n_maps * n].reshape(n_maps, n)
+    if data.size < 0.75 * buffer.size:  # a much smaller mask: do not hold the rest
+        data = data.copy()
     n_union = int(union.sum())
     coverage = support_sizes / max(n_union, 1)
     return data, mask, n_union - candidate.size, coverage

@@ -37,6 +37,9 @@ MIN_BUDGET = 1000**2
 DATA_FRACTION = 0.5
 #: Share of the budget for the fit's working arrays (one tile of all maps at a time).
 WORK_FRACTION = 0.25
+#: ... and never more than this: a wider tile is no faster (the fit is bound by memory
+#: bandwidth), and at N = 1,000 the 1 GB of a 4 GB budget doubled the run's peak memory.
+MAX_WORK_BYTES = 256 * 1024**2
 #: Bytes per (map, voxel) cell of a tile while it is fitted: the float32 tile read from the
 #: store, its float64 copy, the centred copy for the total sum of squares and ``X @ beta``.
 FIT_BYTES_PER_CELL = 4 + 3 * 8
@@ -203,12 +206,14 @@ def data_fits(n_maps: int, n_voxels: int, budget: int, bytes_per_cell: int = 4) 
 
 def tile_voxels(n_maps: int, budget: int) -> int:
     """Voxels per tile: a multiple of :data:`TILE_ALIGN` whose working arrays for all
-    ``n_maps`` maps fit in :data:`WORK_FRACTION` of ``budget`` (at least one aligned tile).
+    ``n_maps`` maps fit in :data:`WORK_FRACTION` of ``budget`` and :data:`MAX_WORK_BYTES` (at
+    least one aligned tile).
 
     >>> tile_voxels(100, 4 * 1000**3), tile_voxels(100, 10**6), tile_voxels(10**6, 10**6)
     (65536, 64, 64)
     """
-    fitting = int(WORK_FRACTION * budget) // (max(n_maps, 1) * FIT_BYTES_PER_CELL)
+    work = min(int(WORK_FRACTION * budget), MAX_WORK_BYTES)
+    fitting = work // (max(n_maps, 1) * FIT_BYTES_PER_CELL)
     aligned = (fitting // TILE_ALIGN) * TILE_ALIGN
     return min(max(aligned, TILE_ALIGN), MAX_TILE_VOXELS)
 

@@ -285,3 +285,26 @@ def test_real_spm_pairs_with_nan_outside_mask():
     words = sorted((REAL / "spm-faces16-words14" / "auditory_stimulation").glob("*/Words_*.nii"))
     with pytest.raises(DataError, match="--resample"):
         load_masked_data([paths[0], words[0]])
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_auto_mask_stacking_equals_the_naive_stack(tmp_path, n_jobs):
+    """Supports that shrink map after map (zeros, NaN slices): the data equal the naive
+    ``stack[:, intersection]`` (the stacking compacts one buffer in place)."""
+    rng = np.random.default_rng(0)
+    paths, volumes = [], []
+    for i in range(30):
+        volume = rng.normal(size=(9, 8, 7)).astype(np.float32)
+        volume[rng.random(volume.shape) < 0.05] = 0
+        if i % 7 == 3:
+            volume[:, :, i % 7] = np.nan
+        path = tmp_path / f"m{i}.nii.gz"
+        nib.Nifti1Image(volume, np.eye(4)).to_filename(path)
+        paths.append(path)
+        volumes.append(volume)
+    loaded = load_masked_data(paths, n_jobs=n_jobs)
+    stack = np.stack(volumes)
+    inside = (np.isfinite(stack) & (stack != 0)).all(axis=0)
+    np.testing.assert_array_equal(loaded.mask, inside)
+    np.testing.assert_array_equal(loaded.data, stack[:, inside])
+    assert loaded.data.flags["C_CONTIGUOUS"]
