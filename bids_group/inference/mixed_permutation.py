@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import TYPE_CHECKING
 
-import numba
 import numpy as np
 from scipy import linalg, special
 
@@ -65,9 +64,10 @@ from bids_group.inference.permutation import (
     _Config,
     _validate,
     design_exchangeability,
+    numba_threads,
     observed_maps,
     relabelling_count,
-    run_engine,
+    run_test,
 )
 from bids_group.mixed_effects import (
     DEFAULT_N_GRID,
@@ -266,9 +266,7 @@ def mixed_permutation_test(
     n_total, exhaustive = relabelling_count(ex, n_perm)
     log.info("Mixed-effects permutation test (%s): %d sign flips%s, %d voxels", method, n_total,
              " (all distinct, exact)" if exhaustive else "", cfg.data.shape[1])  # fmt: skip
-    threads = numba.get_num_threads()
-    numba.set_num_threads(cfg.n_jobs)
-    try:
+    with numba_threads(cfg.n_jobs):  # the reduced and observed fits are compiled kernels too
         v_clean = np.where(ok, variances, np.nan)
         groups = None if groups is None else np.asarray(groups)
         resid, fitted = _freedman_lane(
@@ -289,8 +287,4 @@ def mixed_permutation_test(
         )
         observed = observed_maps(cfg, model.z(fit), height)
         make = partial(_MixedEngine, cfg, observed, model)
-        engine = make()
-        run_engine(engine, make, ex, exhaustive, n_total, cfg.seed, progress, executor)
-    finally:
-        numba.set_num_threads(threads)
-    return engine.result(ex, n_total, exhaustive)
+        return run_test(make, ex, exhaustive, n_total, cfg.seed, progress, executor)

@@ -37,6 +37,7 @@ fit is near perfect (large statistics), where ``ss - ||w||^2`` in float32 was ro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -551,21 +552,23 @@ def permutation_test(
         cfg.data.shape[1],
     )
     observed = _observed(cfg, part)
+    if executor is not None and not isinstance(cfg.data, np.ndarray):
+        log.warning("the data are in the tiled store: permutations run in this process")
+        executor = None
+    make = partial(_Engine, cfg, part, observed, flip=ex.scheme == "flip")
+    with numba_threads(cfg.n_jobs):
+        return run_test(make, ex, exhaustive, n_total, cfg.seed, progress, executor)
+
+
+@contextlib.contextmanager
+def numba_threads(n_jobs: int) -> Iterator[None]:
+    """Run the compiled kernels on ``n_jobs`` threads, then restore the former number."""
     threads = numba.get_num_threads()
-    numba.set_num_threads(cfg.n_jobs)
-    engine = None
+    numba.set_num_threads(n_jobs)
     try:
-        make = partial(_Engine, cfg, part, observed, flip=ex.scheme == "flip")
-        engine = make()  # runs the identity
-        if executor is not None and not isinstance(cfg.data, np.ndarray):
-            log.warning("the data are in the tiled store: permutations run in this process")
-            executor = None
-        run_engine(engine, make, ex, exhaustive, n_total, cfg.seed, progress, executor)
+        yield
     finally:
         numba.set_num_threads(threads)
-        if engine is not None:
-            engine.close()
-    return engine.result(ex, n_total, exhaustive)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,7 +766,18 @@ def _range_batches(ex, exhaustive, seed, batch_size, start, stop):
 CHUNK_RELABELLINGS = 1024
 
 
-def run_engine(engine, make, ex, exhaustive, n_total, seed, progress, executor) -> None:
+def run_test(make, ex, exhaustive, n_total, seed, progress, executor) -> PermutationResult:
+    """The test of any engine: build it with ``make`` (it runs the identity), run every other
+    relabelling (:func:`_run_engine`), return its result; its scratch files are removed."""
+    engine = make()
+    try:
+        _run_engine(engine, make, ex, exhaustive, n_total, seed, progress, executor)
+        return engine.result(ex, n_total, exhaustive)
+    finally:
+        engine.close()
+
+
+def _run_engine(engine, make, ex, exhaustive, n_total, seed, progress, executor) -> None:
     """Every relabelling after the identity through ``engine``: in this process, or in chunks
     on ``executor`` (each chunk on a fresh engine from ``make``), merged in stream order."""
     if executor is None:
@@ -880,8 +894,8 @@ class NullEngine:
         return ChunkNull(
             maxima=self.maxima[1:],
             counts=self.counts - 1,
-            max_size=getattr(self, "max_size", [None])[1:],
-            max_mass=getattr(self, "max_mass", [None])[1:],
+            max_size=self.max_size[1:] if self.obs.clusters is not None else [],
+            max_mass=self.max_mass[1:] if self.obs.clusters is not None else [],
             tfce_max=self.tfce_max[1:] if tfce else [],
             tfce_counts=self.tfce_counts - 1 if tfce else None,
         )
