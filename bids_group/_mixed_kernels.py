@@ -696,7 +696,7 @@ ADJ_NONE, ADJ_KH, ADJ_KH_FLOOR = 0, 1, 2
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _contrast_stat(beta, cov, rwr, jj, cmat, scale, m_buf, e_buf, z_buf):
+def _contrast_stat(beta, cov, jj, cmat, scale, m_buf, e_buf, z_buf):
     """t (one row) or F = e' M^-1 e / q of contrast ``cmat`` at voxel ``jj`` of a chunk,
     ``M = scale C Cov(beta) C'``; NaN where M is not positive definite."""
     q, p = cmat.shape
@@ -769,8 +769,7 @@ def relabelled_stats(rt, ft, vt, ok, x, method, n_grid, signs, perms, cmat, adj,
                     scale = rwr[jj] / dof[jj]
                     if adj == ADJ_KH_FLOOR and scale < 1.0:
                         scale = 1.0
-                out[b, j0 + jj] = _contrast_stat(beta, cov, rwr, jj, cmat, scale, m_buf, e_buf,
-                                                 z_buf)  # fmt: skip
+                out[b, j0 + jj] = _contrast_stat(beta, cov, jj, cmat, scale, m_buf, e_buf, z_buf)
 
 
 # --- Variance groups: one tau^2 per group, joint ML/REML search (any design) ------------------
