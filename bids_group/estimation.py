@@ -18,7 +18,7 @@ from scipy import special
 
 from bids_group.contrasts import ContrastResult, compute_contrast
 from bids_group.glm import GlmFit, fit_ols, fitted_values
-from bids_group.memory import TiledMaps
+from bids_group.memory import TiledMaps, iter_tiles
 from bids_group.spec import EstimationSpec
 
 if TYPE_CHECKING:  # mixed_effects imports numba (~50 MB, ~0.2 s): only when a model needs it
@@ -237,10 +237,9 @@ def fit_model(
     Voxels where a mixed-effects model is not estimable must have been removed by the
     caller (:func:`mixed_estimable`).
     """
-    missing = isinstance(data, np.ndarray) and bool(np.isnan(data).any())  # (a store: never)
-    if not estimation.mixed and missing:  # --min-coverage: OLS per voxel
-        return _fit_ols_missing(estimation, data, design)
     if not estimation.mixed:
+        if _has_missing(data):  # --min-coverage: OLS per voxel on the maps present
+            return _fit_ols_missing(estimation, data, design)
         fit = fit_ols(data, design, budget=budget)
         return FittedModel(estimation, float(fit.dof), ols=fit)
     if variances is None:
@@ -261,6 +260,14 @@ def fit_model(
             fit.n_voxels_with_exclusions,
         )
     return FittedModel(estimation, dof, mixed=fit)
+
+
+def _has_missing(data: np.ndarray | TiledMaps) -> bool:
+    """Whether some map has no data (NaN) at some voxel: only with --min-coverage, never in
+    the tiled store. Tile by tile, so that no full-size boolean temporary is made."""
+    return isinstance(data, np.ndarray) and any(
+        bool(np.isnan(tile).any()) for _, tile in iter_tiles(data)
+    )
 
 
 def _fit_ols_missing(
