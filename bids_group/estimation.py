@@ -276,8 +276,9 @@ def _fit_ols_missing(
     """OLS on the maps present at each voxel (NaN: missing), see :class:`FittedModel`."""
     from bids_group.mixed_effects import fit_mixed
 
-    units = np.where(np.isnan(data), np.nan, 1.0)
-    fit = fit_mixed(data, units, design, method="fe")
+    # unit variances as a read-only view (no n_maps x n_voxels array): a missing map is
+    # already excluded by its NaN effect
+    fit = fit_mixed(data, np.broadcast_to(1.0, data.shape), design, method="fe")
     dof = float(data.shape[0] - np.linalg.matrix_rank(design))
     ones = np.ones((design.shape[0], 1))
     spans = bool(np.allclose(design @ np.linalg.lstsq(design, ones, rcond=None)[0], ones))

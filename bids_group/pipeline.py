@@ -862,7 +862,7 @@ def _write_model_maps(
 def _estimable_coverage(analysis: Analysis, data: MaskedData, where: str) -> MaskedData:
     """Drop the voxels where the maps present leave the design without residual dof or rank
     deficient (e.g. every map of one group missing), counted in a warning."""
-    units = np.where(np.isnan(data.data), np.nan, 1.0)
+    units = np.broadcast_to(1.0, data.data.shape)  # a view: missing maps are NaN effects
     keep = mixed_estimable(data.data, units, analysis.design.matrix)
     if keep.all():
         return data
