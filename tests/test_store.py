@@ -221,6 +221,7 @@ def test_without_work_folder_the_temporary_store_is_removed(dataset, tmp_path, m
     [
         (["--write-residuals"], "--write-residuals"),
         (["--estimator", "reml"], "a mixed-effects estimator"),
+        (["--min-coverage", "0.9"], "--min-coverage"),
     ],
 )
 def test_what_the_store_cannot_do_is_refused_before_decoding(capsys, tmp_path, args, needle):
