@@ -195,6 +195,10 @@ class VolumeStream:
     mask_path : Path or None
     volumes : iterator of volumes in input order (``index``, ``support``, ``finite``, ``data``
         flattened in Fortran order)
+    grids : grid of each map as read (before resampling)
+    sigma : smoothing sigma per axis in voxels, or None
+        With ``grids``, what decodes map ``i`` anywhere (:meth:`prepare`), e.g. in a
+        Dask task.
     """
 
     paths: list[Path]
@@ -202,6 +206,12 @@ class VolumeStream:
     user_mask: np.ndarray | None
     mask_path: Path | None
     volumes: Iterator[_Volume]
+    grids: Sequence[_Grid] = ()
+    sigma: np.ndarray | None = None
+
+    def prepare(self, index: int) -> _Volume:
+        """Decode map ``index`` alone, exactly as :attr:`volumes` yields it."""
+        return _prepare(index, self.paths[index], self.grids[index], self.target, self.sigma)
 
 
 def open_volumes(
@@ -215,7 +225,8 @@ def open_volumes(
 ) -> VolumeStream:
     """Check the grids and the mask, and start decoding: the first half of
     :func:`load_masked_data` (same parameters), whose volumes the caller stacks (in memory with
-    :func:`stack_volumes`, or into the tiled store of :mod:`bids_group.store`)."""
+    :func:`stack_volumes`, or into the tiled store of :mod:`bids_group.store`). The volumes are
+    decoded lazily: nothing is read until the first is asked for."""
     if not paths:
         raise DataError("No map to load")
     paths = [Path(p) for p in paths]
@@ -242,6 +253,8 @@ def open_volumes(
         user_mask=user_mask,
         mask_path=None if mask_path is None else Path(mask_path),
         volumes=volumes,
+        grids=grids,
+        sigma=sigma,
     )
 
 

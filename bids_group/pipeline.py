@@ -297,9 +297,9 @@ def _run_node(
             for (index, name), plan in node.plans.items()
             if index == i
         }
-        files, summary, parts = _run_analysis(
-            analysis, config, node.spec, inference, node_dir, writer, jobs, budget, named=named
-        )
+        files, summary, parts = _run_analysis(analysis, config, node.spec, inference, node_dir,
+                                              writer, jobs, budget, named=named,
+                                              executor=executor)  # fmt: skip
         written += files
         sections += parts
         summaries.append({"node": node.spec.node_name, **summary})
@@ -544,10 +544,12 @@ def _run_analysis(
     budget: int | None = None,
     *,
     named: bool = False,
+    executor: Any = None,
 ) -> tuple[list[Path], dict[str, Any], list[ReportSection]]:
     """Fit one model and write its outputs; return the files, a summary and report sections
     (none when ``config.report`` is off). ``jobs``: permutation job per contrast name;
-    ``named``: the run has several Dataset nodes, so titles and log lines name this one."""
+    ``named``: the run has several Dataset nodes, so titles and log lines name this one;
+    ``executor``: the Dask cluster that decodes the maps (None: this process)."""
     where = ", ".join(f"{k} {v}" for k, v in analysis.group.items()) or "all maps"
     if named:
         where = f"node {spec.node_name}, {where}"
@@ -566,6 +568,7 @@ def _run_analysis(
         min_maps=_coverage_count(config, analysis),
         unsupported=_not_streamed(spec, config),
         bytes_per_cell=PERMUTATION_BYTES_PER_CELL if jobs else 4,
+        executor=executor,
     )
     try:
         return _analyse(analysis, data, config, spec, inference, node_dir, writer, jobs, budget,

@@ -40,14 +40,24 @@ from typing import Any
 
 import numpy as np
 
+from bids_group.decoding import (
+    DecodePlan,
+    RowBook,
+    candidates_of,
+    decode_task,
+    map_chunks,
+    rows_file,
+    write_rows,
+)
 from bids_group.errors import DataError, OutputError, UsageError
+from bids_group.executor import Executor, InProcessExecutor
 from bids_group.images import (
     MaskedData,
     VolumeStream,
     _empty_mask_message,
-    _fortran_indices_in_c_order,
     _log_auto_mask,
     _mask_from_fortran_indices,
+    _Volume,
     _voxel_size,
     finish_user_mask,
     open_volumes,
@@ -63,7 +73,6 @@ STORE_FOLDER = "bids-group-store"
 #: Version of the layout; a manifest of another version is not reused.
 STORE_FORMAT = 1
 _TILES = "tiles.f32"
-_ROWS = "rows.f32"  # maps x candidate voxels, while the mask is not final
 _MASK = "mask.npy"
 _MANIFEST = "manifest.json"
 _TEMPORARY = "bids-group-store-"  # prefix of the temporary folder used without -w
@@ -134,6 +143,7 @@ def load_data(
     unsupported: str = "",
     bytes_per_cell: int = 4,
     min_maps: int | None = None,
+    executor: Executor | None = None,
 ) -> MaskedData:
     """The masked data of ``paths``, in memory if they fit in the budget, else in a store.
 
@@ -147,6 +157,10 @@ def load_data(
     inputs (path, size and modification time of every map and of the mask, same settings)
     left in the work folder by ``--keep-store`` is reused instead of decoding again.
     ``min_maps`` (per-voxel missing data) is only read in memory (pass it in ``unsupported``).
+    ``executor`` (a Dask cluster, :mod:`bids_group.executor`): the maps are decoded by its
+    workers, in chunks (:func:`bids_group.decoding.decode_task`), and the store, if any, is
+    written by them into the work folder, which they must share; this process decodes only the
+    first map (the candidate voxels) and keeps the books. The result is the same bits.
 
     Returns
     -------
@@ -166,12 +180,14 @@ def load_data(
         reused = _reuse(folder, paths, mask_path, settings, budget)
         if reused is not None:
             return reused
+    if min_maps is not None:
+        executor = None  # coverage is stacked in memory here (never with permutations)
     stream = open_volumes(
         paths,
         mask_path=mask_path,
         resample=resample,
         smoothing_fwhm=smoothing_fwhm,
-        n_jobs=n_jobs,
+        n_jobs=n_jobs if executor is None else 1,  # the workers decode all but this first map
         target_voxel_size=target_voxel_size,
     )
     first = next(stream.volumes)
@@ -180,6 +196,8 @@ def load_data(
         np.count_nonzero(first.support) if stream.user_mask is None else stream.user_mask.sum()
     )
     if data_fits(len(paths), n_candidates, budget, bytes_per_cell):
+        if executor is not None:
+            return _gather(stream, first, executor)
         return stack_volumes(replace(stream, volumes=rest), min_maps=min_maps)
     if unsupported:
         raise UsageError(
@@ -198,10 +216,14 @@ def load_data(
         len(paths), n_candidates, format_size(4 * len(paths) * n_candidates), folder, width,
     )  # fmt: skip
     try:
-        return _build(replace(stream, volumes=rest), folder, width, settings, mask_path)
+        return _build(replace(stream, volumes=rest), first, folder, width, settings, mask_path,
+                      executor)  # fmt: skip
     except OSError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise disk_error(exc, folder.parent, "work folder (-w)") from exc
+    except BaseException:  # a bad map found by a worker, an interrupt: no half store left
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def release(data: MaskedData, *, keep: bool = False) -> None:
@@ -290,32 +312,30 @@ def _mismatch(
     return ""
 
 
-@dataclass
-class _Bookkeeping:
-    """What the mask needs while maps arrive: candidate voxels still valid, coverage."""
-
-    candidates: np.ndarray  # Fortran flat indices of the voxels written for every map
-    valid: np.ndarray  # bool per candidate: still in the mask
-    union: np.ndarray | None  # automatic mask: support of any map (grid, flat Fortran)
-    support_sizes: np.ndarray
-    culprits: list[tuple[Path, int]]
-
-
 def _build(
     stream: VolumeStream,
+    first: _Volume,
     folder: Path,
     width: int,
     settings: dict[str, Any],
     mask_path: Path | None,
+    executor: Executor | None = None,
 ) -> MaskedData:
-    """Decode every map into ``folder``; return the masked data backed by the store."""
+    """Decode every map into ``folder`` (``stream.volumes`` yields them all, ``first`` too),
+    here or on the workers of ``executor``; return the masked data backed by the store."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    book = _write_rows(stream, folder / _ROWS)
-    mask, columns, n_dropped = _final_mask(stream, book)
+    candidates = candidates_of(stream, first)
+    book, chunks = _decode_rows(stream, candidates, folder, executor)
+    mask, columns, n_dropped = _final_mask(stream, candidates, book)
     store = VoxelStore(folder, len(stream.paths), columns.size, width)
-    _write_tiles(folder / _ROWS, folder / _TILES, book.candidates.size, columns, store)
-    (folder / _ROWS).unlink()
+    with open(folder / _TILES, "wb") as tiles:  # its full size, zero padding included
+        tiles.truncate(store.n_tiles * store.n_maps * width * _FLOAT.itemsize)
+    plan = _TilePlan(store, candidates.size, columns)
+    for _ in (executor or InProcessExecutor()).map_chunks(_tiles_task, plan, chunks):
+        pass
+    for start, _ in chunks:
+        rows_file(folder, start).unlink()
     np.save(folder / _MASK, mask)
     manifest = {
         "format": STORE_FORMAT,
@@ -340,52 +360,73 @@ def _build(
     )
 
 
-def _write_rows(stream: VolumeStream, rows_path: Path) -> _Bookkeeping:
-    """Each map's values at the candidate voxels (those of the user mask, or the first map's
-    support), one row per map, in input order."""
-    book: _Bookkeeping | None = None
-    with open(rows_path, "wb") as f:
-        for volume in stream.volumes:
-            if book is None:
-                book = _start(stream, volume.support)
-            candidates = book.candidates
-            f.write(np.ascontiguousarray(volume.data[candidates], dtype=_FLOAT).tobytes())
-            if book.union is not None:
-                book.union |= volume.support
-                book.support_sizes[volume.index] = np.count_nonzero(volume.support)
-                book.valid &= volume.support[candidates]
-            else:
-                finite = volume.finite[candidates]
-                if not finite.all():
-                    book.culprits.append((stream.paths[volume.index], int((~finite).sum())))
-                    book.valid &= finite
-    assert book is not None
-    return book
-
-
-def _start(stream: VolumeStream, first_support: np.ndarray) -> _Bookkeeping:
+def _decode_rows(
+    stream: VolumeStream, candidates: np.ndarray, folder: Path, executor: Executor | None
+) -> tuple[RowBook, list[tuple[int, int]]]:
+    """Every map's row at the candidate voxels into the rows files of ``folder``: one file
+    from this process's stream (``--n-jobs`` threads), or one per chunk of maps from the
+    workers. Returns the merged book and the chunks of maps (one per rows file)."""
+    book = _empty_book(stream, candidates)
     n_maps = len(stream.paths)
-    if stream.user_mask is None:
-        candidates = np.flatnonzero(first_support)
-        union = first_support.copy()
-    else:
-        candidates = _fortran_indices_in_c_order(stream.user_mask)
-        union = None
-    return _Bookkeeping(
-        candidates=candidates,
-        valid=np.ones(candidates.size, dtype=bool),
-        union=union,
-        support_sizes=np.zeros(n_maps, dtype=np.int64),
-        culprits=[],
+    if executor is None:
+        write_rows(stream.volumes, candidates, book, stream.paths, rows_file(folder, 0))
+        return book, [(0, n_maps)]
+    chunks = map_chunks(n_maps, candidates.size, _n_workers(executor))
+    plan = DecodePlan(replace(stream, volumes=iter(())), candidates, folder)
+    log.info("decoding %d maps in %d tasks on the Dask workers", n_maps, len(chunks))
+    for part, _ in executor.map_chunks(decode_task, plan, chunks):
+        book.merge(part)
+    return book, chunks
+
+
+def _gather(stream: VolumeStream, first: _Volume, executor: Executor) -> MaskedData:
+    """The masked data in memory, decoded by the workers in chunks of maps: each chunk's rows
+    at the candidate voxels are copied into one buffer, then cut to the final mask in place
+    (rows only move down), so the client holds the data once, as :func:`stack_volumes` does."""
+    candidates = candidates_of(stream, first)
+    n_maps, width = len(stream.paths), candidates.size
+    book = _empty_book(stream, candidates)
+    chunks = map_chunks(n_maps, width, _n_workers(executor))
+    plan = DecodePlan(replace(stream, volumes=iter(())), candidates, None)
+    log.info("decoding %d maps in %d tasks on the Dask workers", n_maps, len(chunks))
+    buffer = np.empty(n_maps * width, dtype=_FLOAT)
+    tasks = executor.map_chunks(decode_task, plan, chunks)
+    for (start, stop), (part, rows) in zip(chunks, tasks, strict=True):
+        book.merge(part)
+        buffer[start * width : stop * width] = rows.ravel()
+    mask, columns, n_dropped = _final_mask(stream, candidates, book)
+    n = columns.size
+    for i in range(n_maps):
+        buffer[i * n : (i + 1) * n] = buffer[i * width : (i + 1) * width][columns]
+    data = buffer[: n_maps * n].reshape(n_maps, n)
+    if data.size < 0.75 * buffer.size:  # a much smaller mask: do not hold the rest
+        data = data.copy()
+    return MaskedData(
+        data=data,
+        mask=mask,
+        affine=stream.target.affine,
+        voxel_size=stream.target.voxel_size,
+        n_dropped=n_dropped,
     )
 
 
-def _final_mask(stream: VolumeStream, book: _Bookkeeping) -> tuple[np.ndarray, np.ndarray, int]:
+def _empty_book(stream: VolumeStream, candidates: np.ndarray) -> RowBook:
+    grid = None if stream.user_mask is not None else int(np.prod(stream.target.shape))
+    return RowBook.empty(candidates.size, len(stream.paths), grid)
+
+
+def _n_workers(executor: Executor) -> int:
+    return max(1, int(getattr(executor, "n_workers", 1)))
+
+
+def _final_mask(
+    stream: VolumeStream, candidates: np.ndarray, book: RowBook
+) -> tuple[np.ndarray, np.ndarray, int]:
     """The mask, the candidate positions of its voxels in C order, and the voxels dropped;
     logged as :func:`bids_group.images.load_masked_data` logs them."""
     shape = stream.target.shape
     if book.union is not None:
-        kept = book.candidates[book.valid]  # sorted Fortran indices
+        kept = candidates[book.valid]  # sorted Fortran indices
         mask = _mask_from_fortran_indices(kept, shape)
         to_c_order = np.argsort(
             np.ravel_multi_index(np.unravel_index(kept, shape, order="F"), shape)
@@ -407,18 +448,41 @@ def _final_mask(stream: VolumeStream, book: _Bookkeeping) -> tuple[np.ndarray, n
     return mask, columns, n_dropped
 
 
+@dataclass(frozen=True)
+class _TilePlan:
+    """What every task of :func:`_tiles_task` shares: the store and the final columns."""
+
+    store: VoxelStore
+    n_candidates: int
+    columns: np.ndarray
+
+
+def _tiles_task(plan: _TilePlan, start: int, stop: int) -> None:
+    """Scatter the rows of maps ``start .. stop - 1`` into the tiles (a Dask task, or run here):
+    each map's values go to their own byte ranges, so tasks never overlap and a rerun writes
+    the same bytes."""
+    folder = plan.store.folder
+    _write_tiles(rows_file(folder, start), folder / _TILES, plan.n_candidates, plan.columns,
+                 plan.store, range(start, stop))  # fmt: skip
+
+
 def _write_tiles(
-    rows_path: Path, tiles_path: Path, n_candidates: int, columns: np.ndarray, store: VoxelStore
+    rows_path: Path,
+    tiles_path: Path,
+    n_candidates: int,
+    columns: np.ndarray,
+    store: VoxelStore,
+    maps: range,
 ) -> None:
-    """Rewrite the rows (map x candidates) as tiles of the final mask's voxels: one map's row
-    in memory at a time, scattered into its place in every tile."""
+    """Rewrite the rows (``maps`` x candidates, map after map) as tiles of the final mask's
+    voxels, in the tiles file (already at its full size): one map's row in memory at a time,
+    scattered into its place in every tile."""
     width, n_maps = store.tile_voxels, store.n_maps
     row_bytes = n_candidates * _FLOAT.itemsize
-    with open(rows_path, "rb") as rows, open(tiles_path, "wb") as tiles:
-        tiles.truncate(store.n_tiles * n_maps * width * _FLOAT.itemsize)  # zero padding
-        for i in range(n_maps):
+    with open(rows_path, "rb") as rows, open(tiles_path, "r+b") as tiles:
+        for k, i in enumerate(maps):
             row = np.empty(n_candidates, dtype=_FLOAT)
-            rows.seek(i * row_bytes)
+            rows.seek(k * row_bytes)
             if rows.readinto(memoryview(row).cast("B")) != row_bytes:
                 raise OutputError(f"{rows_path} was cut short while the store was built")
             values = row[columns]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +22,13 @@ import pytest
 from clicheck import check_failure, run_ok
 from conftest import make_bids_derivatives
 
+from bids_group.decoding import map_chunks
 from bids_group.executor import InProcessExecutor
+from bids_group.images import load_masked_data
 from bids_group.inference import permutation
 from bids_group.inference.permutation import permutation_test
+from bids_group.memory import iter_tiles
+from bids_group.store import STORE_FOLDER, load_data, release
 
 pytest.importorskip("distributed")
 
@@ -142,6 +147,85 @@ def test_dask_cluster_gives_the_in_process_files(cluster, dataset, tmp_path):
     assert ours.keys() == theirs.keys() and any("nulldist" in k for k in ours)
     for name in ours:
         assert ours[name] == theirs[name], name
+
+
+@pytest.fixture(scope="module")
+def holed(tmp_path_factory) -> Path:
+    """24 maps on which the automatic mask narrows (one map zero on two slices, one NaN on a
+    slab), with a group blob, and a user mask crossing the NaN slab."""
+    bids = make_bids_derivatives(tmp_path_factory.mktemp("holed") / "ds", n_subjects=24,
+                                 shape=(20, 20, 20), seed=3)  # fmt: skip
+    for i, path in enumerate(sorted(bids.rglob("*_statmap.nii.gz"))):
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        data[5:12, 5:12, 5:12] += 2.0 * (i % 2)
+        if i == 3:
+            data[:, :, :2] = 0.0
+        if i == 10:
+            data[:3, :, :] = np.nan
+        nib.Nifti1Image(data, image.affine).to_filename(path)
+    mask = np.zeros((20, 20, 20), dtype=np.uint8)
+    mask[:, 1:19, :] = 1
+    nib.Nifti1Image(mask, image.affine).to_filename(bids.parent / "mask.nii.gz")
+    return bids
+
+
+def _holed_maps(holed: Path) -> list[Path]:
+    return sorted(holed.rglob("*_statmap.nii.gz"))
+
+
+@pytest.mark.parametrize("user_mask", [False, True])
+def test_chunks_of_maps_decode_to_the_same_matrix(holed, tmp_path, user_mask):
+    """Maps decoded in chunks (the tasks of the workers, here in process) and merged give the
+    matrix, mask and dropped count of the single stream, in memory and in the tiled store."""
+    paths = _holed_maps(holed)
+    mask_path = holed.parent / "mask.nii.gz" if user_mask else None
+    ref = load_masked_data(paths, mask_path=mask_path)
+    assert ref.n_dropped > 0  # the mask did narrow (automatic) or lose voxels (user mask)
+    for budget, work in ((2**30, None), (2**20, tmp_path / "w")):
+        got = load_data(paths, budget=budget, work_dir=work, mask_path=mask_path,
+                        executor=InProcessExecutor())  # fmt: skip
+        try:
+            matrix = got.data if work is None else np.hstack([t for _, t in iter_tiles(got.data)])
+            assert isinstance(got.data, np.ndarray) == (work is None)
+            np.testing.assert_array_equal(got.mask, ref.mask)
+            assert got.n_dropped == ref.n_dropped
+            assert matrix.dtype == np.float32 and matrix.tobytes() == ref.data.tobytes()
+        finally:
+            release(got)
+    assert map_chunks(24, 8000, 1) == [(i, i + 6) for i in range(0, 24, 6)]
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["in-memory", "tiled"])
+def test_maps_decoded_on_the_workers_give_the_in_process_files(cluster, holed, tmp_path, tiled):
+    """The workers decode the maps (and write the tiled store into the shared work folder, with a
+    tiny --mem-budget): every output equals the run decoded in this process."""
+    sched_file, _ = cluster
+    args = [*PERM_ARGS, "--n-perm", "300", "-v", "--mask", str(holed.parent / "mask.nii.gz")]
+    if tiled:
+        args += ["--mem-budget", "1MB", "-w", str(tmp_path / "work")]
+    local, local_err = run_ok(holed, tmp_path / "local", *args)
+    remote, err = run_ok(holed, tmp_path / "remote", *args, "--scheduler-file", sched_file)
+    assert "tasks on the Dask workers" in err and "tasks on the Dask workers" not in local_err
+    assert ("voxel-tiled store" in err) == tiled and "Dropped" in err
+    ours, theirs = _outputs(local), _outputs(remote)
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    for name in ours:
+        assert ours[name] == theirs[name], name
+    if tiled:
+        assert not list((tmp_path / "work" / STORE_FOLDER).glob("*/*")), "the store is removed"
+
+
+def test_a_map_that_fails_on_a_worker_names_the_file(cluster, capsys, holed, tmp_path):
+    """A truncated map found by a worker stops the run with exit 65 naming it, as in process."""
+    sched_file, _ = cluster
+    copy = tmp_path / "ds"
+    shutil.copytree(holed, copy)
+    bad = _holed_maps(copy)[7]
+    bad.write_bytes(bad.read_bytes()[:-4000])
+    check_failure(capsys, [copy, tmp_path / "out", "group", *PERM_ARGS[:4],
+                           "--scheduler-file", sched_file], tmp_path / "out", 65,
+                  bad.name, "truncated")  # fmt: skip
 
 
 def test_a_killed_worker_changes_nothing(cluster, dataset, tmp_path):
