@@ -228,6 +228,67 @@ def test_a_map_that_fails_on_a_worker_names_the_file(cluster, capsys, holed, tmp
                   bad.name, "truncated")  # fmt: skip
 
 
+def _worker(sched_file: Path, name: str, log: Path) -> subprocess.Popen:
+    return _start(["distributed.cli.dask_worker", "--scheduler-file", str(sched_file),
+                   "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
+                   "--name", name], log)  # fmt: skip
+
+
+def _kill_when_busy(sched_file: Path, victim: subprocess.Popen, name: str, task: str,
+                    run: subprocess.Popen) -> None:  # fmt: skip
+    """SIGKILL ``victim`` (worker ``name``) as soon as it runs a task whose key starts with
+    ``task``, while ``run`` goes on."""
+    from distributed import Client
+
+    with Client(scheduler_file=str(sched_file), timeout=30) as client:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and run.poll() is None:
+            names = {w: info.get("name") for w, info in client.scheduler_info()["workers"].items()}
+            busy = [
+                w
+                for w, keys in client.processing().items()
+                if names.get(w) == name and any(str(k).startswith(task) for k in keys)
+            ]
+            if busy:
+                break
+            time.sleep(0.01)
+        assert run.poll() is None, "the run ended before the worker could be killed"
+        assert busy, f"worker {name} never ran a {task} task"
+        os.killpg(victim.pid, signal.SIGKILL)
+
+
+def test_a_worker_killed_while_decoding_changes_nothing(cluster, tmp_path):
+    """A third worker joins, and is SIGKILLed while it decodes a chunk of maps into the tiled
+    store: its chunks are decoded again on the others, and every output equals the in-process
+    run's."""
+    sched_file, _ = cluster
+    bids = make_bids_derivatives(tmp_path / "ds", n_subjects=36, shape=(72, 72, 60), seed=8)
+    victim = _worker(sched_file, "victim", tmp_path / "victim.log")
+    from distributed import Client
+
+    with Client(scheduler_file=str(sched_file), timeout=30) as client:
+        client.wait_for_workers(len(client.scheduler_info()["workers"]) + 1, timeout=60)
+    args = ["--permutation", "voxel", "--n-perm", "20", "--seed", "2", "--no-report",
+            "--smoothing-fwhm", "6", "--mem-budget", "32MB",
+            "-w", str(tmp_path / "work")]  # fmt: skip
+    argv = [sys.executable, "-m", "bids_group", str(bids), str(tmp_path / "remote"), "group",
+            *args, "--scheduler-file", str(sched_file), "--json", "-v"]  # fmt: skip
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _kill_when_busy(sched_file, victim, "victim", "decode_task", run)
+        stdout, stderr = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, stderr
+    assert "voxel-tiled store" in stderr and "tasks on the Dask workers" in stderr
+    local, _ = run_ok(bids, tmp_path / "local", *args)
+    ours, theirs = _outputs(local), _outputs(json.loads(stdout))
+    assert ours.keys() == theirs.keys() and len(ours) > 5
+    for name in ours:
+        assert ours[name] == theirs[name], name
+
+
 def test_a_killed_worker_changes_nothing(cluster, dataset, tmp_path):
     """SIGKILL one worker while it runs a chunk: the scheduler reruns its tasks on the other
     worker and every output equals the in-process run."""
