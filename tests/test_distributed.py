@@ -25,7 +25,8 @@ from conftest import make_bids_derivatives
 from bids_group.decoding import map_chunks
 from bids_group.executor import InProcessExecutor
 from bids_group.images import load_masked_data
-from bids_group.inference import permutation
+from bids_group.inference import mixed_permutation, permutation
+from bids_group.inference.mixed_permutation import mixed_permutation_test
 from bids_group.inference.permutation import permutation_test
 from bids_group.memory import iter_tiles
 from bids_group.store import STORE_FOLDER, load_data, release
@@ -134,6 +135,35 @@ def test_chunks_in_any_process_equal_the_stream(monkeypatch, chunk):
         np.testing.assert_array_equal(got.clusters.null_max_mass, ref.clusters.null_max_mass)
         np.testing.assert_array_equal(got.tfce.null_max, ref.tfce.null_max)
         np.testing.assert_array_equal(got.tfce.p_uncorrected, ref.tfce.p_uncorrected)
+
+
+def test_mixed_effects_chunks_on_reused_engines_equal_the_stream(monkeypatch):
+    """Mixed-effects sign flips in chunks of one batch: each chunk after the first runs on the
+    engine the previous one left (restarted), and the pooled null is the single stream's."""
+    monkeypatch.setattr(permutation, "CHUNK_RELABELLINGS", 32)
+    rng = np.random.default_rng(4)
+    mask = np.ones((5, 4, 3), bool)
+    y = rng.normal(0.4, 1, (10, mask.sum()))
+    v = rng.uniform(0.2, 1.0, y.shape)
+    kwargs = {"method": "dl", "n_perm": 150, "seed": 9, "mask": mask, "tfce": True,
+              "cluster_forming_p": 0.05}  # fmt: skip
+    ref = mixed_permutation_test(y, v, np.ones((10, 1)), np.ones(1), **kwargs)
+    built = []
+    real_init = mixed_permutation._MixedEngine.__init__
+
+    def counting_init(self, *args, **kw):  # counts the engines built, and builds them
+        built.append(1)
+        real_init(self, *args, **kw)
+
+    monkeypatch.setattr(mixed_permutation._MixedEngine, "__init__", counting_init)
+    got = mixed_permutation_test(y, v, np.ones((10, 1)), np.ones(1), executor=InProcessExecutor(),
+                                 **kwargs)  # fmt: skip
+    assert len(built) == 2  # the client's engine, and one for the five chunks
+    np.testing.assert_array_equal(got.null_max_stat, ref.null_max_stat)
+    np.testing.assert_array_equal(got.p_uncorrected, ref.p_uncorrected)
+    np.testing.assert_array_equal(got.clusters.null_max_mass, ref.clusters.null_max_mass)
+    np.testing.assert_array_equal(got.tfce.null_max, ref.tfce.null_max)
+    np.testing.assert_array_equal(got.tfce.p_uncorrected, ref.tfce.p_uncorrected)
 
 
 def test_dask_cluster_gives_the_in_process_files(cluster, dataset, tmp_path):
