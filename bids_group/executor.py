@@ -17,6 +17,7 @@ the default path never pays its import cost.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -83,6 +84,19 @@ class DaskExecutor:
 
 def _value(shared: Any) -> Any:
     return shared
+
+
+def task_threads() -> int:
+    """Threads a task may use: the cores this process may run on, shared among the threads of
+    the Dask worker running it (1 outside a worker). A worker started with ``--nthreads 1`` on
+    8 cores (the recipe below the README's Dask section) decodes 8 maps at a time."""
+    try:
+        from distributed import get_worker
+
+        worker_threads = get_worker().state.nthreads
+    except (ImportError, ValueError):  # not in a Dask worker
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // max(1, worker_threads))
 
 
 def connect(address: str | None = None, scheduler_file: Path | None = None) -> DaskExecutor:

@@ -197,7 +197,7 @@ class VolumeStream:
         flattened in Fortran order)
     grids : grid of each map as read (before resampling)
     sigma : smoothing sigma per axis in voxels, or None
-        With ``grids``, what decodes map ``i`` anywhere (:meth:`prepare`), e.g. in a
+        With ``grids``, what decodes any run of maps anywhere (:meth:`decode`), e.g. in a
         Dask task.
     """
 
@@ -209,9 +209,12 @@ class VolumeStream:
     grids: Sequence[_Grid] = ()
     sigma: np.ndarray | None = None
 
-    def prepare(self, index: int) -> _Volume:
-        """Decode map ``index`` alone, exactly as :attr:`volumes` yields it."""
-        return _prepare(index, self.paths[index], self.grids[index], self.target, self.sigma)
+    def decode(self, start: int, stop: int, n_jobs: int = 1) -> Iterator[_Volume]:
+        """Maps ``start .. stop - 1`` decoded by ``n_jobs`` threads, in order, exactly as
+        :attr:`volumes` yields them."""
+        paths, grids = self.paths[start:stop], self.grids[start:stop]
+        for volume in _iter_volumes(paths, grids, self.target, sigma=self.sigma, n_jobs=n_jobs):
+            yield replace(volume, index=start + volume.index)
 
 
 def open_volumes(
