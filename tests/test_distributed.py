@@ -352,6 +352,20 @@ def test_a_killed_worker_changes_nothing(cluster, dataset, tmp_path):
     assert local  # the 1,500-relabelling run above is the fixture's warm-up
 
 
+def test_a_run_without_a_scheduler_imports_no_dask(dataset, tmp_path):
+    """The default path (a permutation run) never imports Dask."""
+    code = (
+        "import sys\n"
+        "from bids_group.cli import main\n"
+        f"rc = main([{str(dataset)!r}, {str(tmp_path / 'out')!r}, 'group', '-q', '--no-report',"
+        f" '--permutation', 'tfce', '--n-perm', '50'])\n"
+        "assert rc == 0, rc\n"
+        "assert not {'dask', 'distributed'} & set(sys.modules), 'Dask was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_scheduler_options_need_permutations_and_a_scheduler(capsys, dataset, tmp_path):
     none = tmp_path / "none.json"
     check_failure(capsys, [dataset, tmp_path / "o1", "group", "--scheduler-file", none],
