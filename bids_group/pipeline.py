@@ -254,7 +254,9 @@ def _plan_node(
         if not named:
             raise
         raise type(err)(f"Dataset node {spec.node_name!r}: {err}") from err
-    plans = plan_permutations(analyses, inference, mixed=spec.estimation.mixed)
+    plans = plan_permutations(
+        analyses, inference, mixed=spec.estimation.mixed, estimator=spec.estimation.estimator
+    )
     return _NodePlan(spec, inputs, analyses, plans)
 
 
