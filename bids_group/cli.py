@@ -568,8 +568,6 @@ def cli(state: dict[str, int], **options: Any) -> None:
     state["verbosity"] = options["verbose"] - options["quiet"]
     _setup_logging(state["verbosity"])
     config = _make_config(options)
-    given = options["n_jobs"] is not None
-    log.info("threads: %d (%s)", config.n_jobs, "--n-jobs" if given else "default: CPUs available")
     isolate_caches(config.work_dir)  # before matplotlib is imported
     from bids_group import pipeline  # heavy imports only once arguments are valid
 
