@@ -45,7 +45,7 @@ from bids_group.errors import (
     UnknownLevelError,
     UsageError,
 )
-from bids_group.memory import parse_size
+from bids_group.memory import available_cpus, parse_size
 from bids_group.paths import check_run_paths, isolate_caches, scratch_disk_error
 from bids_group.spec import ADJUSTMENTS, ESTIMATORS, VARIANCE_SOURCES
 from bids_group.validation import SETTINGS, check_setting, read_utf8
@@ -513,9 +513,10 @@ def _underscored(name: str) -> str:
     "--nprocs",
     "n_jobs",
     type=Setting("n_jobs"),
-    default=1,
-    show_default=True,
-    help="Threads for reading and writing images and for the permutation kernels.",
+    default=None,
+    help="Threads for reading and writing images, the mixed-effects fit and the permutation "
+    "kernels  [default: every CPU this process may use: its affinity, e.g. a SLURM job's "
+    "cores, capped by a container's CPU quota]",
 )
 @_option(
     "--work-dir",
@@ -639,7 +640,7 @@ def _make_config(options: dict[str, Any]) -> RunConfig:
         adjustment=options["adjustment"],
         variance_groups=options["variance_groups"],
         inference_overrides={k: v for k, v in overrides.items() if v is not None},
-        n_jobs=options["n_jobs"],
+        n_jobs=options["n_jobs"] or available_cpus(),
         work_dir=paths.work_dir,
         dask_scheduler=options["dask_scheduler"],
         scheduler_file=options["scheduler_file"],

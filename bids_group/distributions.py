@@ -302,3 +302,27 @@ def f_to_z(f, dfn: float, dfd: float) -> np.ndarray:
     11.4649
     """
     return f_sf_and_z(f, dfn, dfd)[1]
+
+
+def t_isf(p: float, dof: float) -> float:
+    """Upper-tail quantile of Student's t: the t with ``P(T > t) = p`` (as ``scipy.stats.t.isf``,
+    whose formula this is, without importing ``scipy.stats``: ~0.3 s at every start).
+
+    >>> round(t_isf(0.025, 10), 6)
+    2.228139
+    """
+    return float(-special.stdtrit(dof, p))
+
+
+def f_isf(p: float, dfn: float, dfd: float) -> float:
+    """Upper-tail quantile of F(dfn, dfd) (as ``scipy.stats.f.isf``, whose formula this is).
+
+    >>> round(f_isf(0.05, 2, 10), 6)
+    4.102821
+    """
+    return float(special.fdtri(dfn, dfd, 1.0 - p))
+
+
+def norm_sf(z: np.ndarray) -> np.ndarray:
+    """Upper-tail probability of the standard normal (as ``scipy.stats.norm.sf``: ``ndtr(-z)``)."""
+    return special.ndtr(-np.asarray(z, dtype=np.float64))

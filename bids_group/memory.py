@@ -18,6 +18,7 @@ the fit and the data checks read tile by tile: an in-memory matrix or the store.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -167,6 +168,22 @@ def _cgroup_room() -> int | None:
             usage = 0
         return max(int(limit_text) - usage, 0)
     return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity (a SLURM job's or ``taskset``'s cores), capped by
+    a cgroup v2 CPU quota (``cpu.max``, as ``docker run --cpus`` sets), at least 1."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(count, 1)
 
 
 def default_budget() -> tuple[int, str]:

@@ -168,6 +168,7 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
         config.mem_budget or model_budget,
         "--mem-budget" if config.mem_budget else "model file MemoryBudget",
     )
+    log.info("threads: %d (--n-jobs; its default: the CPUs this process may use)", config.n_jobs)
     executor = _executor(config, any(node.plans for node in nodes))
     log.info(
         "%d map(s) of %d participant(s); %d model(s) to fit",
@@ -254,7 +255,9 @@ def _plan_node(
         if not named:
             raise
         raise type(err)(f"Dataset node {spec.node_name!r}: {err}") from err
-    plans = plan_permutations(analyses, inference, mixed=spec.estimation.mixed)
+    plans = plan_permutations(
+        analyses, inference, mixed=spec.estimation.mixed, estimator=spec.estimation.estimator
+    )
     return _NodePlan(spec, inputs, analyses, plans)
 
 

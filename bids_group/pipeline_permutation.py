@@ -69,12 +69,18 @@ REFERENCES = (
 
 
 def plan_permutations(
-    analyses: Sequence[Analysis], inference: InferenceConfig, *, mixed: bool = False
+    analyses: Sequence[Analysis],
+    inference: InferenceConfig,
+    *,
+    mixed: bool = False,
+    estimator: str | None = None,
 ) -> dict[tuple[int, str], PermutationPlan]:
     """Validate the exchangeability of every contrast before any image is read.
 
     ``mixed``: a mixed-effects model, whose relabellings are sign flips (see
-    :mod:`bids_group.inference.mixed_permutation`).
+    :mod:`bids_group.inference.mixed_permutation`); ``estimator`` its method, with which each
+    contrast's reduced model (Freedman-Lane) must be fittable with the analysis' variance
+    groups.
 
     Returns
     -------
@@ -103,6 +109,8 @@ def plan_permutations(
                     blocks=blocks,
                     whole_blocks=inference.whole_blocks,
                 )
+                if mixed and analysis.variance_groups is not None:
+                    _check_reduced_groups(analysis, contrast.weights, estimator)
             except (UsageError, DataError) as err:
                 context = f"contrast {contrast.name!r}" + (f", model for {where}" if where else "")
                 raise type(err)(f"permutation inference: {err} ({context})") from err
@@ -132,6 +140,18 @@ def plan_permutations(
                 )
             plans[(i, contrast.name)] = plan
     return plans
+
+
+def _check_reduced_groups(analysis: Analysis, contrast: np.ndarray, estimator: str | None) -> None:
+    """The reduced model that every relabelling refits must suit the variance groups too:
+    e.g. one column per group is separable (DL fits it), but the reduced model of their
+    difference is their sum, shared by the groups (DL cannot refit it)."""
+    from bids_group.inference.mixed_permutation import reduced_design
+    from bids_group.mixed_effects import check_variance_groups
+
+    reduced = reduced_design(analysis.design.matrix, contrast)
+    if reduced.shape[1] and estimator is not None:
+        check_variance_groups(reduced, np.array(analysis.variance_groups), estimator)
 
 
 @dataclass(frozen=True)

@@ -134,3 +134,27 @@ def test_budget_is_logged_from_option_model_or_default(bids_derivatives, tmp_pat
     assert _logged_budget(stderr) == "1.07 GB (--mem-budget)"
     _, stderr = run_ok(bids, tmp_path / "o4", "-v")
     assert "(default: " in _logged_budget(stderr)
+
+
+def test_threads_default_to_the_cpus_this_process_may_use(bids_derivatives, tmp_path):
+    """--n-jobs defaults to the process's CPU affinity (a SLURM job's cores): under taskset
+    with one core the run uses one thread, unrestricted as many as the affinity allows."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from bids_group.memory import available_cpus
+
+    assert available_cpus() == min(len(os.sched_getaffinity(0)), available_cpus())
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset is not installed")
+    code = "from bids_group.memory import available_cpus; print(available_cpus())"
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    assert pinned.stdout.strip() == "1"
+    bids = bids_derivatives(n_subjects=3)
+    _, stderr = run_ok(bids, tmp_path / "o1", "-v")
+    assert f"threads: {available_cpus()} (--n-jobs" in stderr
+    _, stderr = run_ok(bids, tmp_path / "o2", "-v", "--n-jobs", "1")
+    assert "threads: 1 (--n-jobs" in stderr

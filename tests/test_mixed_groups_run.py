@@ -195,3 +195,45 @@ def test_model_file_key_is_read(tmp_path):
     path = tmp_path / "model.yaml"
     path.write_text(MODEL.format(estimator="ml", column="site"))
     assert load_spec(path).estimation.variance_groups == "site"
+
+
+SITE_DIFFERENCE = """
+Name: sites
+BIDSModelVersion: 1.0.0
+Nodes:
+  - Level: Dataset
+    Name: meta
+    GroupBy: [contrast]
+    Transformations:
+      Transformer: pybids-transforms-v1
+      Instructions:
+        - Name: Factor
+          Input: [site]
+    Model:
+      Type: meta
+      X: [site.A, site.B]
+      Software:
+        bids-group: {{Estimator: {estimator}, VarianceGroups: site}}
+    Contrasts:
+      - Name: AgtB
+        ConditionList: [site.A, site.B]
+        Weights: [1, -1]
+        Test: t
+"""
+
+
+def test_moment_estimator_permutation_with_a_shared_reduced_column_is_refused_before_reading(
+    dataset, capsys, tmp_path
+):
+    """The design (one column per site) is separable, so DL fits it; but Freedman-Lane's reduced
+    model of A - B is their sum, the intercept shared by both sites, which DL cannot refit with
+    two tau^2. Refused when planned, with the contrast named, not after reading every map."""
+    model = tmp_path / "m.yaml"
+    model.write_text(SITE_DIFFERENCE.format(estimator="dl"))
+    summary = _run(dataset, tmp_path / "ok", "--model", model, "--no-report")  # parametric: fine
+    assert _one(summary, "AgtB_stat-z_statmap.nii.gz")
+    argv = [dataset, tmp_path / "out", "group", "--model", model, "--permutation", "voxel",
+            "--n-perm", "20", "--no-report"]  # fmt: skip
+    # "permutation inference:" is the prefix of the refusals raised by the plan (before reading)
+    check_failure(capsys, argv, tmp_path / "out", 64, "permutation inference:", "separable",
+                  "AgtB", "reml or ml")  # fmt: skip

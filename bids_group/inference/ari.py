@@ -21,8 +21,8 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from bids_group.distributions import norm_sf
 from bids_group.errors import DataError, UsageError
 from bids_group.inference.clusters import DEFAULT_CONNECTIVITY, label_clusters
 
@@ -341,9 +341,7 @@ def ari_clusters(
     label_clusters(np.zeros((1, 1, 1), bool), connectivity)  # check it before any work
 
     p_vol = np.ones_like(z_vol)
-    p_vol[mask] = (
-        2.0 * stats.norm.sf(np.abs(z_vol[mask])) if two_sided else stats.norm.sf(z_vol[mask])
-    )
+    p_vol[mask] = 2.0 * norm_sf(np.abs(z_vol[mask])) if two_sided else norm_sf(z_vol[mask])
     p_vol = np.clip(p_vol, 0.0, 1.0)
     hommel = hommel_value(p_vol[mask], alpha)
     log.debug("ARI: Hommel value %d of %d tests at alpha=%g", hommel, int(mask.sum()), alpha)

@@ -146,12 +146,18 @@ def fast_z(stat: np.ndarray, dof: np.ndarray, stat_type: StatType, df1: float) -
     return np.where(np.isnan(z), 0.0, z)
 
 
+def reduced_design(design: np.ndarray, contrast: np.ndarray) -> np.ndarray:
+    """Freedman-Lane's reduced (nuisance-only) design ``X C_u``, ``C_u`` an orthonormal basis
+    of the null space of the contrast: (n_maps, p - q), no column when the contrast spans X."""
+    contrast = np.atleast_2d(np.asarray(contrast, dtype=np.float64))
+    return np.asarray(design, dtype=np.float64) @ linalg.null_space(contrast)
+
+
 def _freedman_lane(effects, variances, ok, design, contrast, method, groups, n_grid):
     """(E, H): residuals and fitted values of the reduced (nuisance-only) mixed model."""
-    null_basis = linalg.null_space(contrast)  # (p, p - q)
-    if null_basis.shape[1] == 0:
+    reduced = reduced_design(design, contrast)
+    if reduced.shape[1] == 0:
         return np.where(ok, effects, 0.0), np.zeros(effects.shape)
-    reduced = design @ null_basis
     fit = fit_mixed(effects, variances, reduced, method, groups, n_grid)
     fitted = reduced @ np.where(np.isfinite(fit.beta), fit.beta, 0.0)
     return np.where(ok, effects - fitted, 0.0), fitted

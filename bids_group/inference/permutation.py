@@ -51,8 +51,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numba
 import numpy as np
-from scipy import linalg, stats
+from scipy import linalg
 
+from bids_group.distributions import f_isf, t_isf
 from bids_group.errors import DataError, OutputError, UsageError
 from bids_group.inference import _kernels
 from bids_group.inference import exchangeability as exch
@@ -700,8 +701,8 @@ def observed_maps(cfg: _Config, stat: np.ndarray, height: float | None) -> _Obse
 def _cluster_height(cfg: _Config, part: DesignPartition) -> float:
     p = cfg.cluster_forming_p / (2.0 if cfg.two_sided else 1.0)
     if cfg.stat_type == "t":
-        return float(stats.t.isf(p, part.dof))
-    return float(stats.f.isf(p, part.n_interest, part.dof))
+        return t_isf(p, part.dof)
+    return f_isf(p, part.n_interest, part.dof)
 
 
 def _observed_clusters(stat, height, two_sided, graph):

@@ -17,7 +17,6 @@ import pandas as pd
 
 from bids_group.errors import DataError, UsageError
 from bids_group.inference import exchangeability as exch
-from bids_group.inference.permutation import design_exchangeability, relabelling_count
 
 
 @dataclass(frozen=True)
@@ -129,6 +128,9 @@ def plan_permutation(
     """
     x = np.asarray(design, dtype=np.float64)
     c = np.atleast_2d(np.asarray(contrast, dtype=np.float64))
+    # The engine's module compiles numba kernels: imported only when a test is planned.
+    from bids_group.inference.permutation import design_exchangeability, relabelling_count
+
     _, ex = design_exchangeability(x, c, scheme=scheme, blocks=blocks, whole_blocks=whole_blocks)
     n_relabellings, _ = relabelling_count(ex, n_perm)
     return PermutationPlan(ex.scheme, blocks, ex.whole_blocks, ex.n_distinct(), n_relabellings)

@@ -14,13 +14,15 @@ What is stored, and why:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from bids_group.inference.clusters import CONNECTIVITY
-from bids_group.inference.permutation import ClusterInference, PermutationResult
+
+if TYPE_CHECKING:  # the engine's module compiles numba kernels: not imported to write tables
+    from bids_group.inference.permutation import ClusterInference, PermutationResult
 
 #: Columns of the null-distribution table and their description (BIDS sidecar entries).
 NULL_COLUMNS: Mapping[str, str] = {

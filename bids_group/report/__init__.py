@@ -7,7 +7,6 @@ and :mod:`~bids_group.report.histogram`), the report content model and its rende
 """
 
 from bids_group.report._common import CONVENTION
-from bids_group.report.histogram import null_distribution_png
 from bids_group.report.html import (
     ReportContent,
     ReportFigure,
@@ -17,7 +16,6 @@ from bids_group.report.html import (
     render_report,
     write_report,
 )
-from bids_group.report.raster import glass_brain_png, mask_png, signed_mip, slices_png
 
 __all__ = [
     "CONVENTION",
@@ -34,3 +32,21 @@ __all__ = [
     "slices_png",
     "write_report",
 ]
+
+#: The renderers import matplotlib (FreeType, colour maps): loaded on first use, so that a run
+#: without a report never imports it.
+_LAZY = {
+    "glass_brain_png": "raster",
+    "mask_png": "raster",
+    "signed_mip": "raster",
+    "slices_png": "raster",
+    "null_distribution_png": "histogram",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"bids_group.report.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

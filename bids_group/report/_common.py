@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from matplotlib.colors import Colormap, LinearSegmentedColormap
 from nibabel import orientations
 
 from bids_group.errors import DataError
@@ -26,15 +25,8 @@ VIEWS = (
     ("axial", 2, 0, 1, ("L", "R")),
 )
 
-# Signed maps: blue->cyan below -threshold, red->yellow above +threshold (the "cold-hot" look).
-COLD_HOT: Colormap = LinearSegmentedColormap.from_list(
-    "cold_hot",
-    [(0.0, "#00ffff"), (0.2, "#0040ff"), (0.5, "#101020"), (0.8, "#ff2000"), (1.0, "#ffff00")],
-)
-# Non-negative maps (TDP, F, -log10 p): dark red -> yellow.
-HOT: Colormap = LinearSegmentedColormap.from_list(
-    "warm", [(0.0, "#7a0000"), (0.5, "#ff3000"), (1.0, "#ffff40")]
-)
+#: Height (em size, pixels) of the smallest text in a figure; titles are larger.
+MIN_TEXT_PX = 17
 
 
 @dataclass(frozen=True)

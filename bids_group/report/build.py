@@ -30,7 +30,7 @@ import pandas as pd
 from bids_group.images import unmask
 from bids_group.inference.clusters import label_clusters
 from bids_group.memory import TiledMaps, iter_tiles
-from bids_group.report.histogram import null_distribution_png
+from bids_group.report._common import MIN_TEXT_PX
 from bids_group.report.html import (
     ReportContent,
     ReportFigure,
@@ -38,7 +38,6 @@ from bids_group.report.html import (
     ReportTable,
     ResultSummary,
 )
-from bids_group.report.raster import MIN_TEXT_PX, glass_brain_png, mask_png, slices_png
 from bids_group.templates import TEMPLATE_SPACE, mni_space, template_on_grid
 
 log = logging.getLogger(__name__)
@@ -236,6 +235,8 @@ def map_figures(
     -------
     (ReportFigure, ReportFigure)
     """
+    from bids_group.report.raster import glass_brain_png, slices_png  # matplotlib: only here
+
     clean = np.where(mask, np.nan_to_num(volume), 0.0)
     units = shown or (f"{label} > {threshold:.3g}" if threshold is not None else f"{label} > 0")
     slices = slices_png(clean, affine, background_vol=background.volume, threshold=threshold,
@@ -279,6 +280,8 @@ def unthresholded_figure(
     ``cut``: the slices' world coordinates (mm), e.g. the peak ``|z|``, so the z and effect
     figures of a contrast show the same place.
     """
+    from bids_group.report.raster import slices_png
+
     clean = np.where(mask, np.nan_to_num(volume), 0.0)
     data = slices_png(clean, affine, background_vol=background.volume, threshold=None,
                       title=title, colorbar_label=label, cut_coords=cut)  # fmt: skip
@@ -300,6 +303,8 @@ def null_figure(
 
     ``source`` names the TSV holding the same null (so readers can audit or merge it).
     """
+    from bids_group.report.histogram import null_distribution_png
+
     data = null_distribution_png(null_max, observed_max, critical, alpha=alpha,
                                  stat_label=stat_label, title=title)  # fmt: skip
     caption = (
@@ -314,6 +319,8 @@ def null_figure(
 
 def mask_figure(mask: np.ndarray, background: Background, affine: np.ndarray, *, filename: str):
     """The analysis mask outlined over the background, titled with its voxel count."""
+    from bids_group.report.raster import mask_png
+
     n_voxels = int(np.count_nonzero(mask))
     data = mask_png(mask, background.volume, affine, title=f"Analysis mask: {n_voxels:,} voxels")
     return ReportFigure("Analysis mask", data, "image/png",

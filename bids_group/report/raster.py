@@ -20,20 +20,19 @@ size, so its text stays >= 12 CSS pixels (see :mod:`bids_group.report.html`).
 from __future__ import annotations
 
 import functools
-import struct
-import zlib
 from collections.abc import Sequence
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib import ft2font
-from matplotlib.colors import Colormap
-from matplotlib.font_manager import FontProperties, findfont
+from matplotlib.colors import Colormap, LinearSegmentedColormap
 
 from bids_group.errors import DataError
+from bids_group.png import png_bytes
 from bids_group.report._common import (
-    COLD_HOT,
     CONVENTION,
-    HOT,
+    MIN_TEXT_PX,
     VIEWS,
     RasGrid,
     check_same_grid,
@@ -50,14 +49,21 @@ PX_PER_MM = 2.4
 MAX_WIDTH = 1000
 #: Narrowest brain figure (pixels): small volumes are enlarged to it.
 MIN_WIDTH = 760
-#: Height (em size, pixels) of the smallest text in a figure; titles are larger.
-MIN_TEXT_PX = 17
 _TITLE_PX = 20
 #: Colours (RGB 0-255) of the dark (slices) and light (glass brain) themes.
 _DARK = {"bg": (0, 0, 0), "ink": (235, 235, 235), "muted": (170, 170, 170), "cross": (90, 200, 90)}
 _LIGHT = {"bg": (255, 255, 255), "ink": (30, 35, 48), "muted": (90, 96, 110), "cross": (0, 0, 0)}
 _SILHOUETTE, _SILHOUETTE_EDGE = (236, 238, 242), (120, 124, 132)
 _OUTLINE = (255, 60, 50)
+# Signed maps: blue->cyan below -threshold, red->yellow above +threshold (the "cold-hot" look).
+COLD_HOT: Colormap = LinearSegmentedColormap.from_list(
+    "cold_hot",
+    [(0.0, "#00ffff"), (0.2, "#0040ff"), (0.5, "#101020"), (0.8, "#ff2000"), (1.0, "#ffff00")],
+)
+# Non-negative maps (TDP, F, -log10 p): dark red -> yellow.
+HOT: Colormap = LinearSegmentedColormap.from_list(
+    "warm", [(0.0, "#7a0000"), (0.5, "#ff3000"), (1.0, "#ffff40")]
+)
 _GAP, _MARGIN, _HEADER, _FOOTER, _BAR_W = 8, 10, 34, 32, 14
 #: Room above the panels for the view names, and right of them for the colour bar and ticks.
 _NAMES, _BAR_SPACE = 26, 18 + _BAR_W + 90
@@ -66,38 +72,12 @@ _NAMES, _BAR_SPACE = 26, 18 + _BAR_W + 90
 # --------------------------------------------------------------------------- PNG and text
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """Encode an RGB image as PNG (8-bit, no interlace, filter 0, zlib level 6).
-
-    Parameters
-    ----------
-    rgb : ndarray of shape (height, width, 3), uint8
-
-    Returns
-    -------
-    bytes
-    """
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    height, width = rgb.shape[:2]
-    rows = np.zeros((height, 1 + 3 * width), dtype=np.uint8)  # leading 0 = "no filter"
-    rows[:, 1:] = rgb.reshape(height, -1)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-        + chunk(b"IEND", b"")
-    )
-
-
 @functools.lru_cache(maxsize=4)
 def _font(bold: bool) -> ft2font.FT2Font:
-    weight = "bold" if bold else "normal"
-    return ft2font.FT2Font(findfont(FontProperties(family="DejaVu Sans", weight=weight)))
+    # The file matplotlib ships, by path: its font manager would scan every system font and
+    # build a cache (~0.45 s) on each run, whose cache folder is private to the run.
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    return ft2font.FT2Font(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name))
 
 
 def _text_mask(text: str, size: float, bold: bool = False) -> np.ndarray:

@@ -1,0 +1,42 @@
+"""The default path stays light: a run without a report or permutations imports neither
+matplotlib (report figures) nor numba (permutation and mixed-effects kernels) nor scipy.stats.
+
+Together they cost ~1.5 s at every start (imports, numba's target initialisation, matplotlib's
+font scan), more than the whole OLS fit of a typical study; the mixed-effects benchmark
+(``benchmarks/bench_mixed.py``) counts every one of them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("matplotlib", "numba", "scipy.stats")
+
+RUN = """
+import sys
+from bids_group.cli import main
+code = main({argv!r})
+assert code == 0, code
+print(sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+def _imported_after(argv: list[str]) -> str:
+    code = RUN.format(argv=argv, heavy=HEAVY)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_ols_run_without_report_imports_none_of_the_heavy_modules(tmp_path):
+    argv = [str(ROOT / "examples" / "ds-faces"), str(tmp_path / "out"), "group", "--model",
+            str(ROOT / "configs" / "two_sample_age.yaml"), "--no-report", "-q"]  # fmt: skip
+    assert _imported_after(argv) == "[]"
+
+
+def test_a_report_imports_matplotlib_only_then(tmp_path):
+    argv = [str(ROOT / "examples" / "ds-faces"), str(tmp_path / "out"), "group", "--model",
+            str(ROOT / "configs" / "two_sample_age.yaml"), "-q"]  # fmt: skip
+    assert _imported_after(argv) == "['matplotlib']"
