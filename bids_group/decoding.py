@@ -1,7 +1,7 @@
 """Maps decoded into rows at the candidate voxels: one function, in this process or as Dask tasks.
 
 Whether the masked data go to memory or to the tiled store (:mod:`bids_group.store`), each map
-is decoded (:meth:`bids_group.images.VolumeStream.decode`: read, inflate, resample, smooth)
+is decoded (:meth:`bids_group.images.VolumeStream.decode_maps`: read, inflate, resample, smooth)
 and cut to the *candidate* voxels: those of the user mask, or the support of the first map
 (the automatic mask can only shrink from there). :func:`decode_rows` does this for a run of
 maps and keeps what the final mask needs in a :class:`RowBook` (voxels still valid, the union
@@ -156,7 +156,7 @@ def decode_task(plan: DecodePlan, start: int, stop: int) -> tuple[RowBook, np.nd
         )
     grid = None if stream.user_mask is not None else int(np.prod(stream.target.shape))
     book = RowBook.empty(candidates.size, len(stream.paths), grid)
-    volumes = stream.decode(start, stop, n_jobs=task_threads())
+    volumes = stream.decode_maps(start, stop, n_jobs=task_threads())
     if plan.folder is not None:
         write_rows(volumes, candidates, book, stream.paths, rows_file(plan.folder, start))
         return book, None

@@ -197,7 +197,7 @@ class VolumeStream:
         flattened in Fortran order)
     grids : grid of each map as read (before resampling)
     sigma : smoothing sigma per axis in voxels, or None
-        With ``grids``, what decodes any run of maps anywhere (:meth:`decode`), e.g. in a
+        With ``grids``, what decodes any run of maps anywhere (:meth:`decode_maps`), e.g. in a
         Dask task.
     """
 
@@ -209,7 +209,7 @@ class VolumeStream:
     grids: Sequence[_Grid] = ()
     sigma: np.ndarray | None = None
 
-    def decode(self, start: int, stop: int, n_jobs: int = 1) -> Iterator[_Volume]:
+    def decode_maps(self, start: int, stop: int, n_jobs: int = 1) -> Iterator[_Volume]:
         """Maps ``start .. stop - 1`` decoded by ``n_jobs`` threads, in order, exactly as
         :attr:`volumes` yields them."""
         paths, grids = self.paths[start:stop], self.grids[start:stop]
