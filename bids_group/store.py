@@ -53,7 +53,7 @@ from bids_group.images import (
     open_volumes,
     stack_volumes,
 )
-from bids_group.memory import DATA_FRACTION, data_fits, format_size, tile_voxels
+from bids_group.memory import DATA_FRACTION, data_fits, format_size, tile_voxels, work_bytes
 from bids_group.paths import disk_error
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def load_data(
         len(paths), n_candidates, format_size(4 * len(paths) * n_candidates), folder, width,
     )  # fmt: skip
     try:
-        return _build(replace(stream, volumes=rest), folder, width, settings, mask_path)
+        return _build(replace(stream, volumes=rest), folder, width, settings, mask_path, budget)
     except OSError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise disk_error(exc, folder.parent, "work folder (-w)") from exc
@@ -307,6 +307,7 @@ def _build(
     width: int,
     settings: dict[str, Any],
     mask_path: Path | None,
+    budget: int,
 ) -> MaskedData:
     """Decode every map into ``folder``; return the masked data backed by the store."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -314,7 +315,8 @@ def _build(
     book = _write_rows(stream, folder / _ROWS)
     mask, columns, n_dropped = _final_mask(stream, book)
     store = VoxelStore(folder, len(stream.paths), columns.size, width)
-    _write_tiles(folder / _ROWS, folder / _TILES, book.candidates.size, columns, store)
+    _write_tiles(folder / _ROWS, folder / _TILES, book.candidates.size, columns, store,
+                 work_bytes(budget))  # fmt: skip
     (folder / _ROWS).unlink()
     np.save(folder / _MASK, mask)
     manifest = {
@@ -408,20 +410,33 @@ def _final_mask(stream: VolumeStream, book: _Bookkeeping) -> tuple[np.ndarray, n
 
 
 def _write_tiles(
-    rows_path: Path, tiles_path: Path, n_candidates: int, columns: np.ndarray, store: VoxelStore
+    rows_path: Path,
+    tiles_path: Path,
+    n_candidates: int,
+    columns: np.ndarray,
+    store: VoxelStore,
+    work: int,
 ) -> None:
-    """Rewrite the rows (map x candidates) as tiles of the final mask's voxels: one map's row
-    in memory at a time, scattered into its place in every tile."""
-    width, n_maps = store.tile_voxels, store.n_maps
+    """Rewrite the rows (map x candidates) as tiles of the final mask's voxels.
+
+    As many maps' rows as fit in half of ``work`` bytes are read at once (with their values at
+    the mask's voxels in the other half), and each tile gets one write of those maps' rows,
+    which are contiguous in it: one write per map and tile made ~2.6 million small writes at
+    N = 10,000 on the 2 mm grid.
+    """
+    width, n_maps, n_tiles = store.tile_voxels, store.n_maps, store.n_tiles
     row_bytes = n_candidates * _FLOAT.itemsize
+    per_read = int(np.clip(work // (2 * max(row_bytes, 1)), 1, n_maps))
+    rows_buf = np.empty((per_read, n_candidates), dtype=_FLOAT)
+    values = np.zeros((per_read, n_tiles * width), dtype=_FLOAT)  # the last tile's padding: 0
     with open(rows_path, "rb") as rows, open(tiles_path, "wb") as tiles:
-        tiles.truncate(store.n_tiles * n_maps * width * _FLOAT.itemsize)  # zero padding
-        for i in range(n_maps):
-            row = np.empty(n_candidates, dtype=_FLOAT)
-            rows.seek(i * row_bytes)
-            if rows.readinto(memoryview(row).cast("B")) != row_bytes:
+        tiles.truncate(n_tiles * n_maps * width * _FLOAT.itemsize)
+        for first in range(0, n_maps, per_read):
+            k = min(per_read, n_maps - first)
+            rows.seek(first * row_bytes)
+            if rows.readinto(memoryview(rows_buf[:k]).cast("B")) != k * row_bytes:
                 raise OutputError(f"{rows_path} was cut short while the store was built")
-            values = row[columns]
-            for t in range(store.n_tiles):
-                part = values[t * width : (t + 1) * width]
-                os.pwrite(tiles.fileno(), part.tobytes(), ((t * n_maps + i) * width) * 4)
+            np.take(rows_buf[:k], columns, axis=1, out=values[:k, : columns.size])
+            for t in range(n_tiles):
+                part = np.ascontiguousarray(values[:k, t * width : (t + 1) * width])
+                os.pwrite(tiles.fileno(), part, (t * n_maps + first) * width * _FLOAT.itemsize)
