@@ -44,10 +44,12 @@ MAX_WORK_BYTES = 256 * 1024**2
 #: Bytes per (map, voxel) cell of a tile while it is fitted: the float32 tile read from the
 #: store, its float64 copy, the centred copy for the total sum of squares and ``X @ beta``.
 FIT_BYTES_PER_CELL = 4 + 3 * 8
-#: Tiles are a multiple of this many voxels. The BLAS kernels give every voxel the same bits
-#: whatever the tile width as long as the width is a multiple of this (measured with OpenBLAS'
-#: Haswell kernels; the last, partial tile is padded with zeros), so the tiled and in-memory
-#: fits agree bit for bit.
+#: Tiles are a multiple of this many voxels, and every matrix product over voxels is computed
+#: this many voxels at a time (:func:`aligned_matmul`, the last tile padded with zeros): OpenBLAS
+#: chooses its kernel, hence the order of the sums, from the shape of the whole product, so a
+#: voxel fitted in a wider call can get other bits (measured from 500 maps up: a tile of 1,728
+#: voxels and one of 65,536 differed); a fixed-shape call gives each voxel the same bits
+#: whatever the tile width, so the tiled and in-memory fits agree bit for bit at any N.
 TILE_ALIGN = 64
 #: Largest tile: wider tiles are no faster and fall out of the CPU cache.
 MAX_TILE_VOXELS = 65536
@@ -289,3 +291,22 @@ def aligned(width: int) -> int:
     (64, 64, 128)
     """
     return -(-width // TILE_ALIGN) * TILE_ALIGN
+
+
+def aligned_matmul(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``a @ y`` computed :data:`TILE_ALIGN` columns of ``y`` at a time (float64).
+
+    ``y`` has a multiple of :data:`TILE_ALIGN` columns (a padded tile). Each column's result
+    then comes from a call of the same shape whatever the width of ``y``: the same bits for a
+    voxel in any tile (see :data:`TILE_ALIGN`). As fast as one call or faster (measured: 8 ms
+    against 29 ms for 3 x 500 by 500 x 4,096): the blocks stay in the cache.
+
+    >>> y = np.arange(256.0).reshape(2, 128)
+    >>> np.array_equal(aligned_matmul(np.ones((1, 2)), y), np.ones((1, 2)) @ y)
+    True
+    """
+    out = np.empty((a.shape[0], y.shape[1]), dtype=np.result_type(a, y, np.float64))
+    for start in range(0, y.shape[1], TILE_ALIGN):
+        block = slice(start, start + TILE_ALIGN)
+        np.matmul(a, y[:, block], out=out[:, block])
+    return out
