@@ -229,6 +229,9 @@ def child_floor(ds: Path, out: Path, n_jobs: int) -> dict:
         inflaters["isal"] = lambda b: isal_zlib.decompress(b, 31)
     except ImportError:
         pass
+    wanted = os.environ.get("BENCH_FLOOR_LIBS")  # --floor-libs, passed to this child
+    if wanted:
+        inflaters = {k: v for k, v in inflaters.items() if k in wanted.split(",")}
     result = {}
     for name, inflate in inflaters.items():
         result[f"{name}_1"], result[f"{name}_cpu"] = _floor(paths, inflate, 1)
@@ -437,6 +440,9 @@ def main() -> None:
     )
     parser.add_argument("--perm-sizes", default="2000", help="sizes of the permutation runs")
     parser.add_argument("--mem-budget", help="--mem-budget of the runs (default: bids-group's)")
+    parser.add_argument(
+        "--floor-libs", default="zlib,isal", help="inflaters of the decode floor (comma list)"
+    )
     parser.add_argument("--child", choices=sorted(CHILDREN))
     parser.add_argument("--dataset", type=Path)
     args = parser.parse_args()
@@ -446,6 +452,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     args.skip = set(filter(None, args.skip.split(",")))
+    os.environ["BENCH_FLOOR_LIBS"] = args.floor_libs
     args.nilearn_sizes = {int(s) for s in args.nilearn_sizes.split(",") if s}
     args.perm_sizes = {int(s) for s in args.perm_sizes.split(",") if s}
     args.permutation = [m for m in args.permutation.split(",") if m]
