@@ -8,7 +8,11 @@ and an age column), then measures, each in a fresh child process so that peak me
 * ``floor``: reading and inflating every map, 1 thread and ``--n-jobs`` threads, with zlib and,
   when installed, ISA-L (``isal``, the ``fast`` extra bids-group uses when present);
 * ``bids-group``: ``bids-group DS OUT group -m two-groups-plus-age --height-control fdr``,
-  the real console entry point in a subprocess (wall time, its own peak RSS);
+  the real console entry point in a subprocess (wall time, its own peak RSS, the memory budget
+  it chose and whether it used the tiled store, from its log);
+* ``bids-group + permutations`` (sizes in ``--perm-sizes``, when ``--n-perm`` > 0): the same run
+  with ``--permutation <--permutation> --n-perm <--n-perm>`` (row permutations: the contrast
+  is a group difference);
 * ``nilearn`` (sizes in ``--nilearn-sizes``): ``SecondLevelModel`` on images loaded beforehand
   (fit + ``compute_contrast(output_type="all")`` + FDR threshold); skipped, with the reason,
   when its memory (extrapolated from a smaller N measured in the same run) would not fit.
@@ -19,6 +23,7 @@ the same, and the page cache holds the pool. ``--tiny`` uses distinct 8x8x8 maps
 exercise the per-file costs (indexing, headers, file opening) at N = 10,000 in seconds.
 
 Run: ``python benchmarks/bench_scale.py --sizes 200,1000 [--n-jobs 2] [--pool 200]``
+     ``python benchmarks/bench_scale.py --sizes 2000 --skip index,floor,bids-group --n-perm 1000``
      ``python benchmarks/bench_scale.py --sizes 10000 --tiny --skip floor,nilearn``
 """
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -223,6 +229,9 @@ def child_floor(ds: Path, out: Path, n_jobs: int) -> dict:
         inflaters["isal"] = lambda b: isal_zlib.decompress(b, 31)
     except ImportError:
         pass
+    wanted = os.environ.get("BENCH_FLOOR_LIBS")  # --floor-libs, passed to this child
+    if wanted:
+        inflaters = {k: v for k, v in inflaters.items() if k in wanted.split(",")}
     result = {}
     for name, inflate in inflaters.items():
         result[f"{name}_1"], result[f"{name}_cpu"] = _floor(paths, inflate, 1)
@@ -273,12 +282,21 @@ def run_child(kind: str, ds: Path, n_jobs: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_bids_group(ds: Path, n_jobs: int, *, block_isal: bool = False) -> dict:
+def run_bids_group(
+    ds: Path,
+    n_jobs: int,
+    *,
+    block_isal: bool = False,
+    extra: tuple[str, ...] = (),
+    mem_budget: str | None = None,
+) -> dict:
     """The console entry point in a subprocess; its peak RSS from wait4 (that process alone).
 
     ``block_isal``: make ``import isal`` fail in that process, so maps are inflated by zlib.
+    ``extra``: more command-line options (e.g. permutations); ``mem_budget``: ``--mem-budget``
+    (None: the default, which the run chooses from the memory available when it starts).
     """
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         model = Path(tmp) / "model.json"
         model.write_text(json.dumps(MODEL))
         code = "import sys; from bids_group.cli import console_main; console_main()"
@@ -286,17 +304,28 @@ def run_bids_group(ds: Path, n_jobs: int, *, block_isal: bool = False) -> dict:
             code = "import sys; sys.modules['isal'] = None; " + code
         argv = [sys.executable, "-c", code, str(ds), str(Path(tmp) / "out"), "group"]
         argv += ["-m", str(model), "--height-control", "fdr", "--alpha", "0.05", "--no-report"]
-        argv += ["--n-jobs", str(n_jobs), "-w", str(Path(tmp) / "work"), "-q"]
+        argv += ["--n-jobs", str(n_jobs), "-w", str(Path(tmp) / "work"), *extra]
+        if mem_budget:
+            argv += ["--mem-budget", mem_budget]
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        with open(Path(tmp) / "stderr.txt", "w+b") as err:  # a file: the log never blocks
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - start
+            err.seek(0)
+            stderr = err.read().decode(errors="replace")
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"bids-group failed ({proc.returncode}):\n{stderr[-3000:]}")
     cpu = usage.ru_utime + usage.ru_stime
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": usage.ru_maxrss / 1024}
+    budget = re.search(r"memory budget: ([0-9.]+ [kMGT]?B)", stderr)
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "budget": budget.group(1) if budget else "?",
+        "store": "voxel-tiled store" in stderr,
+    }
 
 
 # --- Main -----------------------------------------------------------------------------------------
@@ -317,9 +346,15 @@ def measure(n: int, args: argparse.Namespace, nilearn_mb_per_map: list[float]) -
     if "floor" not in args.skip:
         row["floor"] = run_child("floor", ds, args.n_jobs)
     if "bids-group" not in args.skip:
-        row["bids-group"] = run_bids_group(ds, args.n_jobs)
+        row["bids-group"] = run_bids_group(ds, args.n_jobs, mem_budget=args.mem_budget)
         if args.compare_zlib:
-            row["bids-group-zlib"] = run_bids_group(ds, args.n_jobs, block_isal=True)
+            row["bids-group-zlib"] = run_bids_group(
+                ds, args.n_jobs, block_isal=True, mem_budget=args.mem_budget
+            )
+    if args.n_perm and n in args.perm_sizes:
+        extra = ("--permutation", *args.permutation, "--n-perm", str(args.n_perm), "--seed", "1")
+        row["perm"] = run_bids_group(ds, args.n_jobs, extra=extra, mem_budget=args.mem_budget)
+        row["perm"]["what"] = f"{args.n_perm:,} {'/'.join(args.permutation)} permutations"
     if "nilearn" not in args.skip and n in args.nilearn_sizes:
         need = n * max(nilearn_mb_per_map, default=0.0)
         if need > 0.8 * _available_mb():
@@ -355,7 +390,13 @@ def report(row: dict, n_jobs: int) -> None:
         rss, cpu = r["peak_rss_mb"], r["cpu_seconds"]
         print(
             f"  bids-group whole run:     {r['seconds']:7.2f} s (CPU {cpu:.1f} s), "
-            f"peak RSS {rss:6.0f} MB" + ratio
+            f"peak RSS {rss:6.0f} MB" + ratio + _budget_text(r)
+        )
+    if "perm" in row:
+        r = row["perm"]
+        print(
+            f"  the same + {r['what']}: {r['seconds']:7.2f} s (CPU {r['cpu_seconds']:.1f} s), "
+            f"peak RSS {r['peak_rss_mb']:6.0f} MB" + _budget_text(r)
         )
     if "bids-group-zlib" in row:
         r = row["bids-group-zlib"]
@@ -375,6 +416,11 @@ def report(row: dict, n_jobs: int) -> None:
             )
 
 
+def _budget_text(r: dict) -> str:
+    where = "tiled store" if r["store"] else "data in memory"
+    return f"; budget {r['budget']}, {where}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="200,1000,2000,10000")
@@ -386,6 +432,17 @@ def main() -> None:
         "--compare-zlib", action="store_true", help="run bids-group again with isal blocked"
     )
     parser.add_argument("--skip", default="", help="comma list of index,floor,bids-group,nilearn")
+    parser.add_argument(
+        "--n-perm", type=int, default=0, help="also run with this many permutations (0: no)"
+    )
+    parser.add_argument(
+        "--permutation", default="voxel", help="comma list of voxel,cluster,tfce (with --n-perm)"
+    )
+    parser.add_argument("--perm-sizes", default="2000", help="sizes of the permutation runs")
+    parser.add_argument("--mem-budget", help="--mem-budget of the runs (default: bids-group's)")
+    parser.add_argument(
+        "--floor-libs", default="zlib,isal", help="inflaters of the decode floor (comma list)"
+    )
     parser.add_argument("--child", choices=sorted(CHILDREN))
     parser.add_argument("--dataset", type=Path)
     args = parser.parse_args()
@@ -395,7 +452,10 @@ def main() -> None:
         print(json.dumps(result))
         return
     args.skip = set(filter(None, args.skip.split(",")))
+    os.environ["BENCH_FLOOR_LIBS"] = args.floor_libs
     args.nilearn_sizes = {int(s) for s in args.nilearn_sizes.split(",") if s}
+    args.perm_sizes = {int(s) for s in args.perm_sizes.split(",") if s}
+    args.permutation = [m for m in args.permutation.split(",") if m]
     if args.pool < 2 or args.pool % 2:
         parser.error("--pool must be even (the links keep each map's group)")
     load = os.getloadavg()[0]

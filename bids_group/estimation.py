@@ -169,11 +169,13 @@ class FittedModel:
         """OLS with per-voxel missing data: R^2, residual variance, maps and dof per voxel."""
         fit = self.mixed
         assert fit is not None and self.n_maps is not None
-        if self.spans_constant:
-            mean = np.nanmean(data, axis=0)
-            total = np.nansum((data - mean) ** 2, axis=0)
-        else:
-            total = np.nansum(np.asarray(data, dtype=np.float64) ** 2, axis=0)
+        total = np.empty(data.shape[1])
+        # tile by tile: the float64 squares of the whole matrix were 4x the data
+        for block, tile in iter_tiles(data):
+            if self.spans_constant:
+                total[block] = np.nansum((tile - np.nanmean(tile, axis=0)) ** 2, axis=0)
+            else:
+                total[block] = np.nansum(np.asarray(tile, dtype=np.float64) ** 2, axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             r_squared = np.where(total > 0, 1.0 - fit.rwr / total, 0.0)
         kind = "centred on the voxel's mean" if self.spans_constant else "uncentred"

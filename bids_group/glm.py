@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from bids_group.errors import DataError
-from bids_group.memory import MAX_TILE_VOXELS, TiledMaps, aligned, iter_tiles, tile_voxels
+from bids_group.memory import (
+    MAX_TILE_VOXELS,
+    TiledMaps,
+    aligned,
+    aligned_matmul,
+    iter_tiles,
+    tile_voxels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +122,9 @@ def fit_ols(
     contrast is estimable is checked in :func:`bids_group.contrasts.compute_contrast`.
 
     Every tile is padded with zeros to a multiple of :data:`~bids_group.memory.TILE_ALIGN`
-    voxels before the BLAS calls, whose results per voxel then do not depend on the tile
-    width: the in-memory and the tiled fits agree bit for bit.
+    voxels and its products are computed that many voxels at a time
+    (:func:`~bids_group.memory.aligned_matmul`), whose results per voxel then do not depend on
+    the tile width: the in-memory and the tiled fits agree bit for bit.
     """
     if not isinstance(data, TiledMaps):
         data = np.asarray(data)
@@ -154,9 +162,9 @@ def fit_ols(
         centred_y = y - centre
         tss[block] = np.einsum("ij,ij->j", centred_y, centred_y)[:n]
         del centred_y
-        b = pinv_x @ y
+        b = aligned_matmul(pinv_x, y)
         beta[:, block] = b[:, :n]
-        y -= design @ b  # residuals, in place
+        y -= aligned_matmul(design, b)  # residuals, in place
         rss[block] = np.einsum("ij,ij->j", y, y)[:n]
     _check_finite(finite_rows)
     return GlmFit(

@@ -835,6 +835,55 @@ def _stack_auto_mask(
     return data, mask, n_union - candidate.size, coverage
 
 
+#: Values per chunk of :class:`_ValueChunks` (16 MB of float32).
+_CHUNK_VALUES = 4 * 1024**2
+
+
+class _ValueChunks:
+    """float32 values appended map by map and read back once, in the same order.
+
+    Held in chunks of :data:`_CHUNK_VALUES` (one allocation per 16 MB, not one per map: a
+    thousand per-map arrays fragment the heap, see :func:`_stack_auto_mask`); a chunk is freed
+    as soon as it has been read, so the matrix filled from them grows as they shrink.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray | None] = []
+        self.written = _CHUNK_VALUES  # values in the last chunk (full: start a new one)
+        self.read_chunk = 0
+        self.read_at = 0
+
+    def append(self, values: np.ndarray) -> None:
+        done = 0
+        while done < values.size:
+            if self.written == _CHUNK_VALUES:
+                self.chunks.append(np.empty(_CHUNK_VALUES, dtype=np.float32))
+                self.written = 0
+            take = min(_CHUNK_VALUES - self.written, values.size - done)
+            last = self.chunks[-1]
+            assert last is not None
+            last[self.written : self.written + take] = values[done : done + take]
+            self.written += take
+            done += take
+
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` values (in the order appended)."""
+        out = np.empty(n, dtype=np.float32)
+        done = 0
+        while done < n:
+            chunk = self.chunks[self.read_chunk]
+            assert chunk is not None
+            take = min(_CHUNK_VALUES - self.read_at, n - done)
+            out[done : done + take] = chunk[self.read_at : self.read_at + take]
+            self.read_at += take
+            done += take
+            if self.read_at == _CHUNK_VALUES:
+                self.chunks[self.read_chunk] = None  # read: free it
+                self.read_chunk += 1
+                self.read_at = 0
+        return out
+
+
 def _stack_coverage(
     volumes: Iterator[_Volume],
     shape: tuple[int, int, int],
@@ -846,27 +895,39 @@ def _stack_coverage(
 
     Returns the data, the mask, and the number of voxels with data in some map (inside
     ``user_mask`` when given) but fewer than ``min_maps``.
+
+    Until the mask is known, each map is kept as a packed bit mask of its voxels with data
+    (1 bit per grid voxel) and its values there (:class:`_ValueChunks`): about the size of the
+    data, where int64 indices and a values array per map made ~3x the data, plus the matrix.
     """
     allowed = None if user_mask is None else user_mask.ravel(order="F")
-    counts = np.zeros(int(np.prod(shape)), dtype=np.int32)
-    kept: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, Fortran indices, values)
+    n_grid = int(np.prod(shape))
+    counts = np.zeros(n_grid, dtype=np.int32)
+    bits = np.zeros((n_maps, -(-n_grid // 8)), dtype=np.uint8)
+    values = _ValueChunks()
+    order: list[int] = []  # map index of each appended row
     for volume in volumes:
         valid = volume.support if allowed is None else volume.finite & allowed
-        where = np.flatnonzero(valid)
-        counts[where] += 1
-        kept.append((volume.index, where, volume.data[where]))
+        counts += valid
+        bits[volume.index] = np.packbits(valid)
+        values.append(volume.data[valid])
+        order.append(volume.index)
     mask = _mask_from_fortran_indices(np.flatnonzero(counts >= min_maps), shape)
     in_c_order = _fortran_indices_in_c_order(mask)
-    column = np.full(counts.size, -1, dtype=np.int64)
+    column = np.full(n_grid, -1, dtype=np.int64)
     column[in_c_order] = np.arange(in_c_order.size)
-    data = np.full((n_maps, in_c_order.size), np.nan, dtype=np.float32)
-    for row, where, values in kept:
+    # np.empty, filled row by row: its pages are touched as the chunks are freed
+    data = np.empty((n_maps, in_c_order.size), dtype=np.float32)
+    for row in order:
+        where = np.flatnonzero(np.unpackbits(bits[row], count=n_grid))
+        row_values = values.take(where.size)
         cols = column[where]
         inside = cols >= 0
-        data[row, cols[inside]] = values[inside]
+        data[row].fill(np.nan)
+        data[row, cols[inside]] = row_values[inside]
     some = counts > 0 if allowed is None else allowed
     n_dropped = int(np.count_nonzero(some)) - in_c_order.size
-    n_partial = int(np.count_nonzero(np.isnan(data).any(axis=0)))
+    n_partial = int(np.count_nonzero(counts[in_c_order] < n_maps))  # NaN in some map
     log.info(
         "Coverage mask: %d voxels where at least %d of the %d maps have data (%d of them miss "
         "some map and are fitted on the maps they have; %d voxels with fewer maps excluded)",

@@ -63,7 +63,7 @@ from bids_group.images import (
     open_volumes,
     stack_volumes,
 )
-from bids_group.memory import DATA_FRACTION, data_fits, format_size, tile_voxels
+from bids_group.memory import DATA_FRACTION, data_fits, format_size, tile_voxels, work_bytes
 from bids_group.paths import disk_error
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def load_data(
     )  # fmt: skip
     try:
         return _build(replace(stream, volumes=rest), first, folder, width, settings, mask_path,
-                      executor)  # fmt: skip
+                      budget, executor)  # fmt: skip
     except OSError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise disk_error(exc, folder.parent, "work folder (-w)") from exc
@@ -319,6 +319,7 @@ def _build(
     width: int,
     settings: dict[str, Any],
     mask_path: Path | None,
+    budget: int,
     executor: Executor | None = None,
 ) -> MaskedData:
     """Decode every map into ``folder`` (``stream.volumes`` yields them all, ``first`` too),
@@ -331,7 +332,7 @@ def _build(
     store = VoxelStore(folder, len(stream.paths), columns.size, width)
     with open(folder / _TILES, "wb") as tiles:  # its full size, zero padding included
         tiles.truncate(store.n_tiles * store.n_maps * width * _FLOAT.itemsize)
-    plan = _TilePlan(store, candidates.size, columns)
+    plan = _TilePlan(store, candidates.size, columns, work_bytes(budget))
     for _ in (executor or InProcessExecutor()).map_chunks(_tiles_task, plan, chunks):
         pass
     for start, _ in chunks:
@@ -455,6 +456,7 @@ class _TilePlan:
     store: VoxelStore
     n_candidates: int
     columns: np.ndarray
+    work: int  # bytes a task may hold (rows read at once and their values on the mask)
 
 
 def _tiles_task(plan: _TilePlan, start: int, stop: int) -> None:
@@ -463,7 +465,7 @@ def _tiles_task(plan: _TilePlan, start: int, stop: int) -> None:
     the same bytes."""
     folder = plan.store.folder
     _write_tiles(rows_file(folder, start), folder / _TILES, plan.n_candidates, plan.columns,
-                 plan.store, range(start, stop))  # fmt: skip
+                 plan.store, range(start, stop), plan.work)  # fmt: skip
 
 
 def _write_tiles(
@@ -473,19 +475,28 @@ def _write_tiles(
     columns: np.ndarray,
     store: VoxelStore,
     maps: range,
+    work: int,
 ) -> None:
-    """Rewrite the rows (``maps`` x candidates, map after map) as tiles of the final mask's
-    voxels, in the tiles file (already at its full size): one map's row in memory at a time,
-    scattered into its place in every tile."""
-    width, n_maps = store.tile_voxels, store.n_maps
+    """Rewrite the rows of ``maps`` (``maps`` x candidates, map after map) as tiles of the final
+    mask's voxels, in the tiles file (already at its full size).
+
+    As many maps' rows as fit in half of ``work`` bytes are read at once (with their values at
+    the mask's voxels in the other half), and each tile gets one write of those maps' rows,
+    which are contiguous in it: one write per map and tile made ~2.6 million small writes at
+    N = 10,000 on the 2 mm grid.
+    """
+    width, n_maps, n_tiles = store.tile_voxels, store.n_maps, store.n_tiles
     row_bytes = n_candidates * _FLOAT.itemsize
+    per_read = int(np.clip(work // (2 * max(row_bytes, 1)), 1, max(len(maps), 1)))
+    rows_buf = np.empty((per_read, n_candidates), dtype=_FLOAT)
+    values = np.zeros((per_read, n_tiles * width), dtype=_FLOAT)  # the last tile's padding: 0
     with open(rows_path, "rb") as rows, open(tiles_path, "r+b") as tiles:
-        for k, i in enumerate(maps):
-            row = np.empty(n_candidates, dtype=_FLOAT)
-            rows.seek(k * row_bytes)
-            if rows.readinto(memoryview(row).cast("B")) != row_bytes:
+        for first in range(maps.start, maps.stop, per_read):
+            k = min(per_read, maps.stop - first)
+            rows.seek((first - maps.start) * row_bytes)
+            if rows.readinto(memoryview(rows_buf[:k]).cast("B")) != k * row_bytes:
                 raise OutputError(f"{rows_path} was cut short while the store was built")
-            values = row[columns]
-            for t in range(store.n_tiles):
-                part = values[t * width : (t + 1) * width]
-                os.pwrite(tiles.fileno(), part.tobytes(), ((t * n_maps + i) * width) * 4)
+            np.take(rows_buf[:k], columns, axis=1, out=values[:k, : columns.size])
+            for t in range(n_tiles):
+                part = np.ascontiguousarray(values[:k, t * width : (t + 1) * width])
+                os.pwrite(tiles.fileno(), part, (t * n_maps + first) * width * _FLOAT.itemsize)

@@ -58,7 +58,7 @@ from bids_group.errors import DataError, OutputError, UsageError
 from bids_group.inference import _kernels
 from bids_group.inference import exchangeability as exch
 from bids_group.inference import tfce as tfce_mod
-from bids_group.memory import TiledMaps, aligned, iter_tiles
+from bids_group.memory import TILE_ALIGN, TiledMaps, aligned, aligned_matmul, iter_tiles
 
 if TYPE_CHECKING:
     from bids_group.executor import Executor
@@ -85,6 +85,13 @@ BATCH_FLIP_VOXEL = 4096
 TABLE_BYTES = 384 * 1024
 #: Target size in bytes of one (batch x voxel-tile) product (cache-sized).
 TILE_BYTES = 4 << 20
+#: Row permutations: bytes of each per-batch array whose size grows with the number of maps,
+#: the projection (n_batch x rank x n_maps, float64, and its copy in the product type) and one
+#: residual tile (n_maps x tile, in memory or read back from the scratch file). Batches and
+#: tiles narrow at large N to stay within it (at N = 10,000 a batch of 256 relabellings made
+#: a 92 MB projection and 55 MB residual tiles, 4x that at N = 40,000); below ~2,800 maps
+#: nothing changes.
+ROW_BYTES = 32 << 20
 #: Row permutations: the products are float32 unless their rounding could reach half the tie
 #: tolerance. The relative error of a permuted residual sum of squares ``ss - ||w||^2`` is about
 #: eps * ss / rss (measured: <= 2 eps ss / rss over 1e5 voxel-permutations, 10 to 200 rows), so
@@ -341,9 +348,10 @@ def parametric_stat(
     for block, tile in iter_tiles(data, _PARAMETRIC_TILE):
         n = block.stop - block.start
         y = _padded(tile)
-        c = part.basis.T @ y
+        c = aligned_matmul(part.basis.T, y)
         coords[:, block] = c[:, :n]
-        rss[block] = np.sum((y - part.basis @ c) ** 2, axis=0)[:n]
+        fitted = aligned_matmul(part.basis, c)
+        rss[block] = _sum_of_squares_in_place(np.subtract(y, fitted, out=y))[:n]
     sigma2 = rss / part.dof
     q = part.n_interest
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -357,8 +365,9 @@ def parametric_stat(
 
 def _padded(tile: np.ndarray) -> np.ndarray:
     """A float64 copy of a (n_rows, width) tile, zero-padded to a multiple of
-    :data:`~bids_group.memory.TILE_ALIGN` columns: the BLAS products then give each voxel the
-    same bits whatever the tile width, so data in the tiled store give the in-memory results."""
+    :data:`~bids_group.memory.TILE_ALIGN` columns, whose products
+    (:func:`~bids_group.memory.aligned_matmul`) then give each voxel the same bits whatever the
+    tile width, so data in the tiled store give the in-memory results."""
     out = np.zeros((tile.shape[0], aligned(tile.shape[1])), dtype=np.float64)
     out[:, : tile.shape[1]] = tile
     return out
@@ -374,10 +383,19 @@ def _residual_tiles(
         n = block.stop - block.start
         resid = _padded(tile)
         if q_z.shape[1]:  # Freedman-Lane: residuals of the nuisance-only model
-            resid -= q_z @ (q_z.T @ resid)
+            resid -= aligned_matmul(q_z, aligned_matmul(q_z.T, resid))
         ss = np.einsum("rv,rv->v", resid, resid)[:n]
-        rss = np.sum((resid - part.basis @ (part.basis.T @ resid)) ** 2, axis=0)[:n]
+        fitted = aligned_matmul(part.basis, aligned_matmul(part.basis.T, resid))
+        rss = _sum_of_squares_in_place(np.subtract(resid, fitted, out=fitted))[:n]
+        del fitted
         yield block, resid[:, :n], ss, rss
+
+
+def _sum_of_squares_in_place(values: np.ndarray) -> np.ndarray:
+    """Column sums of ``values ** 2``, squaring ``values`` in place: the same bits as
+    ``np.sum(values ** 2, axis=0)`` without a second temporary of the tile's size (the
+    residuals of a store tile at N = 2,000 are 76 MB of float64)."""
+    return np.sum(np.square(values, out=values), axis=0)
 
 
 class _DiskTiles:
@@ -1124,12 +1142,16 @@ class _Engine(NullEngine):
         self.flip = flip
         self.batch_size = BATCH_SPATIAL if self.spatial else BATCH_VOXEL
         n_vox = cfg.data.shape[1]
+        n_rows = cfg.data.shape[0]
+        rank = part.basis.shape[1]
         if flip and not self.spatial:
             self.batch_size = BATCH_FLIP_VOXEL
         elif flip:
             per_map = 4 * n_vox
             self.batch_size = int(np.clip(SPATIAL_FLIP_BYTES // per_map, BATCH_SPATIAL, 256))
-        n_rows = cfg.data.shape[0]
+        else:  # the projection, float64 and its copy, within ROW_BYTES
+            fitting = ROW_BYTES // (rank * n_rows * 16)
+            self.batch_size = int(np.clip(fitting, 1, self.batch_size))
         in_memory = isinstance(cfg.data, np.ndarray)
         resid = np.empty(cfg.data.shape) if in_memory else None
         self.ss, self.rss_id = np.empty(n_vox), np.empty(n_vox)
@@ -1140,10 +1162,11 @@ class _Engine(NullEngine):
         self.rss_floor = np.maximum(self.ss * 1e-12, np.finfo(np.float64).tiny)
         self.resid = resid
         self.basis = part.basis
-        rank = part.basis.shape[1]
         self.dtype = _product_dtype(self.ss, np.maximum(self.rss_id, self.rss_floor))
         itemsize = np.dtype(self.dtype).itemsize
-        self.tile = max(256, min(n_vox, TILE_BYTES // (itemsize * self.batch_size * rank)))
+        cache_tile = max(256, TILE_BYTES // (itemsize * self.batch_size * rank))
+        row_tile = max(TILE_ALIGN, ROW_BYTES // (n_rows * itemsize))  # a residual tile
+        self.tile = min(n_vox, cache_tile, row_tile)
         if flip:
             self._init_flip(n_rows)
         # contiguous voxel tiles of the residuals, so each product reads one dense block
