@@ -620,7 +620,7 @@ def _analyse(
                             analysis.variance_groups)  # fmt: skip
         jobs = {name: replace(job, mixed=mixed) for name, job in (jobs or {}).items()}
     fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances,
-                    analysis.variance_groups, budget=budget)  # fmt: skip
+                    analysis.variance_groups, budget=budget, n_jobs=config.n_jobs)  # fmt: skip
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)
     written += _write_model_maps(analysis, fit, data, node_dir, writer, config.write_residuals)
