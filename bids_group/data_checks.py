@@ -16,6 +16,8 @@ from bids_group.memory import TiledMaps, iter_tiles
 #: A map whose largest |value| exceeds this many times the median map's largest |value| is an
 #: outlier (units off by orders of magnitude, a failed first-level fit, 1e30 fill values).
 OUTLIER_FACTOR = 1e3
+#: Bytes of the values checked at once: the temporaries of a step stay in the CPU cache.
+_STEP_BYTES = 1024**2
 #: float32's largest finite value: maps are written as float32.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -73,13 +75,19 @@ def check_masked_data(data: np.ndarray | TiledMaps) -> DataFindings:
     largest = np.zeros(n_maps, dtype=np.float64)
     constant = np.ones(n_voxels, dtype=bool)
     all_zero = np.ones(n_voxels, dtype=bool)
-    # One tile at a time: no full-size temporary (the data can be most of the memory used).
+    step = max(1, _STEP_BYTES // (4 * n_maps))
+    # One tile at a time (no full-size temporary: the data can be most of the memory used),
+    # in steps whose temporaries stay in the CPU cache.
     for block, tile in iter_tiles(data):
-        # NaN: a map without data at a voxel (per-voxel missing data, --min-coverage)
-        np.maximum(largest, np.abs(tile).max(axis=1, where=~np.isnan(tile), initial=0.0),
-                   out=largest)  # fmt: skip
-        constant[block] = (tile == tile[0]).all(axis=0)
-        all_zero[block] = tile[0] == 0
+        for start in range(0, block.stop - block.start, step):
+            values = tile[:, start : start + step]
+            voxels = slice(block.start + start, block.start + start + values.shape[1])
+            # fmax/fmin skip NaN: a map without data at a voxel (--min-coverage)
+            np.maximum(largest, np.fmax.reduce(values, axis=1, initial=0.0), out=largest)
+            np.maximum(largest, -np.fmin.reduce(values, axis=1, initial=0.0), out=largest)
+            # every map has the same value (NaN: never the same, as with ==)
+            constant[voxels] = values.max(axis=0) == values.min(axis=0)
+            all_zero[voxels] = values[0] == 0
     all_zero &= constant
     median_max = float(np.median(largest))
     outliers: tuple[tuple[int, float], ...] = ()
