@@ -500,13 +500,13 @@ def _warn_incomplete_groups(
 
 
 def _warn_data_findings(
-    data: MaskedData, maps: Sequence[InputMap], where: str, *, ols: bool = True
+    data: MaskedData, maps: Sequence[InputMap], where: str, *, ols: bool = True, n_jobs: int = 1
 ) -> None:
     """Outlier or all-zero maps, voxels without variance: WARNINGs naming maps or counting.
 
     Constant voxels are only a problem for OLS (zero residual variance); a mixed-effects model
     weighs them by their first-level variances."""
-    found = check_masked_data(data.data)
+    found = check_masked_data(data.data, n_jobs=n_jobs)
     for index, largest in found.outliers:
         log.warning(
             "%s: the map of sub-%s (%s) has values up to %.3g, %.0e times the median map's "
@@ -610,7 +610,8 @@ def _analyse(
         log.warning("cluster threshold %d voxels > the mask's %d voxels (model for %s): no "
                     "cluster can survive it", inference.cluster_threshold, data.data.shape[1],
                     where)  # fmt: skip
-    _warn_data_findings(data, analysis.maps, where, ols=not spec.estimation.mixed)
+    _warn_data_findings(data, analysis.maps, where, ols=not spec.estimation.mixed,
+                        n_jobs=config.n_jobs)  # fmt: skip
     variances = None
     if config.min_coverage is not None and not spec.estimation.mixed:
         data = _estimable_coverage(analysis, data, where)
