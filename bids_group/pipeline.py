@@ -620,8 +620,10 @@ def _analyse(
         mixed = MixedInputs(variances, spec.estimation.estimator, spec.estimation.adjustment,
                             analysis.variance_groups)  # fmt: skip
         jobs = {name: replace(job, mixed=mixed) for name, job in (jobs or {}).items()}
+    # only --min-coverage leaves maps without data (NaN) at some voxels
     fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances,
-                    analysis.variance_groups, budget=budget, n_jobs=config.n_jobs)  # fmt: skip
+                    analysis.variance_groups, budget=budget, n_jobs=config.n_jobs,
+                    missing=None if config.min_coverage is not None else False)  # fmt: skip
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)
     written += _write_model_maps(analysis, fit, data, node_dir, writer, config.write_residuals)
