@@ -42,12 +42,12 @@ WORK_FRACTION = 0.25
 #: bandwidth), and at N = 1,000 the 1 GB of a 4 GB budget doubled the run's peak memory.
 MAX_WORK_BYTES = 256 * 1024**2
 #: Bytes per (map, voxel) cell of a tile while it is fitted: the float32 tile read from the
-#: store, its float64 copy, the centred copy for the total sum of squares and ``X @ beta``.
+#: store, and room for float64 working copies (the fit now makes those one cache-sized step
+#: at a time, a few MB per thread: :func:`bids_group.glm.fit_ols`).
 FIT_BYTES_PER_CELL = 4 + 3 * 8
-#: Tiles are a multiple of this many voxels. The BLAS kernels give every voxel the same bits
-#: whatever the tile width as long as the width is a multiple of this (measured with OpenBLAS'
-#: Haswell kernels; the last, partial tile is padded with zeros), so the tiled and in-memory
-#: fits agree bit for bit.
+#: Tiles are a multiple of this many voxels. The fit pads each step to one fixed width (a
+#: multiple of this, above OpenBLAS' small-matrix kernels) on one BLAS thread, so that the
+#: tiled and in-memory fits agree bit for bit (:func:`bids_group.glm.fit_ols`).
 TILE_ALIGN = 64
 #: Largest tile: wider tiles are no faster and fall out of the CPU cache.
 MAX_TILE_VOXELS = 65536
