@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import mmap
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -792,6 +793,26 @@ def _after_in_caller(volumes: Iterator[_Volume], after: Callable[[_Volume], Any]
         yield volume if k == 0 else after(volume)
 
 
+#: Matrices from this size on get an anonymous mapping of their own (:func:`_empty_matrix`).
+_OWN_MAPPING_BYTES = 64 * 1024**2
+
+
+def _empty_matrix(n_rows: int, n_cols: int) -> np.ndarray:
+    """An uninitialised C-contiguous float32 ``(n_rows, n_cols)`` matrix for the masked data.
+
+    A large one is an anonymous mapping of its own rather than ``np.empty``: numpy advises the
+    kernel to back large arrays with huge pages, and with transparent huge pages in ``madvise``
+    mode (a common default) the kernel then compacts memory synchronously while the matrix is
+    first written: 2.5-2.9 s of system time for the 0.94 GB of N = 1,000 maps on the 2 mm grid,
+    1.0 s with ordinary pages (the fit and the checks that read it were no slower). The mapping
+    is returned to the system with the last array using it.
+    """
+    nbytes = n_rows * n_cols * 4
+    if nbytes < _OWN_MAPPING_BYTES:
+        return np.empty((n_rows, n_cols), dtype=np.float32)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.float32).reshape(n_rows, n_cols)
+
+
 @dataclass(frozen=True)
 class _AutoMaskRow:
     """What a decoding thread reports of one map (its values went into the data buffer)."""
@@ -821,7 +842,7 @@ def _stack_auto_mask(
     # Fortran flat indices of the first map's support, listed in C order
     candidates = _fortran_indices_in_c_order(first.support.reshape(shape, order="F"))
     width = candidates.size
-    buffer = np.empty((n_maps, width), dtype=np.float32)
+    buffer = _empty_matrix(n_maps, width)
     np.take(first.data, candidates, out=buffer[first.index])
     union = first.support.copy()
     valid = np.ones(width, dtype=bool)
@@ -897,7 +918,7 @@ def _stack_user_mask(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     indices = _fortran_indices_in_c_order(mask)
     n_in = indices.size
-    data = np.empty((len(paths), n_in), dtype=np.float32)
+    data = _empty_matrix(len(paths), n_in)
     finite_all = np.ones(n_in, dtype=bool)
     culprits: list[tuple[Path, int]] = []
     for volume in volumes:
