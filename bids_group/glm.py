@@ -11,13 +11,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from bids_group.errors import DataError
-from bids_group.memory import (
-    MAX_TILE_VOXELS,
-    TiledMaps,
-    aligned,
-    iter_tiles,
-    tile_voxels,
-)
+from bids_group.memory import MAX_TILE_VOXELS, TiledMaps, aligned, iter_tiles, tile_voxels
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +126,9 @@ def fit_ols(
 
     Each tile is fitted in steps of :func:`_step_voxels` voxels, whose float64 working arrays
     stay in the CPU cache (a whole tile's would stream through memory several times). Every
-    step is padded with zeros to a multiple of :data:`~bids_group.memory.TILE_ALIGN` voxels
-    before the BLAS calls, whose results per voxel then do not depend on the width: the
-    in-memory and the tiled fits agree bit for bit, whatever the tile, step or thread count.
+    step is padded with zeros to that one width before the BLAS calls, which run on one BLAS
+    thread: a voxel's bits then depend neither on where tiles cut nor on ``n_jobs``, and the
+    in-memory and the tiled fits agree bit for bit.
     """
     if not isinstance(data, TiledMaps):
         data = np.asarray(data)
@@ -183,7 +177,7 @@ def fit_ols(
         threadpool_limits(1, user_api="blas"),
         ThreadPoolExecutor(n_threads) if n_threads > 1 else nullcontext() as pool,
     ):
-        # Tile by tile, so that the float64 working arrays stay within the budget.
+        # Tile by tile: a store is read one tile at a time, within the budget.
         for block, tile in iter_tiles(data, width):
             starts = range(0, block.stop - block.start, step)
             if pool is None:
@@ -214,9 +208,10 @@ _BLAS_SMALL_MNK = 1_000_000
 
 
 def _step_voxels(n_maps: int, n_params: int) -> int:
-    """Voxels per step of :func:`fit_ols`: the narrowest multiple of :data:`TILE_ALIGN` whose
-    product ``pinv(X) @ Y`` is above :data:`_BLAS_SMALL_MNK` (its float64 working arrays are
-    then a few MB, and stay in the CPU cache), at most :data:`MAX_TILE_VOXELS`.
+    """Voxels per step of :func:`fit_ols`: the narrowest multiple of
+    :data:`~bids_group.memory.TILE_ALIGN` whose product ``pinv(X) @ Y`` is above
+    :data:`_BLAS_SMALL_MNK` (its float64 working arrays are then a few MB, and stay in the CPU
+    cache), at most :data:`~bids_group.memory.MAX_TILE_VOXELS`.
 
     >>> _step_voxels(1000, 3), _step_voxels(10**4, 3), _step_voxels(20, 1)
     (384, 64, 50048)
