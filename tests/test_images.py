@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 from pathlib import Path
@@ -335,3 +336,15 @@ def test_data_in_an_own_mapping_equal_the_naive_stack(tmp_path, n_jobs, monkeypa
     for data in (loaded.data, masked.data):
         assert data.dtype == np.float32 and data.flags["C_CONTIGUOUS"]
         data[0, 0] = 7.0  # writeable, as np.empty's
+
+
+def test_a_stream_without_decode_stacks_the_same(tmp_path):
+    """A VolumeStream built without ``decode`` (only its ``volumes``) gives the same data: the
+    per-map work then runs in the caller's thread."""
+    paths, arrays = _maps(tmp_path, n=4)
+    stream = images.open_volumes(paths, n_jobs=2)
+    plain = images.stack_volumes(dataclasses.replace(stream, decode=None))
+    threaded = images.stack_volumes(images.open_volumes(paths, n_jobs=2))
+    np.testing.assert_array_equal(plain.data, threaded.data)
+    np.testing.assert_array_equal(plain.mask, threaded.mask)
+    assert plain.n_dropped == threaded.n_dropped
