@@ -804,13 +804,19 @@ def _empty_matrix(n_rows: int, n_cols: int) -> np.ndarray:
     kernel to back large arrays with huge pages, and with transparent huge pages in ``madvise``
     mode (a common default) the kernel then compacts memory synchronously while the matrix is
     first written: 2.5-2.9 s of system time for the 0.94 GB of N = 1,000 maps on the 2 mm grid,
-    1.0 s with ordinary pages (the fit and the checks that read it were no slower). The mapping
+    1.0 s with ordinary pages (the fit and the checks that read it were no slower), 0.6 s with
+    them all mapped at once (``MAP_POPULATE``) rather than faulted in one by one. The mapping
     is returned to the system with the last array using it.
     """
     nbytes = n_rows * n_cols * 4
     if nbytes < _OWN_MAPPING_BYTES:
         return np.empty((n_rows, n_cols), dtype=np.float32)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.float32).reshape(n_rows, n_cols)
+    if hasattr(mmap, "MAP_POPULATE"):  # Linux: all pages at once, not one fault per 4 KB
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+        mapping = mmap.mmap(-1, nbytes, flags=flags)
+    else:
+        mapping = mmap.mmap(-1, nbytes)
+    return np.frombuffer(mapping, dtype=np.float32).reshape(n_rows, n_cols)
 
 
 @dataclass(frozen=True)
