@@ -6,10 +6,13 @@ and an age column), then measures, each in a fresh child process so that peak me
 
 * ``index``: pybids indexing and map selection alone (``bids_group.inputs.collect_inputs``);
 * ``floor``: reading and inflating every map, 1 thread and ``--n-jobs`` threads, with zlib and,
-  when installed, ISA-L (``isal``, the ``fast`` extra bids-group uses when present);
+  when installed, ISA-L (``isal``, the ``fast`` extra bids-group uses when present), then
+  ISA-L again with glibc's heap kept warm as bids-group's console script keeps it
+  (``bids_group.memory.keep_heap_warm``); the ratio is to the fastest of them;
 * ``bids-group``: ``bids-group DS OUT group -m two-groups-plus-age --height-control fdr``,
-  the real console entry point in a subprocess (wall time, its own peak RSS, the memory budget
-  it chose and whether it used the tiled store, from its log);
+  what a user runs (HTML report included; ``--no-report`` to leave it out), the real console
+  entry point in a subprocess (wall time, CPU, its own peak RSS, the memory budget it chose
+  and whether it used the tiled store, from its log);
 * ``bids-group + permutations`` (sizes in ``--perm-sizes``, when ``--n-perm`` > 0): the same run
   with ``--permutation <--permutation> --n-perm <--n-perm>`` (row permutations: the contrast
   is a group difference);
@@ -236,6 +239,15 @@ def child_floor(ds: Path, out: Path, n_jobs: int) -> dict:
     for name, inflate in inflaters.items():
         result[f"{name}_1"], result[f"{name}_cpu"] = _floor(paths, inflate, 1)
         result[f"{name}_{n_jobs}"], _ = _floor(paths, inflate, n_jobs)
+    # bids-group's console script keeps glibc's heap warm (no page faults on every inflated
+    # map): the floor must have that too, or the run would beat an easier floor
+    from bids_group.memory import keep_heap_warm
+
+    if keep_heap_warm():
+        name, inflate = list(inflaters.items())[-1]
+        name += "+warm heap"
+        result[f"{name}_1"], result[f"{name}_cpu"] = _floor(paths, inflate, 1)
+        result[f"{name}_{n_jobs}"], _ = _floor(paths, inflate, n_jobs)
     result["seconds"] = min(v for k, v in result.items() if not k.endswith("_cpu"))
     return result
 
@@ -289,12 +301,14 @@ def run_bids_group(
     block_isal: bool = False,
     extra: tuple[str, ...] = (),
     mem_budget: str | None = None,
+    report: bool = True,
 ) -> dict:
     """The console entry point in a subprocess; its peak RSS from wait4 (that process alone).
 
     ``block_isal``: make ``import isal`` fail in that process, so maps are inflated by zlib.
     ``extra``: more command-line options (e.g. permutations); ``mem_budget``: ``--mem-budget``
     (None: the default, which the run chooses from the memory available when it starts).
+    ``report``: the HTML report and its figures, as a user's run writes them by default.
     """
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         model = Path(tmp) / "model.json"
@@ -303,7 +317,8 @@ def run_bids_group(
         if block_isal:
             code = "import sys; sys.modules['isal'] = None; " + code
         argv = [sys.executable, "-c", code, str(ds), str(Path(tmp) / "out"), "group"]
-        argv += ["-m", str(model), "--height-control", "fdr", "--alpha", "0.05", "--no-report"]
+        argv += ["-m", str(model), "--height-control", "fdr", "--alpha", "0.05"]
+        argv += [] if report else ["--no-report"]
         argv += ["--n-jobs", str(n_jobs), "-w", str(Path(tmp) / "work"), *extra]
         if mem_budget:
             argv += ["--mem-budget", mem_budget]
@@ -325,6 +340,7 @@ def run_bids_group(
         "peak_rss_mb": usage.ru_maxrss / 1024,
         "budget": budget.group(1) if budget else "?",
         "store": "voxel-tiled store" in stderr,
+        "argv": argv[3:],
     }
 
 
@@ -346,14 +362,18 @@ def measure(n: int, args: argparse.Namespace, nilearn_mb_per_map: list[float]) -
     if "floor" not in args.skip:
         row["floor"] = run_child("floor", ds, args.n_jobs)
     if "bids-group" not in args.skip:
-        row["bids-group"] = run_bids_group(ds, args.n_jobs, mem_budget=args.mem_budget)
+        report = not args.no_report
+        row["bids-group"] = run_bids_group(
+            ds, args.n_jobs, mem_budget=args.mem_budget, report=report
+        )
         if args.compare_zlib:
             row["bids-group-zlib"] = run_bids_group(
-                ds, args.n_jobs, block_isal=True, mem_budget=args.mem_budget
+                ds, args.n_jobs, block_isal=True, mem_budget=args.mem_budget, report=report
             )
     if args.n_perm and n in args.perm_sizes:
         extra = ("--permutation", *args.permutation, "--n-perm", str(args.n_perm), "--seed", "1")
-        row["perm"] = run_bids_group(ds, args.n_jobs, extra=extra, mem_budget=args.mem_budget)
+        row["perm"] = run_bids_group(ds, args.n_jobs, extra=extra, mem_budget=args.mem_budget,
+                                     report=not args.no_report)  # fmt: skip
         row["perm"]["what"] = f"{args.n_perm:,} {'/'.join(args.permutation)} permutations"
     if "nilearn" not in args.skip and n in args.nilearn_sizes:
         need = n * max(nilearn_mb_per_map, default=0.0)
@@ -376,7 +396,7 @@ def report(row: dict, n_jobs: int) -> None:
         )
     if "floor" in row:
         r = row["floor"]
-        for lib in ("zlib", "isal"):
+        for lib in ("zlib", "isal", "isal+warm heap"):
             if f"{lib}_1" in r:
                 print(
                     f"  decode floor, {lib:4s}: 1 thread {r[f'{lib}_1']:7.2f} s "
@@ -388,8 +408,9 @@ def report(row: dict, n_jobs: int) -> None:
         if "floor" in row:
             ratio = f", {r['seconds'] / row['floor']['seconds']:.2f}x the fastest floor"
         rss, cpu = r["peak_rss_mb"], r["cpu_seconds"]
+        what = "whole run, no report" if "--no-report" in r["argv"] else "whole run + report"
         print(
-            f"  bids-group whole run:     {r['seconds']:7.2f} s (CPU {cpu:.1f} s), "
+            f"  bids-group {what}: {r['seconds']:7.2f} s (CPU {cpu:.1f} s), "
             f"peak RSS {rss:6.0f} MB" + ratio + _budget_text(r)
         )
     if "perm" in row:
@@ -442,6 +463,11 @@ def main() -> None:
     parser.add_argument("--mem-budget", help="--mem-budget of the runs (default: bids-group's)")
     parser.add_argument(
         "--floor-libs", default="zlib,isal", help="inflaters of the decode floor (comma list)"
+    )
+    parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="run bids-group without its report (not the default)",
     )
     parser.add_argument("--child", choices=sorted(CHILDREN))
     parser.add_argument("--dataset", type=Path)

@@ -45,7 +45,7 @@ from bids_group.errors import (
     UnknownLevelError,
     UsageError,
 )
-from bids_group.memory import available_cpus, parse_size
+from bids_group.memory import available_cpus, keep_heap_warm, parse_size
 from bids_group.paths import check_run_paths, isolate_caches, scratch_disk_error
 from bids_group.spec import ADJUSTMENTS, ESTIMATORS, VARIANCE_SOURCES
 from bids_group.validation import SETTINGS, check_setting, read_utf8
@@ -803,4 +803,6 @@ def _restore_logging(state: list[tuple[logging.Logger, list[logging.Handler], in
 
 
 def console_main() -> None:
+    """The ``bids-group`` console script: the process is ours, so tune its allocator."""
+    keep_heap_warm()
     sys.exit(main())

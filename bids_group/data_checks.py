@@ -7,6 +7,8 @@ or counting the voxels. Nothing here changes the data: these are things a user s
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,8 @@ from bids_group.memory import TiledMaps, iter_tiles
 #: A map whose largest |value| exceeds this many times the median map's largest |value| is an
 #: outlier (units off by orders of magnitude, a failed first-level fit, 1e30 fill values).
 OUTLIER_FACTOR = 1e3
+#: Bytes of the values checked at once: the temporaries of a step stay in the CPU cache.
+_STEP_BYTES = 1024**2
 #: float32's largest finite value: maps are written as float32.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -46,13 +50,16 @@ class DataFindings:
     constant_voxels: int = 0
 
 
-def check_masked_data(data: np.ndarray | TiledMaps) -> DataFindings:
+def check_masked_data(data: np.ndarray | TiledMaps, *, n_jobs: int = 1) -> DataFindings:
     """Find outlier maps, all-zero maps and voxels without variance between maps.
 
     Parameters
     ----------
     data : ndarray of shape (n_maps, n_voxels), or TiledMaps
         Finite in-mask values, in memory or in the tiled store (read one tile at a time).
+    n_jobs : int
+        Threads checking the steps of a tile (numpy releases the GIL); the findings do not
+        depend on it.
 
     Returns
     -------
@@ -73,13 +80,35 @@ def check_masked_data(data: np.ndarray | TiledMaps) -> DataFindings:
     largest = np.zeros(n_maps, dtype=np.float64)
     constant = np.ones(n_voxels, dtype=bool)
     all_zero = np.ones(n_voxels, dtype=bool)
-    # One tile at a time: no full-size temporary (the data can be most of the memory used).
-    for block, tile in iter_tiles(data):
-        # NaN: a map without data at a voxel (per-voxel missing data, --min-coverage)
-        np.maximum(largest, np.abs(tile).max(axis=1, where=~np.isnan(tile), initial=0.0),
-                   out=largest)  # fmt: skip
-        constant[block] = (tile == tile[0]).all(axis=0)
-        all_zero[block] = tile[0] == 0
+    step = max(1, _STEP_BYTES // (4 * n_maps))
+
+    def check_steps(block: slice, tile: np.ndarray, starts: range) -> np.ndarray:
+        """Check some steps of a tile (each its own voxels); return each map's largest |x|."""
+        found = np.zeros(n_maps, dtype=np.float64)
+        for start in starts:
+            values = tile[:, start : start + step]
+            voxels = slice(block.start + start, block.start + start + values.shape[1])
+            # fmax/fmin skip NaN: a map without data at a voxel (--min-coverage)
+            np.maximum(found, np.fmax.reduce(values, axis=1, initial=0.0), out=found)
+            np.maximum(found, -np.fmin.reduce(values, axis=1, initial=0.0), out=found)
+            # every map has the same value (NaN: never the same, as with ==)
+            constant[voxels] = values.max(axis=0) == values.min(axis=0)
+            all_zero[voxels] = values[0] == 0
+        return found
+
+    n_threads = max(1, int(n_jobs))
+    with ThreadPoolExecutor(n_threads) if n_threads > 1 else nullcontext() as pool:
+        # One tile at a time (no full-size temporary: the data can be most of the memory
+        # used), in steps whose temporaries stay in the CPU cache.
+        for block, tile in iter_tiles(data):
+            starts = range(0, block.stop - block.start, step)
+            if pool is None:
+                np.maximum(largest, check_steps(block, tile, starts), out=largest)
+                continue
+            runs = [pool.submit(check_steps, block, tile, starts[i::n_threads])
+                    for i in range(n_threads)]  # fmt: skip
+            for run in runs:
+                np.maximum(largest, run.result(), out=largest)
     all_zero &= constant
     median_max = float(np.median(largest))
     outliers: tuple[tuple[int, float], ...] = ()

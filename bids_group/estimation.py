@@ -229,20 +229,25 @@ def fit_model(
     groups: Sequence[Any] | None = None,
     *,
     budget: int | None = None,
+    n_jobs: int = 1,
+    missing: bool | None = None,
 ) -> FittedModel:
     """Fit ``data`` (n_maps x n_voxels) on ``design`` with the estimator of ``estimation``.
 
     ``data``: an array, or the tiled store (:class:`~bids_group.memory.TiledMaps`; OLS only).
-    ``budget`` (bytes) sizes the OLS fit's working arrays (:func:`bids_group.glm.fit_ols`).
+    ``budget`` (bytes) sizes the OLS fit's working arrays, ``n_jobs`` threads run it
+    (:func:`bids_group.glm.fit_ols`; the result does not depend on it).
+    ``missing``: whether some map may lack data (NaN) at some voxel (``--min-coverage``);
+    None: look (a pass over the data), False: the caller knows every value is finite.
     ``variances`` (same shape as ``data``) are required by the mixed-effects estimators;
     ``groups`` (one label per map) gives one tau^2 per variance group.
     Voxels where a mixed-effects model is not estimable must have been removed by the
     caller (:func:`mixed_estimable`).
     """
     if not estimation.mixed:
-        if _has_missing(data):  # --min-coverage: OLS per voxel on the maps present
+        if missing is not False and _has_missing(data):  # OLS per voxel on the maps present
             return _fit_ols_missing(estimation, data, design)
-        fit = fit_ols(data, design, budget=budget)
+        fit = fit_ols(data, design, budget=budget, n_jobs=n_jobs)
         return FittedModel(estimation, float(fit.dof), ols=fit)
     if variances is None:
         raise ValueError("a mixed-effects estimator needs the first-level variances")

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import io
 import logging
+import mmap
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -199,6 +202,8 @@ class VolumeStream:
     sigma : smoothing sigma per axis in voxels, or None
         With ``grids``, what decodes any run of maps anywhere (:meth:`decode_maps`), e.g. in a
         Dask task.
+    decode : the same decoding, as a function of ``after`` (see :func:`_iter_volumes`), for a
+        caller that does per-map work in the decoding threads (use one of the two)
     """
 
     paths: list[Path]
@@ -208,6 +213,7 @@ class VolumeStream:
     volumes: Iterator[_Volume]
     grids: Sequence[_Grid] = ()
     sigma: np.ndarray | None = None
+    decode: Callable[..., Iterator[Any]] | None = None
 
     def decode_maps(self, start: int, stop: int, n_jobs: int = 1) -> Iterator[_Volume]:
         """Maps ``start .. stop - 1`` decoded by ``n_jobs`` threads, in order, exactly as
@@ -249,13 +255,14 @@ def open_volumes(
     _check_grids(paths, grids, target, resample=resample, mask_path=mask_path)
 
     sigma = _sigma(target.affine, smoothing_fwhm, target.shape)
-    volumes = _iter_volumes(paths, grids, target, sigma=sigma, n_jobs=n_jobs)
+    decode = partial(_iter_volumes, paths, grids, target, sigma=sigma, n_jobs=n_jobs)
     return VolumeStream(
         paths=paths,
         target=target,
         user_mask=user_mask,
         mask_path=None if mask_path is None else Path(mask_path),
-        volumes=volumes,
+        volumes=decode(),  # a generator: nothing is decoded unless it is read
+        decode=decode,
         grids=grids,
         sigma=sigma,
     )
@@ -269,7 +276,8 @@ def stack_volumes(stream: VolumeStream, *, min_maps: int | None = None) -> Maske
         data, mask, n_dropped = _stack_coverage(stream.volumes, target.shape, len(paths),
                                                 min_maps, stream.user_mask)  # fmt: skip
     elif stream.user_mask is None:
-        data, mask, n_dropped, coverage = _stack_auto_mask(stream.volumes, target.shape, len(paths))
+        decode = stream.decode or partial(_after_in_caller, stream.volumes)
+        data, mask, n_dropped, coverage = _stack_auto_mask(decode, target.shape, len(paths))
         _log_auto_mask(int(mask.sum()), n_dropped, coverage, paths)
     else:
         data, mask, n_dropped = _stack_user_mask(
@@ -728,21 +736,36 @@ def _iter_volumes(
     *,
     sigma: np.ndarray | None,
     n_jobs: int,
-) -> Iterator[_Volume]:
-    """Volumes in input order; at most about ``2 * n_jobs`` are in memory at once."""
+    after: Callable[[_Volume], Any] | None = None,
+) -> Iterator[Any]:
+    """Volumes in input order; at most about ``2 * n_jobs`` are in memory at once.
+
+    With ``after``, the first volume is decoded alone and yielded as it is; for every other
+    one, ``after(volume)`` runs in the decoding thread (while the volume is in that core's
+    cache) and its result is yielded instead. The caller sets up what ``after`` needs from
+    the first volume before asking for the second.
+    """
     items = list(zip(range(len(paths)), paths, grids, strict=True))
+    if after is not None and items:
+        yield _prepare(*items[0], target, sigma)
+        items = items[1:]
+
+    def work(i: int, path: Path, grid: _Grid) -> Any:
+        volume = _prepare(i, path, grid, target, sigma)
+        return volume if after is None else after(volume)
+
     if n_jobs <= 1:
-        for i, p, g in items:
-            yield _prepare(i, p, g, target, sigma)
+        for item in items:
+            yield work(*item)
         return
     window = 2 * n_jobs
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:
-        pending = [pool.submit(_prepare, i, p, g, target, sigma) for i, p, g in items[:window]]
+        pending = [pool.submit(work, *item) for item in items[:window]]
         next_item = window
         while pending:
             volume = pending.pop(0).result()
             if next_item < len(items):
-                pending.append(pool.submit(_prepare, *items[next_item], target, sigma))
+                pending.append(pool.submit(work, *items[next_item]))
                 next_item += 1
             yield volume
 
@@ -779,60 +802,97 @@ def _log_auto_mask(
     log.warning("%s; %s. Give --mask to choose the voxels yourself", text, where)
 
 
+def _after_in_caller(volumes: Iterator[_Volume], after: Callable[[_Volume], Any]) -> Iterator[Any]:
+    """What :func:`_iter_volumes` yields with ``after``, for a stream built without ``decode``:
+    ``after`` runs in the calling thread."""
+    for k, volume in enumerate(volumes):
+        yield volume if k == 0 else after(volume)
+
+
+#: Matrices from this size on get an anonymous mapping of their own (:func:`_empty_matrix`).
+_OWN_MAPPING_BYTES = 64 * 1024**2
+
+
+def _empty_matrix(n_rows: int, n_cols: int) -> np.ndarray:
+    """An uninitialised C-contiguous float32 ``(n_rows, n_cols)`` matrix for the masked data.
+
+    A large one is an anonymous mapping of its own rather than ``np.empty``: numpy advises the
+    kernel to back large arrays with huge pages, and with transparent huge pages in ``madvise``
+    mode (a common default) the kernel then compacts memory synchronously while the matrix is
+    first written: 2.5-2.9 s of system time for the 0.94 GB of N = 1,000 maps on the 2 mm grid,
+    1.0 s with ordinary pages (the fit and the checks that read it were no slower), 0.6 s with
+    them all mapped at once (``MAP_POPULATE``) rather than faulted in one by one. The mapping
+    is returned to the system with the last array using it.
+    """
+    nbytes = n_rows * n_cols * 4
+    if nbytes < _OWN_MAPPING_BYTES:
+        return np.empty((n_rows, n_cols), dtype=np.float32)
+    if hasattr(mmap, "MAP_POPULATE"):  # Linux: all pages at once, not one fault per 4 KB
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+        mapping = mmap.mmap(-1, nbytes, flags=flags)
+    else:
+        mapping = mmap.mmap(-1, nbytes)
+    return np.frombuffer(mapping, dtype=np.float32).reshape(n_rows, n_cols)
+
+
+@dataclass(frozen=True)
+class _AutoMaskRow:
+    """What a decoding thread reports of one map (its values went into the data buffer)."""
+
+    index: int
+    support: np.ndarray  # bool (n_grid,), Fortran order
+    inside: np.ndarray  # bool (n_candidates,): its support at the candidate voxels
+
+
 def _stack_auto_mask(
-    volumes: Iterator[_Volume], shape: tuple[int, int, int], n_maps: int
+    decode: Callable[..., Iterator[Any]], shape: tuple[int, int, int], n_maps: int
 ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
-    """Mask = support of every map, narrowed as maps arrive; values kept only inside it.
+    """Mask = support of every map; values kept only inside it.
+
+    The candidates are the first map's support, listed in C order (the column order of the
+    data): each decoding thread copies its map's values there into its row of one buffer and
+    reports its support, while its map is in that core's cache. The columns of the voxels some
+    later map does not cover are dropped at the end (rows move down in place: one allocation of
+    the data's size; a list of per-map arrays doubled the peak memory, as glibc cannot give
+    back a heap fragmented by a thousand 1 MB arrays).
 
     Returns the data, the mask, the number of voxels some but not every map covers, and each
     map's coverage (its support over the union of the supports).
     """
-    candidate: np.ndarray | None = None  # sorted Fortran flat indices still in the mask
-    union: np.ndarray | None = None
-    # Every map's values at its candidate voxels go into one buffer, row by row (row width: the
-    # first map's support), then are compacted in place: one allocation of the data's size.
-    # Per-map arrays kept in a list doubled the peak memory (glibc cannot give back a heap
-    # fragmented by a thousand 1 MB arrays between the per-map temporaries: 2.1 GB for 0.94 GB
-    # of data at N = 1,000 on the 2 mm grid).
-    buffer: np.ndarray | None = None
-    width = 0
-    thens: list[np.ndarray] = []  # the candidate each row was cut to (shared, kept alive)
+    volumes = decode(after=lambda volume: _gather_row(volume, candidates, buffer))
+    first = next(volumes)
+    # Fortran flat indices of the first map's support, listed in C order
+    candidates = _fortran_indices_in_c_order(first.support.reshape(shape, order="F"))
+    width = candidates.size
+    buffer = _empty_matrix(n_maps, width)
+    np.take(first.data, candidates, out=buffer[first.index])
+    union = first.support.copy()
+    valid = np.ones(width, dtype=bool)
     support_sizes = np.zeros(n_maps, dtype=np.int64)
-    for volume in volumes:
-        support_sizes[volume.index] = np.count_nonzero(volume.support)
-        if candidate is None or union is None:
-            candidate = np.flatnonzero(volume.support)
-            union = volume.support.copy()
-            width = candidate.size
-            buffer = np.empty(n_maps * width, dtype=np.float32)
-        else:
-            union |= volume.support
-            inside = volume.support[candidate]
-            if not inside.all():
-                candidate = candidate[inside]
-        row = len(thens)
-        np.take(volume.data, candidate, out=buffer[row * width : row * width + candidate.size])
-        thens.append(candidate)
-    assert candidate is not None and union is not None and buffer is not None
-    mask = _mask_from_fortran_indices(candidate, shape)
-    # candidate lists voxels in Fortran order; the columns of data follow C order
-    to_c_order = np.argsort(
-        np.ravel_multi_index(np.unravel_index(candidate, shape, order="F"), shape)
-    )
-    n = candidate.size
-    positions: dict[int, np.ndarray] = {}  # id(candidate then) -> its final voxels' positions
-    for row, then in enumerate(thens):
-        # the final mask is a subset of the one this map was cut to: find its voxels there
-        if id(then) not in positions:
-            positions[id(then)] = np.searchsorted(then, candidate)[to_c_order]
-        values = buffer[row * width : row * width + then.size][positions[id(then)]]
-        buffer[row * n : (row + 1) * n] = values  # rows move down only: nothing unread is hit
-    data = buffer[: n_maps * n].reshape(n_maps, n)
-    if data.size < 0.75 * buffer.size:  # a much smaller mask: do not hold the rest
-        data = data.copy()
-    n_union = int(union.sum())
+    support_sizes[first.index] = width
+    for row in volumes:
+        union |= row.support
+        support_sizes[row.index] = np.count_nonzero(row.support)
+        valid &= row.inside
+    n = int(np.count_nonzero(valid))
+    mask = _mask_from_fortran_indices(candidates[valid], shape)
+    data = buffer
+    if n < width:
+        flat = buffer.reshape(-1)
+        for i in range(n_maps):  # rows move down only: nothing unread is overwritten
+            flat[i * n : (i + 1) * n] = buffer[i, valid]
+        data = flat[: n_maps * n].reshape(n_maps, n)
+        if data.size < 0.75 * buffer.size:  # a much smaller mask: do not hold the rest
+            data = data.copy()
+    n_union = int(np.count_nonzero(union))
     coverage = support_sizes / max(n_union, 1)
-    return data, mask, n_union - candidate.size, coverage
+    return data, mask, n_union - n, coverage
+
+
+def _gather_row(volume: _Volume, candidates: np.ndarray, buffer: np.ndarray) -> _AutoMaskRow:
+    """In a decoding thread: the map's values at the candidate voxels into its row."""
+    np.take(volume.data, candidates, out=buffer[volume.index])
+    return _AutoMaskRow(volume.index, volume.support, volume.support[candidates])
 
 
 #: Values per chunk of :class:`_ValueChunks` (16 MB of float32).
@@ -941,7 +1001,7 @@ def _stack_user_mask(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     indices = _fortran_indices_in_c_order(mask)
     n_in = indices.size
-    data = np.empty((len(paths), n_in), dtype=np.float32)
+    data = _empty_matrix(len(paths), n_in)
     finite_all = np.ones(n_in, dtype=bool)
     culprits: list[tuple[Path, int]] = []
     for volume in volumes:

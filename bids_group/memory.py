@@ -43,14 +43,16 @@ WORK_FRACTION = 0.25
 #: bandwidth), and at N = 1,000 the 1 GB of a 4 GB budget doubled the run's peak memory.
 MAX_WORK_BYTES = 256 * 1024**2
 #: Bytes per (map, voxel) cell of a tile while it is fitted: the float32 tile read from the
-#: store, its float64 copy, the centred copy for the total sum of squares and ``X @ beta``.
+#: store, and room for float64 working copies (the fit now makes those one cache-sized step
+#: at a time, a few MB per thread: :func:`bids_group.glm.fit_ols`).
 FIT_BYTES_PER_CELL = 4 + 3 * 8
 #: Tiles are a multiple of this many voxels, and every matrix product over voxels is computed
 #: this many voxels at a time (:func:`aligned_matmul`, the last tile padded with zeros): OpenBLAS
 #: chooses its kernel, hence the order of the sums, from the shape of the whole product, so a
 #: voxel fitted in a wider call can get other bits (measured from 500 maps up: a tile of 1,728
-#: voxels and one of 65,536 differed); a fixed-shape call gives each voxel the same bits
-#: whatever the tile width, so the tiled and in-memory fits agree bit for bit at any N.
+#: voxels and one of 65,536 differed); a fixed-shape call, on one BLAS thread in the fit, gives
+#: each voxel the same bits whatever the tile or step width, so the tiled and in-memory fits
+#: agree bit for bit at any N.
 TILE_ALIGN = 64
 #: Largest tile: wider tiles are no faster and fall out of the CPU cache.
 MAX_TILE_VOXELS = 65536
@@ -327,3 +329,37 @@ def aligned_matmul(a: np.ndarray, y: np.ndarray) -> np.ndarray:
         block = slice(start, start + TILE_ALIGN)
         np.matmul(a, y[:, block], out=out[:, block])
     return out
+
+
+#: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`keep_heap_warm` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Blocks below this come from the heap, not from a fresh mapping: a decoded 2 mm map (3.6 MB),
+#: its compressed bytes and the fit's steps are reused instead of faulted in page by page.
+HEAP_BLOCK_LIMIT = 16 * 1024**2
+#: Free memory a heap keeps before giving it back: a few maps per decoding thread.
+HEAP_TRIM_THRESHOLD = 32 * 1024**2
+
+
+def keep_heap_warm() -> bool:
+    """Make glibc's malloc reuse freed blocks of up to :data:`HEAP_BLOCK_LIMIT` (process-wide).
+
+    By default glibc maps each block over its (adaptive) threshold afresh and unmaps it when
+    freed, and trims heaps eagerly, so a thousand decoded maps fault in a thousand times 3.6 MB
+    page by page: at N = 1,000 on the 2 mm grid 2 ms of system time per map, a quarter of the
+    CPU of decoding. Fixed thresholds keep that memory in the heap (at most
+    :data:`HEAP_TRIM_THRESHOLD` idle per heap). Called by the console entry point only, since
+    it changes the whole process; a no-op (False) where the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):  # musl, macOS: other allocators
+            return False
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    done = mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)
+    done &= mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)
+    return bool(done)

@@ -501,13 +501,13 @@ def _warn_incomplete_groups(
 
 
 def _warn_data_findings(
-    data: MaskedData, maps: Sequence[InputMap], where: str, *, ols: bool = True
+    data: MaskedData, maps: Sequence[InputMap], where: str, *, ols: bool = True, n_jobs: int = 1
 ) -> None:
     """Outlier or all-zero maps, voxels without variance: WARNINGs naming maps or counting.
 
     Constant voxels are only a problem for OLS (zero residual variance); a mixed-effects model
     weighs them by their first-level variances."""
-    found = check_masked_data(data.data)
+    found = check_masked_data(data.data, n_jobs=n_jobs)
     for index, largest in found.outliers:
         log.warning(
             "%s: the map of sub-%s (%s) has values up to %.3g, %.0e times the median map's "
@@ -614,7 +614,8 @@ def _analyse(
         log.warning("cluster threshold %d voxels > the mask's %d voxels (model for %s): no "
                     "cluster can survive it", inference.cluster_threshold, data.data.shape[1],
                     where)  # fmt: skip
-    _warn_data_findings(data, analysis.maps, where, ols=not spec.estimation.mixed)
+    _warn_data_findings(data, analysis.maps, where, ols=not spec.estimation.mixed,
+                        n_jobs=config.n_jobs)  # fmt: skip
     variances = None
     if config.min_coverage is not None and not spec.estimation.mixed:
         data = _estimable_coverage(analysis, data, where)
@@ -623,8 +624,10 @@ def _analyse(
         mixed = MixedInputs(variances, spec.estimation.estimator, spec.estimation.adjustment,
                             analysis.variance_groups)  # fmt: skip
         jobs = {name: replace(job, mixed=mixed) for name, job in (jobs or {}).items()}
+    # only --min-coverage leaves maps without data (NaN) at some voxels
     fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances,
-                    analysis.variance_groups, budget=budget)  # fmt: skip
+                    analysis.variance_groups, budget=budget, n_jobs=config.n_jobs,
+                    missing=None if config.min_coverage is not None else False)  # fmt: skip
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)
     written += _write_model_maps(analysis, fit, data, node_dir, writer, config.write_residuals)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from conftest import write_map
 from nilearn.image import resample_img, smooth_img
 
+from bids_group import images
 from bids_group.errors import DataError, MissingInputError
 from bids_group.images import load_masked_data, unmask
 
@@ -287,10 +289,14 @@ def test_real_spm_pairs_with_nan_outside_mask():
         load_masked_data([paths[0], words[0]])
 
 
+@pytest.mark.parametrize("own_mapping", [False, True], ids=["np.empty", "own-mapping"])
 @pytest.mark.parametrize("n_jobs", [1, 2])
-def test_auto_mask_stacking_equals_the_naive_stack(tmp_path, n_jobs):
+def test_auto_mask_stacking_equals_the_naive_stack(tmp_path, n_jobs, own_mapping, monkeypatch):
     """Supports that shrink map after map (zeros, NaN slices): the data equal the naive
-    ``stack[:, intersection]`` (the stacking compacts one buffer in place)."""
+    ``stack[:, intersection]`` (the stacking compacts one buffer in place), whether the buffer
+    is a numpy array or, as large ones are, an anonymous mapping of its own."""
+    if own_mapping:
+        monkeypatch.setattr(images, "_OWN_MAPPING_BYTES", 0)
     rng = np.random.default_rng(0)
     paths, volumes = [], []
     for i in range(30):
@@ -307,4 +313,38 @@ def test_auto_mask_stacking_equals_the_naive_stack(tmp_path, n_jobs):
     inside = (np.isfinite(stack) & (stack != 0)).all(axis=0)
     np.testing.assert_array_equal(loaded.mask, inside)
     np.testing.assert_array_equal(loaded.data, stack[:, inside])
-    assert loaded.data.flags["C_CONTIGUOUS"]
+    assert loaded.data.flags["C_CONTIGUOUS"] and loaded.data.flags["WRITEABLE"]
+    assert loaded.data.dtype == np.float32
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_data_in_an_own_mapping_equal_the_naive_stack(tmp_path, n_jobs, monkeypatch):
+    """Large data matrices live in an anonymous mapping of their own (no huge-page advice):
+    kept as they are when no voxel drops (automatic mask) and filled in place with a user
+    mask, they equal the naive stack and are an ordinary writeable float32 matrix."""
+    monkeypatch.setattr(images, "_OWN_MAPPING_BYTES", 0)
+    rng = np.random.default_rng(4)
+    volumes = [rng.uniform(1, 2, SHAPE).astype(np.float32) for _ in range(6)]
+    paths = [write_map(tmp_path / f"m{i}.nii.gz", v, AFFINE) for i, v in enumerate(volumes)]
+    loaded = load_masked_data(paths, n_jobs=n_jobs)
+    assert loaded.mask.all() and loaded.n_dropped == 0
+    np.testing.assert_array_equal(loaded.data, np.stack([v.ravel() for v in volumes]))
+    mask = _brain(shrink=0.2)
+    mask_path = write_map(tmp_path / "mask.nii.gz", mask.astype(np.uint8), AFFINE)
+    masked = load_masked_data(paths, mask_path=mask_path, n_jobs=n_jobs)
+    np.testing.assert_array_equal(masked.data, np.stack([v[mask] for v in volumes]))
+    for data in (loaded.data, masked.data):
+        assert data.dtype == np.float32 and data.flags["C_CONTIGUOUS"]
+        data[0, 0] = 7.0  # writeable, as np.empty's
+
+
+def test_a_stream_without_decode_stacks_the_same(tmp_path):
+    """A VolumeStream built without ``decode`` (only its ``volumes``) gives the same data: the
+    per-map work then runs in the caller's thread."""
+    paths, arrays = _maps(tmp_path, n=4)
+    stream = images.open_volumes(paths, n_jobs=2)
+    plain = images.stack_volumes(dataclasses.replace(stream, decode=None))
+    threaded = images.stack_volumes(images.open_volumes(paths, n_jobs=2))
+    np.testing.assert_array_equal(plain.data, threaded.data)
+    np.testing.assert_array_equal(plain.mask, threaded.mask)
+    assert plain.n_dropped == threaded.n_dropped

@@ -260,6 +260,24 @@ def test_fit_is_the_same_bits_for_any_tile_width(n_voxels):
     assert len(widths) >= 3
 
 
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_fit_is_the_same_bits_with_a_thousand_maps(n_jobs):
+    """From ~1,000 maps on, OpenBLAS' small-matrix kernels (products with M x N x K <= 10^6)
+    give other last bits than its blocked kernels: every step of the fit is wider than that, so
+    64-voxel tiles (a tiny budget) still give the in-memory bits, with threads or not."""
+    rng = np.random.default_rng(3)
+    n_maps = 1_200
+    design = np.column_stack([np.ones(n_maps), rng.standard_normal((n_maps, 2))])
+    data = rng.standard_normal((n_maps, 3_001)).astype(np.float32)
+    whole = fit_ols(data, design)
+    widths = {memory.tile_voxels(n_maps, b) for b in (1_000_000, 30_000_000, 100_000_000)}
+    assert min(widths) == memory.TILE_ALIGN and len(widths) == 3
+    for budget in (1_000_000, 30_000_000, 100_000_000):
+        tiled = fit_ols(data, design, budget=budget, n_jobs=n_jobs)
+        for name in ("beta", "residual_variance", "r_squared"):
+            assert np.array_equal(getattr(tiled, name), getattr(whole, name)), (budget, name)
+
+
 PERMUTATIONS = ["--permutation", "voxel", "cluster", "tfce", "--n-perm", "40", "--seed", "11"]
 
 
