@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ from bids_group.memory import (
     TiledMaps,
     aligned,
     aligned_matmul,
+    fit_step_voxels,
     iter_tiles,
     tile_voxels,
 )
@@ -152,8 +154,9 @@ def fit_ols(
     tss = np.empty(n_voxels, dtype=np.float64)
     finite_rows = np.ones(n_maps, dtype=bool)
     width = MAX_TILE_VOXELS if budget is None else tile_voxels(n_maps, budget)
-    # Tiled so that the float64 copy of Y and the residuals stay within the budget.
-    for block, tile in iter_tiles(data, width):
+    # Tiled so that the float64 copy of Y and the residuals stay within the budget, in steps
+    # that keep them in the cache.
+    for block, tile in _steps(data, width, fit_step_voxels(n_maps)):
         finite_rows &= np.isfinite(tile).all(axis=1)
         n = block.stop - block.start
         y = np.zeros((n_maps, aligned(n)), dtype=np.float64)
@@ -177,6 +180,17 @@ def fit_ols(
         r_squared=_r_squared(rss, tss),
         centred_r_squared=centred,
     )
+
+
+def _steps(
+    data: np.ndarray | TiledMaps, width: int, step: int
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """The tiles of ``data`` (``width`` voxels in memory, the store's own), cut into steps of at
+    most ``step`` voxels (a multiple of :data:`~bids_group.memory.TILE_ALIGN`, as the tiles)."""
+    for block, tile in iter_tiles(data, min(width, step)):
+        for start in range(0, tile.shape[1], step):
+            stop = min(start + step, tile.shape[1])
+            yield slice(block.start + start, block.start + stop), tile[:, start:stop]
 
 
 def _r_squared(rss: np.ndarray, tss: np.ndarray) -> np.ndarray:
