@@ -5,8 +5,9 @@ The budget bounds what one model holds at once. Its parts (fractions of the budg
 * the masked data in memory (``n_maps x n_voxels`` float32; with permutations also the
   residuals, :data:`PERMUTATION_BYTES_PER_CELL` in all) when they fit in :data:`DATA_FRACTION`
   of it, else a voxel-tiled store on disk (:mod:`bids_group.store`);
-* the fit's float64 working arrays, one voxel tile of all maps at a time, in
-  :data:`WORK_FRACTION` of it (:func:`tile_voxels`).
+* one voxel tile of all maps at a time (the store's tiles, the fit's float64 working arrays),
+  in :data:`WORK_FRACTION` of it (:func:`tile_voxels`); the fit works through a tile in
+  cache-sized steps (:func:`bids_group.glm.fit_ols`).
 
 The rest is left for the per-voxel results (a few float64 per voxel, independent of the number
 of maps), one decoded volume per thread, the scans of the data (checks, the report's background:
