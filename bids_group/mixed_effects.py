@@ -420,6 +420,29 @@ def fit_mixed(
     return fit
 
 
+def preload_kernels() -> None:
+    """Load :func:`fit_mixed`'s compiled kernel (numba's on-disk cache; compiled when absent)
+    without running it, for both layouts the fit passes (whole arrays, and column blocks of
+    wider ones).
+
+    Loading costs ~0.5 s of numba's own set-up, once per process, whatever the data: the
+    pipeline calls this in a background thread while the maps are read (their decoding
+    releases the GIL), so that the fit finds the kernel ready. Nothing is executed, so no
+    parallel region is launched outside the main thread.
+    """
+    from numba import typeof
+
+    # n_vox 4: columns 0:2 of (2, 4) outputs are not contiguous (blocks of a wider fit with two
+    # or more design columns); n_vox 2: whole arrays, contiguous
+    for n_vox in (2, 4):
+        maps = np.zeros((2, 3))
+        out = (np.zeros((2, n_vox)), np.zeros((2, 2, n_vox)), np.zeros(n_vox), np.zeros(n_vox))
+        args = (maps, maps, np.zeros((2, 3), dtype=bool), np.zeros(2, dtype=bool),
+                np.zeros((3, 2)), int(kern.REML), DEFAULT_N_GRID, 0.0,
+                out[0][:, :2], out[1][:, :, :2], out[2][:2], out[3][:2])  # fmt: skip
+        kern.fit_voxels.compile(tuple(typeof(a) for a in args))
+
+
 def _group_index(groups: np.ndarray, n_maps: int) -> tuple[list, np.ndarray]:
     """Sorted labels and the index (0..G-1) of each map's label."""
     if groups.shape != (n_maps,):

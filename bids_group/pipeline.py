@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -169,6 +170,7 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
         "--mem-budget" if config.mem_budget else "model file MemoryBudget",
     )
     log.info("threads: %d (--n-jobs; its default: the CPUs this process may use)", config.n_jobs)
+    preload = _preload_mixed_kernels(specs)
     executor = _executor(config, any(node.plans for node in nodes))
     log.info(
         "%d map(s) of %d participant(s); %d model(s) to fit",
@@ -202,6 +204,8 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
             written.append(
                 _write_report(stage, config, specs, inference, maps, sections, warnings, summary)
             )
+    if preload is not None:
+        preload.join()
     final = tuple(config.out_dir / p.relative_to(stage) for p in written)
     summary["files"] = [str(p) for p in final]
     if config.report:
@@ -209,6 +213,25 @@ def _run(config: RunConfig, warnings: list[str]) -> RunResult:
     summary["seconds"] = round(time.perf_counter() - started, 3)
     log.info("done in %.1f s: %d files in %s", summary["seconds"], len(final), config.out_dir)
     return RunResult(written=final, summary=summary)
+
+
+def _preload_mixed_kernels(specs: Sequence[ModelSpec]) -> threading.Thread | None:
+    """Start loading the mixed-effects kernel in a background thread (see
+    :func:`bids_group.mixed_effects.preload_kernels`), when a model is mixed."""
+    if not any(spec.estimation.mixed for spec in specs):
+        return None
+
+    def preload() -> None:
+        try:
+            from bids_group.mixed_effects import preload_kernels
+
+            preload_kernels()
+        except Exception as err:  # the fit loads or compiles it in any case, and says why
+            log.debug("preloading the mixed-effects kernel failed: %s", err)
+
+    thread = threading.Thread(target=preload, name="bids-group-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def _check_coverage_options(config: RunConfig, inference: InferenceConfig) -> None:

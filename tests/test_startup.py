@@ -40,3 +40,28 @@ def test_a_report_imports_matplotlib_only_then(tmp_path):
     argv = [str(ROOT / "examples" / "ds-faces"), str(tmp_path / "out"), "group", "--model",
             str(ROOT / "configs" / "two_sample_age.yaml"), "-q"]  # fmt: skip
     assert _imported_after(argv) == "['matplotlib']"
+
+
+PRELOAD = """
+import numpy as np
+from bids_group import mixed_effects as me
+me.preload_kernels()
+before = len(me.kern.fit_voxels.overloads)
+rng = np.random.default_rng(0)
+for p in (1, 2):
+    for n_vox in (10, me._BLOCK_VOXELS + 10):
+        y = rng.standard_normal((6, n_vox)).astype(np.float32)
+        x = np.column_stack([np.ones(6), np.arange(6.0)])[:, :p]
+        me.fit_mixed(y, np.ones_like(y), x, "reml")
+print(before, len(me.kern.fit_voxels.overloads))
+"""
+
+
+def test_preloaded_kernel_is_the_one_every_fit_uses():
+    """The pipeline loads the mixed-effects kernel in a background thread while it reads the
+    maps; the signatures it loads must be those the fit then calls (one or two design
+    columns, one block of voxels or several), or the fit would load or compile another."""
+    done = subprocess.run([sys.executable, "-c", PRELOAD], capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    before, after = done.stdout.split()
+    assert before == after == "2"
