@@ -330,7 +330,7 @@ def load_on_mask(
             f"e.g. {off[0]}: each must be on the grid of its effect map"
         )
     indices = _fortran_indices_in_c_order(data.mask)
-    out = np.empty((len(paths), indices.size), dtype=np.float32)
+    out = _empty_matrix(len(paths), indices.size)  # no huge-page stall (see there)
     for volume in _iter_volumes(paths, grids, target, sigma=None, n_jobs=n_jobs):
         np.take(volume.data, indices, out=out[volume.index])
     return out
