@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,8 @@ class VoxelStore:
     n_maps: int
     n_voxels: int
     tile_voxels: int
+    #: The store's lock (descriptor, file; :func:`_lock_store`) while this run uses it.
+    lock: tuple[int, Path] | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -176,6 +178,75 @@ def load_data(
         "target_voxel_size": target_voxel_size,
     }
     folder = None if work_dir is None else _folder(paths, settings, Path(work_dir))
+    lock = None if folder is None else _lock_store(folder)
+    try:
+        data = _load(paths, settings, folder, budget, mask_path, resample, smoothing_fwhm,
+                     n_jobs, target_voxel_size, unsupported, bytes_per_cell, min_maps,
+                     executor)  # fmt: skip
+    except BaseException:
+        _unlock(lock)
+        raise
+    if not isinstance(data.data, VoxelStore):
+        _unlock(lock)
+        return data
+    return replace(data, data=replace(data.data, lock=lock))
+
+
+def _lock_store(folder: Path) -> tuple[int, Path]:
+    """Hold ``<work>/bids-group-store-<key>.lock`` (an exclusive ``flock``) until
+    :func:`release`: two runs with
+    the same work folder and inputs share one store folder, which a run builds, reads and
+    removes; the second waits for the first (said in the log) rather than read a half-written
+    or vanishing store. The lock goes with the process, however it ends; the file is removed
+    by its holder, so a run that got the lock of a removed file tries again."""
+    import fcntl
+
+    # beside the stores' folder, not in it: a refused run leaves no store folder behind
+    work_dir = folder.parent.parent
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / f"{folder.parent.name}-{folder.name}.lock"
+    said = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not said:
+                log.warning("waiting for another bids-group run that uses the tiled store %s",
+                            folder)  # fmt: skip
+                said = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd, path
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed that file when done: lock the current one
+
+
+def _unlock(lock: tuple[int, Path] | None) -> None:
+    if lock is not None:
+        fd, path = lock
+        path.unlink(missing_ok=True)  # while held: a waiting run then retries on a new file
+        os.close(fd)  # releases the flock
+
+
+def _load(
+    paths: list[Path],
+    settings: dict[str, Any],
+    folder: Path | None,
+    budget: int,
+    mask_path: Path | None,
+    resample: bool,
+    smoothing_fwhm: float | None,
+    n_jobs: int,
+    target_voxel_size: float | None,
+    unsupported: str,
+    bytes_per_cell: int,
+    min_maps: int | None,
+    executor: Executor | None,
+) -> MaskedData:
+    """:func:`load_data` once the store folder (if any) is locked."""
     if folder is not None and not unsupported:
         reused = _reuse(folder, paths, mask_path, settings, budget)
         if reused is not None:
@@ -232,10 +303,11 @@ def release(data: MaskedData, *, keep: bool = False) -> None:
         return
     if keep:
         log.info("kept the tiled store %s (--keep-store)", data.data.folder)
-        return
-    shutil.rmtree(data.data.folder, ignore_errors=True)
-    if data.data.folder.parent.name.startswith(_TEMPORARY):
-        shutil.rmtree(data.data.folder.parent, ignore_errors=True)
+    else:
+        shutil.rmtree(data.data.folder, ignore_errors=True)
+        if data.data.folder.parent.name.startswith(_TEMPORARY):
+            shutil.rmtree(data.data.folder.parent, ignore_errors=True)
+    _unlock(data.data.lock)
 
 
 def _folder(paths: Sequence[Path], settings: dict[str, Any], work_dir: Path) -> Path:

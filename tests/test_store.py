@@ -308,3 +308,46 @@ def test_permutations_count_their_residuals_in_the_budget(dataset, tmp_path):
         dataset, tmp_path / "perm", *args, "--permutation", "voxel", "--n-perm", "9"
     )
     assert "voxel-tiled store" in permuted
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from bids_group.store import _lock_store, _unlock
+lock = _lock_store(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+_unlock(lock)
+"""
+
+
+def test_a_second_run_waits_for_the_one_using_the_same_store(dataset, tmp_path, caplog):
+    """Two runs with one work folder and the same inputs share a store folder: while another
+    process holds it, load_data waits (and says so), then builds its own, which equals the
+    in-memory matrix; the lock file is gone once both are done."""
+    import subprocess
+    import sys
+    import time
+
+    from bids_group.store import _folder
+
+    paths = sorted(dataset.rglob("*_statmap.nii.gz"))
+    settings = {"mask": None, "resample": False, "smoothing_fwhm": None, "target_voxel_size": None}
+    folder = _folder(paths, settings, tmp_path)
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder), "3"],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert other.stdout.readline().strip() == "locked"
+    start = time.perf_counter()
+    with caplog.at_level("WARNING", logger="bids_group"):
+        data = load_data(paths, budget=10**6, work_dir=tmp_path)
+    waited = time.perf_counter() - start
+    other.wait(timeout=30)
+    try:
+        assert data.data.folder == folder  # the same store folder, used after the other run
+        assert waited > 1.5, waited
+        assert any("waiting for another bids-group run" in r.message for r in caplog.records)
+        stacked = np.concatenate([tile for _, tile in memory.iter_tiles(data.data)], axis=1)
+        assert np.array_equal(stacked, load_masked_data(paths).data)
+    finally:
+        release(data)
+    assert list(tmp_path.glob("*.lock")) == []
