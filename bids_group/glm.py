@@ -174,9 +174,7 @@ def fit_ols(
         finite = np.ones(n_maps, dtype=bool)
         for start in starts:
             part = slice(block.start + start, min(block.start + start + step, block.stop))
-            finite &= _fit_step(
-                tile[:, start : start + step], part, step, pinv_x, design, centred, out
-            )
+            finite &= _fit_step(tile[:, start : start + step], part, pinv_x, design, centred, out)
         return finite
 
     n_threads = max(1, int(n_jobs))
@@ -209,23 +207,21 @@ def fit_ols(
     )
 
 
-#: OpenBLAS multiplies matrices with M x N x K at most this with its small-matrix kernels, whose
-#: sums differ in the last bit from its blocked kernels' once K (the maps) reaches ~1,000
-#: (measured with OpenBLAS 0.3.31, Haswell kernels): every step of the fit is wider than that,
-#: so that every voxel gets the blocked kernels' bits whatever the tile width.
-_BLAS_SMALL_MNK = 1_000_000
+#: Multiply-adds of a step's product ``pinv(X) @ Y``: its float64 working arrays are then a few
+#: MB and stay in the CPU cache. The bits do not depend on it: every product is computed
+#: :data:`~bids_group.memory.TILE_ALIGN` voxels per BLAS call (the same shape for every voxel).
+_STEP_MULTIPLY_ADDS = 1_000_000
 
 
 def _step_voxels(n_maps: int, n_params: int) -> int:
     """Voxels per step of :func:`fit_ols`: the narrowest multiple of
-    :data:`~bids_group.memory.TILE_ALIGN` whose product ``pinv(X) @ Y`` is above
-    :data:`_BLAS_SMALL_MNK` (its float64 working arrays are then a few MB, and stay in the CPU
-    cache), at most :data:`~bids_group.memory.MAX_TILE_VOXELS`.
+    :data:`~bids_group.memory.TILE_ALIGN` whose product ``pinv(X) @ Y`` exceeds
+    :data:`_STEP_MULTIPLY_ADDS`, at most :data:`~bids_group.memory.MAX_TILE_VOXELS`.
 
     >>> _step_voxels(1000, 3), _step_voxels(10**4, 3), _step_voxels(20, 1)
     (384, 64, 50048)
     """
-    narrowest = _BLAS_SMALL_MNK // max(n_maps * n_params, 1) + 1
+    narrowest = _STEP_MULTIPLY_ADDS // max(n_maps * n_params, 1) + 1
     return min(aligned(narrowest), MAX_TILE_VOXELS)
 
 
@@ -241,21 +237,21 @@ class _OlsOutput:
 def _fit_step(
     values: np.ndarray,
     part: slice,
-    step: int,
     pinv_x: np.ndarray,
     design: np.ndarray,
     centred: bool,
     out: _OlsOutput,
 ) -> np.ndarray | bool:
-    """Fit the voxels ``part`` (``values``: all maps there, at most ``step`` voxels) into
-    ``out``; return which maps are finite there (True: all of them).
+    """Fit the voxels ``part`` into ``out`` (``values``: all maps there, at most one step of
+    :func:`_step_voxels` voxels); return which maps are finite there (True: all of them).
 
-    The float64 copy is always ``step`` voxels wide, padded with zeros, and its products are
-    :data:`~bids_group.memory.TILE_ALIGN` voxels per BLAS call: every call has the same shape,
-    so a voxel's bits do not depend on where the tiles or the steps cut.
+    The float64 copy is padded with zeros to a multiple of
+    :data:`~bids_group.memory.TILE_ALIGN` voxels and its products are that many voxels per BLAS
+    call: every call has the same shape, so a voxel's bits do not depend on where the tiles or
+    the steps cut.
     """
     n_maps, n = values.shape
-    y = np.empty((n_maps, step), dtype=np.float64)
+    y = np.empty((n_maps, aligned(n)), dtype=np.float64)
     y[:, :n] = values
     y[:, n:] = 0.0
     centred_y = y - y.mean(axis=0) if centred else y

@@ -263,8 +263,9 @@ def test_fit_is_the_same_bits_for_any_tile_width(n_voxels):
 @pytest.mark.parametrize("n_jobs", [1, 2])
 def test_fit_is_the_same_bits_with_a_thousand_maps(n_jobs):
     """From ~1,000 maps on, OpenBLAS' small-matrix kernels (products with M x N x K <= 10^6)
-    give other last bits than its blocked kernels: every step of the fit is wider than that, so
-    64-voxel tiles (a tiny budget) still give the in-memory bits, with threads or not."""
+    give other last bits than its blocked kernels: every product of the fit is 64 voxels per
+    call, so 64-voxel tiles (a tiny budget) still give the in-memory bits, with threads or
+    not."""
     rng = np.random.default_rng(3)
     n_maps = 1_200
     design = np.column_stack([np.ones(n_maps), rng.standard_normal((n_maps, 2))])
