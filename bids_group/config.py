@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bids_group.errors import UsageError
-from bids_group.inference.clusters import DEFAULT_CONNECTIVITY
-from bids_group.inference.height import DEFAULT_ALPHA as HEIGHT_DEFAULT_ALPHA
+from bids_group.inference.defaults import DEFAULT_ALPHA as HEIGHT_DEFAULT_ALPHA
+from bids_group.inference.defaults import DEFAULT_CONNECTIVITY
 from bids_group.spec import (
     PERMUTATION_METHODS,
     PERMUTATION_SCHEMES,

@@ -15,15 +15,13 @@ import pandas as pd
 from scipy import ndimage
 
 from bids_group.errors import DataError, UsageError
+from bids_group.inference.defaults import DEFAULT_CONNECTIVITY
 from bids_group.inference.fdr import log_p_from_z
 
 log = logging.getLogger(__name__)
 
 #: Neighbourhood size -> scipy.ndimage.generate_binary_structure connectivity rank.
 CONNECTIVITY: dict[int, int] = {6: 1, 18: 2, 26: 3}
-#: Default for every cluster and TFCE computation: faces only, as nilearn and scipy.ndimage.label
-#: (FSL's cluster uses 26: pass ``connectivity=26``).
-DEFAULT_CONNECTIVITY = 6
 DEFAULT_MIN_DISTANCE = 8.0
 #: Subpeaks reported per cluster besides its peak (nilearn's get_clusters_table reports 3).
 DEFAULT_MAX_SUBPEAKS = 3

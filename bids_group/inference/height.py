@@ -10,14 +10,13 @@ import numpy as np
 from scipy import special
 
 from bids_group.errors import DataError, UsageError
+from bids_group.inference.defaults import DEFAULT_ALPHA
 from bids_group.inference.fdr import fdr_threshold, log_p_from_z
 
 log = logging.getLogger(__name__)
 
 HeightMethod = Literal["fpr", "fdr", "bonferroni", "none"]
 HEIGHT_METHODS: tuple[str, ...] = ("fpr", "fdr", "bonferroni", "none")
-#: alpha used when the caller gives none (the CLI's defaults read these).
-DEFAULT_ALPHA: dict[str, float] = {"fpr": 0.001, "fdr": 0.05, "bonferroni": 0.05}
 
 
 @dataclass(frozen=True)
