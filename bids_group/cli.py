@@ -10,14 +10,13 @@ import json
 import logging
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from bids_group import __version__
+from bids_group import __version__, interrupts
 from bids_group.config import (
     ANALYSIS_LEVELS,
     CONNECTIVITIES,
@@ -683,10 +682,6 @@ def _setup_logging(verbosity: int) -> None:
     warnings_logger.setLevel(logging.ERROR if verbosity < 1 else logging.WARNING)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 _MULTI_VALUE_OPTIONS = (
     "--participant-label",
     "--participant_label",
@@ -735,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     argv = expand_multi_value_options(list(argv))
     state = {"verbosity": 0}
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous = interrupts.install()  # SIGINT and SIGTERM, recorded even if swallowed
     saved_logging = _logging_state()
     try:
         cli.main(args=argv, prog_name="bids-group", standalone_mode=False, obj=state)
@@ -780,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        interrupts.restore(previous)
         _restore_logging(saved_logging)
 
 

@@ -43,6 +43,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
+from bids_group import interrupts
 from bids_group.errors import OutputError, UsageError
 from bids_group.paths import disk_error, traceback_files
 
@@ -200,6 +201,7 @@ class StagedOutput:
                     raise error from exc
                 return  # the exception propagates
             try:
+                interrupts.raise_if_received()  # a Ctrl-C a library swallowed still counts
                 self._commit()
             except BaseException as failure:
                 self._discard()
