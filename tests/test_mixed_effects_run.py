@@ -215,6 +215,10 @@ def test_permutation_on_mixed_effects_through_the_cli(pain, tmp_path, estimator)
     sidecar = json.loads(null.with_suffix(".json").read_text())
     assert "tau^2 re-estimated" in json.dumps(sidecar)
     assert sidecar["Scheme"] == "sign flipping" and sidecar["Statistic"].startswith("z")
+    # the column descriptions must not call the z statistic t (they said "of |t|")
+    assert "|t|" not in sidecar["max_stat"]["Description"]
+    clusters = _one(summary, "_stat-z_desc-permCluster_clusters.tsv").with_suffix(".json")
+    assert "z" in json.loads(clusters.read_text())["peak_stat"]["Description"]
     assert direct.n_relabellings == 100 and direct.null_max_stat[0] == pytest.approx(
         np.abs(direct.stat).max(), rel=1e-6
     )

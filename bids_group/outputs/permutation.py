@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # the engine's module compiles numba kernels: not imported to
 #: Columns of the null-distribution table and their description (BIDS sidecar entries).
 NULL_COLUMNS: Mapping[str, str] = {
     "relabelling": "Index of the relabelling; 0 is the unpermuted data (counted in every null)",
-    "max_stat": "Maximum of the statistic over the mask (of |t| when two-sided)",
+    "max_stat": "Maximum over the mask of the statistic named by the file's stat- entity (t, F, "
+    "or z for mixed effects), of its absolute value when two-sided",
     "max_cluster_size": "Largest cluster above the cluster-forming threshold, in voxels",
     "max_cluster_mass": "Largest cluster mass (sum of statistic - threshold over the cluster)",
     "max_tfce": "Maximum TFCE score over the mask (of |TFCE| when two-sided)",
@@ -42,7 +43,7 @@ CLUSTER_COLUMNS: Mapping[str, Mapping[str, str]] = {
     "mass": {"Description": "Cluster mass: sum over its voxels of |stat| - cluster-forming height"},
     "p_fwe_size": {"Description": "Family-wise error corrected p of the cluster size"},
     "p_fwe_mass": {"Description": "Family-wise error corrected p of the cluster mass"},
-    "peak_stat": {"Description": "Statistic (t or F) at the cluster's peak"},
+    "peak_stat": {"Description": "Statistic (t, F, or z for mixed effects) at the cluster's peak"},
     "peak_z": {"Description": "z at the cluster's peak (same upper-tail p as peak_stat)"},
     "peak_x": {"Description": "x coordinate of the peak", "Units": "mm"},
     "peak_y": {"Description": "y coordinate of the peak", "Units": "mm"},
