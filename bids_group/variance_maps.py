@@ -39,11 +39,13 @@ def sibling_paths(maps: Sequence[InputMap], stat: str) -> tuple[Path, ...]:
     Raises
     ------
     DataError
-        A map has no ``stat-`` entity, or siblings are missing: the message names the
-        subjects and the first expected file.
+        A map has no ``stat-`` entity, or siblings are missing (the message names the
+        subjects and the first expected file), or a map has both a ``.nii.gz`` and a ``.nii``
+        sibling.
     """
     found: list[Path] = []
     missing: list[tuple[InputMap, Path]] = []
+    doubled: list[tuple[Path, ...]] = []
     for input_map in maps:
         path = Path(input_map.path)
         try:
@@ -58,10 +60,17 @@ def sibling_paths(maps: Sequence[InputMap], stat: str) -> tuple[Path, ...]:
             stem = stem.removesuffix(extension)
         candidates = [path.with_name(stem + ext) for ext in _NIFTI_EXTENSIONS]
         existing = [c for c in candidates if c.is_file()]
-        if existing:
+        if len(existing) > 1:  # which one is meant is unknown, as for two effect maps
+            doubled.append(tuple(existing))
+        elif existing:
             found.append(existing[0])
         else:
             missing.append((input_map, candidates[0]))
+    if doubled:
+        raise DataError(
+            f"{len(doubled)} effect map(s) have two stat-{stat} siblings, e.g. "
+            f"{'; '.join(map(str, doubled[0]))}: keep one of them"
+        )
     if missing:
         subjects = listing([f"sub-{m.entities['subject']}" for m, _ in missing])
         raise DataError(

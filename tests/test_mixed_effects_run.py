@@ -253,3 +253,16 @@ def test_negative_standard_error_is_excluded():
 
     out = to_variance(np.array([[-2.0, 3.0]]), np.zeros((1, 2)), "se")
     assert np.isnan(out[0, 0]) and out[0, 1] == 9.0
+
+
+def test_two_variance_siblings_for_one_map_are_refused(capsys, tmp_path):
+    """sub-02 has its variance as .nii.gz and as .nii (e.g. left by `gzip -k`): which one is
+    meant is unknown, as for two effect maps of one subject, so the run stops naming both
+    (it used the .nii.gz silently)."""
+    bids = make_bids_derivatives(tmp_path / "ds", n_subjects=5, stats=("effect", "variance"))
+    (gz,) = bids.glob("sub-02/func/*_stat-variance_statmap.nii.gz")
+    image = nib.load(gz)
+    plain = gz.with_name(gz.name.removesuffix(".gz"))
+    nib.Nifti1Image(np.asarray(image.dataobj) * 2, image.affine).to_filename(plain)
+    argv = [bids, tmp_path / "out", "group", "--estimator", "reml"]
+    check_failure(capsys, argv, tmp_path / "out", 65, "sub-02", gz.name, plain.name)
