@@ -386,6 +386,12 @@ def _check_estimation(
             "estimator: smoothing the effect maps changes their variances in a way the "
             "first-level variance maps do not describe; smooth at the first level instead"
         )
+    if config.write_residuals:
+        raise UsageError(
+            f"--write-residuals with the {estimation.estimator} estimator: residuals and "
+            "fitted values of mixed-effects models are not written yet; drop the option, or "
+            "use --estimator ols for them"
+        )
 
 
 def plan_analyses(

@@ -266,3 +266,11 @@ def test_two_variance_siblings_for_one_map_are_refused(capsys, tmp_path):
     nib.Nifti1Image(np.asarray(image.dataobj) * 2, image.affine).to_filename(plain)
     argv = [bids, tmp_path / "out", "group", "--estimator", "reml"]
     check_failure(capsys, argv, tmp_path / "out", 65, "sub-02", gz.name, plain.name)
+
+
+def test_write_residuals_with_a_mixed_estimator_is_refused(capsys, tmp_path):
+    """--write-residuals wrote nothing with a mixed estimator (and said nothing): refused
+    before any image is read, as with --min-coverage."""
+    bids = make_bids_derivatives(tmp_path / "ds", n_subjects=5, stats=("effect", "variance"))
+    argv = [bids, tmp_path / "out", "group", "--estimator", "dl", "--write-residuals"]
+    check_failure(capsys, argv, tmp_path / "out", 64, "--write-residuals", "dl estimator")
