@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numba
 import numpy as np
@@ -400,7 +400,12 @@ def _sum_of_squares_in_place(values: np.ndarray) -> np.ndarray:
 
 class _DiskTiles:
     """Residual tiles in a scratch file beside the tiled store, read back for every batch: the
-    engine's residuals (n_rows x n_voxels) never sit in memory whole."""
+    engine's residuals (n_rows x n_voxels) never sit in memory whole.
+
+    The file is removed by :meth:`close`, or else when the object is garbage-collected or the
+    interpreter exits: a Dask worker keeps an engine, and so its file, for the next chunk of the
+    same test (:func:`run_chunk`), and drops it when the client releases the test's shared task.
+    """
 
     def __init__(self, folder: Path | None, n_rows: int, dtype: type) -> None:
         fd, name = tempfile.mkstemp(prefix="residuals-", suffix=".bin", dir=folder)
@@ -408,6 +413,7 @@ class _DiskTiles:
         self.path = Path(name)
         self.n_rows, self.dtype = n_rows, np.dtype(dtype)
         self.widths: list[int] = []
+        self._remove = weakref.finalize(self, _remove_scratch, self.file, self.path)
 
     def append(self, tile: np.ndarray) -> None:
         self.file.write(np.ascontiguousarray(tile, dtype=self.dtype).tobytes())
@@ -425,8 +431,14 @@ class _DiskTiles:
             yield tile
 
     def close(self) -> None:
-        self.file.close()
-        self.path.unlink(missing_ok=True)
+        self._remove()
+
+
+def _remove_scratch(file: Any, path: Path) -> None:
+    """Close and delete a scratch file (already gone with the store's folder: nothing to do)."""
+    file.close()
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def design_exchangeability(
@@ -573,9 +585,6 @@ def permutation_test(
         cfg.data.shape[1],
     )
     observed = _observed(cfg, part)
-    if executor is not None and not isinstance(cfg.data, np.ndarray):
-        log.warning("the data are in the tiled store: permutations run in this process")
-        executor = None
     make = partial(_Engine, cfg, part, observed, flip=ex.scheme == "flip")
     with numba_threads(cfg.n_jobs):
         return run_test(make, ex, exhaustive, n_total, cfg.seed, progress, executor)
@@ -809,6 +818,7 @@ def _run_engine(engine, make, ex, exhaustive, n_total, seed, progress, executor)
         return
     ranges = chunk_ranges(n_total, engine.batch_size, _chunk_batches(engine, n_total, executor))
     items = [(ex, exhaustive, seed, start, stop) for start, stop in ranges]
+    log.info("%d relabellings in %d tasks on the executor's workers", n_total - 1, len(items))
     for (_, stop), chunk in zip(ranges, executor.map_chunks(run_chunk, make, items), strict=True):
         engine.merge(chunk)
         if progress is not None:
@@ -868,7 +878,9 @@ def run_chunk(
     ``make_engine`` (the worker's copy of the shared task), and set back to its state after
     the identity between chunks (:meth:`NullEngine.restart`): building it (residuals, the
     identity's statistic and TFCE, the batch buffers) costs about a fifth of a TFCE batch,
-    which every chunk paid.
+    which every chunk paid. With data in the tiled store, the engine keeps its residuals'
+    scratch file until the worker drops it (:class:`_DiskTiles`): the store is read once per
+    worker, not once per chunk.
     """
     engine = _borrow_engine(make_engine)
     try:
@@ -878,9 +890,6 @@ def run_chunk(
     except BaseException:
         engine.close()
         raise
-    if not engine.reusable:
-        engine.close()
-        return null
     engine.restart()
     with _IDLE_LOCK:
         _IDLE_ENGINES.setdefault(make_engine, []).append(engine)
@@ -940,11 +949,6 @@ class NullEngine:
 
     def close(self) -> None:
         """Release scratch files (none by default)."""
-
-    @property
-    def reusable(self) -> bool:
-        """Whether :func:`run_chunk` may keep it for the next chunk (no scratch file)."""
-        return True
 
     def restart(self) -> None:
         """Back to the state just after the identity, for the next chunk: what
@@ -1231,10 +1235,6 @@ class _Engine(NullEngine):
         """Remove the scratch file of the residuals (tiled store only)."""
         if self.disk is not None:
             self.disk.close()
-
-    @property
-    def reusable(self) -> bool:
-        return self.disk is None
 
     def _init_flip(self, n_rows: int) -> None:
         """State of the subset-sum-table kernel (sign flips only; see ``_kernels``)."""
