@@ -350,8 +350,45 @@ def test_a_worker_killed_while_permuting_the_store_changes_nothing(cluster, hole
     assert ours.keys() == theirs.keys() and any("nulldist" in k for k in ours)
     for name in ours:
         assert ours[name] == theirs[name], name
-    left = [p for p in (tmp_path / "work").rglob("*") if p.is_file() and STORE_FOLDER in str(p)]
-    assert not [p for p in left if p.name.startswith("residuals-")], left
+    assert not list((tmp_path / "work" / STORE_FOLDER).glob("*/*")), "the store is removed"
+
+
+@pytest.mark.parametrize("scheme", ["flip", "permute"])
+def test_workers_read_the_residuals_the_client_wrote(holed, tmp_path, scheme):
+    """With data in the tiled store, the residuals are written once, by the client's engine, in
+    the work folder; the engines running the chunks read that file (no copy of their own) and
+    leave it to its owner; the pooled null equals the single stream's (sign flips and row
+    permutations)."""
+    data = load_data(_holed_maps(holed), budget=2**20, work_dir=tmp_path / "work",
+                     bytes_per_cell=20)  # fmt: skip
+    try:
+        assert not isinstance(data.data, np.ndarray)
+        scratch = data.data.scratch
+        group = np.repeat([1.0, 0.0], 12)
+        design, contrast = np.column_stack([np.ones(24), group]), np.array([0.0, 1.0])
+        if scheme == "flip":  # one sample: sign flips, residual tiles in the store's tiles
+            design, contrast = np.ones((24, 1)), np.ones(1)
+        kwargs = {"n_perm": 400, "seed": 4, "mask": data.mask, "tfce": True, "two_sided": True}
+        ref = permutation_test(data.data, design, contrast, **kwargs)
+        written = []
+        real = permutation._DiskTiles.__init__
+
+        def counting(self, *args, **kw):  # counts the residual files written, and writes them
+            written.append(1)
+            real(self, *args, **kw)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(permutation, "CHUNK_RELABELLINGS", 64)
+            patch.setattr(permutation._DiskTiles, "__init__", counting)
+            got = permutation_test(data.data, design, contrast, executor=InProcessExecutor(),
+                                   **kwargs)  # fmt: skip
+        assert written == [1]  # the client's; the chunks' engines borrowed it
+        assert not list(scratch.glob("residuals-*")), "the owner removed it"
+        np.testing.assert_array_equal(got.null_max_stat, ref.null_max_stat)
+        np.testing.assert_array_equal(got.p_uncorrected, ref.p_uncorrected)
+        np.testing.assert_array_equal(got.tfce.null_max, ref.tfce.null_max)
+    finally:
+        release(data)
 
 
 def test_a_killed_worker_changes_nothing(cluster, dataset, tmp_path):

@@ -403,8 +403,7 @@ class _DiskTiles:
     engine's residuals (n_rows x n_voxels) never sit in memory whole.
 
     The file is removed by :meth:`close`, or else when the object is garbage-collected or the
-    interpreter exits: a Dask worker keeps an engine, and so its file, for the next chunk of the
-    same test (:func:`run_chunk`), and drops it when the client releases the test's shared task.
+    interpreter exits. The engines of Dask workers read the client's file (:meth:`borrowed`).
     """
 
     def __init__(self, folder: Path | None, n_rows: int, dtype: type) -> None:
@@ -432,6 +431,33 @@ class _DiskTiles:
 
     def close(self) -> None:
         self._remove()
+
+    def shared(self) -> SharedTiles:
+        """What another process needs to read these tiles (:meth:`borrowed`)."""
+        self.file.flush()
+        return SharedTiles(self.path, self.n_rows, self.dtype.str, tuple(self.widths))
+
+    @classmethod
+    def borrowed(cls, shared: SharedTiles) -> _DiskTiles:
+        """The tiles another engine wrote, read-only (a Dask worker reading the client's file in
+        the shared work folder); :meth:`close` closes the file and leaves it to its owner."""
+        tiles = cls.__new__(cls)
+        tiles.file = open(shared.path, "rb")  # closed by close() or the finalizer
+        tiles.path = shared.path
+        tiles.n_rows, tiles.dtype = shared.n_rows, np.dtype(shared.dtype)
+        tiles.widths = list(shared.widths)
+        tiles._remove = weakref.finalize(tiles, tiles.file.close)
+        return tiles
+
+
+@dataclass(frozen=True)
+class SharedTiles:
+    """A residual scratch file as the workers of a test read it: path, rows, dtype, tile widths."""
+
+    path: Path
+    n_rows: int
+    dtype: str
+    widths: tuple[int, ...]
 
 
 def _remove_scratch(file: Any, path: Path) -> None:
@@ -819,7 +845,8 @@ def _run_engine(engine, make, ex, exhaustive, n_total, seed, progress, executor)
     ranges = chunk_ranges(n_total, engine.batch_size, _chunk_batches(engine, n_total, executor))
     items = [(ex, exhaustive, seed, start, stop) for start, stop in ranges]
     log.info("%d relabellings in %d tasks on the executor's workers", n_total - 1, len(items))
-    for (_, stop), chunk in zip(ranges, executor.map_chunks(run_chunk, make, items), strict=True):
+    chunks = executor.map_chunks(run_chunk, engine.for_workers(make), items)
+    for (_, stop), chunk in zip(ranges, chunks, strict=True):
         engine.merge(chunk)
         if progress is not None:
             progress(stop, n_total)
@@ -878,9 +905,9 @@ def run_chunk(
     ``make_engine`` (the worker's copy of the shared task), and set back to its state after
     the identity between chunks (:meth:`NullEngine.restart`): building it (residuals, the
     identity's statistic and TFCE, the batch buffers) costs about a fifth of a TFCE batch,
-    which every chunk paid. With data in the tiled store, the engine keeps its residuals'
-    scratch file until the worker drops it (:class:`_DiskTiles`): the store is read once per
-    worker, not once per chunk.
+    which every chunk paid. With data in the tiled store, the engines read the residuals the
+    client's engine wrote in the shared work folder (:meth:`NullEngine.for_workers`), and a
+    worker reads the store once, not once per chunk.
     """
     engine = _borrow_engine(make_engine)
     try:
@@ -949,6 +976,10 @@ class NullEngine:
 
     def close(self) -> None:
         """Release scratch files (none by default)."""
+
+    def for_workers(self, make: Callable[[], NullEngine]) -> Callable[[], NullEngine]:
+        """How the executor's workers build their engines (by default as this one was)."""
+        return make
 
     def restart(self) -> None:
         """Back to the state just after the identity, for the next chunk: what
@@ -1140,7 +1171,17 @@ class NullEngine:
 class _Engine(NullEngine):
     """The OLS engine: Freedman-Lane residuals, projections and fused kernels."""
 
-    def __init__(self, cfg: _Config, part: DesignPartition, obs: _Observed, *, flip: bool):
+    def __init__(
+        self,
+        cfg: _Config,
+        part: DesignPartition,
+        obs: _Observed,
+        *,
+        flip: bool,
+        residuals: SharedTiles | None = None,
+    ):
+        """``residuals``: the scratch file of the client's engine, which the engines of the
+        workers read instead of writing their own (data in the tiled store only)."""
         self.cfg, self.part, self.obs = cfg, part, obs
         self.spatial = cfg.graph is not None
         self.flip = flip
@@ -1183,7 +1224,11 @@ class _Engine(NullEngine):
             ]
         else:
             try:
-                self.disk = self._write_disk_tiles(flip)
+                self.disk = (
+                    self._write_disk_tiles(flip)
+                    if residuals is None
+                    else _DiskTiles.borrowed(residuals)
+                )
             except OSError as exc:  # the scratch file lives beside the store, in -w
                 where = getattr(cfg.data, "scratch", "the work folder")
                 raise OutputError(
@@ -1235,6 +1280,11 @@ class _Engine(NullEngine):
         """Remove the scratch file of the residuals (tiled store only)."""
         if self.disk is not None:
             self.disk.close()
+
+    def for_workers(self, make: Callable[[], NullEngine]) -> Callable[[], NullEngine]:
+        """With data in the tiled store, the workers' engines read this engine's residuals
+        (written once, in the shared work folder) instead of each writing its own copy."""
+        return make if self.disk is None else partial(make, residuals=self.disk.shared())
 
     def _init_flip(self, n_rows: int) -> None:
         """State of the subset-sum-table kernel (sign flips only; see ``_kernels``)."""
