@@ -43,7 +43,12 @@ from bids_group.inference.clusters import (
 from bids_group.inference.height import HeightThreshold, height_threshold
 from bids_group.inputs import InputMap, collect_inputs, listing
 from bids_group.labels import first_level_labels, group_contrast_label, node_label, to_label
-from bids_group.memory import PERMUTATION_BYTES_PER_CELL, choose_budget
+from bids_group.memory import (
+    MIXED_BYTES_PER_CELL,
+    MIXED_PERMUTATION_BYTES_PER_CELL,
+    PERMUTATION_BYTES_PER_CELL,
+    choose_budget,
+)
 from bids_group.outputs import naming
 from bids_group.outputs.description import (
     write_bidsignore,
@@ -593,7 +598,7 @@ def _run_analysis(
         target_voxel_size=config.target_voxel_size,
         min_maps=_coverage_count(config, analysis),
         unsupported=_not_streamed(spec, config),
-        bytes_per_cell=PERMUTATION_BYTES_PER_CELL if jobs else 4,
+        bytes_per_cell=_bytes_per_cell(spec, bool(jobs)),
         executor=executor,
     )
     try:
@@ -601,6 +606,14 @@ def _run_analysis(
                         where)  # fmt: skip
     finally:
         release(data, keep=config.keep_store)
+
+
+def _bytes_per_cell(spec: ModelSpec, permutations: bool) -> int:
+    """What the model holds in memory per map and voxel (see :mod:`bids_group.memory`), which
+    decides whether its data fit in the budget."""
+    if spec.estimation.mixed:
+        return MIXED_PERMUTATION_BYTES_PER_CELL if permutations else MIXED_BYTES_PER_CELL
+    return PERMUTATION_BYTES_PER_CELL if permutations else 4
 
 
 def _not_streamed(spec: ModelSpec, config: RunConfig) -> str:
