@@ -18,6 +18,7 @@ from bids_group.contrasts import compute_contrast
 from bids_group.data_checks import check_masked_data
 from bids_group.errors import DataError
 from bids_group.glm import fit_ols
+from bids_group.report.build import background_volume
 from bids_group.store import STORE_FOLDER
 from bids_group.streamed_fit import OlsAccumulator, batch_maps
 
@@ -131,9 +132,18 @@ def test_data_checks_find_what_the_in_memory_checks_find(name):
     data[20] = 0.0  # a map that is zero everywhere
     data[:, 3] = 2.5  # constant
     data[:, 7] = 0.0  # zero in every map
-    streamed = _streamed(DESIGNS[name], data)
+    fit = OlsAccumulator(DESIGNS[name], data.shape[1], batch=7, background=True)
+    for i, row in enumerate(data):
+        fit.add(i, row)
+    streamed = fit.finish(np.arange(data.shape[1]))
     assert streamed.findings == check_masked_data(data)
     assert streamed.findings.constant_voxels == 1 and streamed.findings.all_zero_voxels == 1
+    # the report's background: mean |map| (summed map by map, in float64)
+    expected = np.abs(data.astype(np.float64)).mean(axis=0)
+    np.testing.assert_allclose(streamed.mean_abs, expected, rtol=1e-12)
+    mask = np.ones((5, 10, 10), dtype=bool)
+    np.testing.assert_allclose(background_volume(streamed, mask), background_volume(data, mask),
+                               rtol=MAP_RTOL)  # float32 volumes  # fmt: skip
 
 
 def test_batches_and_voxel_steps_are_fixed_by_sizes_alone():
@@ -292,3 +302,25 @@ def test_report_of_a_streamed_run(dataset, tmp_path):
     _, stderr = run_ok(dataset, tmp_path / "out", "-v", "--mem-budget", TINY)
     assert STREAMED in stderr
     assert any((tmp_path / "out").rglob("*.html"))
+
+
+SPM_FACES = (Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+             / "spm-faces16-words14" / "visual_stimulation")  # fmt: skip
+
+
+@pytest.mark.skipif(not SPM_FACES.is_dir(), reason="shared data absent")
+def test_real_spm_faces_streamed_equal_in_memory(tmp_path):
+    """16 real SPM con images (NaN outside each subject's mask: the automatic mask narrows as
+    maps arrive), one-sample t, FDR, clusters and ARI: streamed against in memory."""
+    sources = sorted(SPM_FACES.glob("subject_*/con_0006.hdr"))
+    assert len(sources) == 16
+    bids = make_bids_derivatives(tmp_path / "ds", n_subjects=16, shape=(2, 2, 2),
+                                 participants=None)  # fmt: skip
+    for source, target in zip(sources, sorted(bids.rglob("*_statmap.nii.gz")), strict=True):
+        image = nib.load(source)  # the real maps replace the generated ones
+        nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), image.affine).to_filename(
+            target
+        )
+    _, streamed = _streamed_and_in_memory(bids, tmp_path, *INFERENCE)
+    assert "least coverage" in streamed  # subject masks differ
+    assert any((tmp_path / "streamed").rglob("*clusters*.tsv"))
