@@ -324,3 +324,21 @@ def test_real_spm_faces_streamed_equal_in_memory(tmp_path):
     _, streamed = _streamed_and_in_memory(bids, tmp_path, *INFERENCE)
     assert "least coverage" in streamed  # subject masks differ
     assert any((tmp_path / "streamed").rglob("*clusters*.tsv"))
+
+
+def test_a_truncated_map_stops_a_streamed_run_naming_it(capsys, tmp_path):
+    """Found mid-stream (map 15 of 24, after two batches were summed): exit 65 naming the file,
+    as with the data in memory, and nothing left in the work folder but pybids' saved index."""
+    bids = make_bids_derivatives(tmp_path / "ds", n_subjects=N_SUBJECTS, shape=SHAPE)
+    bad = sorted(bids.rglob("*_statmap.nii.gz"))[15]
+    bad.write_bytes(bad.read_bytes()[:-4000])
+    work = tmp_path / "work"
+    for budget in ("1GB", TINY):
+        out = tmp_path / f"out{budget}"
+        argv = [bids, out, "group", "--mem-budget", budget, "-w", work, "--no-report"]
+        check_failure(capsys, argv, out, 65, bad.name, "truncated")  # (-v adds a traceback)
+    # the same maps, intact, are streamed with the tiny budget
+    bad.unlink()
+    _, stderr = run_ok(bids, tmp_path / "ok", "--mem-budget", TINY, "--no-report", "-v")
+    assert STREAMED in stderr
+    assert not [p for p in work.rglob("*") if p.is_file() and "pybids" not in str(p)]
