@@ -151,7 +151,7 @@ def load_data(
     stream_fit: StreamPlan | None = None,
 ) -> MaskedData:
     """The masked data of ``paths``, in memory if they fit in the budget, else in a store
-    (or, with ``stream``, only the OLS fit of them).
+    (or, with ``stream_fit``, only the OLS fit of them).
 
     Parameters are those of :func:`bids_group.images.load_masked_data`, plus the ``budget``
     (bytes), the work folder (None: a temporary folder), and what the run needs that the store
