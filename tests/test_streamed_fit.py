@@ -296,12 +296,25 @@ def test_same_bits_for_any_number_of_threads(dataset, tmp_path):
         assert np.array_equal(one[name], two[name], equal_nan=True), name
 
 
-def test_report_of_a_streamed_run(dataset, tmp_path):
-    """With the report (maps in MNI space, a grid outside the template: the mask is the
-    background) and off the template (the mean |map| summed while streaming)."""
-    _, stderr = run_ok(dataset, tmp_path / "out", "-v", "--mem-budget", TINY)
+@pytest.mark.parametrize("space", ["MNI152NLin2009cAsym", None], ids=["mni", "no-space"])
+def test_report_of_a_streamed_run(space, tmp_path):
+    """With the report: maps in an MNI space but on a grid outside the template (the mask is the
+    background, the caption says why), or in no named space (the mean |map|, summed while
+    streaming, as with the data in memory)."""
+    far = np.diag([2.0, 2.0, 2.0, 1.0])
+    far[:3, 3] = 400.0  # 40 cm from the template's brain
+    bids = make_bids_derivatives(tmp_path / "ds", n_subjects=N_SUBJECTS, shape=SHAPE,
+                                 space=space, affine=far if space else None)  # fmt: skip
+    _, stderr = run_ok(bids, tmp_path / "out", "-v", "--mem-budget", TINY)
+    _, in_memory = run_ok(bids, tmp_path / "memory", "-v")
     assert STREAMED in stderr
-    assert any((tmp_path / "out").rglob("*.html"))
+    (html,) = (tmp_path / "out").rglob("*.html")
+    if space:
+        assert "the fit was streamed" in html.read_text()
+    else:
+        mean = "report background: mean |input maps|"
+        assert mean in stderr and mean in in_memory
+        assert "the fit was streamed" not in html.read_text()
 
 
 SPM_FACES = (Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
