@@ -340,6 +340,7 @@ def run_bids_group(
         "peak_rss_mb": usage.ru_maxrss / 1024,
         "budget": budget.group(1) if budget else "?",
         "store": "voxel-tiled store" in stderr,
+        "streamed": "fit streamed from the decoded maps" in stderr,
         "argv": argv[3:],
     }
 
@@ -439,6 +440,8 @@ def report(row: dict, n_jobs: int) -> None:
 
 def _budget_text(r: dict) -> str:
     where = "tiled store" if r["store"] else "data in memory"
+    if r.get("streamed"):
+        where = "OLS fit streamed from the decoded maps (no store)"
     return f"; budget {r['budget']}, {where}"
 
 

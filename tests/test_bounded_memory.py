@@ -206,7 +206,7 @@ def test_600_subjects_tiled_or_in_memory_give_the_same_files_bit_for_bit(tmp_pat
               "--cluster-threshold", "3", "--ari", "--two-sided"]  # fmt: skip
     _, in_memory = run_ok(bids, tmp_path / "memory", *common, "--mem-budget", "1GB")
     _, tiled = run_ok(bids, tmp_path / "tiled", *common, "--mem-budget", "1MB",
-                      "-w", str(tmp_path / "work"))  # fmt: skip
+                      "-w", str(tmp_path / "work"), "--keep-store")  # fmt: skip
     assert "voxel-tiled store" not in in_memory and "tiles of 64 voxels" in tiled
     files = sorted(p.relative_to(tmp_path / "memory") for p in (tmp_path / "memory").rglob("*"))
     files = [f for f in files if f.suffix in (".gz", ".tsv")]
