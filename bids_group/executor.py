@@ -16,6 +16,7 @@ the default path never pays its import cost.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -99,6 +100,26 @@ def task_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, worker_threads))
 
 
+def _check_scheduler_file(path: Path) -> None:
+    """The file exists and names a scheduler address, as ``dask scheduler --scheduler-file``
+    writes it: Dask's own reader retries ten times on anything else, then fails on an assertion
+    and leaves a client whose clean-up hangs for 60 s."""
+    if not path.is_file():
+        raise ServiceError(
+            f"--scheduler-file {path}: no such file (start the scheduler with "
+            "`dask scheduler --scheduler-file FILE` first)"
+        )
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        content = err
+    if not isinstance(content, dict) or not isinstance(content.get("address"), str):
+        raise ServiceError(
+            f"--scheduler-file {path}: no scheduler address in it (a JSON object with "
+            "'address', as `dask scheduler --scheduler-file FILE` writes): is it the right file?"
+        )
+
+
 def connect(address: str | None = None, scheduler_file: Path | None = None) -> DaskExecutor:
     """A :class:`DaskExecutor` on a running scheduler (at ``address``, or the one a
     ``--scheduler-file`` names), with at least one worker.
@@ -119,11 +140,8 @@ def connect(address: str | None = None, scheduler_file: Path | None = None) -> D
             "--dask-scheduler / --scheduler-file need Dask: pip install 'bids-group[dask]'"
         ) from err
     where = f"the Dask scheduler at {address}" if address else f"the scheduler of {scheduler_file}"
-    if scheduler_file is not None and not Path(scheduler_file).is_file():
-        raise ServiceError(
-            f"--scheduler-file {scheduler_file}: no such file (start the scheduler with "
-            "`dask scheduler --scheduler-file FILE` first)"
-        )
+    if scheduler_file is not None:
+        _check_scheduler_file(Path(scheduler_file))
     try:
         client = Client(
             address=address,

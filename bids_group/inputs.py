@@ -350,7 +350,9 @@ def _index(root: Path, cache: Path | None = None) -> Any:
     saved = _saved_index(root, cache) if cache is not None else None
     if saved is not None and _is_saved_index(saved):
         try:
-            layout = BIDSLayout(root, database_path=saved)
+            # validate=False as when it was built: pybids' derivatives check (GeneratedBy)
+            # would reject an index of a dataset that README's recipe describes
+            layout = BIDSLayout(root, database_path=saved, validate=False)
         except Exception as exc:  # a damaged or foreign database: index again
             log.warning("Cannot reuse the pybids index %s (%s); indexing again", saved, exc)
         else:

@@ -129,14 +129,17 @@ def plan_permutations(
                     plan.n_relabellings,
                 )
             if plan.n_relabellings * inference.perm_alpha < 1:
+                # all distinct relabellings used: only more maps help; else a larger --n-perm
+                remedy = "more maps" if plan.exhaustive else "a larger --n-perm"
                 log.warning(
                     "contrast %s: with %d relabellings the smallest p-value is %.3g > alpha %g, "
-                    "so no permutation result can be significant (more maps, or a higher "
+                    "so no permutation result can be significant (%s, or a higher "
                     "--perm-alpha)",
                     contrast.name,
                     plan.n_relabellings,
                     1 / plan.n_relabellings,
                     inference.perm_alpha,
+                    remedy,
                 )
             plans[(i, contrast.name)] = plan
     return plans

@@ -448,3 +448,13 @@ def test_scheduler_options_need_permutations_and_a_scheduler(capsys, dataset, tm
     check_failure(capsys, [dataset, tmp_path / "o3", "group", *PERM_ARGS[:4],
                            "--dask-scheduler", "tcp://127.0.0.1:9", "--scheduler-file",
                            tmp_path / "none.json"], tmp_path / "o3", 64, "one of")  # fmt: skip
+
+
+@pytest.mark.parametrize("content", ["Name: not json\n", '{"type": "Scheduler"}', "[1, 2]"])
+def test_a_file_that_is_not_a_scheduler_file_is_refused(capsys, dataset, tmp_path, content):
+    """A model file or a half-written file given as --scheduler-file: one line naming it, exit
+    69 at once (it was an AssertionError inside Dask after 10 reads, then a 60 s hang)."""
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(content)
+    argv = [dataset, tmp_path / "out", "group", *PERM_ARGS[:4], "--scheduler-file", wrong]
+    check_failure(capsys, argv, tmp_path / "out", 69, "wrong.json", "no scheduler address")

@@ -121,3 +121,19 @@ def test_cli_reuses_the_index_kept_in_the_work_folder(tmp_path):
     z1 = sorted((tmp_path / "out1").rglob("*stat-z_statmap.nii.gz"))
     z2 = sorted((tmp_path / "out2").rglob("*stat-z_statmap.nii.gz"))
     assert z1 and [p.read_bytes() for p in z1] == [p.read_bytes() for p in z2]
+
+
+def test_index_of_a_dataset_without_generated_by_is_reused(tmp_path):
+    """README's own recipe writes a dataset_description.json without GeneratedBy (pybids'
+    derivatives validation wants one): the saved index must be reused all the same, not
+    rejected with a warning and rebuilt in every run."""
+    import json
+
+    ds = make_bids_derivatives(tmp_path / "ds", n_subjects=4)
+    description = {"Name": "my study", "BIDSVersion": "1.9.0", "DatasetType": "derivative"}
+    (ds / "dataset_description.json").write_text(json.dumps(description))
+    args = ("-w", str(tmp_path / "work"), "--no-report", "-v")
+    _, err1 = run_ok(ds, tmp_path / "out1", *args)
+    _, err2 = run_ok(ds, tmp_path / "out2", *args)
+    assert "Saved the pybids index" in err1
+    assert "Reused the pybids index" in err2 and "Cannot reuse" not in err2

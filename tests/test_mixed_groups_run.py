@@ -143,6 +143,27 @@ def test_moment_estimator_with_a_shared_column_is_refused(dataset, capsys, tmp_p
     check_failure(capsys, argv, tmp_path / "out", 64, "separable", "use reml or ml")
 
 
+@pytest.mark.parametrize("estimator", ["reml", "ml"])
+def test_too_many_groups_for_the_joint_search_are_refused(dataset, capsys, tmp_path, estimator):
+    """One tau^2 per subject (12 groups) with a shared intercept: the joint search's product
+    grid would have 6^12 points per voxel (it crashed in the compiled kernel; 6 groups took
+    70 s for 973 voxels). Refused before any image is read, naming the column and the limit."""
+    argv = [dataset, tmp_path / "out", "group", "--estimator", estimator,
+            "--variance-groups", "subject"]  # fmt: skip
+    check_failure(capsys, argv, tmp_path / "out", 64, "'subject'", "12 levels", "at most 5")
+
+
+def test_fit_mixed_refuses_too_many_joint_groups():
+    """The library call is guarded too (the kernel would try a 6^G grid per voxel)."""
+    from bids_group.errors import UsageError
+
+    rng = np.random.default_rng(0)
+    y, v = rng.normal(size=(12, 3)), np.ones((12, 3))
+    with pytest.raises(UsageError, match="6 levels are too many"):
+        fit_mixed(y, v, np.ones((12, 1)), method="reml", groups=np.arange(12) % 6)
+    fit_mixed(y, v, np.ones((12, 1)), method="fe", groups=np.arange(12) % 6)  # no grid: runs
+
+
 def test_permutation_with_variance_groups(dataset, tmp_path):
     """Sign flips with one tau^2 per site, re-estimated jointly in every relabelling: the
     voxelwise FWER map is that of a direct call of the engine with the same groups and seed,

@@ -712,3 +712,22 @@ def test_interrupt_during_permutations_stops_promptly_and_leaves_nothing(tmp_pat
     assert stdout == ""
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize(
+    ("n_subjects", "n_perm", "hint", "wrong"),
+    [(8, 9, "a larger --n-perm", "more maps"), (4, 100, "more maps", "--n-perm")],
+)
+def test_no_significance_possible_warning_names_the_limit(tmp_path, n_subjects, n_perm, hint,
+                                                         wrong):  # fmt: skip
+    """1/N > --perm-alpha: with 8 maps (256 sign flips) the limit is --n-perm 9, not the
+    number of maps; with 4 maps all 16 flips are enumerated and only more maps help."""
+    from clicheck import run_cli
+    from conftest import make_bids_derivatives
+
+    bids = make_bids_derivatives(tmp_path / "ds", n_subjects=n_subjects)
+    code, _, err = run_cli(bids, tmp_path / "out", "--no-report", "--permutation", "voxel",
+                           "--n-perm", str(n_perm))  # fmt: skip
+    assert code == 0, err
+    (line,) = [x for x in err.splitlines() if "no permutation result can be significant" in x]
+    assert hint in line and wrong not in line, line

@@ -461,10 +461,13 @@ class SharedTiles:
 
 
 def _remove_scratch(file: Any, path: Path) -> None:
-    """Close and delete a scratch file (already gone with the store's folder: nothing to do)."""
-    file.close()
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
+    """Close and delete a scratch file (already gone with the store's folder: nothing to do);
+    deleted even when closing fails (closing flushes: it fails again on a full disk)."""
+    try:
+        file.close()
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def design_exchangeability(
@@ -1238,7 +1241,11 @@ class _Engine(NullEngine):
                 ) from exc
             self.resid_tiles = [] if flip else self.disk
         del self.resid
-        self._identity(np.abs(obs.stat) if cfg.two_sided else obs.stat)
+        try:
+            self._identity(np.abs(obs.stat) if cfg.two_sided else obs.stat)
+        except BaseException:  # Ctrl-C included: the caller gets no engine to close
+            self.close()
+            raise
 
     def _threshold_set(self) -> None:
         if self.flip:
@@ -1254,14 +1261,23 @@ class _Engine(NullEngine):
         """The residuals of data in the tiled store, computed again tile by tile (as for the
         sums above) and written to a scratch file: for sign flips in the store's tiles
         (float64), for row permutations in the engine's product tiles (``self.dtype``)."""
+        scratch = getattr(self.cfg.data, "scratch", None)
+        disk = _DiskTiles(scratch, self.cfg.data.shape[0], np.float64 if flip else self.dtype)
+        try:
+            self._fill_disk_tiles(disk, flip)
+        except BaseException:  # a full disk or Ctrl-C: no partial file left in a kept store
+            disk.close()
+            raise
+        return disk
+
+    def _fill_disk_tiles(self, disk: _DiskTiles, flip: bool) -> None:
+        """Append the residual tiles to ``disk`` (see :meth:`_write_disk_tiles`)."""
         cfg = self.cfg
         n_rows, n_vox = cfg.data.shape
-        scratch = getattr(cfg.data, "scratch", None)
-        disk = _DiskTiles(scratch, n_rows, np.float64 if flip else self.dtype)
         if flip:
             for _, resid, _, _ in _residual_tiles(cfg.data, self.part):
                 disk.append(resid)
-            return disk
+            return
         buf = np.empty((n_rows, self.tile), dtype=self.dtype)
         filled = 0
         for _, resid, _, _ in _residual_tiles(cfg.data, self.part):
@@ -1274,7 +1290,6 @@ class _Engine(NullEngine):
                 if filled == width:
                     disk.append(buf[:, :width])
                     filled = 0
-        return disk
 
     def close(self) -> None:
         """Remove the scratch file of the residuals (tiled store only)."""
