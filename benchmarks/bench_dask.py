@@ -21,8 +21,14 @@ load inflates the wall time much more than the CPU time), the bound set by whole
 chunk is whole batches, so that the results are the same bits), and
 whether the null distributions are bit-identical to the in-process run (they must be).
 
-Run: ``python benchmarks/bench_dask.py [--n-perm 2000] [--maps 20]``. On a 2-core machine the
-two-worker run can reach at most 2x; other load on the machine lowers it (see busy CPU).
+``--store``: the maps are written as NIfTI files and read into the voxel-tiled store
+(:func:`bids_group.store.load_data` with a 1 MB budget, in a temporary work folder), so that the
+permutations read the store: the client's engine writes the residuals' scratch file once, the
+workers read the store and that file.
+
+Run: ``python benchmarks/bench_dask.py [--n-perm 2000] [--maps 20] [--store]``. On a 2-core
+machine the two-worker run can reach at most 2x; other load on the machine lowers it (see busy
+CPU).
 """
 
 from __future__ import annotations
@@ -49,6 +55,31 @@ def _data(n_maps: int) -> tuple[np.ndarray, np.ndarray]:
         noise = ndimage.gaussian_filter(rng.standard_normal(mask.shape), 1.5)
         rows.append((noise[mask] / noise[mask].std() + 0.15).astype(np.float32))
     return np.stack(rows), mask
+
+
+def _stored(y: np.ndarray, mask: np.ndarray, folder) -> object:
+    """``y`` read back through the tiled store: NIfTI maps and the mask written in ``folder``,
+    then :func:`bids_group.store.load_data` with a budget far below the data (the same values:
+    float32 maps, the same mask)."""
+    from pathlib import Path
+
+    import nibabel as nib
+
+    from bids_group.store import load_data
+    from bids_group.templates import load_template
+
+    folder, affine = Path(folder), load_template().affine
+    nib.Nifti1Image(mask.astype(np.uint8), affine).to_filename(folder / "mask.nii.gz")
+    paths = []
+    for i, row in enumerate(y):
+        volume = np.zeros(mask.shape, dtype=np.float32)
+        volume[mask] = row
+        paths.append(folder / f"map{i:03d}.nii")
+        nib.Nifti1Image(volume, affine).to_filename(paths[-1])
+    data = load_data(paths, budget=2**20, work_dir=folder / "work",
+                     mask_path=folder / "mask.nii.gz", bytes_per_cell=20)  # fmt: skip
+    assert not isinstance(data.data, np.ndarray) and np.array_equal(data.mask, mask)
+    return data
 
 
 def _busy_cpu() -> float:
@@ -155,10 +186,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-perm", type=int, default=2000)
     parser.add_argument("--maps", type=int, default=20)
+    parser.add_argument("--store", action="store_true", help="read the data from the tiled store")
     args = parser.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        y, mask = _data(args.maps)
+        stored = _stored(y, mask, tmp) if args.store else None
+        try:
+            _benchmark(args, stored.data if stored else y, mask)
+        finally:
+            if stored is not None:
+                from bids_group.store import release
+
+                release(stored)
+
+
+def _benchmark(args, y, mask) -> None:
     import numba
 
-    y, mask = _data(args.maps)
+    print(f"data: {'the tiled store' if args.store else 'in memory'}")
     print(f"{args.maps} maps x {y.shape[1]:,} voxels; {args.n_perm} sign flips, voxel + TFCE; "
           f"{os.cpu_count()} CPUs")  # fmt: skip
     _run(y, mask, 8, None)  # compile and warm the caches

@@ -28,6 +28,9 @@ exercise the per-file costs (indexing, headers, file opening) at N = 10,000 in s
 Run: ``python benchmarks/bench_scale.py --sizes 200,1000 [--n-jobs 2] [--pool 200]``
      ``python benchmarks/bench_scale.py --sizes 2000 --skip index,floor,bids-group --n-perm 1000``
      ``python benchmarks/bench_scale.py --sizes 10000 --tiny --skip floor,nilearn``
+     ``python benchmarks/bench_scale.py --sizes 10000 --skip nilearn,index --reuse-index``
+     (``--reuse-index``: bids-group also runs twice in one work folder, the second reusing the
+     pybids index the first saved there, as the issue's "persisted database")
 """
 
 from __future__ import annotations
@@ -302,6 +305,7 @@ def run_bids_group(
     extra: tuple[str, ...] = (),
     mem_budget: str | None = None,
     report: bool = True,
+    work: Path | None = None,
 ) -> dict:
     """The console entry point in a subprocess; its peak RSS from wait4 (that process alone).
 
@@ -309,6 +313,8 @@ def run_bids_group(
     ``extra``: more command-line options (e.g. permutations); ``mem_budget``: ``--mem-budget``
     (None: the default, which the run chooses from the memory available when it starts).
     ``report``: the HTML report and its figures, as a user's run writes them by default.
+    ``work``: the work folder (``-w``; default: a new one), e.g. the folder of an earlier run,
+    whose saved pybids index the run then reuses.
     """
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         model = Path(tmp) / "model.json"
@@ -319,7 +325,7 @@ def run_bids_group(
         argv = [sys.executable, "-c", code, str(ds), str(Path(tmp) / "out"), "group"]
         argv += ["-m", str(model), "--height-control", "fdr", "--alpha", "0.05"]
         argv += [] if report else ["--no-report"]
-        argv += ["--n-jobs", str(n_jobs), "-w", str(Path(tmp) / "work"), *extra]
+        argv += ["--n-jobs", str(n_jobs), "-w", str(work or Path(tmp) / "work"), *extra]
         if mem_budget:
             argv += ["--mem-budget", mem_budget]
         start = time.perf_counter()
@@ -340,6 +346,8 @@ def run_bids_group(
         "peak_rss_mb": usage.ru_maxrss / 1024,
         "budget": budget.group(1) if budget else "?",
         "store": "voxel-tiled store" in stderr,
+        "streamed": "fit streamed from the decoded maps" in stderr,
+        "index_reused": "Reused the pybids index" in stderr,
         "argv": argv[3:],
     }
 
@@ -366,6 +374,14 @@ def measure(n: int, args: argparse.Namespace, nilearn_mb_per_map: list[float]) -
         row["bids-group"] = run_bids_group(
             ds, args.n_jobs, mem_budget=args.mem_budget, report=report
         )
+        if args.reuse_index:  # a second run in the work folder of a first: the saved index
+            with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as work:
+                run_bids_group(ds, args.n_jobs, mem_budget=args.mem_budget, report=report,
+                               work=Path(work))  # fmt: skip
+                row["bids-group-reused"] = run_bids_group(
+                    ds, args.n_jobs, mem_budget=args.mem_budget, report=report, work=Path(work)
+                )
+            assert row["bids-group-reused"]["index_reused"], "the saved index was not reused"
         if args.compare_zlib:
             row["bids-group-zlib"] = run_bids_group(
                 ds, args.n_jobs, block_isal=True, mem_budget=args.mem_budget, report=report
@@ -413,6 +429,15 @@ def report(row: dict, n_jobs: int) -> None:
             f"  bids-group {what}: {r['seconds']:7.2f} s (CPU {cpu:.1f} s), "
             f"peak RSS {rss:6.0f} MB" + ratio + _budget_text(r)
         )
+    if "bids-group-reused" in row:
+        r = row["bids-group-reused"]
+        ratio = ""
+        if "floor" in row:
+            ratio = f", {r['seconds'] / row['floor']['seconds']:.2f}x the fastest floor"
+        print(
+            f"  bids-group again with the same -w (pybids index reused): {r['seconds']:7.2f} s "
+            f"(CPU {r['cpu_seconds']:.1f} s), peak RSS {r['peak_rss_mb']:6.0f} MB" + ratio
+        )
     if "perm" in row:
         r = row["perm"]
         print(
@@ -439,6 +464,8 @@ def report(row: dict, n_jobs: int) -> None:
 
 def _budget_text(r: dict) -> str:
     where = "tiled store" if r["store"] else "data in memory"
+    if r.get("streamed"):
+        where = "OLS fit streamed from the decoded maps (no store)"
     return f"; budget {r['budget']}, {where}"
 
 
@@ -451,6 +478,11 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="distinct 8x8x8 maps")
     parser.add_argument(
         "--compare-zlib", action="store_true", help="run bids-group again with isal blocked"
+    )
+    parser.add_argument(
+        "--reuse-index",
+        action="store_true",
+        help="also run bids-group twice with one -w: the second reuses the saved pybids index",
     )
     parser.add_argument("--skip", default="", help="comma list of index,floor,bids-group,nilearn")
     parser.add_argument(

@@ -498,14 +498,18 @@ def _underscored(name: str) -> str:
     type=Size(),
     help="Memory one model may hold, e.g. 4GB, 512MB, 2GiB (model file: Software.bids-group."
     "MemoryBudget). Maps that do not fit in half of it are decoded once into a voxel-tiled "
-    "store in the work folder (-w) and fitted tile by tile, with the same results. Default: "
-    "the smaller of half the available memory and 4 GB.",
+    "store in the work folder (-w) and fitted tile by tile, with the same results; a model "
+    "that needs them only for its OLS fit (no permutations, residuals, coverage or mixed "
+    "effects) is fitted as they are decoded instead, with no store (results equal up to "
+    "float64 rounding). "
+    "Default: the smaller of half the available memory and 4 GB.",
 )
 @_option(
     "--keep-store",
     is_flag=True,
-    help="Keep the tiled data store in the work folder (-w, required) after the run; a later "
-    "run on the same inputs (paths, sizes, modification times) reuses it.",
+    help="Keep the tiled data store in the work folder (-w, required) after the run (it is "
+    "then built even for a fit that could be streamed); a later run on the same inputs "
+    "(paths, sizes, modification times) reuses it.",
 )
 @_option(
     "--n-jobs",

@@ -109,7 +109,22 @@ def check_masked_data(data: np.ndarray | TiledMaps, *, n_jobs: int = 1) -> DataF
                     for i in range(n_threads)]  # fmt: skip
             for run in runs:
                 np.maximum(largest, run.result(), out=largest)
-    all_zero &= constant
+    return findings_from(largest, constant, all_zero)
+
+
+def findings_from(
+    largest: np.ndarray, constant: np.ndarray, first_zero: np.ndarray
+) -> DataFindings:
+    """The findings from each map's largest ``|value|`` and, per voxel, whether every map has
+    the same value there and whether the first map is zero there (what
+    :func:`check_masked_data` gathers, or what a streamed fit gathered while decoding).
+
+    >>> found = findings_from(np.array([2.0, 0.0, 5e3]), np.array([True, True, False]),
+    ...                       np.array([True, False, True]))
+    >>> found.outliers, found.zero_maps, found.all_zero_voxels, found.constant_voxels
+    (((2, 5000.0),), (1,), 1, 1)
+    """
+    all_zero = constant & first_zero
     median_max = float(np.median(largest))
     outliers: tuple[tuple[int, float], ...] = ()
     if median_max > 0:

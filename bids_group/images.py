@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -30,6 +30,9 @@ from scipy import ndimage
 
 from bids_group.errors import DataError, MissingInputError, UsageError
 from bids_group.memory import TiledMaps
+
+if TYPE_CHECKING:  # streamed_fit imports glm; only for the annotation
+    from bids_group.streamed_fit import StreamedOls
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +54,12 @@ class MaskedData:
 
     Attributes
     ----------
-    data : ndarray of shape (n_maps, n_voxels), float32, or TiledMaps
+    data : ndarray of shape (n_maps, n_voxels), float32, TiledMaps, or StreamedOls
         In-mask values, finite everywhere, rows in the order of the input paths; in memory,
         or in the voxel-tiled store of :mod:`bids_group.store` when they do not fit in the
         memory budget (``data.shape`` is the same; read it with
-        :func:`bids_group.memory.iter_tiles`).
+        :func:`bids_group.memory.iter_tiles`); or, when they do not fit and the run needs
+        them only for an OLS fit, that fit alone (:mod:`bids_group.streamed_fit`).
     mask : ndarray of shape (nx, ny, nz), bool
         ``mask.sum() == n_voxels``; column ``j`` of ``data`` is the ``j``-th True voxel of
         ``mask`` in C order (``data[:, j] == volume[mask][j]``).
@@ -67,7 +71,7 @@ class MaskedData:
         User mask: voxels of the mask dropped because some map is non-finite there.
     """
 
-    data: np.ndarray | TiledMaps
+    data: np.ndarray | TiledMaps | StreamedOls
     mask: np.ndarray
     affine: np.ndarray
     voxel_size: tuple[float, float, float]

@@ -224,6 +224,15 @@ def choose_budget(given: int | None, where: str = "--mem-budget") -> int:
 #: float64 Freedman-Lane residuals and their copy in the engine's product tiles (float32 or
 #: float64). With the tiled store these stay on disk.
 PERMUTATION_BYTES_PER_CELL = 4 + 8 + 8
+#: Bytes per (map, voxel) of a mixed-effects fit: the effects and the variances (float32 as
+#: read), the valid flags and one boolean temporary (measured: 10.5 at N = 210 on pain21's
+#: mask). The mixed-effects model is not fitted from the tiled store: data that do not fit are
+#: refused, naming the budget that would do.
+MIXED_BYTES_PER_CELL = 4 + 4 + 1 + 1
+#: The same with mixed-effects permutations: also the cleaned effects and variances (float32),
+#: the Freedman-Lane residuals and fitted values (float64) and the engine's transposed float64
+#: copies of these and of the variances (measured: 49 at N = 210 with DerSimonian-Laird).
+MIXED_PERMUTATION_BYTES_PER_CELL = 4 + 4 + 1 + 4 + 4 + 8 + 8 + 8 + 8 + 8
 
 
 def data_fits(n_maps: int, n_voxels: int, budget: int, bytes_per_cell: int = 4) -> bool:

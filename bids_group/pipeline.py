@@ -22,7 +22,7 @@ import pandas as pd
 from bids_group import CODE_URL, __version__, coverage
 from bids_group.config import InferenceConfig, RunConfig, resolve_estimation, resolve_inference
 from bids_group.contrasts import ContrastResult
-from bids_group.data_checks import check_masked_data
+from bids_group.data_checks import DataFindings, check_masked_data
 from bids_group.design import (
     Contrast,
     Design,
@@ -43,7 +43,12 @@ from bids_group.inference.clusters import (
 from bids_group.inference.height import HeightThreshold, height_threshold
 from bids_group.inputs import InputMap, collect_inputs, listing
 from bids_group.labels import first_level_labels, group_contrast_label, node_label, to_label
-from bids_group.memory import PERMUTATION_BYTES_PER_CELL, choose_budget
+from bids_group.memory import (
+    MIXED_BYTES_PER_CELL,
+    MIXED_PERMUTATION_BYTES_PER_CELL,
+    PERMUTATION_BYTES_PER_CELL,
+    choose_budget,
+)
 from bids_group.outputs import naming
 from bids_group.outputs.description import (
     write_bidsignore,
@@ -72,6 +77,8 @@ from bids_group.spec import (
     resolved_models_dict,
 )
 from bids_group.store import load_data, release
+from bids_group.streamed_fit import StreamedOls, StreamPlan
+from bids_group.templates import mni_space
 from bids_group.variance_maps import sibling_paths, to_variance
 
 log = logging.getLogger(__name__)
@@ -530,13 +537,13 @@ def _warn_incomplete_groups(
 
 
 def _warn_data_findings(
-    data: MaskedData, maps: Sequence[InputMap], where: str, *, ols: bool = True, n_jobs: int = 1
+    found: DataFindings, n_voxels: int, maps: Sequence[InputMap], where: str, *, ols: bool = True
 ) -> None:
-    """Outlier or all-zero maps, voxels without variance: WARNINGs naming maps or counting.
+    """Outlier or all-zero maps, voxels without variance (of the ``n_voxels`` of the mask):
+    WARNINGs naming maps or counting.
 
     Constant voxels are only a problem for OLS (zero residual variance); a mixed-effects model
     weighs them by their first-level variances."""
-    found = check_masked_data(data.data, n_jobs=n_jobs)
     for index, largest in found.outliers:
         log.warning(
             "%s: the map of sub-%s (%s) has values up to %.3g, %.0e times the median map's "
@@ -554,14 +561,14 @@ def _warn_data_findings(
         log.warning(
             "%s: %d of %d mask voxels are zero in every map (t = 0 there); is the mask larger "
             "than the maps' coverage?",
-            where, found.all_zero_voxels, data.data.shape[1],
+            where, found.all_zero_voxels, n_voxels,
         )  # fmt: skip
     if found.constant_voxels and ols:
         log.warning(
             "%s: %d of %d mask voxels have the same value in every map: with no variance "
             "between maps their t is the effect over a tiny floor (huge); exclude them with "
             "--mask",
-            where, found.constant_voxels, data.data.shape[1],
+            where, found.constant_voxels, n_voxels,
         )  # fmt: skip
 
 
@@ -599,14 +606,23 @@ def _run_analysis(
         target_voxel_size=config.target_voxel_size,
         min_maps=_coverage_count(config, analysis),
         unsupported=_not_streamed(spec, config),
-        bytes_per_cell=PERMUTATION_BYTES_PER_CELL if jobs else 4,
+        bytes_per_cell=_bytes_per_cell(spec, bool(jobs)),
         executor=executor,
+        stream_fit=_stream_plan(analysis, spec, config, jobs, executor),
     )
     try:
         return _analyse(analysis, data, config, spec, inference, node_dir, writer, jobs, budget,
                         where)  # fmt: skip
     finally:
         release(data, keep=config.keep_store)
+
+
+def _bytes_per_cell(spec: ModelSpec, permutations: bool) -> int:
+    """What the model holds in memory per map and voxel (see :mod:`bids_group.memory`), which
+    decides whether its data fit in the budget."""
+    if spec.estimation.mixed:
+        return MIXED_PERMUTATION_BYTES_PER_CELL if permutations else MIXED_BYTES_PER_CELL
+    return PERMUTATION_BYTES_PER_CELL if permutations else 4
 
 
 def _not_streamed(spec: ModelSpec, config: RunConfig) -> str:
@@ -622,6 +638,32 @@ def _not_streamed(spec: ModelSpec, config: RunConfig) -> str:
         if used
     ]
     return " and ".join(needs)
+
+
+def _stream_plan(
+    analysis: Analysis,
+    spec: ModelSpec,
+    config: RunConfig,
+    jobs: Mapping[str, PermutationJob] | None,
+    executor: Any,
+) -> StreamPlan | None:
+    """The OLS fit to stream from the decoded maps when they do not fit in the budget (see
+    :mod:`bids_group.streamed_fit`), or None when the run needs more of the data than that
+    fit: permutations (and so a Dask cluster), residuals, per-voxel coverage, a mixed-effects
+    estimator, or --keep-store (which asks for the store)."""
+    needs_data = (
+        spec.estimation.mixed
+        or bool(jobs)
+        or executor is not None
+        or config.write_residuals
+        or config.min_coverage is not None
+        or config.keep_store
+    )
+    if needs_data:
+        return None
+    # the report's background is the mean |map| only off the MNI template
+    background = config.report and not mni_space(analysis.name_entities.get("space"))
+    return StreamPlan(analysis.design.matrix, background=background)
 
 
 def _analyse(
@@ -643,8 +685,10 @@ def _analyse(
         log.warning("cluster threshold %d voxels > the mask's %d voxels (model for %s): no "
                     "cluster can survive it", inference.cluster_threshold, data.data.shape[1],
                     where)  # fmt: skip
-    _warn_data_findings(data, analysis.maps, where, ols=not spec.estimation.mixed,
-                        n_jobs=config.n_jobs)  # fmt: skip
+    streamed = data.data if isinstance(data.data, StreamedOls) else None
+    found = streamed.findings if streamed else check_masked_data(data.data, n_jobs=config.n_jobs)
+    _warn_data_findings(found, data.data.shape[1], analysis.maps, where,
+                        ols=not spec.estimation.mixed)  # fmt: skip
     variances = None
     if config.min_coverage is not None and not spec.estimation.mixed:
         data = _estimable_coverage(analysis, data, where)
@@ -653,10 +697,12 @@ def _analyse(
         mixed = MixedInputs(variances, spec.estimation.estimator, spec.estimation.adjustment,
                             analysis.variance_groups)  # fmt: skip
         jobs = {name: replace(job, mixed=mixed) for name, job in (jobs or {}).items()}
-    # only --min-coverage leaves maps without data (NaN) at some voxels
-    fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances,
-                    analysis.variance_groups, budget=budget, n_jobs=config.n_jobs,
-                    missing=None if config.min_coverage is not None else False)  # fmt: skip
+    if streamed is not None:  # fitted while the maps were decoded
+        fit = FittedModel(spec.estimation, float(streamed.fit.dof), ols=streamed.fit)
+    else:  # only --min-coverage leaves maps without data (NaN) at some voxels
+        fit = fit_model(spec.estimation, data.data, analysis.design.matrix, variances,
+                        analysis.variance_groups, budget=budget, n_jobs=config.n_jobs,
+                        missing=None if config.min_coverage is not None else False)  # fmt: skip
     entities = analysis.name_entities
     written, design_info = _write_design(analysis, data, node_dir, entities, writer)
     written += _write_model_maps(analysis, fit, data, node_dir, writer, config.write_residuals)

@@ -44,6 +44,7 @@ from bids_group.decoding import (
     DecodePlan,
     RowBook,
     candidates_of,
+    decode_rows,
     decode_task,
     map_chunks,
     rows_file,
@@ -65,6 +66,7 @@ from bids_group.images import (
 )
 from bids_group.memory import DATA_FRACTION, data_fits, format_size, tile_voxels, work_bytes
 from bids_group.paths import disk_error
+from bids_group.streamed_fit import OlsAccumulator, StreamPlan, batch_maps
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +148,10 @@ def load_data(
     bytes_per_cell: int = 4,
     min_maps: int | None = None,
     executor: Executor | None = None,
+    stream_fit: StreamPlan | None = None,
 ) -> MaskedData:
-    """The masked data of ``paths``, in memory if they fit in the budget, else in a store.
+    """The masked data of ``paths``, in memory if they fit in the budget, else in a store
+    (or, with ``stream_fit``, only the OLS fit of them).
 
     Parameters are those of :func:`bids_group.images.load_masked_data`, plus the ``budget``
     (bytes), the work folder (None: a temporary folder), and what the run needs that the store
@@ -163,11 +167,15 @@ def load_data(
     workers, in chunks (:func:`bids_group.decoding.decode_task`), and the store, if any, is
     written by them into the work folder, which they must share; this process decodes only the
     first map (the candidate voxels) and keeps the books. The result is the same bits.
+    ``stream_fit`` (a run that needs the data only for an OLS fit of its ``design``; not with
+    ``executor``): data that do not fit are not stored but fitted while they are decoded
+    (:mod:`bids_group.streamed_fit`); a kept store of the same inputs is still reused.
 
     Returns
     -------
     MaskedData
-        ``data`` is an array, or a :class:`VoxelStore`; pass the result to :func:`release`
+        ``data`` is an array, a :class:`VoxelStore`, or (``stream_fit``) a
+        :class:`~bids_group.streamed_fit.StreamedOls`; pass the result to :func:`release`
         when done.
     """
     paths = [Path(p) for p in paths]
@@ -182,7 +190,7 @@ def load_data(
     try:
         data = _load(paths, settings, folder, budget, mask_path, resample, smoothing_fwhm,
                      n_jobs, target_voxel_size, unsupported, bytes_per_cell, min_maps,
-                     executor)  # fmt: skip
+                     executor, stream_fit)  # fmt: skip
     except BaseException:
         _unlock(lock)
         raise
@@ -245,6 +253,7 @@ def _load(
     bytes_per_cell: int,
     min_maps: int | None,
     executor: Executor | None,
+    plan: StreamPlan | None = None,
 ) -> MaskedData:
     """:func:`load_data` once the store folder (if any) is locked."""
     if folder is not None and not unsupported:
@@ -278,6 +287,8 @@ def _load(
             f"{format_size(bytes_per_cell * len(paths) * n_candidates / DATA_FRACTION * 1.05)} "
             "or more (if the machine has it), or fewer maps per model"
         )
+    if plan is not None and executor is None:
+        return _stream_fit(replace(stream, volumes=rest), first, plan, budget)
     width = tile_voxels(len(paths), budget)
     if folder is None:  # no -w: a private temporary folder, removed by release()
         folder = Path(tempfile.mkdtemp(prefix=_TEMPORARY)) / "store"
@@ -295,6 +306,38 @@ def _load(
     except BaseException:  # a bad map found by a worker, an interrupt: no half store left
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def _stream_fit(stream: VolumeStream, first: _Volume, plan: StreamPlan, budget: int) -> MaskedData:
+    """Fit OLS on every map of ``stream`` (``first`` too) as it is decoded, in batches of
+    maps (:mod:`bids_group.streamed_fit`): the masked data are never held nor stored."""
+    candidates = candidates_of(stream, first)
+    batch = batch_maps(candidates.size, budget)
+    fit = OlsAccumulator(plan.design, candidates.size, batch=batch, background=plan.background)
+    n_maps = len(stream.paths)
+    log.info(
+        "the masked data (%d maps x up to %d voxels, %s as float32) exceed half the memory "
+        "budget and the run needs them only for the OLS fit: fitting them as they are "
+        "decoded, %d maps at a time (no store is written)",
+        n_maps, candidates.size, format_size(4 * n_maps * candidates.size), batch,
+    )  # fmt: skip
+    book = _empty_book(stream, candidates)
+    decode_rows(stream.volumes, candidates, book, stream.paths, fit.add)
+    mask, columns, n_dropped = _final_mask(stream, candidates, book)
+    streamed = fit.finish(columns)
+    log.info(
+        "OLS fit streamed from the decoded maps (no store): it sums per-voxel statistics "
+        "instead of forming residuals; bound on the relative error of each voxel's residual "
+        "variance (t: half of it) from rounding: %.1g",
+        streamed.rss_bound,
+    )
+    return MaskedData(
+        data=streamed,
+        mask=mask,
+        affine=stream.target.affine,
+        voxel_size=stream.target.voxel_size,
+        n_dropped=n_dropped,
+    )
 
 
 def release(data: MaskedData, *, keep: bool = False) -> None:

@@ -89,9 +89,11 @@ def to_variance(values: np.ndarray, effects: np.ndarray, source: str) -> np.ndar
     >>> to_variance(np.array([[2.0, 0.0]]), np.array([[4.0, 1.0]]), "t")
     array([[ 4., inf]])
     """
-    values = np.asarray(values, dtype=np.float64)
-    if source == "variance":
-        return values
+    values = np.asarray(values)
+    if source == "variance":  # as read (float32 maps stay float32: the fit converts a block of
+        # voxels at a time to float64, exactly; a float64 copy of all would double the memory)
+        return values if values.dtype.kind == "f" else values.astype(np.float64)
+    values = values.astype(np.float64)
     if source == "se":  # a negative standard error is broken: excluded like a bad variance
         return np.where(values >= 0, values**2, np.nan)
     if source == "t":

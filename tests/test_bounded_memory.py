@@ -206,7 +206,7 @@ def test_600_subjects_tiled_or_in_memory_give_the_same_files_bit_for_bit(tmp_pat
               "--cluster-threshold", "3", "--ari", "--two-sided"]  # fmt: skip
     _, in_memory = run_ok(bids, tmp_path / "memory", *common, "--mem-budget", "1GB")
     _, tiled = run_ok(bids, tmp_path / "tiled", *common, "--mem-budget", "1MB",
-                      "-w", str(tmp_path / "work"))  # fmt: skip
+                      "-w", str(tmp_path / "work"), "--keep-store")  # fmt: skip
     assert "voxel-tiled store" not in in_memory and "tiles of 64 voxels" in tiled
     files = sorted(p.relative_to(tmp_path / "memory") for p in (tmp_path / "memory").rglob("*"))
     files = [f for f in files if f.suffix in (".gz", ".tsv")]
@@ -218,3 +218,25 @@ def test_600_subjects_tiled_or_in_memory_give_the_same_files_bit_for_bit(tmp_pat
                                   equal_nan=True), name  # fmt: skip
         else:
             assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_mixed_fit_holds_a_bounded_block_and_float32_variances_give_the_same_bits():
+    """The mixed-effects fit of 1,200 maps holds the valid flags, one boolean temporary and one
+    block of float64 copies within ``_BLOCK_BYTES`` (65,536-voxel blocks were 17 bytes x maps
+    x voxels: 408 MB here); float32 variances as read give the bits of their float64 copy."""
+    from bids_group.mixed_effects import _BLOCK_BYTES, fit_mixed
+
+    n_maps, n_vox = 1200, 20_000
+    rng = np.random.default_rng(3)
+    effects = rng.normal(0.2, 1.0, (n_maps, n_vox)).astype(np.float32)
+    variances = rng.uniform(0.5, 2.0, (n_maps, n_vox)).astype(np.float32)
+    variances[:7, 11] = 0.0  # a voxel with maps left out
+    design = np.ones((n_maps, 1))
+    fit, peak = _peak(lambda: fit_mixed(effects, variances, design, "dl"))
+    flags = 2 * n_maps * n_vox  # the valid flags and one temporary
+    results = 64 * n_vox  # beta, cov, tau^2, rwr, counts, dof, estimable
+    assert peak <= flags + _BLOCK_BYTES + results + 4 * 1024**2, peak
+    reference = fit_mixed(effects, variances.astype(np.float64), design, "dl")
+    for name in ("beta", "cov_beta", "tau2", "rwr", "dof"):
+        np.testing.assert_array_equal(getattr(fit, name), getattr(reference, name), name)
+    assert fit.n_used[11] == n_maps - 7 and fit.n_excluded_values == 7

@@ -238,6 +238,8 @@ def test_maps_decoded_on_the_workers_give_the_in_process_files(cluster, holed, t
     remote, err = run_ok(holed, tmp_path / "remote", *args, "--scheduler-file", sched_file)
     assert "tasks on the Dask workers" in err and "tasks on the Dask workers" not in local_err
     assert ("voxel-tiled store" in err) == tiled and "Dropped" in err
+    # the relabellings run on the workers, from the store too (they read it in -w)
+    assert "tasks on the executor's workers" in err and "in this process" not in err
     ours, theirs = _outputs(local), _outputs(remote)
     assert ours.keys() == theirs.keys() and len(ours) > 10
     for name in ours:
@@ -317,6 +319,76 @@ def test_a_worker_killed_while_decoding_changes_nothing(cluster, tmp_path):
     assert ours.keys() == theirs.keys() and len(ours) > 5
     for name in ours:
         assert ours[name] == theirs[name], name
+
+
+def test_a_worker_killed_while_permuting_the_store_changes_nothing(cluster, holed, tmp_path):
+    """Data in the tiled store (tiny --mem-budget): a third worker, which reads the store in the
+    shared work folder and keeps its residuals in a scratch file there, is SIGKILLed while it
+    runs a chunk of relabellings; its chunks run again on the others, every output equals the
+    in-process run's and no scratch file is left."""
+    sched_file, _ = cluster
+    victim = _worker(sched_file, "victim-store", tmp_path / "victim.log")
+    from distributed import Client
+
+    with Client(scheduler_file=str(sched_file), timeout=30) as client:
+        client.wait_for_workers(len(client.scheduler_info()["workers"]) + 1, timeout=60)
+    args = [*PERM_ARGS, "--n-perm", "3000", "--mask", str(holed.parent / "mask.nii.gz"),
+            "--mem-budget", "1MB", "-w", str(tmp_path / "work")]  # fmt: skip
+    argv = [sys.executable, "-m", "bids_group", str(holed), str(tmp_path / "remote"), "group",
+            *args, "--scheduler-file", str(sched_file), "--json", "-v"]  # fmt: skip
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _kill_when_busy(sched_file, victim, "victim-store", "run_chunk", run)
+        stdout, stderr = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, stderr
+    assert "voxel-tiled store" in stderr and "tasks on the executor's workers" in stderr
+    local, _ = run_ok(holed, tmp_path / "local", *args)
+    ours, theirs = _outputs(local), _outputs(json.loads(stdout))
+    assert ours.keys() == theirs.keys() and any("nulldist" in k for k in ours)
+    for name in ours:
+        assert ours[name] == theirs[name], name
+    assert not list((tmp_path / "work" / STORE_FOLDER).glob("*/*")), "the store is removed"
+
+
+@pytest.mark.parametrize("scheme", ["flip", "permute"])
+def test_workers_read_the_residuals_the_client_wrote(holed, tmp_path, scheme):
+    """With data in the tiled store, the residuals are written once, by the client's engine, in
+    the work folder; the engines running the chunks read that file (no copy of their own) and
+    leave it to its owner; the pooled null equals the single stream's (sign flips and row
+    permutations)."""
+    data = load_data(_holed_maps(holed), budget=2**20, work_dir=tmp_path / "work",
+                     bytes_per_cell=20)  # fmt: skip
+    try:
+        assert not isinstance(data.data, np.ndarray)
+        scratch = data.data.scratch
+        group = np.repeat([1.0, 0.0], 12)
+        design, contrast = np.column_stack([np.ones(24), group]), np.array([0.0, 1.0])
+        if scheme == "flip":  # one sample: sign flips, residual tiles in the store's tiles
+            design, contrast = np.ones((24, 1)), np.ones(1)
+        kwargs = {"n_perm": 400, "seed": 4, "mask": data.mask, "tfce": True, "two_sided": True}
+        ref = permutation_test(data.data, design, contrast, **kwargs)
+        written = []
+        real = permutation._DiskTiles.__init__
+
+        def counting(self, *args, **kw):  # counts the residual files written, and writes them
+            written.append(1)
+            real(self, *args, **kw)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(permutation, "CHUNK_RELABELLINGS", 64)
+            patch.setattr(permutation._DiskTiles, "__init__", counting)
+            got = permutation_test(data.data, design, contrast, executor=InProcessExecutor(),
+                                   **kwargs)  # fmt: skip
+        assert written == [1]  # the client's; the chunks' engines borrowed it
+        assert not list(scratch.glob("residuals-*")), "the owner removed it"
+        np.testing.assert_array_equal(got.null_max_stat, ref.null_max_stat)
+        np.testing.assert_array_equal(got.p_uncorrected, ref.p_uncorrected)
+        np.testing.assert_array_equal(got.tfce.null_max, ref.tfce.null_max)
+    finally:
+        release(data)
 
 
 def test_a_killed_worker_changes_nothing(cluster, dataset, tmp_path):

@@ -551,3 +551,29 @@ def test_simulation_mixed_effects_more_powerful_than_ols():
     power_mixed = np.mean(mixed.p < 0.05)
     power_ols = np.mean(ols.p < 0.05)
     assert power_mixed > power_ols + 0.05, (power_mixed, power_ols)
+
+
+@pytest.mark.parametrize("n_maps", [21, 100, 1050])
+def test_estimable_voxels_equal_a_check_of_every_voxel(n_maps):
+    """Which voxels are estimable, from the distinct patterns of valid maps (packed into bits),
+    equals the definition checked voxel by voxel: more valid maps than columns and a full-rank
+    design on them. Patterns that repeat, patterns of their own, all maps valid, and a pattern
+    whose valid maps make the design rank-deficient (the covariate constant on them)."""
+    rng = np.random.default_rng(n_maps)
+    x = np.column_stack([np.ones(n_maps), np.repeat([0.0, 1.0], n_maps // 2 + 1)[:n_maps]])
+    n_vox = 3000
+    ok = np.ones((n_maps, n_vox), dtype=bool)
+    for j in range(1, n_vox, 2):  # every other voxel misses some maps
+        ok[rng.choice(n_maps, rng.integers(1, n_maps), replace=False), j] = False
+    ok[:, 4:40:4] = ok[:, [3]]  # one pattern repeated
+    ok[:, 6] = x[:, 1] == 1  # only one group: the group column is constant there
+    ok[:, 8] = False
+    ok[:3, 8] = True  # 3 maps, 2 columns: full rank if both groups appear
+    expected = np.array([
+        ok[:, j].sum() > 2 and np.linalg.matrix_rank(x[ok[:, j]]) == 2 for j in range(n_vox)
+    ])  # fmt: skip
+    from bids_group.mixed_effects import _estimable
+
+    got = _estimable(ok, x)
+    np.testing.assert_array_equal(got, expected)
+    assert not got[6] and got[0] and 0 < got.sum() < n_vox

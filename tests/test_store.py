@@ -106,12 +106,13 @@ INFERENCE = ["--height-control", "fdr", "--cluster-threshold", "5", "--ari", "--
 
 
 def test_tiny_budget_gives_the_same_files_bit_for_bit(dataset, model, tmp_path):
+    """With --keep-store (else a plain OLS run is streamed, tests/test_streamed_fit.py)."""
     common = [*INFERENCE, "--model", str(model), "--no-report", "-v"]
     _, in_memory = run_ok(dataset, tmp_path / "memory", *common, "--mem-budget", "1GB")
     assert "voxel-tiled store" not in in_memory
     work = tmp_path / "work"
     tiny = ["--mem-budget", TINY, "-w", str(work), "--n-jobs", "2"]  # threads decode into it
-    _, tiled = run_ok(dataset, tmp_path / "tiled", *common, *tiny)
+    _, tiled = run_ok(dataset, tmp_path / "tiled", *common, *tiny, "--keep-store")
     assert "voxel-tiled store" in tiled and "tiles of 320 voxels" in tiled
     assert "Automatic mask" in tiled and "least coverage" in tiled  # the mask did narrow
     _assert_same_outputs(tmp_path / "memory", tmp_path / "tiled", at_least=20)
@@ -120,7 +121,7 @@ def test_tiny_budget_gives_the_same_files_bit_for_bit(dataset, model, tmp_path):
     for stat in ("stat-z", "stat-p", "stat-effect", "stat-variance", "stat-t", "stat-F",
                  "stat-rsquared", "stat-residualvariance", "desc-fdr", "tdp"):  # fmt: skip
         assert stat in names, stat
-    assert not list((work / STORE_FOLDER).glob("*")), "the store is removed at the end"
+    assert "streamed" not in tiled and list((work / STORE_FOLDER).glob("*")), "kept"
 
 
 def test_user_mask_with_non_finite_voxels(dataset, tmp_path):
@@ -132,7 +133,8 @@ def test_user_mask_with_non_finite_voxels(dataset, tmp_path):
     nib.Nifti1Image(mask, reference.affine).to_filename(mask_path)
     common = ["--mask", str(mask_path), "--no-report", "-v"]
     run_ok(dataset, tmp_path / "memory", *common)
-    _, tiled = run_ok(dataset, tmp_path / "tiled", *common, "--mem-budget", TINY)
+    _, tiled = run_ok(dataset, tmp_path / "tiled", *common, "--mem-budget", TINY,
+                      "-w", str(tmp_path / "work"), "--keep-store")  # fmt: skip
     assert "voxel-tiled store" in tiled and "Dropped" in tiled
     _assert_same_outputs(tmp_path / "memory", tmp_path / "tiled")
 
@@ -198,11 +200,13 @@ def test_keep_reuse_and_invalidate(tmp_path):
     image = nib.load(victim)
     data = np.asarray(image.dataobj, dtype=np.float32) + 5.0
     nib.Nifti1Image(data, image.affine).to_filename(victim)
-    _, fourth = run_ok(bids, tmp_path / "o4", *args)  # without --keep-store: removed after
-    assert "not reusing the tiled store" in fourth
-    assert _store_folders(work) == []
+    _, fourth = run_ok(bids, tmp_path / "o4", *args)  # without --keep-store: removed, and
+    assert "not reusing the tiled store" in fourth  # this OLS run is streamed instead
+    assert "streamed" in fourth and _store_folders(work) == []
     run_ok(bids, tmp_path / "o5", "--no-report")  # in memory, on the new map
-    _assert_same_outputs(tmp_path / "o4", tmp_path / "o5")
+    from test_streamed_fit import _assert_close_outputs
+
+    _assert_close_outputs(tmp_path / "o4", tmp_path / "o5")
 
 
 def test_without_work_folder_the_temporary_store_is_removed(dataset, tmp_path, monkeypatch):
@@ -211,28 +215,32 @@ def test_without_work_folder_the_temporary_store_is_removed(dataset, tmp_path, m
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read again
-    _, stderr = run_ok(dataset, tmp_path / "out", "-v", "--mem-budget", TINY)  # with the report
+    # with the report; permutations need the store (plain OLS is streamed, with no store)
+    _, stderr = run_ok(dataset, tmp_path / "out", "-v", "--mem-budget", TINY,
+                       "--permutation", "voxel", "--n-perm", "9")  # fmt: skip
     assert "voxel-tiled store" in stderr
     assert not [p for p in (tmp_path / "tmp").iterdir() if "store" in p.name]
 
 
 @pytest.mark.parametrize(
-    ("args", "needle"),
+    ("args", "needle", "fits"),
     [
-        (["--write-residuals"], "--write-residuals"),
-        (["--estimator", "reml"], "a mixed-effects estimator"),
-        (["--min-coverage", "0.9"], "--min-coverage"),
+        (["--write-residuals"], "--write-residuals", "1.61 MB"),
+        # a mixed-effects fit also holds the variances and the valid flags: 10 bytes a value
+        (["--estimator", "reml"], "a mixed-effects estimator", "4.03 MB"),
+        (["--min-coverage", "0.9"], "--min-coverage", "1.61 MB"),
     ],
 )
-def test_what_the_store_cannot_do_is_refused_before_decoding(capsys, tmp_path, args, needle):
+def test_what_the_store_cannot_do_is_refused_before_decoding(capsys, tmp_path, args, needle,
+                                                             fits):  # fmt: skip
     bids = make_bids_derivatives(
         tmp_path / "ds", n_subjects=N_SUBJECTS, shape=SHAPE, stats=("effect", "variance")
     )
     argv = [bids, tmp_path / "out", "group", "--mem-budget", TINY, "-w", tmp_path / "w", *args]
-    check_failure(capsys, argv, tmp_path / "out", 64, needle, "--mem-budget 1.61 MB", "tile by")
+    check_failure(capsys, argv, tmp_path / "out", 64, needle, f"--mem-budget {fits}", "tile by")
     assert not (tmp_path / "w" / STORE_FOLDER).exists()  # refused before any store was built
     # and with a budget the data fit in, the same run works
-    run_ok(bids, tmp_path / "ok", "--no-report", "--mem-budget", "2MB", *args)
+    run_ok(bids, tmp_path / "ok", "--no-report", "--mem-budget", fits.replace(" ", ""), *args)
     # a kept store of the same inputs is not used for what it cannot do
     run_ok(bids, tmp_path / "o1", "--no-report", "--mem-budget", TINY, "-w", str(tmp_path / "w"),
            "--keep-store")  # fmt: skip

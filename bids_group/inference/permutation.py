@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numba
 import numpy as np
@@ -400,7 +400,11 @@ def _sum_of_squares_in_place(values: np.ndarray) -> np.ndarray:
 
 class _DiskTiles:
     """Residual tiles in a scratch file beside the tiled store, read back for every batch: the
-    engine's residuals (n_rows x n_voxels) never sit in memory whole."""
+    engine's residuals (n_rows x n_voxels) never sit in memory whole.
+
+    The file is removed by :meth:`close`, or else when the object is garbage-collected or the
+    interpreter exits. The engines of Dask workers read the client's file (:meth:`borrowed`).
+    """
 
     def __init__(self, folder: Path | None, n_rows: int, dtype: type) -> None:
         fd, name = tempfile.mkstemp(prefix="residuals-", suffix=".bin", dir=folder)
@@ -408,6 +412,7 @@ class _DiskTiles:
         self.path = Path(name)
         self.n_rows, self.dtype = n_rows, np.dtype(dtype)
         self.widths: list[int] = []
+        self._remove = weakref.finalize(self, _remove_scratch, self.file, self.path)
 
     def append(self, tile: np.ndarray) -> None:
         self.file.write(np.ascontiguousarray(tile, dtype=self.dtype).tobytes())
@@ -425,10 +430,44 @@ class _DiskTiles:
             yield tile
 
     def close(self) -> None:
-        try:
-            self.file.close()  # flushes: fails again on a full disk
-        finally:
-            self.path.unlink(missing_ok=True)
+        self._remove()
+
+    def shared(self) -> SharedTiles:
+        """What another process needs to read these tiles (:meth:`borrowed`)."""
+        self.file.flush()
+        return SharedTiles(self.path, self.n_rows, self.dtype.str, tuple(self.widths))
+
+    @classmethod
+    def borrowed(cls, shared: SharedTiles) -> _DiskTiles:
+        """The tiles another engine wrote, read-only (a Dask worker reading the client's file in
+        the shared work folder); :meth:`close` closes the file and leaves it to its owner."""
+        tiles = cls.__new__(cls)
+        tiles.file = open(shared.path, "rb")  # closed by close() or the finalizer
+        tiles.path = shared.path
+        tiles.n_rows, tiles.dtype = shared.n_rows, np.dtype(shared.dtype)
+        tiles.widths = list(shared.widths)
+        tiles._remove = weakref.finalize(tiles, tiles.file.close)
+        return tiles
+
+
+@dataclass(frozen=True)
+class SharedTiles:
+    """A residual scratch file as the workers of a test read it: path, rows, dtype, tile widths."""
+
+    path: Path
+    n_rows: int
+    dtype: str
+    widths: tuple[int, ...]
+
+
+def _remove_scratch(file: Any, path: Path) -> None:
+    """Close and delete a scratch file (already gone with the store's folder: nothing to do);
+    deleted even when closing fails (closing flushes: it fails again on a full disk)."""
+    try:
+        file.close()
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def design_exchangeability(
@@ -575,9 +614,6 @@ def permutation_test(
         cfg.data.shape[1],
     )
     observed = _observed(cfg, part)
-    if executor is not None and not isinstance(cfg.data, np.ndarray):
-        log.warning("the data are in the tiled store: permutations run in this process")
-        executor = None
     make = partial(_Engine, cfg, part, observed, flip=ex.scheme == "flip")
     with numba_threads(cfg.n_jobs):
         return run_test(make, ex, exhaustive, n_total, cfg.seed, progress, executor)
@@ -811,7 +847,9 @@ def _run_engine(engine, make, ex, exhaustive, n_total, seed, progress, executor)
         return
     ranges = chunk_ranges(n_total, engine.batch_size, _chunk_batches(engine, n_total, executor))
     items = [(ex, exhaustive, seed, start, stop) for start, stop in ranges]
-    for (_, stop), chunk in zip(ranges, executor.map_chunks(run_chunk, make, items), strict=True):
+    log.info("%d relabellings in %d tasks on the executor's workers", n_total - 1, len(items))
+    chunks = executor.map_chunks(run_chunk, engine.for_workers(make), items)
+    for (_, stop), chunk in zip(ranges, chunks, strict=True):
         engine.merge(chunk)
         if progress is not None:
             progress(stop, n_total)
@@ -870,7 +908,9 @@ def run_chunk(
     ``make_engine`` (the worker's copy of the shared task), and set back to its state after
     the identity between chunks (:meth:`NullEngine.restart`): building it (residuals, the
     identity's statistic and TFCE, the batch buffers) costs about a fifth of a TFCE batch,
-    which every chunk paid.
+    which every chunk paid. With data in the tiled store, the engines read the residuals the
+    client's engine wrote in the shared work folder (:meth:`NullEngine.for_workers`), and a
+    worker reads the store once, not once per chunk.
     """
     engine = _borrow_engine(make_engine)
     try:
@@ -880,9 +920,6 @@ def run_chunk(
     except BaseException:
         engine.close()
         raise
-    if not engine.reusable:
-        engine.close()
-        return null
     engine.restart()
     with _IDLE_LOCK:
         _IDLE_ENGINES.setdefault(make_engine, []).append(engine)
@@ -943,10 +980,9 @@ class NullEngine:
     def close(self) -> None:
         """Release scratch files (none by default)."""
 
-    @property
-    def reusable(self) -> bool:
-        """Whether :func:`run_chunk` may keep it for the next chunk (no scratch file)."""
-        return True
+    def for_workers(self, make: Callable[[], NullEngine]) -> Callable[[], NullEngine]:
+        """How the executor's workers build their engines (by default as this one was)."""
+        return make
 
     def restart(self) -> None:
         """Back to the state just after the identity, for the next chunk: what
@@ -1138,7 +1174,17 @@ class NullEngine:
 class _Engine(NullEngine):
     """The OLS engine: Freedman-Lane residuals, projections and fused kernels."""
 
-    def __init__(self, cfg: _Config, part: DesignPartition, obs: _Observed, *, flip: bool):
+    def __init__(
+        self,
+        cfg: _Config,
+        part: DesignPartition,
+        obs: _Observed,
+        *,
+        flip: bool,
+        residuals: SharedTiles | None = None,
+    ):
+        """``residuals``: the scratch file of the client's engine, which the engines of the
+        workers read instead of writing their own (data in the tiled store only)."""
         self.cfg, self.part, self.obs = cfg, part, obs
         self.spatial = cfg.graph is not None
         self.flip = flip
@@ -1181,7 +1227,11 @@ class _Engine(NullEngine):
             ]
         else:
             try:
-                self.disk = self._write_disk_tiles(flip)
+                self.disk = (
+                    self._write_disk_tiles(flip)
+                    if residuals is None
+                    else _DiskTiles.borrowed(residuals)
+                )
             except OSError as exc:  # the scratch file lives beside the store, in -w
                 where = getattr(cfg.data, "scratch", "the work folder")
                 raise OutputError(
@@ -1246,9 +1296,10 @@ class _Engine(NullEngine):
         if self.disk is not None:
             self.disk.close()
 
-    @property
-    def reusable(self) -> bool:
-        return self.disk is None
+    def for_workers(self, make: Callable[[], NullEngine]) -> Callable[[], NullEngine]:
+        """With data in the tiled store, the workers' engines read this engine's residuals
+        (written once, in the shared work folder) instead of each writing its own copy."""
+        return make if self.disk is None else partial(make, residuals=self.disk.shared())
 
     def _init_flip(self, n_rows: int) -> None:
         """State of the subset-sum-table kernel (sign flips only; see ``_kernels``)."""

@@ -38,6 +38,7 @@ from bids_group.report.html import (
     ReportTable,
     ResultSummary,
 )
+from bids_group.streamed_fit import StreamedOls
 from bids_group.templates import TEMPLATE_SPACE, mni_space, template_on_grid
 
 log = logging.getLogger(__name__)
@@ -102,19 +103,24 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def background_volume(data: np.ndarray | TiledMaps, mask: np.ndarray) -> np.ndarray:
+def background_volume(data: np.ndarray | TiledMaps | StreamedOls, mask: np.ndarray) -> np.ndarray:
     """Mean of ``|maps|`` over the maps, on the grid (0 outside the mask).
 
     Parameters
     ----------
-    data : ndarray of shape (n_maps, n_voxels), float, or TiledMaps
-        In-mask values (``MaskedData.data``), read one voxel tile at a time.
+    data : ndarray of shape (n_maps, n_voxels), float, TiledMaps or StreamedOls
+        In-mask values (``MaskedData.data``), read one voxel tile at a time; or a streamed
+        fit's mean (summed while the maps were decoded).
     mask : ndarray of shape (nx, ny, nz), bool
 
     Returns
     -------
     ndarray of shape mask.shape, float32
     """
+    if isinstance(data, StreamedOls):
+        if data.mean_abs is None:
+            raise ValueError("the streamed fit did not sum |maps| (StreamPlan.background)")
+        return unmask(data.mean_abs, mask)
     mean = np.empty(data.shape[1], dtype=np.float64)
     for block, tile in iter_tiles(data):
         mean[block] = np.nanmean(np.abs(tile), axis=0, dtype=np.float64)  # NaN: no data
@@ -144,7 +150,11 @@ class Background:
 
 
 def report_background(
-    data: np.ndarray, mask: np.ndarray, affine: np.ndarray, *, space: str | None
+    data: np.ndarray | TiledMaps | StreamedOls,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    *,
+    space: str | None,
 ) -> Background:
     """The MNI152 template on the data grid if the maps are in MNI space, else the data's own.
 
@@ -156,8 +166,9 @@ def report_background(
 
     Parameters
     ----------
-    data : ndarray of shape (n_maps, n_voxels)
-        In-mask values (``MaskedData.data``).
+    data : ndarray of shape (n_maps, n_voxels), TiledMaps or StreamedOls
+        In-mask values (``MaskedData.data``). A streamed fit of maps in an MNI152 space sums
+        no ``|maps|``: should the mask fall outside the template, the mask is the background.
     mask : ndarray of shape (nx, ny, nz), bool
     affine : ndarray of shape (4, 4)
     space : str or None
@@ -180,6 +191,9 @@ def report_background(
         why = f"the maps' space {space} is not an MNI152 space"
     else:
         why = "the maps name no MNI152 space (no shared space-MNI152... entity)"
+    if isinstance(data, StreamedOls) and data.mean_abs is None:  # maps in MNI space: not summed
+        note = f"Background: the analysis mask, since {why} (the fit was streamed)."
+        return Background(mask.astype(np.float32), mask, note, "Silhouette: the analysis mask.")
     log.info("report background: mean |input maps|, since %s", why)
     note = f"Background: mean of |input maps| over the analysis mask, since {why}."
     return Background(background_volume(data, mask), mask, note, "Silhouette: the analysis mask.")
