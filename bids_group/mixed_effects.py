@@ -153,7 +153,9 @@ def _block_voxels(n_maps: int) -> int:
 
 
 #: Smallest usable variance: 1 / v is finite and exact to rounding above it.
-_MIN_VARIANCE = np.finfo(np.float64).tiny  # a float64 scalar: float32 data compare in float64
+_MIN_VARIANCE = np.finfo(np.float64).tiny
+#: The same as an array, which every numpy version compares in float64 (see valid_values).
+_MIN_VARIANCE_ARRAY = np.array([_MIN_VARIANCE])
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,9 @@ def valid_values(effects: np.ndarray, variances: np.ndarray) -> np.ndarray:
     ok = np.isfinite(effects)  # then in place: one boolean temporary, not three
     ok &= np.isfinite(variances)
     with np.errstate(invalid="ignore"):
-        ok &= variances >= _MIN_VARIANCE
+        # against a 1-element float64 array, not the scalar: numpy 1.x casts a scalar to the
+        # array's float32, where the smallest normal double is 0 and a zero variance passed
+        ok &= variances >= _MIN_VARIANCE_ARRAY
     return ok
 
 

@@ -621,7 +621,9 @@ def _bytes_per_cell(spec: ModelSpec, permutations: bool) -> int:
     """What the model holds in memory per map and voxel (see :mod:`bids_group.memory`), which
     decides whether its data fit in the budget."""
     if spec.estimation.mixed:
-        return MIXED_PERMUTATION_BYTES_PER_CELL if permutations else MIXED_BYTES_PER_CELL
+        held = MIXED_PERMUTATION_BYTES_PER_CELL if permutations else MIXED_BYTES_PER_CELL
+        # variances from standard errors or t are computed in float64, not kept as read
+        return held + (4 if spec.estimation.variance_from != "variance" else 0)
     return PERMUTATION_BYTES_PER_CELL if permutations else 4
 
 

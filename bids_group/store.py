@@ -69,6 +69,9 @@ from bids_group.paths import disk_error
 from bids_group.streamed_fit import OlsAccumulator, StreamPlan, batch_maps
 
 log = logging.getLogger(__name__)
+#: A streamed fit whose rounding bound (relative error of the residual variance) exceeds this
+#: is said in a warning: t is then good to fewer than about six digits at some voxel.
+STREAMED_BOUND_WARNING = 1e-6
 
 #: Folder of the stores inside the work folder.
 STORE_FOLDER = "bids-group-store"
@@ -331,6 +334,13 @@ def _stream_fit(stream: VolumeStream, first: _Volume, plan: StreamPlan, budget: 
         "variance (t: half of it) from rounding: %.1g",
         streamed.rss_bound,
     )
+    if streamed.rss_bound > STREAMED_BOUND_WARNING:
+        log.warning(
+            "the streamed OLS fit's rounding bound on the residual variance is %.1g at its worst "
+            "voxel (its sums dwarf the residuals there): for the exact fit, rerun with "
+            "--keep-store -w DIR (the voxel-tiled store forms explicit residuals)",
+            streamed.rss_bound,
+        )
     return MaskedData(
         data=streamed,
         mask=mask,

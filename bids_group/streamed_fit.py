@@ -46,6 +46,7 @@ with one BLAS thread: the bits depend neither on ``--n-jobs`` nor on how threads
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,8 @@ MAX_BATCH_MAPS = 256
 #: Bytes of one step's float64 working copy (``batch x step`` voxels): stays in the CPU cache.
 _STEP_BYTES = 1024**2
 _EPS = float(np.finfo(np.float64).eps)
+
+log = logging.getLogger(__name__)
 
 
 def batch_maps(n_voxels: int, budget: int) -> int:
@@ -158,6 +161,12 @@ class OlsAccumulator:
                 f"The design has rank {self.rank} with {n_maps} maps: no residual degrees of "
                 "freedom are left to estimate the variance. Add maps or remove regressors."
             )
+        if self.rank < design.shape[1]:  # as fit_ols says it
+            log.warning(
+                "design has %d columns but rank %d: only estimable contrasts can be tested",
+                design.shape[1],
+                self.rank,
+            )
         u, sv, vt = np.linalg.svd(design, full_matrices=False)
         self._u = np.ascontiguousarray(u[:, : self.rank])  # (n_maps, r)
         self._w = vt[: self.rank].T / sv[: self.rank]  # pinv(X) = W U'
@@ -199,25 +208,34 @@ class OlsAccumulator:
         """Add the batch held to the sums (voxel steps whose float64 copy stays in cache)."""
         k, start = self._filled, self._done
         rows = self._rows[:k]
-        if self._shift is None:
-            self.first[:] = rows[0]
-            self._shift = self._first_shift(rows, self.design[:k])
         # U' of the batch, and a row of ones whose product sums Y - C (centred TSS)
         u_t = np.ones((self.rank + 1, k))
         u_t[: self.rank] = self._u[start : start + k].T
         x = self.design[start : start + k]
         with threadpool_limits(1, user_api="blas"):  # the same bits for any thread count
+            if self._shift is None:
+                self.first[:] = rows[0]
+                self._shift = self._first_shift(rows, x)
             for begin in range(0, rows.shape[1], self.step):
                 self._add_step(rows, slice(begin, min(begin + self.step, rows.shape[1])), u_t, x)
         self._done += k
         self._filled = 0
 
     def _first_shift(self, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """The shift of every voxel: the first batch's mean (1, V), or its least-squares fit
-        B0 (p, V) when the design does not span the constant (C = X B0, in its column space)."""
+        """The shift of every voxel: the first batch's mean (1, V), or its fit B0 (p, V) when
+        the design does not span the constant (C = X B0, in its column space).
+
+        B0 is a ridge fit, ``(Xb'Xb + lambda I)^-1 Xb' Yb`` with lambda 1e-6 of the mean
+        eigenvalue of ``Xb'Xb``: any B0 keeps C in the column space, and the ridge keeps it
+        bounded when the first batch's rows are (nearly) collinear, where a least-squares B0
+        blows up along the ill-determined direction, S then dwarfs RSS and ``S - ||G||^2``
+        loses every digit (40 maps, two columns, the first three rows proportional to 1e-9).
+        """
         if self.centred:
             return rows.mean(axis=0, dtype=np.float64)[np.newaxis, :]
-        fit = np.linalg.pinv(x)
+        gram = x.T @ x
+        ridge = 1e-6 * max(float(np.trace(gram)) / gram.shape[0], float(np.finfo(float).tiny))
+        fit = np.linalg.solve(gram + ridge * np.eye(gram.shape[0]), x.T)
         return np.concatenate(
             [fit @ rows[:, b : b + self.step] for b in range(0, rows.shape[1], self.step)],
             axis=1,

@@ -228,13 +228,19 @@ def test_without_work_folder_the_temporary_store_is_removed(dataset, tmp_path, m
         (["--write-residuals"], "--write-residuals", "1.61 MB"),
         # a mixed-effects fit also holds the variances and the valid flags: 10 bytes a value
         (["--estimator", "reml"], "a mixed-effects estimator", "4.03 MB"),
+        # variances computed from standard errors are float64: 4 bytes more
+        (
+            ["--estimator", "reml", "--variance-from", "se"],
+            "a mixed-effects estimator",
+            "5.64 MB",
+        ),  # fmt: skip
         (["--min-coverage", "0.9"], "--min-coverage", "1.61 MB"),
     ],
 )
 def test_what_the_store_cannot_do_is_refused_before_decoding(capsys, tmp_path, args, needle,
                                                              fits):  # fmt: skip
     bids = make_bids_derivatives(
-        tmp_path / "ds", n_subjects=N_SUBJECTS, shape=SHAPE, stats=("effect", "variance")
+        tmp_path / "ds", n_subjects=N_SUBJECTS, shape=SHAPE, stats=("effect", "variance", "se")
     )
     argv = [bids, tmp_path / "out", "group", "--mem-budget", TINY, "-w", tmp_path / "w", *args]
     check_failure(capsys, argv, tmp_path / "out", 64, needle, f"--mem-budget {fits}", "tile by")

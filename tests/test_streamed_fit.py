@@ -355,3 +355,30 @@ def test_a_truncated_map_stops_a_streamed_run_naming_it(capsys, tmp_path):
     _, stderr = run_ok(bids, tmp_path / "ok", "--mem-budget", TINY, "--no-report", "-v")
     assert STREAMED in stderr
     assert not [p for p in work.rglob("*") if p.is_file() and "pybids" not in str(p)]
+
+
+def test_a_first_batch_of_nearly_collinear_rows_keeps_the_shift_bounded():
+    """No constant in the design, and the first batch's three rows nearly proportional: a
+    least-squares shift blew up along the ill-determined direction and the residual variance
+    came out 100% off (the sums dwarfed the residuals); the ridge shift keeps it at rounding."""
+    from bids_group.glm import fit_ols
+    from bids_group.streamed_fit import OlsAccumulator
+
+    rng = np.random.default_rng(0)
+    n, n_vox = 40, 50
+    x1 = rng.normal(5, 1, n)
+    x2 = x1 + rng.normal(0, 1, n)
+    x2[:3] = x1[:3] * (1 + 1e-9 * np.arange(3))
+    design = np.column_stack([x1, x2])
+    y = design @ rng.normal(size=(2, n_vox)) + rng.normal(0, 0.01, (n, n_vox)) + 100
+    y = y.astype(np.float32)
+    reference = fit_ols(y, design)
+    for batch in (3, 40):
+        fit = OlsAccumulator(design, n_vox, batch=batch)
+        for i, row in enumerate(y):
+            fit.add(i, row)
+        got = fit.finish(np.arange(n_vox))
+        assert got.rss_bound < 1e-10
+        np.testing.assert_allclose(got.fit.residual_variance, reference.residual_variance,
+                                   rtol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(got.fit.beta, reference.beta, rtol=1e-10, atol=1e-10)

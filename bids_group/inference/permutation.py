@@ -426,15 +426,22 @@ class _DiskTiles:
         self.file.seek(0)
         for width in self.widths:
             tile = np.empty((self.n_rows, width), dtype=self.dtype)
-            self.file.readinto(memoryview(tile).cast("B"))
+            if self.file.readinto(memoryview(tile).cast("B")) != tile.nbytes:
+                raise DataError(
+                    f"the permutation residuals {self.path} are shorter than written (another "
+                    "process truncated the work folder, or it is not shared whole): rerun"
+                )
             yield tile
 
     def close(self) -> None:
         self._remove()
 
     def shared(self) -> SharedTiles:
-        """What another process needs to read these tiles (:meth:`borrowed`)."""
+        """What another process needs to read these tiles (:meth:`borrowed`): written through
+        to the file system first (``fsync``), so that a worker on another node of a shared
+        file system (NFS) reads the whole file."""
         self.file.flush()
+        os.fsync(self.file.fileno())
         return SharedTiles(self.path, self.n_rows, self.dtype.str, tuple(self.widths))
 
     @classmethod
@@ -458,6 +465,21 @@ class SharedTiles:
     n_rows: int
     dtype: str
     widths: tuple[int, ...]
+
+
+def _scratch_error(exc: OSError, borrowed: SharedTiles | None, folder: Path | None) -> Exception:
+    """The error of a residuals file that could not be written, or read by a worker."""
+    why = (exc.strerror or str(exc)).lower()
+    if borrowed is not None:  # a Dask worker that does not see the client's work folder
+        return OutputError(
+            f"a worker cannot read the permutation residuals {borrowed.path}: {why}; the work "
+            "folder (-w) must be on a file system the workers share, at the same path, "
+            "readable by their user"
+        )
+    return OutputError(
+        f"cannot write the permutation residuals in {folder or 'the work folder'}: {why}; "
+        "free space in the work folder (-w) or give a larger --mem-budget"
+    )
 
 
 def _remove_scratch(file: Any, path: Path) -> None:
@@ -1233,12 +1255,7 @@ class _Engine(NullEngine):
                     else _DiskTiles.borrowed(residuals)
                 )
             except OSError as exc:  # the scratch file lives beside the store, in -w
-                where = getattr(cfg.data, "scratch", "the work folder")
-                raise OutputError(
-                    f"cannot write the permutation residuals in {where}: "
-                    f"{(exc.strerror or str(exc)).lower()}; free space in the work folder (-w) "
-                    "or give a larger --mem-budget"
-                ) from exc
+                raise _scratch_error(exc, residuals, getattr(cfg.data, "scratch", None)) from exc
             self.resid_tiles = [] if flip else self.disk
         del self.resid
         try:
