@@ -212,6 +212,14 @@ def choose_budget(given: int | None, where: str = "--mem-budget") -> int:
     """``given`` (bytes) or the default; logs the budget chosen and where it comes from."""
     if given is not None:
         log.info("memory budget: %s (%s)", format_size(given), where)
+        available, source = available_memory()
+        if available is not None and given > available:
+            log.warning(
+                "%s %s is more than the memory available now (%s, %s): a model that uses it "
+                "may swap or be killed; give at most %s",
+                where, format_size(given), format_size(available), source,
+                format_size(available),
+            )  # fmt: skip
         return given
     budget, why = default_budget()
     log.info(

@@ -76,7 +76,7 @@ from bids_group.spec import (
     load_specs,
     resolved_models_dict,
 )
-from bids_group.store import load_data, release
+from bids_group.store import VoxelStore, load_data, release
 from bids_group.streamed_fit import StreamedOls, StreamPlan
 from bids_group.templates import mni_space
 from bids_group.variance_maps import sibling_paths, to_variance
@@ -614,6 +614,9 @@ def _run_analysis(
         return _analyse(analysis, data, config, spec, inference, node_dir, writer, jobs, budget,
                         where)  # fmt: skip
     finally:
+        if config.keep_store and not isinstance(data.data, VoxelStore):
+            log.warning("--keep-store: the data of the model for %s fit in the memory budget, "
+                        "so no store was built and none is kept", where)  # fmt: skip
         release(data, keep=config.keep_store)
 
 

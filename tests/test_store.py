@@ -366,3 +366,14 @@ def test_a_second_run_waits_for_the_one_using_the_same_store(dataset, tmp_path, 
     finally:
         release(data)
     assert list(tmp_path.glob("*.lock")) == []
+
+
+def test_keep_store_in_memory_and_a_budget_beyond_the_machine_are_said(dataset, tmp_path):
+    """--keep-store when the data fit in memory keeps nothing: a warning says so (it was silent);
+    a --mem-budget above the memory available now is warned about, naming what is."""
+    _, stderr = run_ok(dataset, tmp_path / "out", "--no-report", "--keep-store", "-w",
+                       str(tmp_path / "w"), "--mem-budget", "1GB")  # fmt: skip
+    assert "no store was built and none is kept" in stderr
+    assert not (tmp_path / "w" / STORE_FOLDER).exists()
+    _, stderr = run_ok(dataset, tmp_path / "big", "--no-report", "--mem-budget", "100TB")
+    assert "is more than the memory available now" in stderr and "give at most" in stderr
