@@ -965,6 +965,27 @@ def _estimable_coverage(analysis: Analysis, data: MaskedData, where: str) -> Mas
     return data.restricted(keep)
 
 
+def _warn_unusable_maps(
+    analysis: Analysis, effects: np.ndarray, variances: np.ndarray, source: str, where: str
+) -> None:
+    """A WARNING naming each map with no usable value anywhere in the mask (its variance zero,
+    negative or not finite everywhere, e.g. a broken or empty variance map): the fit leaves it
+    out at every voxel, which the per-value count alone did not say. One row at a time: no
+    temporary of the data's size."""
+    from bids_group.mixed_effects import valid_values
+
+    unusable = [i for i in range(effects.shape[0])
+                if not valid_values(effects[i : i + 1], variances[i : i + 1]).any()]  # fmt: skip
+    for i in unusable:
+        log.warning(
+            "%s: sub-%s has no usable value in the mask (its stat-%s map %s is zero, negative "
+            "or not finite at every voxel, or its effect map is not finite): the map is left "
+            "out of the mixed-effects fit everywhere",
+            where, analysis.maps[i].entities.get("subject", "?"), source,
+            analysis.variance_paths[i],
+        )  # fmt: skip
+
+
 def _load_variances(
     analysis: Analysis,
     data: MaskedData,
@@ -977,6 +998,7 @@ def _load_variances(
     values = load_on_mask(analysis.variance_paths, data, n_jobs=config.n_jobs,
                           what=f"stat-{estimation.variance_from} map")  # fmt: skip
     variances = to_variance(values, data.data, estimation.variance_from)
+    _warn_unusable_maps(analysis, data.data, variances, estimation.variance_from, where)
     keep = mixed_estimable(data.data, variances, analysis.design.matrix, analysis.variance_groups)
     if not keep.all():
         n_out = int(np.count_nonzero(~keep))

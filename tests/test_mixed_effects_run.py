@@ -248,6 +248,25 @@ def test_reml_on_synthetic_maps_with_excluded_values(tmp_path):
     assert "stat-dof" in sidecar["DegreesOfFreedomPerVoxel"]
 
 
+def test_a_variance_map_unusable_everywhere_is_named(tmp_path):
+    """A variance map that is zero everywhere leaves its subject out at every voxel: a warning
+    names the subject and the file (the per-value count alone did not say which map); the other
+    maps are fitted, and a partly broken map is not named."""
+    ds = make_bids_derivatives(tmp_path / "ds", n_subjects=7, stats=("effect", "variance"))
+    broken = next(ds.glob("sub-03/func/*stat-variance*"))
+    image = nib.load(broken)
+    nib.Nifti1Image(np.zeros(image.shape, np.float32), image.affine).to_filename(broken)
+    partly = next(ds.glob("sub-05/func/*stat-variance*"))
+    values = np.asarray(nib.load(partly).dataobj, dtype=np.float32)
+    values[0] = 0.0
+    nib.Nifti1Image(values, image.affine).to_filename(partly)
+    code, summary, err = _run(ds, tmp_path / "out", "--estimator", "dl", "--no-report")
+    assert code == 0, err
+    assert "sub-03 has no usable value in the mask" in err and str(broken) in err
+    assert "sub-05 has no" not in err
+    assert set(_ours(summary, "dof").tolist()) <= {4.0, 5.0}  # 7 maps less sub-03 (less sub-05)
+
+
 def test_negative_standard_error_is_excluded():
     from bids_group.variance_maps import to_variance
 
