@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -101,23 +102,45 @@ def task_threads() -> int:
 
 
 def _check_scheduler_file(path: Path) -> None:
-    """The file exists and names a scheduler address, as ``dask scheduler --scheduler-file``
-    writes it: Dask's own reader retries ten times on anything else, then fails on an assertion
-    and leaves a client whose clean-up hangs for 60 s."""
+    """Wait until the file exists and names a scheduler address, as ``dask scheduler
+    --scheduler-file`` writes it, for at most :data:`SCHEDULER_FILE_WAIT` seconds.
+
+    Waiting lets a batch script start the scheduler in the background and bids-group at once
+    (README's SLURM recipe): the scheduler writes its file a second or two after it starts.
+    Anything still not a scheduler file then is refused in one line: Dask's own reader retries
+    ten times on it, then fails on an assertion and leaves a client whose clean-up hangs 60 s.
+    """
+    deadline = time.monotonic() + SCHEDULER_FILE_WAIT
+    said = False
+    while True:
+        content: Any = None
+        if path.is_file():
+            try:
+                content = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as err:
+                content = err
+            if isinstance(content, dict) and isinstance(content.get("address"), str):
+                return
+        if time.monotonic() >= deadline:
+            break
+        if not said:
+            log.info("waiting up to %.0f s for the scheduler to write %s", SCHEDULER_FILE_WAIT,
+                     path)  # fmt: skip
+            said = True
+        time.sleep(0.2)
     if not path.is_file():
         raise ServiceError(
-            f"--scheduler-file {path}: no such file (start the scheduler with "
-            "`dask scheduler --scheduler-file FILE` first)"
+            f"--scheduler-file {path}: no such file after {SCHEDULER_FILE_WAIT:.0f} s (start "
+            "the scheduler with `dask scheduler --scheduler-file FILE` first)"
         )
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        content = err
-    if not isinstance(content, dict) or not isinstance(content.get("address"), str):
-        raise ServiceError(
-            f"--scheduler-file {path}: no scheduler address in it (a JSON object with "
-            "'address', as `dask scheduler --scheduler-file FILE` writes): is it the right file?"
-        )
+    raise ServiceError(
+        f"--scheduler-file {path}: no scheduler address in it (a JSON object with 'address', "
+        "as `dask scheduler --scheduler-file FILE` writes): is it the right file?"
+    )
+
+
+#: Seconds to wait for the scheduler file to be written (see :func:`_check_scheduler_file`).
+SCHEDULER_FILE_WAIT = float(CONNECT_TIMEOUT)
 
 
 def connect(address: str | None = None, scheduler_file: Path | None = None) -> DaskExecutor:

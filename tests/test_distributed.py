@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 from clicheck import check_failure, run_ok
 from conftest import make_bids_derivatives
 
+from bids_group import executor
 from bids_group.decoding import map_chunks
 from bids_group.executor import InProcessExecutor
 from bids_group.images import load_masked_data
@@ -438,7 +440,9 @@ def test_a_run_without_a_scheduler_imports_no_dask(dataset, tmp_path):
     assert done.returncode == 0, done.stderr
 
 
-def test_scheduler_options_need_permutations_and_a_scheduler(capsys, dataset, tmp_path):
+def test_scheduler_options_need_permutations_and_a_scheduler(capsys, dataset, tmp_path,
+                                                            monkeypatch):  # fmt: skip
+    monkeypatch.setattr(executor, "SCHEDULER_FILE_WAIT", 0.5)  # a file that never comes
     none = tmp_path / "none.json"
     check_failure(capsys, [dataset, tmp_path / "o1", "group", "--scheduler-file", none],
                   tmp_path / "o1", 64, "--permutation")  # fmt: skip
@@ -451,10 +455,34 @@ def test_scheduler_options_need_permutations_and_a_scheduler(capsys, dataset, tm
 
 
 @pytest.mark.parametrize("content", ["Name: not json\n", '{"type": "Scheduler"}', "[1, 2]"])
-def test_a_file_that_is_not_a_scheduler_file_is_refused(capsys, dataset, tmp_path, content):
+def test_a_file_that_is_not_a_scheduler_file_is_refused(capsys, dataset, tmp_path, content,
+                                                        monkeypatch):  # fmt: skip
     """A model file or a half-written file given as --scheduler-file: one line naming it, exit
-    69 at once (it was an AssertionError inside Dask after 10 reads, then a 60 s hang)."""
+    69 once the wait for the scheduler is over (it was an AssertionError inside Dask after 10
+    reads, then a 60 s hang)."""
+    monkeypatch.setattr(executor, "SCHEDULER_FILE_WAIT", 0.5)
     wrong = tmp_path / "wrong.json"
     wrong.write_text(content)
     argv = [dataset, tmp_path / "out", "group", *PERM_ARGS[:4], "--scheduler-file", wrong]
     check_failure(capsys, argv, tmp_path / "out", 69, "wrong.json", "no scheduler address")
+
+
+def test_a_scheduler_file_written_after_the_start_is_waited_for(cluster, dataset, tmp_path):
+    """README's SLURM recipe starts the scheduler in the background and bids-group at once: the
+    scheduler file appears a moment later. The run waits for it (it stopped with exit 69, no
+    such file) and gives the in-process files."""
+    sched_file, _ = cluster
+    late = tmp_path / "late-scheduler.json"
+    timer = threading.Timer(2.0, lambda: late.write_text(Path(sched_file).read_text()))
+    timer.start()
+    try:
+        remote, err = run_ok(dataset, tmp_path / "remote", *PERM_ARGS, "--n-perm", "200",
+                             "--scheduler-file", str(late), "-v")  # fmt: skip
+    finally:
+        timer.cancel()
+    assert "waiting up to 30 s for the scheduler to write" in err
+    local, _ = run_ok(dataset, tmp_path / "local", *PERM_ARGS, "--n-perm", "200")
+    ours, theirs = _outputs(local), _outputs(remote)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name] == theirs[name], name
