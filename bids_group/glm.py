@@ -75,6 +75,11 @@ def _check_inputs(data: np.ndarray | TiledMaps, design: np.ndarray) -> None:
             f"The design has {design.shape[0]} rows but {data.shape[0]} maps were loaded: "
             "every input map needs exactly one design row."
         )
+    check_finite_design(design)
+
+
+def check_finite_design(design: np.ndarray) -> None:
+    """Refuse a design with NaN or inf, naming the columns (a missing covariate value)."""
     bad_cols = np.flatnonzero(~np.isfinite(design).all(axis=0))
     if bad_cols.size:
         raise DataError(

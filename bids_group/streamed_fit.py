@@ -54,7 +54,7 @@ from threadpoolctl import threadpool_limits
 
 from bids_group.data_checks import DataFindings, findings_from
 from bids_group.errors import DataError
-from bids_group.glm import GlmFit, _r_squared
+from bids_group.glm import GlmFit, _r_squared, check_finite_design
 from bids_group.memory import aligned, work_bytes
 
 #: Bytes of float32 rows of one batch (at most; and at most the budget's working share).
@@ -315,12 +315,7 @@ class OlsAccumulator:
 def _check_design(design: np.ndarray) -> None:
     if design.ndim != 2:
         raise DataError(f"the design must be 2-D (n_maps, n_params); got {design.shape}")
-    bad_cols = np.flatnonzero(~np.isfinite(design).all(axis=0))
-    if bad_cols.size:
-        raise DataError(
-            f"Design column(s) {bad_cols.tolist()} contain NaN or inf: fill or drop the missing "
-            "covariate values."
-        )
+    check_finite_design(design)
 
 
 def _largest_finite(row: np.ndarray) -> float:
