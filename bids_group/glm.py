@@ -78,6 +78,34 @@ def _check_inputs(data: np.ndarray | TiledMaps, design: np.ndarray) -> None:
     check_finite_design(design)
 
 
+def rank_and_dof(design: np.ndarray) -> tuple[int, int]:
+    """``rank(X)`` and the residual degrees of freedom ``n_maps - rank(X)``.
+
+    Raises DataError when no degree of freedom is left; warns when X is rank-deficient (only
+    estimable contrasts can then be tested)."""
+    n_maps = design.shape[0]
+    rank = int(np.linalg.matrix_rank(design))
+    dof = n_maps - rank
+    if dof <= 0:
+        raise DataError(
+            f"The design has rank {rank} with {n_maps} maps: no residual degrees of freedom "
+            "are left to estimate the variance. Add maps or remove regressors."
+        )
+    if rank < design.shape[1]:
+        log.warning(
+            "design has %d columns but rank %d: only estimable contrasts can be tested",
+            design.shape[1],
+            rank,
+        )
+    return rank, dof
+
+
+def spans_constant(design: np.ndarray, pinv_x: np.ndarray) -> bool:
+    """Whether the column space of X holds the constant (then R^2 is centred on the mean)."""
+    ones = np.ones(design.shape[0])
+    return bool(np.allclose(design @ (pinv_x @ ones), ones, rtol=0, atol=1e-8))
+
+
 def check_finite_design(design: np.ndarray) -> None:
     """Refuse a design with NaN or inf, naming the columns (a missing covariate value)."""
     bad_cols = np.flatnonzero(~np.isfinite(design).all(axis=0))
@@ -149,22 +177,9 @@ def fit_ols(
     design = np.asarray(design, dtype=np.float64)
     _check_inputs(data, design)
     n_maps, n_voxels = data.shape
-    rank = int(np.linalg.matrix_rank(design))
-    dof = n_maps - rank
-    if dof <= 0:
-        raise DataError(
-            f"The design has rank {rank} with {n_maps} maps: no residual degrees of freedom "
-            "are left to estimate the variance. Add maps or remove regressors."
-        )
-    if rank < design.shape[1]:
-        log.warning(
-            "design has %d columns but rank %d: only estimable contrasts can be tested",
-            design.shape[1],
-            rank,
-        )
+    rank, dof = rank_and_dof(design)
     pinv_x = np.linalg.pinv(design)  # (n_params, n_maps)
-    ones = np.ones(n_maps)
-    centred = bool(np.allclose(design @ (pinv_x @ ones), ones, rtol=0, atol=1e-8))
+    centred = spans_constant(design, pinv_x)
     out = _OlsOutput(
         beta=np.empty((design.shape[1], n_voxels), dtype=np.float64),
         rss=np.empty(n_voxels, dtype=np.float64),

@@ -608,7 +608,7 @@ def _run_analysis(
         unsupported=_not_streamed(spec, config),
         bytes_per_cell=_bytes_per_cell(spec, bool(jobs)),
         executor=executor,
-        stream_fit=_stream_plan(analysis, spec, config, jobs, executor),
+        stream_fit=_stream_plan(analysis, spec, config, jobs),
     )
     try:
         return _analyse(analysis, data, config, spec, inference, node_dir, writer, jobs, budget,
@@ -650,21 +650,12 @@ def _stream_plan(
     spec: ModelSpec,
     config: RunConfig,
     jobs: Mapping[str, PermutationJob] | None,
-    executor: Any,
 ) -> StreamPlan | None:
     """The OLS fit to stream from the decoded maps when they do not fit in the budget (see
     :mod:`bids_group.streamed_fit`), or None when the run needs more of the data than that
-    fit: permutations (and so a Dask cluster), residuals, per-voxel coverage, a mixed-effects
-    estimator, or --keep-store (which asks for the store)."""
-    needs_data = (
-        spec.estimation.mixed
-        or bool(jobs)
-        or executor is not None
-        or config.write_residuals
-        or config.min_coverage is not None
-        or config.keep_store
-    )
-    if needs_data:
+    fit: what the store cannot do either (:func:`_not_streamed`), permutations (the only runs
+    a Dask cluster is taken for), or --keep-store (which asks for the store)."""
+    if _not_streamed(spec, config) or jobs or config.keep_store:
         return None
     # the report's background is the mean |map| only off the MNI template
     background = config.report and not mni_space(analysis.name_entities.get("space"))

@@ -46,7 +46,6 @@ with one BLAS thread: the bits depend neither on ``--n-jobs`` nor on how threads
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +53,13 @@ from threadpoolctl import threadpool_limits
 
 from bids_group.data_checks import DataFindings, findings_from
 from bids_group.errors import DataError
-from bids_group.glm import GlmFit, _r_squared, check_finite_design
+from bids_group.glm import (
+    GlmFit,
+    _r_squared,
+    check_finite_design,
+    rank_and_dof,
+    spans_constant,
+)
 from bids_group.memory import aligned, work_bytes
 
 #: Bytes of float32 rows of one batch (at most; and at most the budget's working share).
@@ -64,8 +69,6 @@ MAX_BATCH_MAPS = 256
 #: Bytes of one step's float64 working copy (``batch x step`` voxels): stays in the CPU cache.
 _STEP_BYTES = 1024**2
 _EPS = float(np.finfo(np.float64).eps)
-
-log = logging.getLogger(__name__)
 
 
 def batch_maps(n_voxels: int, budget: int) -> int:
@@ -154,26 +157,12 @@ class OlsAccumulator:
         _check_design(design)
         n_maps = design.shape[0]
         self.design = design
-        self.rank = int(np.linalg.matrix_rank(design))
-        self.dof = n_maps - self.rank
-        if self.dof <= 0:
-            raise DataError(
-                f"The design has rank {self.rank} with {n_maps} maps: no residual degrees of "
-                "freedom are left to estimate the variance. Add maps or remove regressors."
-            )
-        if self.rank < design.shape[1]:  # as fit_ols says it
-            log.warning(
-                "design has %d columns but rank %d: only estimable contrasts can be tested",
-                design.shape[1],
-                self.rank,
-            )
+        self.rank, self.dof = rank_and_dof(design)
         u, sv, vt = np.linalg.svd(design, full_matrices=False)
         self._u = np.ascontiguousarray(u[:, : self.rank])  # (n_maps, r)
         self._w = vt[: self.rank].T / sv[: self.rank]  # pinv(X) = W U'
         self.pinv_x = np.linalg.pinv(design)
-        ones = np.ones(n_maps)
-        # the same test as fit_ols: the design spans the constant
-        self.centred = bool(np.allclose(design @ (self.pinv_x @ ones), ones, rtol=0, atol=1e-8))
+        self.centred = spans_constant(design, self.pinv_x)
         self.batch = int(batch)
         self.step = aligned(max(1, _STEP_BYTES // (8 * self.batch)))
         self._rows = np.empty((self.batch, n_voxels), dtype=np.float32)
