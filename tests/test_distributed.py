@@ -291,33 +291,43 @@ def _kill_when_busy(sched_file: Path, victim: subprocess.Popen, name: str, task:
         os.killpg(victim.pid, signal.SIGKILL)
 
 
+def _run_killing_a_worker(sched_file: Path, tmp_path: Path, name: str, task: str, bids: Path,
+                          args: list[str]) -> tuple[dict, str]:  # fmt: skip
+    """The CLI on ``bids`` with ``args`` on the cluster, while a third worker ``name`` joins and
+    is SIGKILLed as soon as it runs a ``task`` task: (the run's JSON summary, its stderr), the
+    run having succeeded."""
+    victim = _worker(sched_file, name, tmp_path / f"{name}.log")
+    from distributed import Client
+
+    with Client(scheduler_file=str(sched_file), timeout=30) as client:
+        client.wait_for_workers(len(client.scheduler_info()["workers"]) + 1, timeout=60)
+    argv = [sys.executable, "-m", "bids_group", str(bids), str(tmp_path / "remote"), "group",
+            *args, "--scheduler-file", str(sched_file), "--json", "-v"]  # fmt: skip
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _kill_when_busy(sched_file, victim, name, task, run)
+        stdout, stderr = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, stderr
+    return json.loads(stdout), stderr
+
+
 def test_a_worker_killed_while_decoding_changes_nothing(cluster, tmp_path):
     """A third worker joins, and is SIGKILLed while it decodes a chunk of maps into the tiled
     store: its chunks are decoded again on the others, and every output equals the in-process
     run's."""
     sched_file, _ = cluster
     bids = make_bids_derivatives(tmp_path / "ds", n_subjects=36, shape=(72, 72, 60), seed=8)
-    victim = _worker(sched_file, "victim", tmp_path / "victim.log")
-    from distributed import Client
-
-    with Client(scheduler_file=str(sched_file), timeout=30) as client:
-        client.wait_for_workers(len(client.scheduler_info()["workers"]) + 1, timeout=60)
     args = ["--permutation", "voxel", "--n-perm", "20", "--seed", "2", "--no-report",
             "--smoothing-fwhm", "6", "--mem-budget", "32MB",
             "-w", str(tmp_path / "work")]  # fmt: skip
-    argv = [sys.executable, "-m", "bids_group", str(bids), str(tmp_path / "remote"), "group",
-            *args, "--scheduler-file", str(sched_file), "--json", "-v"]  # fmt: skip
-    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _kill_when_busy(sched_file, victim, "victim", "decode_task", run)
-        stdout, stderr = run.communicate(timeout=600)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    assert run.returncode == 0, stderr
+    remote, stderr = _run_killing_a_worker(sched_file, tmp_path, "victim", "decode_task", bids,
+                                           args)  # fmt: skip
     assert "voxel-tiled store" in stderr and "tasks on the Dask workers" in stderr
     local, _ = run_ok(bids, tmp_path / "local", *args)
-    ours, theirs = _outputs(local), _outputs(json.loads(stdout))
+    ours, theirs = _outputs(local), _outputs(remote)
     assert ours.keys() == theirs.keys() and len(ours) > 5
     for name in ours:
         assert ours[name] == theirs[name], name
@@ -329,26 +339,13 @@ def test_a_worker_killed_while_permuting_the_store_changes_nothing(cluster, hole
     runs a chunk of relabellings; its chunks run again on the others, every output equals the
     in-process run's and no scratch file is left."""
     sched_file, _ = cluster
-    victim = _worker(sched_file, "victim-store", tmp_path / "victim.log")
-    from distributed import Client
-
-    with Client(scheduler_file=str(sched_file), timeout=30) as client:
-        client.wait_for_workers(len(client.scheduler_info()["workers"]) + 1, timeout=60)
     args = [*PERM_ARGS, "--n-perm", "3000", "--mask", str(holed.parent / "mask.nii.gz"),
             "--mem-budget", "1MB", "-w", str(tmp_path / "work")]  # fmt: skip
-    argv = [sys.executable, "-m", "bids_group", str(holed), str(tmp_path / "remote"), "group",
-            *args, "--scheduler-file", str(sched_file), "--json", "-v"]  # fmt: skip
-    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _kill_when_busy(sched_file, victim, "victim-store", "run_chunk", run)
-        stdout, stderr = run.communicate(timeout=600)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    assert run.returncode == 0, stderr
+    remote, stderr = _run_killing_a_worker(sched_file, tmp_path, "victim-store", "run_chunk",
+                                           holed, args)  # fmt: skip
     assert "voxel-tiled store" in stderr and "tasks on the executor's workers" in stderr
     local, _ = run_ok(holed, tmp_path / "local", *args)
-    ours, theirs = _outputs(local), _outputs(json.loads(stdout))
+    ours, theirs = _outputs(local), _outputs(remote)
     assert ours.keys() == theirs.keys() and any("nulldist" in k for k in ours)
     for name in ours:
         assert ours[name] == theirs[name], name
