@@ -124,13 +124,18 @@ def test_tiny_budget_gives_the_same_files_bit_for_bit(dataset, model, tmp_path):
     assert "streamed" not in tiled and list((work / STORE_FOLDER).glob("*")), "kept"
 
 
-def test_user_mask_with_non_finite_voxels(dataset, tmp_path):
-    mask_path = tmp_path / "mask.nii.gz"
+def _slab_mask(dataset: Path, mask_path: Path) -> Path:
+    """A user mask of 7,200 voxels (over half the tiny budget) that crosses the NaN slab of one
+    map of ``dataset``, written to ``mask_path``: some of its voxels are dropped."""
     reference = nib.load(next(dataset.rglob("*_statmap.nii.gz")))
     mask = np.zeros(SHAPE, dtype=np.uint8)
-    # 7,200 voxels (over half the budget); crosses the NaN slab of one map: voxels dropped
     mask[:, 1:19, :] = 1
     nib.Nifti1Image(mask, reference.affine).to_filename(mask_path)
+    return mask_path
+
+
+def test_user_mask_with_non_finite_voxels(dataset, tmp_path):
+    mask_path = _slab_mask(dataset, tmp_path / "mask.nii.gz")
     common = ["--mask", str(mask_path), "--no-report", "-v"]
     run_ok(dataset, tmp_path / "memory", *common)
     _, tiled = run_ok(dataset, tmp_path / "tiled", *common, "--mem-budget", TINY,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from clicheck import check_failure, run_ok
 from conftest import make_bids_derivatives
-from test_store import INFERENCE, MODEL, N_SUBJECTS, SHAPE, TINY, _dataset, _maps
+from test_store import INFERENCE, MODEL, N_SUBJECTS, SHAPE, TINY, _dataset, _maps, _slab_mask
 
 from bids_group.contrasts import compute_contrast
 from bids_group.data_checks import check_masked_data
@@ -263,11 +263,7 @@ def test_large_mean_and_tiny_spread(tmp_path):
 
 def test_non_finite_values_drop_the_same_voxels(dataset, tmp_path):
     """A user mask across one map's NaN slab: the same voxels dropped, named the same way."""
-    mask_path = tmp_path / "mask.nii.gz"
-    reference = nib.load(next(dataset.rglob("*_statmap.nii.gz")))
-    mask = np.zeros(SHAPE, dtype=np.uint8)
-    mask[:, 1:19, :] = 1
-    nib.Nifti1Image(mask, reference.affine).to_filename(mask_path)
+    mask_path = _slab_mask(dataset, tmp_path / "mask.nii.gz")
     in_memory, streamed = _streamed_and_in_memory(dataset, tmp_path, "--mask", str(mask_path))
     dropped = [line.split("] ", 1)[-1] for line in in_memory.splitlines() if "Dropped" in line]
     assert dropped and all(any(d in line for line in streamed.splitlines()) for d in dropped)
